@@ -1,0 +1,1 @@
+//! Criterion benchmarks for moat; see the `benches/` directory.

@@ -1,0 +1,69 @@
+//! The shared vocabulary of moat's Tower middleware.
+//!
+//! Every moat layer builds on these modules, so that all of them agree on who is calling, what
+//! the request says, how a refusal looks, and what happened:
+//!
+//! - [`identity`]: who is calling: [`KeyExtractor`](identity::KeyExtractor)s and the
+//!   [`Caller`](identity::Caller) stored in the request extensions.
+//! - [`llm`]: a view over OpenAI and Anthropic request bodies: text segments with role and
+//!   provenance, editable in place.
+//! - [`sse`]: an incremental Server-Sent Events decoder and per-choice text deltas.
+//! - [`usage`]: token usage in every provider's shape, and a body that reports it exactly once.
+//! - [`body`]: capped buffering, JSON parsing with clear 400s/413s, and the bodies layers hand on.
+//! - [`reject`]: [`Rejection`](reject::Rejection), rendered as an OpenAI-style JSON error or a
+//!   gRPC status.
+//! - [`decision`]: the [`Decisions`](decision::Decisions) each layer appends to, for the audit log.
+//! - [`clock`]: injectable time.
+//!
+//! # Example
+//!
+//! A minimal guard written on moat-core: reject chat requests that mention a banned word, with an
+//! OpenAI-shaped error.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use moat_core::body::{read_llm_request, LlmBody, ResponseBody};
+//! use moat_core::reject::{Protocol, Rejection};
+//!
+//! async fn guard(req: Request<Full<Bytes>>) -> Response<ResponseBody<Full<Bytes>>> {
+//!     let protocol = Protocol::of(&req);
+//!     let LlmBody::Parsed { llm, .. } = (match read_llm_request(req, 1 << 20).await {
+//!         Ok(parsed) => parsed,
+//!         Err(rejection) => return rejection.into_response(protocol),
+//!     }) else {
+//!         return Response::new(ResponseBody::empty());
+//!     };
+//!     if llm.with(|r| r.texts().any(|(_, t)| t.contains("forbidden"))) {
+//!         return Rejection::new(StatusCode::BAD_REQUEST, "invalid_request_error", "prompt refused")
+//!             .into_response(protocol);
+//!     }
+//!     Response::new(ResponseBody::full(Bytes::from_static(b"ok")))
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let body = r#"{"model":"m","messages":[{"role":"user","content":"say forbidden"}]}"#;
+//! let req = Request::post("/v1/chat/completions").body(Full::new(Bytes::from(body))).unwrap();
+//! let res = guard(req).await;
+//! assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+//! let bytes = res.into_body().collect().await.unwrap().to_bytes();
+//! assert!(std::str::from_utf8(&bytes).unwrap().contains("prompt refused"));
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod clock;
+pub mod decision;
+pub mod identity;
+pub mod llm;
+pub mod reject;
+pub mod sse;
+pub mod usage;
+
+pub use body::{RequestBody, ResponseBody};
+pub use decision::{Decision, Decisions};
+pub use identity::{Caller, Key, KeyExtractor};
+pub use reject::Rejection;

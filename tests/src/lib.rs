@@ -1,0 +1,1 @@
+//! Cross-layer and end-to-end tests for moat; see the `tests/` directory.
