@@ -139,13 +139,19 @@ impl Mock {
 
     /// The axum router serving every mock endpoint.
     pub fn router(&self) -> Router {
-        Router::new()
+        let api = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
             .route("/v1/responses", post(responses))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/messages", post(messages))
             .route("/v1/models", get(models))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.shared.clone(),
+                record,
+            ));
+        Router::new()
+            .merge(api)
             .route("/_mock/requests", get(list_requests).delete(clear_requests))
             .with_state(self.shared.clone())
     }
@@ -326,16 +332,31 @@ enum Api {
     Anthropic,
 }
 
-async fn read_call(shared: &Shared, request: Request, api: Api) -> Result<Call, Response> {
+/// Records every API request, then hands it on with its body intact.
+async fn record(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
     let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|e| error(&api, StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()))?;
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(bytes) => bytes,
+        Err(e) => return error(&Api::OpenAi, StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
+    };
     let path = parts
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_owned(), ToString::to_string);
     shared.record(&parts.method, path, &parts.headers, &bytes);
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+async fn read_call(shared: &Shared, request: Request, api: Api) -> Result<Call, Response> {
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|e| error(&api, StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()))?;
     let faults = Faults::read(&parts.headers, &shared.config);
     if !faults.delay.is_zero() {
         tokio::time::sleep(faults.delay).await;

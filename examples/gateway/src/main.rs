@@ -1,1 +1,121 @@
-fn main() {}
+//! The `moat-gateway` binary. With no arguments it runs the demo: the built-in mock upstream
+//! behind the gateway on 127.0.0.1:8080.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use moat_gateway::config::{Config, Resolved};
+use moat_testkit::mock::{MockConfig, MockUpstream};
+
+/// An OpenAI-compatible guarded proxy built from the moat layers.
+#[derive(Debug, Parser)]
+#[command(name = "moat-gateway", version, about)]
+struct Args {
+    /// Read the configuration from this TOML file (without it: the demo, in front of a built-in
+    /// mock upstream).
+    #[arg(long, value_name = "FILE", conflicts_with = "check_config")]
+    config: Option<PathBuf>,
+    /// Validate this configuration file and exit: 0 when valid, 2 when not.
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+    /// Listen on this address instead of the configured one (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+}
+
+fn load(path: &PathBuf) -> Result<Resolved, String> {
+    let source = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Config::resolve(&source, |name| std::env::var(name).ok())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+
+    if let Some(path) = &args.check_config {
+        return match load(path) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("moat-gateway: invalid configuration: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+
+    let (mut resolved, demo) = match &args.config {
+        Some(path) => match load(path) {
+            Ok(resolved) => (resolved, None),
+            Err(e) => {
+                eprintln!("moat-gateway: invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => {
+            let mock = match MockUpstream::start_with(
+                MockConfig::default(),
+                "127.0.0.1:0".parse().expect("valid"),
+            )
+            .await
+            {
+                Ok(mock) => mock,
+                Err(e) => {
+                    eprintln!("moat-gateway: cannot start the mock upstream: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let listen = "127.0.0.1:8080".parse().expect("valid");
+            (moat_gateway::demo::config(&mock.url(), listen), Some(mock))
+        }
+    };
+    if let Some(listen) = args.listen {
+        resolved.config.listen = listen;
+    }
+    let listener = match tokio::net::TcpListener::bind(resolved.config.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!(
+                "moat-gateway: cannot listen on {}: {e}",
+                resolved.config.listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .expect("bound listener has an address");
+    if let Some(mock) = &demo {
+        println!(
+            "moat-gateway demo: in-memory state, built-in mock upstream at {}/v1",
+            mock.url()
+        );
+    } else {
+        println!(
+            "moat-gateway: upstream {}",
+            resolved.config.upstream.base_url.get_ref()
+        );
+    }
+    println!("listening on http://{addr}");
+    if demo.is_some() {
+        println!("try:\n  curl http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello from moat\"}}]}}'");
+    }
+    let app = moat_gateway::app(&resolved);
+    match moat_gateway::serve(listener, app, moat_gateway::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moat-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

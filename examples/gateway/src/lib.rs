@@ -1,0 +1,181 @@
+//! `moat-gateway`: an OpenAI-compatible guarded proxy built from the moat layers.
+//!
+//! Clients call the gateway with a virtual key; the gateway checks it, applies the protection
+//! layers, swaps in the provider key (which never leaves the server) and streams the provider's
+//! answer back without buffering.
+//!
+//! - [`config`]: the TOML file (`listen`, `[upstream]`, `[[keys]]`).
+//! - [`app`]: the axum router for a resolved configuration.
+//! - [`serve`]: runs it with graceful shutdown.
+//! - [`demo`]: the no-argument demo, in front of the built-in mock upstream.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod proxy;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use moat::core::identity::{presented_api_key, CallerResolver, Fingerprinter};
+use moat::core::reject::{Protocol, Rejection};
+use moat::Caller;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Resolved, ResolvedKey};
+pub use crate::proxy::Upstream;
+
+/// Renders a rejection as an axum response.
+pub(crate) fn reject(rejection: Rejection, protocol: Protocol) -> Response {
+    rejection
+        .into_response::<axum::body::Body>(protocol)
+        .map(axum::body::Body::new)
+}
+
+/// Virtual keys by SHA-256, and how to describe callers.
+#[derive(Debug)]
+struct Auth {
+    keys: HashMap<[u8; 32], Caller>,
+    fingerprinter: Fingerprinter,
+    resolver: CallerResolver,
+}
+
+impl Auth {
+    fn new(keys: &[ResolvedKey]) -> Self {
+        let fingerprinter = Fingerprinter::default();
+        let keys = keys
+            .iter()
+            .map(|k| {
+                let mut caller = Caller::new().with_id(k.entry.id.as_str());
+                if let Some(tenant) = &k.entry.tenant {
+                    caller = caller.with_tenant(tenant.as_str());
+                }
+                if let Some(tier) = &k.entry.tier {
+                    caller = caller.with_tier(tier.as_str());
+                }
+                (k.sha256, caller)
+            })
+            .collect();
+        Self {
+            keys,
+            resolver: CallerResolver::new(fingerprinter.clone(), Default::default()),
+            fingerprinter,
+        }
+    }
+}
+
+/// With `[[keys]]`, only known keys pass (401 otherwise) and their `Caller` is stored; without,
+/// every caller is anonymous and known by IP.
+async fn authenticate(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
+    if !auth.keys.is_empty() {
+        let Some(presented) = presented_api_key(request.headers()) else {
+            let rejection = Rejection::unauthorized(
+                "You didn't provide an API key. Send it as `Authorization: Bearer KEY` or `x-api-key: KEY`.",
+            )
+            .with_code("missing_api_key");
+            return reject(rejection, Protocol::of(&request));
+        };
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let Some(caller) = auth.keys.get(&digest) else {
+            let rejection = Rejection::unauthorized("Incorrect API key provided.");
+            return reject(rejection, Protocol::of(&request));
+        };
+        let caller = caller
+            .clone()
+            .with_api_key(auth.fingerprinter.fingerprint(presented.as_bytes()));
+        request.extensions_mut().insert(caller);
+    }
+    auth.resolver.resolve(&mut request);
+    next.run(request).await
+}
+
+async fn not_found(request: Request) -> Response {
+    let message = format!(
+        "Unknown request URL: {} {}",
+        request.method(),
+        request.uri().path()
+    );
+    let rejection = Rejection::new(
+        http::StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        message,
+    )
+    .with_code("unknown_url");
+    reject(rejection, Protocol::of(&request))
+}
+
+/// The gateway's router for a resolved configuration.
+pub fn app(resolved: &Resolved) -> Router {
+    let upstream = Arc::new(Upstream::new(resolved));
+    let auth = Arc::new(Auth::new(&resolved.keys));
+    let api = Router::new()
+        .route("/v1/chat/completions", post(proxy::forward))
+        .route("/v1/completions", post(proxy::forward))
+        .route("/v1/responses", post(proxy::forward))
+        .route("/v1/embeddings", post(proxy::forward))
+        .route("/v1/messages", post(proxy::forward))
+        .route("/v1/models", get(proxy::forward))
+        .with_state(upstream)
+        .layer(middleware::from_fn_with_state(auth, authenticate));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(api)
+        .fallback(not_found)
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then lets in-flight requests and
+/// streams finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// Resolves when the process gets Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!(target: "moat::gateway", "shutting down: finishing in-flight requests");
+}
+
+/// The demo: the built-in mock upstream, no virtual keys, every layer with its defaults.
+pub mod demo {
+    use super::config::Config;
+    use super::config::Resolved;
+
+    /// The demo's configuration in front of a mock upstream at `mock_url` (without `/v1`).
+    pub fn config(mock_url: &str, listen: std::net::SocketAddr) -> Resolved {
+        let source = format!("listen = \"{listen}\"\n[upstream]\nbase_url = \"{mock_url}/v1\"\n");
+        Config::resolve(&source, |_| None).expect("the demo configuration is valid")
+    }
+}

@@ -1,0 +1,476 @@
+//! The gateway over real sockets, in front of the mock upstream; and the binary itself.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use moat::core::sse::{text_deltas, SseDecoder};
+use moat_gateway::config::Config;
+use moat_testkit::mock::MockUpstream;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+struct Running {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+async fn start(config: &str, env: &[(&str, &str)]) -> Running {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let resolved = Config::resolve(config, |name| {
+        env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    let app = moat_gateway::app(&resolved);
+    let done = tokio::spawn(async move {
+        moat_gateway::serve(listener, app, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Running {
+        url,
+        stop: Some(tx),
+        done,
+    }
+}
+
+fn keyed_config(mock: &MockUpstream) -> String {
+    format!(
+        "[upstream]\nbase_url = \"{}/v1\"\napi_key_env = \"PROVIDER_KEY\"\n\n[[keys]]\nid = \"alice\"\nkey = \"sk-moat-alice\"\ntenant = \"acme\"\ntier = \"free\"\n",
+        mock.url()
+    )
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Result<Bytes, String>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(self.body.as_ref().unwrap()).unwrap()
+    }
+}
+
+async fn call(
+    url: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> Reply {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(format!("{url}{path}"));
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+    let response = client
+        .request(
+            builder
+                .header("content-type", "application/json")
+                .body(Full::new(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (parts, mut body) = response.into_parts();
+    let mut bytes = Vec::new();
+    let body = loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                bytes.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..]))
+            }
+            Some(Err(e)) => {
+                break Err(format!(
+                    "{e} after {} bytes: {}",
+                    bytes.len(),
+                    String::from_utf8_lossy(&bytes)
+                ))
+            }
+            None => break Ok(Bytes::from(bytes)),
+        }
+    };
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+fn chat(text: &str, stream: bool) -> Value {
+    json!({"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": text}]})
+}
+
+fn streamed(bytes: &[u8]) -> String {
+    let mut decoder = SseDecoder::new();
+    let events = decoder.decode(bytes).unwrap();
+    events
+        .iter()
+        .filter_map(|e| e.json())
+        .flat_map(|v| {
+            text_deltas(&v)
+                .into_iter()
+                .map(|d| d.text.to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn virtual_keys_are_checked_and_swapped_for_the_provider_key() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = start(
+        &keyed_config(&mock),
+        &[("PROVIDER_KEY", "sk-provider-secret")],
+    )
+    .await;
+
+    let missing = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("hi", false)),
+    )
+    .await;
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.json()["error"]["code"], "missing_api_key");
+    let wrong = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", "Bearer sk-moat-mallory")],
+        Some(chat("hi", false)),
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.json()["error"]["code"], "invalid_api_key");
+    assert!(
+        mock.requests().is_empty(),
+        "rejected requests never reach the upstream"
+    );
+
+    let ok = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", "Bearer sk-moat-alice")],
+        Some(chat("hello gateway", false)),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(
+        ok.json()["choices"][0]["message"]["content"],
+        "hello gateway"
+    );
+    let also = call(
+        &gw.url,
+        "GET",
+        "/v1/models",
+        &[("x-api-key", "sk-moat-alice")],
+        None,
+    )
+    .await;
+    assert_eq!(also.status, 200);
+
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some("Bearer sk-provider-secret")
+    );
+    assert_eq!(
+        seen[1].header("authorization"),
+        Some("Bearer sk-provider-secret")
+    );
+    assert!(seen.iter().all(|r| r.header("x-api-key").is_none()));
+    assert!(
+        !serde_json::to_string(&seen)
+            .unwrap()
+            .contains("sk-moat-alice"),
+        "the client key never leaves"
+    );
+}
+
+#[tokio::test]
+async fn anthropic_upstreams_get_x_api_key_and_a_version() {
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "[upstream]\nbase_url = \"{}/v1\"\nkind = \"anthropic\"\napi_key_env = \"K\"\n",
+        mock.url()
+    );
+    let gw = start(&config, &[("K", "sk-ant-provider")]).await;
+    let body = json!({"model": "claude", "max_tokens": 5, "messages": [{"role": "user", "content": "bonjour"}]});
+    let reply = call(
+        &gw.url,
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", "anything")],
+        Some(body),
+    )
+    .await;
+    assert_eq!(reply.json()["content"][0]["text"], "bonjour");
+    let seen = &mock.requests()[0];
+    assert_eq!(seen.header("x-api-key"), Some("sk-ant-provider"));
+    assert_eq!(seen.header("anthropic-version"), Some("2023-06-01"));
+    assert_eq!(seen.header("authorization"), None);
+}
+
+#[tokio::test]
+async fn streams_pass_through_unbuffered_and_byte_exact() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = start(
+        &format!("[upstream]\nbase_url = \"{}/v1\"\n", mock.url()),
+        &[],
+    )
+    .await;
+    let direct = call(
+        &mock.url(),
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("stream me please", true)),
+    )
+    .await;
+    let via = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("stream me please", true)),
+    )
+    .await;
+    assert_eq!(via.headers["content-type"], "text/event-stream");
+    let (direct, via) = (direct.body.unwrap(), via.body.unwrap());
+    assert_eq!(streamed(&via), "stream me please");
+    assert_eq!(direct.len(), via.len());
+
+    // The upstream sends three frames, then drops. A gateway that buffered would have nothing to
+    // show; a streaming one has already passed those frames on when the error arrives.
+    let cut = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-cut-after", "3")],
+        Some(chat("a reply long enough to cut", true)),
+    )
+    .await;
+    assert_eq!(cut.status, 200);
+    let err = cut.body.unwrap_err();
+    assert!(
+        err.contains("data: {"),
+        "frames before the cut reached the client: {err}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_statuses_pass_and_failures_are_openai_shaped() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = start(
+        &format!("[upstream]\nbase_url = \"{}/v1\"\n", mock.url()),
+        &[],
+    )
+    .await;
+    let limited = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-status", "429"), ("x-mock-retry-after", "4")],
+        Some(chat("x", false)),
+    )
+    .await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.headers["retry-after"], "4");
+
+    let health = call(&gw.url, "GET", "/healthz", &[], None).await;
+    assert_eq!(
+        (health.status, health.body.unwrap()),
+        (200, Bytes::from_static(b"ok"))
+    );
+    let unknown = call(&gw.url, "GET", "/v2/nothing", &[], None).await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["error"]["type"], "invalid_request_error");
+
+    // Nothing listens on the upstream port any more.
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dead = start(
+        &format!("[upstream]\nbase_url = \"http://127.0.0.1:{dead_port}/v1\"\n"),
+        &[],
+    )
+    .await;
+    let bad = call(
+        &dead.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("x", false)),
+    )
+    .await;
+    assert_eq!(bad.status, 502);
+    assert_eq!(bad.json()["error"]["code"], "upstream_unreachable");
+
+    let small = start(
+        &format!(
+            "max_body_bytes = 64\n[upstream]\nbase_url = \"{}/v1\"\n",
+            mock.url()
+        ),
+        &[],
+    )
+    .await;
+    let big = call(
+        &small.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat(&"x".repeat(200), false)),
+    )
+    .await;
+    assert_eq!(big.status, 413);
+    assert_eq!(big.json()["error"]["code"], "request_too_large");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_an_in_flight_stream_finish() {
+    let mock = MockUpstream::start().await.unwrap();
+    let mut gw = start(
+        &format!("[upstream]\nbase_url = \"{}/v1\"\n", mock.url()),
+        &[],
+    )
+    .await;
+    let url = gw.url.clone();
+    let text = "this stream is still running when shutdown starts";
+    let in_flight = tokio::spawn(async move {
+        call(
+            &url,
+            "POST",
+            "/v1/chat/completions",
+            &[("x-mock-chunk-delay-ms", "10")],
+            Some(chat(text, true)),
+        )
+        .await
+    });
+    // Shut down once the upstream has the request, i.e. while the stream is in flight.
+    while mock.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gw.stop.take().unwrap().send(()).unwrap();
+    let reply = in_flight.await.unwrap();
+    let body = reply.body.unwrap();
+    assert!(body.ends_with(b"data: [DONE]\n\n"));
+    assert_eq!(streamed(&body), text);
+    gw.done.await.unwrap();
+}
+
+fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_moat-gateway")
+}
+
+#[test]
+fn check_config_names_the_key_and_line_and_exits_2() {
+    let dir = std::env::temp_dir().join(format!("moat-gw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "listen = \"127.0.0.1:8080\"\n[upstream]\nbase_url = \"http://127.0.0.1:1/v1\"\ntimeout = 5\n").unwrap();
+    let out = std::process::Command::new(binary())
+        .arg("--check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 4") && stderr.contains("timeout"),
+        "{stderr}"
+    );
+
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[upstream]\nbase_url = \"http://127.0.0.1:1/v1\"\n").unwrap();
+    let out = std::process::Command::new(binary())
+        .arg("--check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = std::process::Command::new(binary())
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn the_demo_binary_serves_and_stops_on_sigterm() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(binary())
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut url = None;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if let Some(rest) = line.strip_prefix("listening on ") {
+            url = Some(rest.to_owned());
+            break;
+        }
+    }
+    let url = url.expect("the demo prints where it listens");
+    assert!(url.parse::<http::Uri>().is_ok() && url.starts_with("http://127.0.0.1:"));
+    let reply = call(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("demo works", false)),
+    )
+    .await;
+    assert_eq!(
+        reply.json()["choices"][0]["message"]["content"],
+        "demo works"
+    );
+    let pid = i32::try_from(child.id().unwrap()).unwrap();
+    assert_eq!(send_sigterm(pid), 0);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let _: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+}
+
+/// Sends SIGTERM with the `kill` command, so the test needs no unsafe code.
+fn send_sigterm(pid: i32) -> i32 {
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .map_or(-1, |s| s.code().unwrap_or(-1))
+}
