@@ -395,35 +395,39 @@ impl ClientIp {
         if !self.is_trusted(peer) {
             return Some(peer);
         }
-        let mut current = peer;
-        let headers = req.headers();
-        let entries: Vec<&str> = match self.header {
-            ForwardedHeader::XForwardedFor => headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .collect(),
-            ForwardedHeader::Forwarded => headers
-                .get_all("forwarded")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(forwarded_for)
-                .collect(),
+        // Walk from the right without collecting: the last header line's last entry first.
+        let name = match self.header {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
         };
-        for entry in entries.iter().rev() {
-            match parse_hop(entry) {
+        let hops = req
+            .headers()
+            .get_all(name)
+            .iter()
+            .rev()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.rsplit(','));
+        Some(match self.header {
+            ForwardedHeader::XForwardedFor => self.walk(peer, hops),
+            ForwardedHeader::Forwarded => self.walk(peer, hops.map(forwarded_for)),
+        })
+    }
+
+    /// The first untrusted hop from the right, starting at a trusted `peer`.
+    fn walk<'a>(&self, peer: IpAddr, hops: impl Iterator<Item = &'a str>) -> IpAddr {
+        let mut current = peer;
+        for hop in hops {
+            match parse_hop(hop) {
                 Some(ip) => {
                     current = ip;
                     if !self.is_trusted(ip) {
-                        return Some(ip);
+                        return ip;
                     }
                 }
-                None => return Some(current),
+                None => return current,
             }
         }
-        Some(current)
+        current
     }
 }
 

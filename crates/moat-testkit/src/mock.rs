@@ -817,7 +817,7 @@ async fn models() -> Response {
         "gpt-4o-mini",
         "gpt-4o",
         "text-embedding-3-small",
-        "claude-3-5-haiku-latest",
+        "claude-haiku-4-5",
     ]
     .iter()
     .map(|id| json!({"id": id, "object": "model", "created": created, "owned_by": "moat-mock"}))

@@ -1,0 +1,160 @@
+"""The official openai and anthropic SDKs against the demo gateway, streaming and not.
+
+Usage: python scripts/e2e_sdk.py PATH/TO/moat-gateway
+
+Starts the gateway's demo (built-in mock upstream) on a free port, runs each check, stops the
+gateway with SIGTERM and expects a clean exit. Prints one line per check and a summary.
+"""
+
+import signal
+import subprocess
+import sys
+import traceback
+
+import anthropic
+import openai
+
+
+def start(binary):
+    proc = subprocess.Popen(
+        [binary, "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    for line in proc.stdout:
+        if line.startswith("listening on "):
+            return proc, line.split("listening on ", 1)[1].strip()
+    proc.kill()
+    raise SystemExit("the gateway exited before it printed where it listens")
+
+
+def checks(url):
+    oa = openai.OpenAI(base_url=url + "/v1", api_key="sk-demo", max_retries=0)
+    an = anthropic.Anthropic(base_url=url, api_key="sk-demo", max_retries=0)
+
+    def openai_chat():
+        r = oa.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello from the OpenAI SDK"}]
+        )
+        assert r.choices[0].message.content == "Hello from the OpenAI SDK", r
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens > 0
+
+    def openai_chat_stream():
+        stream = oa.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "streamed through moat"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, usage, chunks = "", None, 0
+        for chunk in stream:
+            chunks += 1
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage:
+                usage = chunk.usage
+        assert text == "streamed through moat", text
+        assert chunks > 5, chunks
+        assert usage is not None and usage.completion_tokens > 0
+
+    def openai_responses():
+        r = oa.responses.create(model="gpt-4o-mini", input="responses api")
+        assert r.output_text == "responses api", r
+
+    def openai_responses_stream():
+        text = ""
+        done = None
+        for event in oa.responses.create(model="gpt-4o-mini", input="responses streamed", stream=True):
+            if event.type == "response.output_text.delta":
+                text += event.delta
+            if event.type == "response.completed":
+                done = event.response
+        assert text == "responses streamed", text
+        assert done is not None and done.usage.output_tokens > 0
+
+    def openai_embeddings():
+        r = oa.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+        assert len(r.data) == 2 and len(r.data[0].embedding) == 8
+
+    def openai_models():
+        assert any(m.id == "gpt-4o-mini" for m in oa.models.list())
+
+    def openai_error_shape():
+        try:
+            oa.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "x"}],
+                extra_headers={"x-mock-status": "429", "x-mock-retry-after": "1"},
+            )
+        except openai.RateLimitError as e:
+            assert e.status_code == 429
+        else:
+            raise AssertionError("a 429 must raise RateLimitError")
+
+    def anthropic_messages():
+        m = an.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=64,
+            system="be brief",
+            messages=[{"role": "user", "content": "Hello from the Anthropic SDK"}],
+        )
+        assert m.content[0].text == "Hello from the Anthropic SDK", m
+        assert m.usage.output_tokens > 0
+
+    def anthropic_messages_stream():
+        with an.messages.stream(
+            model="claude-haiku-4-5",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "anthropic streamed"}],
+        ) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        assert text == "anthropic streamed", text
+        assert final.usage.output_tokens > 0 and final.usage.input_tokens > 0
+
+    return [
+        openai_chat,
+        openai_chat_stream,
+        openai_responses,
+        openai_responses_stream,
+        openai_embeddings,
+        openai_models,
+        openai_error_shape,
+        anthropic_messages,
+        anthropic_messages_stream,
+    ]
+
+
+def main():
+    proc, url = start(sys.argv[1])
+    passed = failed = 0
+    try:
+        for check in checks(url):
+            try:
+                check()
+                passed += 1
+                print(f"ok   {check.__name__}")
+            except Exception:  # noqa: BLE001 - report every failure, keep going
+                failed += 1
+                print(f"FAIL {check.__name__}")
+                traceback.print_exc()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = "timeout"
+    if code != 0:
+        failed += 1
+        print(f"FAIL gateway exit on SIGTERM: {code}")
+    else:
+        passed += 1
+        print("ok   gateway exits cleanly on SIGTERM")
+    print(f"sdk_e2e: {passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

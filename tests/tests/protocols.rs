@@ -1,0 +1,270 @@
+//! moat-core's rejections, identities and usage watching, on real axum and tonic servers over
+//! real sockets, read by real clients.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use moat::core::body::ResponseBody;
+use moat::core::identity::{KeyExtractor, PeerIp};
+use moat::core::reject::{Protocol, Rejection};
+use moat::core::usage::{BodyOutcome, UsageBody, UsageReport};
+use moat_testkit::mock::MockUpstream;
+use tower::{Layer, Service};
+
+/// A minimal layer in the moat shape: rejects requests carrying `x-block` with a 429, and tags
+/// every other response with the caller's peer-IP key.
+#[derive(Debug, Clone, Copy)]
+struct GuardLayer;
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+    fn layer(&self, inner: S) -> Guard<S> {
+        Guard { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Guard<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Guard<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let key = PeerIp
+            .extract(&req)
+            .map_or_else(|e| e.to_string(), |k| k.to_string());
+        if req.headers().contains_key("x-block") {
+            let rejection = Rejection::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "blocked by test",
+            )
+            .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            let response = rejection.into_response(Protocol::of(&req));
+            return Box::pin(async move { Ok(response) });
+        }
+        let future = self.inner.call(req);
+        Box::pin(async move {
+            let mut response = future.await?.map(ResponseBody::inner);
+            response
+                .headers_mut()
+                .insert("x-moat-key", HeaderValue::from_str(&key).unwrap());
+            Ok(response)
+        })
+    }
+}
+
+async fn axum_server(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    url
+}
+
+fn http_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+#[tokio::test]
+async fn axum_router_layer_rejects_in_openai_shape_and_sees_connect_info() {
+    let router = axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(|| async { "handled" }),
+        )
+        .layer(GuardLayer);
+    let url = axum_server(router).await;
+    let client = http_client();
+
+    let ok = client
+        .request(
+            Request::post(format!("{url}/v1/chat/completions"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        ok.headers()["x-moat-key"],
+        "ip:127.0.0.1",
+        "the peer address from axum's ConnectInfo"
+    );
+    assert_eq!(
+        ok.into_body().collect().await.unwrap().to_bytes(),
+        "handled"
+    );
+
+    let blocked = client
+        .request(
+            Request::post(format!("{url}/v1/chat/completions"))
+                .header("x-block", "1")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(blocked.status(), 429);
+    assert_eq!(blocked.headers()["retry-after"], "1");
+    let body: serde_json::Value =
+        serde_json::from_slice(&blocked.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_exceeded");
+    assert_eq!(body["error"]["message"], "blocked by test");
+}
+
+#[tokio::test]
+async fn tonic_server_layer_rejects_with_a_grpc_status_a_real_client_reads() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(GuardLayer)
+            .add_service(health)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+
+    let ok = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.metadata().get("x-moat-key").unwrap(),
+        "ip:127.0.0.1",
+        "the peer address from tonic's TcpConnectInfo"
+    );
+
+    let mut blocked = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    blocked
+        .metadata_mut()
+        .insert("x-block", "1".parse().unwrap());
+    let status = client.check(blocked).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(status.message(), "blocked by test");
+}
+
+/// A handler that proxies to the mock upstream and watches the streamed response for usage.
+async fn watched_proxy(
+    upstream: String,
+    reports: tokio::sync::mpsc::UnboundedSender<UsageReport>,
+    request: axum::extract::Request,
+) -> Result<Response<UsageBody<hyper::body::Incoming, impl moat::core::usage::OnUsage>>, Infallible>
+{
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+    let mut outgoing = Request::post(format!("{upstream}/v1/chat/completions"))
+        .body(Full::new(bytes))
+        .unwrap();
+    *outgoing.headers_mut() = parts.headers;
+    let response = http_client().request(outgoing).await.unwrap();
+    Ok(UsageBody::wrap_response(response, move |report| {
+        let _ = reports.send(report);
+    }))
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_is_reported_interrupted_with_what_it_got() {
+    let mock = MockUpstream::start().await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = mock.url();
+    let router = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |req| watched_proxy(upstream.clone(), tx.clone(), req)),
+    );
+    let url = axum_server(router).await;
+    let chat = |stream: bool| {
+        serde_json::json!({"model": "m", "stream": stream, "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "a reply that takes a while to stream to the end"}]})
+        .to_string()
+    };
+
+    // A complete stream reports its usage once.
+    let done = http_client()
+        .request(
+            Request::post(format!("{url}/v1/chat/completions"))
+                .body(Full::from(chat(true)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    done.into_body().collect().await.unwrap();
+    let report = rx.recv().await.unwrap();
+    assert_eq!(report.outcome, BodyOutcome::Completed);
+    assert_eq!(
+        report.usage.unwrap().output_tokens,
+        moat_testkit::mock::count_tokens("a reply that takes a while to stream to the end")
+    );
+
+    // The client reads a few frames, then goes away while the upstream is still streaming.
+    let request = Request::post(format!("{url}/v1/chat/completions"))
+        .header("x-mock-chunk-delay-ms", "20")
+        .body(Full::from(chat(true)))
+        .unwrap();
+    let response = http_client().request(request).await.unwrap();
+    let mut body = response.into_body();
+    let mut got = 0;
+    while got < 3 {
+        if body.frame().await.unwrap().unwrap().is_data() {
+            got += 1;
+        }
+    }
+    drop(body);
+    let report = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("reported")
+        .unwrap();
+    assert_eq!(report.outcome, BodyOutcome::Interrupted);
+    assert_eq!(report.usage, None, "the usage chunk never came");
+    assert!(
+        report.streamed_text_bytes > 0,
+        "what was streamed is known: {report:?}"
+    );
+    assert!(rx.try_recv().is_err(), "reported exactly once");
+}
