@@ -107,10 +107,10 @@ fn keys(c: &mut Criterion) {
     let client_ip = ClientIp::new(["10.0.0.0/8".parse().unwrap()]);
     let mut group = c.benchmark_group("key_extraction");
     group.bench_function("api_key fingerprint", |b| {
-        b.iter(|| black_box(api_key.extract(black_box(&req)).unwrap()))
+        b.iter(|| black_box(api_key.extract_from(black_box(&req)).unwrap()))
     });
     group.bench_function("client_ip behind proxies", |b| {
-        b.iter(|| black_box(client_ip.extract(black_box(&req)).unwrap()))
+        b.iter(|| black_box(client_ip.extract_from(black_box(&req)).unwrap()))
     });
     group.finish();
 }

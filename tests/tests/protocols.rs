@@ -56,7 +56,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let key = PeerIp
-            .extract(&req)
+            .extract_from(&req)
             .map_or_else(|e| e.to_string(), |k| k.to_string());
         if req.headers().contains_key("x-block") {
             let rejection = Rejection::new(

@@ -30,7 +30,7 @@
 //!     .unwrap();
 //! req.extensions_mut().insert(PeerAddr("10.0.0.1:5000".parse::<SocketAddr>().unwrap()));
 //!
-//! let key = ApiKey::default().extract(&req).unwrap();
+//! let key = ApiKey::default().extract_from(&req).unwrap();
 //! assert!(!key.to_string().contains("sk-live"));
 //!
 //! // Trust only our own proxies: the spoofed left-most entry is never the key.
@@ -254,14 +254,54 @@ impl fmt::Display for KeyError {
 
 impl std::error::Error for KeyError {}
 
-/// Turns a request into a [`Key`].
-pub trait KeyExtractor: Clone + Send + Sync + fmt::Debug + 'static {
+/// A borrowed view of a request's head: what extractors read, whatever the body type.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct RequestHead<'a> {
+    /// The method.
+    pub method: &'a http::Method,
+    /// The URI.
+    pub uri: &'a http::Uri,
+    /// The headers.
+    pub headers: &'a http::HeaderMap,
+    /// The extensions.
+    pub extensions: &'a http::Extensions,
+}
+
+impl<'a> RequestHead<'a> {
+    /// The head of `req`.
+    pub fn of<B>(req: &'a Request<B>) -> Self {
+        Self {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            extensions: req.extensions(),
+        }
+    }
+}
+
+/// Turns a request into a [`Key`]. Object-safe, so layers can hold `Arc<dyn KeyExtractor>`.
+pub trait KeyExtractor: Send + Sync + fmt::Debug + 'static {
     /// The key of this request.
-    fn extract<B>(&self, req: &Request<B>) -> Result<Key, KeyError>;
+    fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError>;
+
+    /// The key of a whole request.
+    fn extract_from<B>(&self, req: &Request<B>) -> Result<Key, KeyError>
+    where
+        Self: Sized,
+    {
+        self.extract(&RequestHead::of(req))
+    }
+}
+
+impl<K: KeyExtractor + ?Sized> KeyExtractor for Arc<K> {
+    fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
+        (**self).extract(req)
+    }
 }
 
 impl<A: KeyExtractor, B: KeyExtractor> KeyExtractor for (A, B) {
-    fn extract<Body>(&self, req: &Request<Body>) -> Result<Key, KeyError> {
+    fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
         Ok(self.0.extract(req)?.combine(self.1.extract(req)?))
     }
 }
@@ -298,11 +338,11 @@ impl ApiKey {
 }
 
 impl KeyExtractor for ApiKey {
-    fn extract<B>(&self, req: &Request<B>) -> Result<Key, KeyError> {
-        if let Some(fp) = req.extensions().get::<Caller>().and_then(|c| c.api_key) {
+    fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
+        if let Some(fp) = req.extensions.get::<Caller>().and_then(|c| c.api_key) {
             return Ok(fp.key());
         }
-        presented_api_key(req.headers())
+        presented_api_key(req.headers)
             .map(|key| self.fingerprinter.fingerprint(key.as_bytes()).key())
             .ok_or(KeyError::Missing("API key"))
     }
@@ -337,8 +377,8 @@ pub fn peer_ip(extensions: &http::Extensions) -> Option<IpAddr> {
 pub struct PeerIp;
 
 impl KeyExtractor for PeerIp {
-    fn extract<B>(&self, req: &Request<B>) -> Result<Key, KeyError> {
-        peer_ip(req.extensions())
+    fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
+        peer_ip(req.extensions)
             .map(Key::ip)
             .ok_or(KeyError::Missing("peer address"))
     }
@@ -391,7 +431,12 @@ impl ClientIp {
 
     /// The client IP of this request, if the peer address is known.
     pub fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
-        let peer = peer_ip(req.extensions())?;
+        self.client_ip_of(&RequestHead::of(req))
+    }
+
+    /// The client IP of a request head, if the peer address is known.
+    pub fn client_ip_of(&self, req: &RequestHead<'_>) -> Option<IpAddr> {
+        let peer = peer_ip(req.extensions)?;
         if !self.is_trusted(peer) {
             return Some(peer);
         }
@@ -401,7 +446,7 @@ impl ClientIp {
             ForwardedHeader::Forwarded => "forwarded",
         };
         let hops = req
-            .headers()
+            .headers
             .get_all(name)
             .iter()
             .rev()
@@ -432,11 +477,11 @@ impl ClientIp {
 }
 
 impl KeyExtractor for ClientIp {
-    fn extract<B>(&self, req: &Request<B>) -> Result<Key, KeyError> {
-        if let Some(ip) = req.extensions().get::<Caller>().and_then(|c| c.ip) {
+    fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
+        if let Some(ip) = req.extensions.get::<Caller>().and_then(|c| c.ip) {
             return Ok(Key::ip(ip));
         }
-        self.client_ip(req)
+        self.client_ip_of(req)
             .map(Key::ip)
             .ok_or(KeyError::Missing("peer address"))
     }
@@ -484,9 +529,9 @@ impl HeaderKey {
 }
 
 impl KeyExtractor for HeaderKey {
-    fn extract<B>(&self, req: &Request<B>) -> Result<Key, KeyError> {
+    fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
         let value = req
-            .headers()
+            .headers
             .get(&self.name)
             .ok_or(KeyError::Missing("key header"))?;
         let id = self
@@ -534,9 +579,9 @@ impl<T> KeyExtractor for ExtensionKey<T>
 where
     T: AsRef<[u8]> + Send + Sync + 'static,
 {
-    fn extract<B>(&self, req: &Request<B>) -> Result<Key, KeyError> {
+    fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
         let value = req
-            .extensions()
+            .extensions
             .get::<T>()
             .ok_or(KeyError::Missing("key extension"))?;
         let id = self
@@ -553,9 +598,9 @@ pub struct Tenant {
 }
 
 impl KeyExtractor for Tenant {
-    fn extract<B>(&self, req: &Request<B>) -> Result<Key, KeyError> {
+    fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
         let tenant = req
-            .extensions()
+            .extensions
             .get::<Caller>()
             .and_then(|c| c.tenant.as_deref())
             .ok_or(KeyError::Missing("tenant"))?;
@@ -571,7 +616,7 @@ impl KeyExtractor for Tenant {
 pub struct Global;
 
 impl KeyExtractor for Global {
-    fn extract<B>(&self, _req: &Request<B>) -> Result<Key, KeyError> {
+    fn extract(&self, _req: &RequestHead<'_>) -> Result<Key, KeyError> {
         Ok(Key::GLOBAL)
     }
 }
@@ -696,17 +741,19 @@ mod tests {
         let b = request(&[("x-api-key", "sk-abc")], "2.2.2.2:2");
         let c = request(&[("authorization", "bearer   sk-other ")], "1.1.1.1:1");
         let ex = ApiKey::default();
-        let ka = ex.extract(&a).unwrap();
-        assert_eq!(ka, ex.extract(&b).unwrap());
-        assert_ne!(ka, ex.extract(&c).unwrap());
+        let ka = ex.extract_from(&a).unwrap();
+        assert_eq!(ka, ex.extract_from(&b).unwrap());
+        assert_ne!(ka, ex.extract_from(&c).unwrap());
         assert_eq!(ka.kind(), KeyKind::ApiKey);
         assert!(!format!("{ka} {ka:?}").contains("abc"));
-        let other_secret = ApiKey::new(Fingerprinter::new(b"s2")).extract(&a).unwrap();
+        let other_secret = ApiKey::new(Fingerprinter::new(b"s2"))
+            .extract_from(&a)
+            .unwrap();
         assert_ne!(ka, other_secret);
         let none = request(&[("authorization", "Basic Zm9vOmJhcg==")], "1.1.1.1:1");
-        assert_eq!(ex.extract(&none), Err(KeyError::Missing("API key")));
+        assert_eq!(ex.extract_from(&none), Err(KeyError::Missing("API key")));
         assert_eq!(
-            ex.extract(&request(&[("authorization", "Bearer ")], "1.1.1.1:1")),
+            ex.extract_from(&request(&[("authorization", "Bearer ")], "1.1.1.1:1")),
             Err(KeyError::Missing("API key"))
         );
     }
@@ -724,7 +771,8 @@ mod tests {
         assert_eq!(v4.to_string(), "ip:192.0.2.1");
         let ex = PeerIp;
         assert_eq!(
-            ex.extract(&request(&[], "[2001:db8:1:2::9]:80")).unwrap(),
+            ex.extract_from(&request(&[], "[2001:db8:1:2::9]:80"))
+                .unwrap(),
             a
         );
     }
@@ -788,8 +836,8 @@ mod tests {
     fn header_extension_tenant_global_and_composites() {
         let req = request(&[("x-user", "u1")], "1.1.1.1:1");
         let h = HeaderKey::new(HeaderName::from_static("x-user"));
-        assert_eq!(h.extract(&req).unwrap().kind(), KeyKind::Header);
-        assert!(h.extract(&request(&[], "1.1.1.1:1")).is_err());
+        assert_eq!(h.extract_from(&req).unwrap().kind(), KeyKind::Header);
+        assert!(h.extract_from(&request(&[], "1.1.1.1:1")).is_err());
 
         #[derive(Clone)]
         struct UserId(String);
@@ -800,21 +848,23 @@ mod tests {
         }
         let mut with_ext = request(&[], "1.1.1.1:1");
         with_ext.extensions_mut().insert(UserId("u1".into()));
-        let e = ExtensionKey::<UserId>::new().extract(&with_ext).unwrap();
+        let e = ExtensionKey::<UserId>::new()
+            .extract_from(&with_ext)
+            .unwrap();
         assert_eq!(e.kind(), KeyKind::Extension);
 
-        assert!(Tenant::default().extract(&req).is_err());
+        assert!(Tenant::default().extract_from(&req).is_err());
         let mut tenanted = request(&[], "1.1.1.1:1");
         tenanted
             .extensions_mut()
             .insert(Caller::new().with_tenant("acme"));
-        let t = Tenant::default().extract(&tenanted).unwrap();
+        let t = Tenant::default().extract_from(&tenanted).unwrap();
         assert_eq!(t.kind(), KeyKind::Tenant);
 
-        assert_eq!(Global.extract(&req).unwrap().to_string(), "global");
-        let both = (h.clone(), PeerIp).extract(&req).unwrap();
+        assert_eq!(Global.extract_from(&req).unwrap().to_string(), "global");
+        let both = (h.clone(), PeerIp).extract_from(&req).unwrap();
         assert_eq!(both.kind(), KeyKind::Composite);
-        assert_ne!(both, (h, Global).extract(&req).unwrap());
+        assert_ne!(both, (h, Global).extract_from(&req).unwrap());
     }
 
     #[test]
@@ -827,7 +877,7 @@ mod tests {
         // Extractors reuse the stored caller, even if the headers change later.
         req.headers_mut().remove("x-api-key");
         assert_eq!(
-            ApiKey::default().extract(&req).unwrap(),
+            ApiKey::default().extract_from(&req).unwrap(),
             caller.api_key.unwrap().key()
         );
         // An authenticating layer's caller keeps its id, tier and tenant; the rest is filled in.

@@ -7,7 +7,7 @@
 //! use moat::core::identity::{ApiKey, KeyExtractor};
 //!
 //! let req = http::Request::builder().header("x-api-key", "sk-123").body(()).unwrap();
-//! let key = ApiKey::default().extract(&req).unwrap();
+//! let key = ApiKey::default().extract_from(&req).unwrap();
 //! assert!(key.to_string().starts_with("api_key:"));
 //! ```
 
