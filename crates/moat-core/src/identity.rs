@@ -11,6 +11,7 @@
 //! | [`HeaderKey`] | any header's value, hashed |
 //! | [`ExtensionKey`] | a value your own auth put in the request extensions |
 //! | [`Tenant`] | the tenant of the [`Caller`] |
+//! | [`Model`] | the request's `model` (needs the parsed body) |
 //! | [`Global`] | one key for everyone |
 //! | `(A, B)` | both, combined |
 //!
@@ -67,6 +68,8 @@ pub enum KeyKind {
     Global,
     /// Two keys combined.
     Composite,
+    /// A hashed model name.
+    Model,
 }
 
 /// A rate-limit or budget key: fixed-size and `Copy`, never holding a raw secret.
@@ -147,6 +150,7 @@ impl fmt::Display for Key {
             KeyKind::Tenant => "tenant",
             KeyKind::Global => return f.write_str("global"),
             KeyKind::Composite => "composite",
+            KeyKind::Model => "model",
         };
         write!(f, "{prefix}:")?;
         write_hex(f, &self.id)
@@ -285,6 +289,14 @@ pub trait KeyExtractor: Send + Sync + fmt::Debug + 'static {
     /// The key of this request.
     fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError>;
 
+    /// Whether the extractor reads the parsed body (a [`SharedLlmRequest`] in the extensions), so
+    /// a layer must parse the body before extracting.
+    ///
+    /// [`SharedLlmRequest`]: crate::body::SharedLlmRequest
+    fn needs_body(&self) -> bool {
+        false
+    }
+
     /// The key of a whole request.
     fn extract_from<B>(&self, req: &Request<B>) -> Result<Key, KeyError>
     where
@@ -298,11 +310,19 @@ impl<K: KeyExtractor + ?Sized> KeyExtractor for Arc<K> {
     fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
         (**self).extract(req)
     }
+
+    fn needs_body(&self) -> bool {
+        (**self).needs_body()
+    }
 }
 
 impl<A: KeyExtractor, B: KeyExtractor> KeyExtractor for (A, B) {
     fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
         Ok(self.0.extract(req)?.combine(self.1.extract(req)?))
+    }
+
+    fn needs_body(&self) -> bool {
+        self.0.needs_body() || self.1.needs_body()
     }
 }
 
@@ -611,6 +631,35 @@ impl KeyExtractor for Tenant {
     }
 }
 
+/// Keys by the request's `model` (from the parsed body; see [`KeyExtractor::needs_body`]).
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    fingerprinter: Fingerprinter,
+}
+
+impl KeyExtractor for Model {
+    fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
+        let llm = req
+            .extensions
+            .get::<crate::body::SharedLlmRequest>()
+            .ok_or(KeyError::Missing("parsed body"))?;
+        llm.with(|r| {
+            r.model()
+                .map(|m| {
+                    Key::new(
+                        KeyKind::Model,
+                        self.fingerprinter.hash(b"model", m.as_bytes()),
+                    )
+                })
+                .ok_or(KeyError::Missing("model"))
+        })
+    }
+
+    fn needs_body(&self) -> bool {
+        true
+    }
+}
+
 /// One key for every request.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Global;
@@ -865,6 +914,38 @@ mod tests {
         let both = (h.clone(), PeerIp).extract_from(&req).unwrap();
         assert_eq!(both.kind(), KeyKind::Composite);
         assert_ne!(both, (h, Global).extract_from(&req).unwrap());
+    }
+
+    #[test]
+    fn model_key_reads_the_parsed_body() {
+        let mut req = request(&[], "1.1.1.1:1");
+        assert!(Model::default().needs_body());
+        assert!((Global, Model::default()).needs_body());
+        assert_eq!(
+            Model::default().extract_from(&req),
+            Err(KeyError::Missing("parsed body"))
+        );
+        let parse = |body: &'static str| {
+            crate::body::SharedLlmRequest::new(
+                crate::llm::LlmRequest::parse(
+                    bytes::Bytes::from_static(body.as_bytes()),
+                    "/v1/chat/completions",
+                )
+                .unwrap(),
+            )
+        };
+        req.extensions_mut()
+            .insert(parse(r#"{"model":"gpt-4o","messages":[]}"#));
+        let a = Model::default().extract_from(&req).unwrap();
+        assert_eq!(a.kind(), KeyKind::Model);
+        req.extensions_mut()
+            .insert(parse(r#"{"model":"gpt-4o-mini","messages":[]}"#));
+        assert_ne!(Model::default().extract_from(&req).unwrap(), a);
+        req.extensions_mut().insert(parse(r#"{"messages":[]}"#));
+        assert_eq!(
+            Model::default().extract_from(&req),
+            Err(KeyError::Missing("model"))
+        );
     }
 
     #[test]

@@ -1,0 +1,493 @@
+//! The shared state of a rate limiter and its decisions.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, StatusCode};
+use metrics::Counter;
+use moat_core::clock::SharedClock;
+use moat_core::decision::{Decision, Decisions, Outcome};
+use moat_core::identity::{Caller, CallerResolver, RequestHead};
+use moat_core::usage::{BodyOutcome, OnUsage, UsageReport};
+use moat_core::{Key, Rejection};
+
+use crate::headers::{self, Binding, Headers};
+use crate::memory::{Acquire, Cell, KeyHasher, MemoryStore, Snapshot};
+use crate::rule::{Mode, Rule};
+
+/// At most this many limits (request plus token) in one rule.
+pub(crate) const MAX_CELLS: usize = 8;
+
+/// Settings shared by every rule of a layer.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) clock: SharedClock,
+    pub(crate) headers: Headers,
+    pub(crate) max_keys: usize,
+    pub(crate) completion_reserve: u64,
+    pub(crate) body_limit: usize,
+    pub(crate) resolver: CallerResolver,
+}
+
+struct RuleMetrics {
+    allowed: Counter,
+    denied: Counter,
+    shadow_denied: Counter,
+    near_limit: Counter,
+}
+
+impl RuleMetrics {
+    fn new(rule: &str) -> Self {
+        let rule = rule.to_owned();
+        Self {
+            allowed: metrics::counter!("moat_ratelimit_allowed_total", "rule" => rule.clone()),
+            denied: metrics::counter!("moat_ratelimit_denied_total", "rule" => rule.clone()),
+            shadow_denied: metrics::counter!("moat_ratelimit_shadow_denied_total", "rule" => rule.clone()),
+            near_limit: metrics::counter!("moat_ratelimit_near_limit_total", "rule" => rule),
+        }
+    }
+}
+
+pub(crate) struct RuleState {
+    pub(crate) rule: Rule,
+    /// Request limits, then token limits.
+    cells: Vec<Cell>,
+    store: MemoryStore,
+    metrics: RuleMetrics,
+}
+
+impl RuleState {
+    fn token_cells(&self) -> std::ops::Range<usize> {
+        self.rule.limits.len()..self.cells.len()
+    }
+}
+
+/// The state every clone of a rate-limited service shares.
+pub(crate) struct Limiter {
+    pub(crate) config: Config,
+    rules: Vec<RuleState>,
+    hasher: KeyHasher,
+    pub(crate) needs_body: bool,
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limiter")
+            .field("rules", &self.config.rules)
+            .field("headers", &self.config.headers)
+            .field("max_keys", &self.config.max_keys)
+            .finish()
+    }
+}
+
+/// What the limiter knows of an LLM request body.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BodyFacts {
+    pub(crate) model: Option<String>,
+    /// Estimated prompt tokens.
+    pub(crate) input: u64,
+    /// Tokens reserved for the completion.
+    pub(crate) reserve: u64,
+    pub(crate) is_llm: bool,
+}
+
+/// One rule's charge for an admitted request, kept until its response body ends.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    rule: usize,
+    id: u64,
+    tokens: u64,
+    in_flight: bool,
+}
+
+/// The tightest request and token limits, for headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Bindings {
+    pub(crate) requests: Option<Binding>,
+    pub(crate) tokens: Option<Binding>,
+}
+
+pub(crate) enum Verdict {
+    Allow {
+        admission: Option<Admission>,
+        bindings: Bindings,
+    },
+    Deny(Rejection),
+}
+
+impl Limiter {
+    pub(crate) fn new(config: Config) -> Self {
+        let hasher = KeyHasher::random();
+        let rules = config
+            .rules
+            .iter()
+            .map(|rule| {
+                let cells: Vec<Cell> = rule
+                    .limits
+                    .iter()
+                    .chain(&rule.tokens)
+                    .map(Cell::from)
+                    .collect();
+                RuleState {
+                    store: MemoryStore::new(
+                        cells.len(),
+                        rule.max_in_flight.is_some(),
+                        config.max_keys,
+                    ),
+                    cells,
+                    metrics: RuleMetrics::new(&rule.name),
+                    rule: rule.clone(),
+                }
+            })
+            .collect();
+        let needs_body = config.rules.iter().any(Rule::needs_body);
+        Self {
+            config,
+            rules,
+            hasher,
+            needs_body,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.config.clock.now().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Keys held by `rule` (by index) in memory.
+    pub(crate) fn keys_held(&self, rule: usize) -> usize {
+        self.rules.get(rule).map_or(0, |r| r.store.len())
+    }
+
+    /// Whether any rule that applies to this head needs the body to decide.
+    pub(crate) fn needs_body_for(&self, head: &RequestHead<'_>, caller: &Caller) -> bool {
+        self.needs_body
+            && self.rules.iter().any(|r| {
+                r.rule.needs_body() && r.rule.matches_head(head.method, head.uri.path(), caller)
+            })
+    }
+
+    /// Decides a request: every applicable rule must admit it, or none is charged.
+    pub(crate) fn decide(
+        self: &Arc<Self>,
+        head: &RequestHead<'_>,
+        caller: &Caller,
+        facts: Option<&BodyFacts>,
+    ) -> Verdict {
+        let now = self.now();
+        let path = head.uri.path();
+        let model = facts.and_then(|f| f.model.as_deref());
+        let token_cost = facts
+            .filter(|f| f.is_llm)
+            .map_or(0, |f| f.input + f.reserve);
+        let mut held: Vec<Held> = Vec::new();
+        let mut bindings = Bindings::default();
+        for (index, state) in self.rules.iter().enumerate() {
+            let rule = &state.rule;
+            if !rule.matches_head(head.method, path, caller) || !rule.matches_model(model) {
+                continue;
+            }
+            // A request without what the rule keys by falls back to its client IP, so leaving
+            // out a header never escapes a limit.
+            let key = rule
+                .key
+                .extract(head)
+                .ok()
+                .or_else(|| caller.ip.map(Key::ip))
+                .unwrap_or(Key::GLOBAL);
+            let id = self.hasher.hash(&key);
+            let n = state.cells.len();
+            let mut costs = [1u64; MAX_CELLS];
+            costs[state.token_cells()].fill(token_cost);
+            let mut snapshots = [Snapshot::default(); MAX_CELLS];
+            let verdict = state.store.acquire(
+                id,
+                now,
+                &state.cells,
+                &costs[..n],
+                rule.max_in_flight,
+                &mut snapshots[..n],
+            );
+            let shadow = rule.mode == Mode::Shadow;
+            if verdict == Acquire::Admitted {
+                state.metrics.allowed.increment(1);
+                let near = rule
+                    .limits
+                    .iter()
+                    .chain(&rule.tokens)
+                    .zip(&snapshots[..n])
+                    .any(|(limit, s)| s.remaining.saturating_mul(5) < limit.burst());
+                if near {
+                    state.metrics.near_limit.increment(1);
+                }
+                if !shadow {
+                    bindings = self.bindings(state, &snapshots[..n], bindings);
+                }
+                held.push(Held {
+                    rule: index,
+                    id,
+                    tokens: token_cost,
+                    in_flight: rule.max_in_flight.is_some(),
+                });
+                record(head, rule, Outcome::Allowed);
+                continue;
+            }
+            let rejection = self.rejection(state, verdict, token_cost, &snapshots[..n]);
+            if shadow {
+                state.metrics.shadow_denied.increment(1);
+                tracing::debug!(target: "moat::ratelimit", rule = %rule.name, key = %key, "shadow rule would deny");
+                record(
+                    head,
+                    rule,
+                    Outcome::ShadowRejected {
+                        code: Cow::Owned(rejection.code().unwrap_or_default().to_owned()),
+                    },
+                );
+                continue;
+            }
+            state.metrics.denied.increment(1);
+            tracing::debug!(target: "moat::ratelimit", rule = %rule.name, key = %key, "denied");
+            record(
+                head,
+                rule,
+                Outcome::Rejected {
+                    status: rejection.status().as_u16(),
+                    code: Cow::Owned(rejection.code().unwrap_or_default().to_owned()),
+                },
+            );
+            for h in held {
+                self.undo(h, now);
+            }
+            return Verdict::Deny(rejection);
+        }
+        held.retain(|h| {
+            h.in_flight || (h.tokens > 0 && !self.rules[h.rule].token_cells().is_empty())
+        });
+        let admission = (!held.is_empty()).then(|| Admission {
+            limiter: self.clone(),
+            held,
+            input_estimate: facts.map_or(0, |f| f.input),
+            settled: false,
+        });
+        Verdict::Allow {
+            admission,
+            bindings,
+        }
+    }
+
+    fn bindings(&self, state: &RuleState, snapshots: &[Snapshot], mut b: Bindings) -> Bindings {
+        let rule = &state.rule;
+        for (i, (limit, s)) in rule
+            .limits
+            .iter()
+            .chain(&rule.tokens)
+            .zip(snapshots)
+            .enumerate()
+        {
+            let binding = Binding {
+                limit: limit.burst(),
+                remaining: s.remaining,
+                reset: Duration::from_nanos(s.reset),
+                window: limit.period(),
+            };
+            if i < rule.limits.len() {
+                b.requests = Binding::tighter(b.requests, binding);
+            } else {
+                b.tokens = Binding::tighter(b.tokens, binding);
+            }
+        }
+        b
+    }
+
+    /// Takes back everything an admission charged (the request was denied by a later rule).
+    fn undo(&self, held: Held, now: u64) {
+        let state = &self.rules[held.rule];
+        let mut deltas = [-1i64; MAX_CELLS];
+        deltas[state.token_cells()].fill(-i64::try_from(held.tokens).unwrap_or(i64::MAX));
+        state.store.adjust(
+            held.id,
+            now,
+            &state.cells,
+            &deltas[..state.cells.len()],
+            held.in_flight,
+        );
+    }
+
+    fn rejection(
+        &self,
+        state: &RuleState,
+        verdict: Acquire,
+        token_cost: u64,
+        snapshots: &[Snapshot],
+    ) -> Rejection {
+        let rule = &state.rule;
+        let limit_of = |cell: usize| rule.limits.iter().chain(&rule.tokens).nth(cell).copied();
+        let kind = |cell: usize| {
+            if cell < rule.limits.len() {
+                "requests"
+            } else {
+                "tokens"
+            }
+        };
+        let too_many = |message: String, code: &'static str| {
+            Rejection::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                message,
+            )
+            .with_code(code)
+            .with_layer("ratelimit")
+        };
+        let mut rejection = match verdict {
+            Acquire::Wait { cell, retry_after } => {
+                let wait = Duration::from_nanos(retry_after);
+                let limit = limit_of(cell).map(|l| l.to_string()).unwrap_or_default();
+                let mut r = too_many(
+                    format!(
+                        "Rate limit reached for {} on rule '{}' ({limit}). Please try again in {}.",
+                        kind(cell),
+                        rule.name,
+                        headers::duration_string(wait)
+                    ),
+                    "rate_limit_exceeded",
+                );
+                let mut h = http::HeaderMap::new();
+                headers::retry_after(&mut h, wait);
+                for (name, value) in h {
+                    if let Some(name) = name {
+                        r = r.with_header(name, value);
+                    }
+                }
+                r
+            }
+            Acquire::Never { cell } => {
+                let limit = limit_of(cell).map(|l| l.to_string()).unwrap_or_default();
+                too_many(
+                    format!(
+                        "This request needs about {token_cost} tokens, more than rule '{}' allows at once ({limit}). Reduce the prompt or max_tokens.",
+                        rule.name
+                    ),
+                    "request_too_large",
+                )
+                .with_header(http::header::HeaderName::from_static("x-should-retry"), HeaderValue::from_static("false"))
+            }
+            Acquire::Busy => too_many(
+                format!(
+                    "Too many requests in flight for rule '{}' (at most {}). Wait for one to finish.",
+                    rule.name,
+                    rule.max_in_flight.unwrap_or_default()
+                ),
+                "concurrency_limit_exceeded",
+            )
+            .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1")),
+            Acquire::Full | Acquire::Admitted => too_many(
+                "Too many distinct clients right now. Please try again shortly.".to_owned(),
+                "rate_limiter_full",
+            )
+            .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1")),
+        };
+        let bindings = self.bindings(state, snapshots, Bindings::default());
+        let mut h = http::HeaderMap::new();
+        headers::write(
+            self.config.headers,
+            &mut h,
+            bindings.requests,
+            bindings.tokens,
+        );
+        for (name, value) in h {
+            if let Some(name) = name {
+                rejection = rejection.with_header(name, value);
+            }
+        }
+        rejection
+    }
+}
+
+fn record(head: &RequestHead<'_>, rule: &Rule, outcome: Outcome) {
+    if Decisions::is_recording(head.extensions) {
+        Decisions::record(
+            head.extensions,
+            Decision::new("ratelimit", outcome).with_rule(rule.name.to_string()),
+        );
+    }
+}
+
+/// What an admitted request holds until its response body ends: its token charge, to settle
+/// from the real usage, and its in-flight slot, to release.
+pub struct Admission {
+    limiter: Arc<Limiter>,
+    held: Vec<Held>,
+    input_estimate: u64,
+    settled: bool,
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("held", &self.held)
+            .finish()
+    }
+}
+
+impl Admission {
+    /// Whether settling needs the response's usage (a token limit charged this request).
+    pub(crate) fn wants_usage(&self) -> bool {
+        self.held.iter().any(|h| h.tokens > 0)
+    }
+
+    /// Settles against what was used; `None` keeps the estimate.
+    fn settle(&mut self, report: Option<&UsageReport>) {
+        self.settled = true;
+        let used = report.map(|r| match r.usage {
+            Some(usage) => usage
+                .total_tokens
+                .max(usage.input_tokens + usage.output_tokens),
+            // No usage: charge the prompt and what was streamed, unless nothing happened at all.
+            None if r.streamed_text_bytes > 0 || r.outcome != BodyOutcome::Completed => {
+                self.input_estimate + r.streamed_text_bytes.div_ceil(4)
+            }
+            None => 0,
+        });
+        let now = self.limiter.now();
+        for h in &self.held {
+            let state = &self.limiter.rules[h.rule];
+            let mut deltas = [0i64; MAX_CELLS];
+            if let Some(used) = used {
+                let delta = i64::try_from(used).unwrap_or(i64::MAX)
+                    - i64::try_from(h.tokens).unwrap_or(i64::MAX);
+                deltas[state.token_cells()].fill(delta);
+            }
+            state.store.adjust(
+                h.id,
+                now,
+                &state.cells,
+                &deltas[..state.cells.len()],
+                h.in_flight,
+            );
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        // Dropped before a response (cancelled, or the inner service failed): the provider may
+        // still have done the work, so keep the estimate, but free the in-flight slot.
+        if !self.settled {
+            self.settle(None);
+        }
+    }
+}
+
+/// Settles an [`Admission`] when the response body ends (the `OnUsage` of the response body).
+#[derive(Debug)]
+pub struct Settle(pub(crate) Option<Admission>);
+
+impl OnUsage for Settle {
+    fn on_usage(self, report: UsageReport) {
+        if let Some(mut admission) = self.0 {
+            admission.settle(Some(&report));
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! [`RateLimitLayer`], [`RateLimit`] and their [`ResponseFuture`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use moat_core::body::{read_llm_request, LlmBody, RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
+use moat_core::clock::{self, SharedClock};
+use moat_core::identity::{CallerResolver, RequestHead};
+use moat_core::reject::Protocol;
+use moat_core::usage::{BodyFormat, UsageBody};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::headers::{self, Headers};
+use crate::limiter::{Admission, Bindings, BodyFacts, Config, Limiter, Settle, Verdict, MAX_CELLS};
+use crate::rule::Rule;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The response body of a rate-limited service: the inner body (or a rejection), watched so
+/// token charges settle and in-flight slots free when it ends.
+pub type RateLimitBody<B> = UsageBody<ResponseBody<B>, Settle>;
+
+/// Applies rate-limit [`Rule`]s to a service. Clones share one state.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct RateLimitLayer {
+    limiter: Arc<Limiter>,
+}
+
+/// Why a rate-limit configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A rule has more request and token limits than a rule can hold.
+    TooManyLimits {
+        /// The rule.
+        rule: String,
+    },
+    /// A rule has no limit of any kind.
+    NoLimits {
+        /// The rule.
+        rule: String,
+    },
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::TooManyLimits { rule } => {
+                write!(
+                    f,
+                    "rule {rule:?} has more than {MAX_CELLS} request and token limits"
+                )
+            }
+            ConfigError::NoLimits { rule } => write!(f, "rule {rule:?} has no limits"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn check(rule: &Rule) -> Result<(), ConfigError> {
+    let cells = rule.limits.len() + rule.tokens.len();
+    if cells > MAX_CELLS {
+        return Err(ConfigError::TooManyLimits {
+            rule: rule.name().to_owned(),
+        });
+    }
+    if cells == 0 && rule.max_in_flight.is_none() {
+        return Err(ConfigError::NoLimits {
+            rule: rule.name().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+impl RateLimitLayer {
+    /// A layer enforcing `rule`.
+    ///
+    /// # Panics
+    ///
+    /// If the rule has no limits, or more than 8 request and token limits; use
+    /// [`try_new`](Self::try_new) to get an error instead.
+    pub fn new(rule: Rule) -> Self {
+        Self::try_new(rule).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A layer enforcing `rule`, or why the rule is unusable.
+    pub fn try_new(rule: Rule) -> Result<Self, ConfigError> {
+        check(&rule)?;
+        Ok(Self::from_config(Config {
+            rules: vec![rule],
+            clock: clock::system(),
+            headers: Headers::default(),
+            max_keys: 1_000_000,
+            completion_reserve: 1024,
+            body_limit: DEFAULT_BODY_LIMIT,
+            resolver: CallerResolver::default(),
+        }))
+    }
+
+    fn from_config(config: Config) -> Self {
+        Self {
+            limiter: Arc::new(Limiter::new(config)),
+        }
+    }
+
+    fn map(self, f: impl FnOnce(&mut Config)) -> Self {
+        let mut config = self.limiter.config.clone();
+        f(&mut config);
+        Self::from_config(config)
+    }
+
+    /// Adds a rule; a request must pass every rule that applies to it.
+    ///
+    /// # Panics
+    ///
+    /// As [`new`](Self::new).
+    pub fn rule(self, rule: Rule) -> Self {
+        self.try_rule(rule).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Adds a rule, or says why it is unusable.
+    pub fn try_rule(self, rule: Rule) -> Result<Self, ConfigError> {
+        check(&rule)?;
+        Ok(self.map(|c| c.rules.push(rule)))
+    }
+
+    /// Reads time from `clock` (tests drive a [`ManualClock`](moat_core::clock::ManualClock)).
+    pub fn with_clock(self, clock: SharedClock) -> Self {
+        self.map(|c| c.clock = clock)
+    }
+
+    /// Which rate-limit headers go on responses (default: OpenAI's).
+    pub fn with_headers(self, headers: Headers) -> Self {
+        self.map(|c| c.headers = headers)
+    }
+
+    /// Caps the keys each rule keeps in memory (default 1,000,000).
+    pub fn with_max_keys(self, max_keys: usize) -> Self {
+        self.map(|c| c.max_keys = max_keys.max(1))
+    }
+
+    /// Tokens reserved for the completion when a request sets no `max_tokens` (default 1024).
+    pub fn with_completion_reserve(self, tokens: u64) -> Self {
+        self.map(|c| c.completion_reserve = tokens)
+    }
+
+    /// The largest request body read when a rule needs the body (default 4 MiB; 413 past it).
+    pub fn with_body_limit(self, bytes: usize) -> Self {
+        self.map(|c| c.body_limit = bytes)
+    }
+
+    /// How callers are identified (API key fingerprint secret, trusted proxies).
+    pub fn with_caller_resolver(self, resolver: CallerResolver) -> Self {
+        self.map(|c| c.resolver = resolver)
+    }
+
+    /// How many keys rule number `rule` holds in memory now.
+    pub fn keys_held(&self, rule: usize) -> usize {
+        self.limiter.keys_held(rule)
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+        }
+    }
+}
+
+/// A service rate-limited by a [`RateLimitLayer`].
+#[derive(Debug, Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: Arc<Limiter>,
+}
+
+impl<S> RateLimit<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+pin_project! {
+    /// The response future of [`RateLimit`].
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        Denied { response: Option<Response<RateLimitBody<B>>> },
+        Admitted {
+            #[pin]
+            future: F,
+            admission: Option<Admission>,
+            bindings: Bindings,
+            headers: Headers,
+        },
+        Deciding { future: BoxFuture<Result<Response<RateLimitBody<B>>, E>> },
+    }
+}
+
+impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResponseFuture { .. }")
+    }
+}
+
+fn finish<B: Body<Data = Bytes>>(
+    response: Response<B>,
+    admission: Option<Admission>,
+    bindings: Bindings,
+    which: Headers,
+) -> Response<RateLimitBody<B>> {
+    let (mut parts, body) = response.into_parts();
+    headers::write(
+        which,
+        &mut parts.headers,
+        bindings.requests,
+        bindings.tokens,
+    );
+    let format = match &admission {
+        Some(a) if a.wants_usage() => BodyFormat::of(&parts.headers),
+        _ => BodyFormat::Other,
+    };
+    let body = UsageBody::new(ResponseBody::inner(body), format, Settle(admission));
+    Response::from_parts(parts, body)
+}
+
+fn denied<B: Body<Data = Bytes>>(
+    response: Response<ResponseBody<B>>,
+) -> Response<RateLimitBody<B>> {
+    response.map(|body| UsageBody::new(body, BodyFormat::Other, Settle(None)))
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes>,
+{
+    type Output = Result<Response<RateLimitBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Denied { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+            KindProj::Admitted {
+                future,
+                admission,
+                bindings,
+                headers,
+            } => {
+                let response = ready!(future.poll(cx))?;
+                Poll::Ready(Ok(finish(response, admission.take(), *bindings, *headers)))
+            }
+            KindProj::Deciding { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Response<RateLimitBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let limiter = self.limiter.clone();
+        let caller = limiter.config.resolver.resolve(&mut req);
+        let which = limiter.config.headers;
+        if limiter.needs_body_for(&RequestHead::of(&req), &caller) {
+            // Move the ready inner service into the future; keep a fresh clone here.
+            let clone = self.inner.clone();
+            let mut inner = std::mem::replace(&mut self.inner, clone);
+            let future = async move {
+                let protocol = Protocol::of(&req);
+                let (req, facts) = match read_llm_request(req, limiter.config.body_limit).await {
+                    Ok(LlmBody::Parsed { request, llm }) => {
+                        let facts = llm.with(|r| BodyFacts {
+                            model: r.model().map(str::to_owned),
+                            input: r.estimate_input_tokens(),
+                            reserve: r
+                                .max_output_tokens()
+                                .unwrap_or(limiter.config.completion_reserve),
+                            is_llm: r.format() != moat_core::llm::WireFormat::Unknown,
+                        });
+                        (request, facts)
+                    }
+                    Ok(LlmBody::NotJson(request)) => (request, BodyFacts::default()),
+                    Err(rejection) => {
+                        return Ok(denied(
+                            rejection.with_layer("ratelimit").into_response(protocol),
+                        ))
+                    }
+                };
+                match limiter.decide(&RequestHead::of(&req), &caller, Some(&facts)) {
+                    Verdict::Deny(rejection) => Ok(denied(rejection.into_response(protocol))),
+                    Verdict::Allow {
+                        admission,
+                        bindings,
+                    } => {
+                        let response = inner.call(req).await?;
+                        Ok(finish(response, admission, bindings, which))
+                    }
+                }
+            };
+            return ResponseFuture {
+                kind: Kind::Deciding {
+                    future: Box::pin(future),
+                },
+            };
+        }
+        let kind = match limiter.decide(&RequestHead::of(&req), &caller, None) {
+            Verdict::Deny(rejection) => Kind::Denied {
+                response: Some(denied(rejection.into_response(Protocol::of(&req)))),
+            },
+            Verdict::Allow {
+                admission,
+                bindings,
+            } => Kind::Admitted {
+                future: self.inner.call(req.map(RequestBody::original)),
+                admission,
+                bindings,
+                headers: which,
+            },
+        };
+        ResponseFuture { kind }
+    }
+}
