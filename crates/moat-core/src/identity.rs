@@ -111,6 +111,16 @@ impl Key {
         &self.id
     }
 
+    /// A stable digest of the key for shared stores (Redis key names): the same in every
+    /// process, and an IP is not readable from it.
+    pub fn digest(&self) -> [u8; 16] {
+        let mut hasher = <Sha256 as sha2::Digest>::new();
+        sha2::Digest::update(&mut hasher, b"moat key digest");
+        sha2::Digest::update(&mut hasher, [self.kind as u8]);
+        sha2::Digest::update(&mut hasher, self.id);
+        truncate(&sha2::Digest::finalize(hasher))
+    }
+
     /// Both keys at once, e.g. per key and model.
     pub fn combine(self, other: Key) -> Key {
         let mut hasher = <Sha256 as sha2::Digest>::new();
@@ -818,6 +828,8 @@ mod tests {
         let v4 = Key::ip("192.0.2.1".parse().unwrap());
         assert_eq!(v4, Key::ip("::ffff:192.0.2.1".parse().unwrap()));
         assert_eq!(v4.to_string(), "ip:192.0.2.1");
+        assert_eq!(v4.digest(), Key::ip("192.0.2.1".parse().unwrap()).digest());
+        assert_ne!(v4.digest(), a.digest());
         let ex = PeerIp;
         assert_eq!(
             ex.extract_from(&request(&[], "[2001:db8:1:2::9]:80"))

@@ -67,11 +67,15 @@ mod headers;
 mod limit;
 mod limiter;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 mod rule;
 mod service;
 
 pub use headers::Headers;
 pub use limit::{Limit, ParseLimitError};
 pub use limiter::{Admission, Settle};
+#[cfg(feature = "redis")]
+pub use redis::{OnStoreError, RedisStore};
 pub use rule::{Mode, Rule};
 pub use service::{ConfigError, RateLimit, RateLimitBody, RateLimitLayer, ResponseFuture};

@@ -30,6 +30,8 @@ pub(crate) struct Config {
     pub(crate) completion_reserve: u64,
     pub(crate) body_limit: usize,
     pub(crate) resolver: CallerResolver,
+    #[cfg(feature = "redis")]
+    pub(crate) redis: Option<Arc<crate::redis::RedisStore>>,
 }
 
 struct RuleMetrics {
@@ -99,8 +101,13 @@ pub(crate) struct BodyFacts {
 struct Held {
     rule: usize,
     id: u64,
+    /// Only the Redis store needs the key again (its state is named by the key's digest).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    key: Key,
     tokens: u64,
     in_flight: bool,
+    /// Charged in Redis rather than in memory.
+    remote: bool,
 }
 
 /// The tightest request and token limits, for headers.
@@ -161,6 +168,14 @@ impl Limiter {
         self.rules.get(rule).map_or(0, |r| r.store.len())
     }
 
+    /// Whether decisions go to a shared store (and so are asynchronous).
+    pub(crate) fn is_shared(&self) -> bool {
+        #[cfg(feature = "redis")]
+        return self.config.redis.is_some();
+        #[cfg(not(feature = "redis"))]
+        false
+    }
+
     /// Whether any rule that applies to this head needs the body to decide.
     pub(crate) fn needs_body_for(&self, head: &RequestHead<'_>, caller: &Caller) -> bool {
         self.needs_body
@@ -169,99 +184,100 @@ impl Limiter {
             })
     }
 
-    /// Decides a request: every applicable rule must admit it, or none is charged.
-    pub(crate) fn decide(
-        self: &Arc<Self>,
+    /// The applicable rules of a request, with their keys and costs.
+    fn steps<'a>(
+        &'a self,
+        head: &'a RequestHead<'a>,
+        caller: &'a Caller,
+        model: Option<&'a str>,
+        token_cost: u64,
+    ) -> impl Iterator<Item = Step<'a>> + 'a {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter_map(move |(index, state)| {
+                let rule = &state.rule;
+                if !rule.matches_head(head.method, head.uri.path(), caller)
+                    || !rule.matches_model(model)
+                {
+                    return None;
+                }
+                // A request without what the rule keys by falls back to its client IP, so leaving
+                // out a header never escapes a limit.
+                let key = rule
+                    .key
+                    .extract(head)
+                    .ok()
+                    .or_else(|| caller.ip.map(Key::ip))
+                    .unwrap_or(Key::GLOBAL);
+                let mut costs = [1u64; MAX_CELLS];
+                costs[state.token_cells()].fill(token_cost);
+                Some(Step {
+                    state,
+                    index,
+                    id: self.hasher.hash(&key),
+                    key,
+                    costs,
+                    token_cost,
+                })
+            })
+    }
+
+    /// Records and counts a rule's verdict. `Some` when the request must be refused.
+    fn conclude(
+        &self,
         head: &RequestHead<'_>,
-        caller: &Caller,
-        facts: Option<&BodyFacts>,
-    ) -> Verdict {
-        let now = self.now();
-        let path = head.uri.path();
-        let model = facts.and_then(|f| f.model.as_deref());
-        let token_cost = facts
-            .filter(|f| f.is_llm)
-            .map_or(0, |f| f.input + f.reserve);
-        let mut held: Vec<Held> = Vec::new();
-        let mut bindings = Bindings::default();
-        for (index, state) in self.rules.iter().enumerate() {
-            let rule = &state.rule;
-            if !rule.matches_head(head.method, path, caller) || !rule.matches_model(model) {
-                continue;
+        step: &Step<'_>,
+        verdict: Acquire,
+        snapshots: &[Snapshot],
+        remote: bool,
+        tally: &mut Tally,
+    ) -> Option<Rejection> {
+        let state = step.state;
+        let rule = &state.rule;
+        let shadow = rule.mode == Mode::Shadow;
+        if verdict == Acquire::Admitted {
+            state.metrics.allowed.increment(1);
+            let near = rule
+                .limits
+                .iter()
+                .chain(&rule.tokens)
+                .zip(snapshots)
+                .any(|(limit, s)| s.remaining.saturating_mul(5) < limit.burst());
+            if near {
+                state.metrics.near_limit.increment(1);
             }
-            // A request without what the rule keys by falls back to its client IP, so leaving
-            // out a header never escapes a limit.
-            let key = rule
-                .key
-                .extract(head)
-                .ok()
-                .or_else(|| caller.ip.map(Key::ip))
-                .unwrap_or(Key::GLOBAL);
-            let id = self.hasher.hash(&key);
-            let n = state.cells.len();
-            let mut costs = [1u64; MAX_CELLS];
-            costs[state.token_cells()].fill(token_cost);
-            let mut snapshots = [Snapshot::default(); MAX_CELLS];
-            let verdict = state.store.acquire(
-                id,
-                now,
-                &state.cells,
-                &costs[..n],
-                rule.max_in_flight,
-                &mut snapshots[..n],
-            );
-            let shadow = rule.mode == Mode::Shadow;
-            if verdict == Acquire::Admitted {
-                state.metrics.allowed.increment(1);
-                let near = rule
-                    .limits
-                    .iter()
-                    .chain(&rule.tokens)
-                    .zip(&snapshots[..n])
-                    .any(|(limit, s)| s.remaining.saturating_mul(5) < limit.burst());
-                if near {
-                    state.metrics.near_limit.increment(1);
-                }
-                if !shadow {
-                    bindings = self.bindings(state, &snapshots[..n], bindings);
-                }
-                held.push(Held {
-                    rule: index,
-                    id,
-                    tokens: token_cost,
-                    in_flight: rule.max_in_flight.is_some(),
-                });
-                record(head, rule, Outcome::Allowed);
-                continue;
+            if !shadow {
+                tally.bindings = self.bindings(state, snapshots, tally.bindings);
             }
-            let rejection = self.rejection(state, verdict, token_cost, &snapshots[..n]);
-            if shadow {
-                state.metrics.shadow_denied.increment(1);
-                tracing::debug!(target: "moat::ratelimit", rule = %rule.name, key = %key, "shadow rule would deny");
-                record(
-                    head,
-                    rule,
-                    Outcome::ShadowRejected {
-                        code: Cow::Owned(rejection.code().unwrap_or_default().to_owned()),
-                    },
-                );
-                continue;
-            }
-            state.metrics.denied.increment(1);
-            tracing::debug!(target: "moat::ratelimit", rule = %rule.name, key = %key, "denied");
-            record(
-                head,
-                rule,
-                Outcome::Rejected {
-                    status: rejection.status().as_u16(),
-                    code: Cow::Owned(rejection.code().unwrap_or_default().to_owned()),
-                },
-            );
-            for h in held {
-                self.undo(h, now);
-            }
-            return Verdict::Deny(rejection);
+            tally.held.push(Held {
+                rule: step.index,
+                id: step.id,
+                key: step.key,
+                tokens: step.token_cost,
+                in_flight: rule.max_in_flight.is_some(),
+                remote,
+            });
+            record(head, rule, Outcome::Allowed);
+            return None;
         }
+        let rejection = self.rejection(state, verdict, step.token_cost, snapshots);
+        let code = Cow::Owned(rejection.code().unwrap_or_default().to_owned());
+        if shadow {
+            state.metrics.shadow_denied.increment(1);
+            tracing::debug!(target: "moat::ratelimit", rule = %rule.name, key = %step.key, "shadow rule would deny");
+            record(head, rule, Outcome::ShadowRejected { code });
+            return None;
+        }
+        state.metrics.denied.increment(1);
+        tracing::debug!(target: "moat::ratelimit", rule = %rule.name, key = %step.key, "denied");
+        let status = rejection.status().as_u16();
+        record(head, rule, Outcome::Rejected { status, code });
+        Some(rejection)
+    }
+
+    fn admit(self: &Arc<Self>, tally: Tally, facts: Option<&BodyFacts>) -> Verdict {
+        let Tally { mut held, bindings } = tally;
         held.retain(|h| {
             h.in_flight || (h.tokens > 0 && !self.rules[h.rule].token_cells().is_empty())
         });
@@ -274,6 +290,187 @@ impl Limiter {
         Verdict::Allow {
             admission,
             bindings,
+        }
+    }
+
+    /// Decides a request in memory: every applicable rule must admit it, or none is charged.
+    pub(crate) fn decide(
+        self: &Arc<Self>,
+        head: &RequestHead<'_>,
+        caller: &Caller,
+        facts: Option<&BodyFacts>,
+    ) -> Verdict {
+        let now = self.now();
+        let model = facts.and_then(|f| f.model.as_deref());
+        let token_cost = facts
+            .filter(|f| f.is_llm)
+            .map_or(0, |f| f.input + f.reserve);
+        let mut tally = Tally::default();
+        for step in self.steps(head, caller, model, token_cost) {
+            let n = step.state.cells.len();
+            let mut snapshots = [Snapshot::default(); MAX_CELLS];
+            let verdict = step.state.store.acquire(
+                step.id,
+                now,
+                &step.state.cells,
+                &step.costs[..n],
+                step.state.rule.max_in_flight,
+                &mut snapshots[..n],
+            );
+            if let Some(rejection) =
+                self.conclude(head, &step, verdict, &snapshots[..n], false, &mut tally)
+            {
+                for h in tally.held {
+                    self.undo_local(h, now);
+                }
+                return Verdict::Deny(rejection);
+            }
+        }
+        self.admit(tally, facts)
+    }
+
+    /// Decides a request against Redis, applying the failure policy when Redis fails.
+    #[cfg(feature = "redis")]
+    pub(crate) async fn decide_shared(
+        self: &Arc<Self>,
+        head: &RequestHead<'_>,
+        caller: &Caller,
+        facts: Option<&BodyFacts>,
+    ) -> Verdict {
+        use crate::redis::OnStoreError;
+        let Some(redis) = self.config.redis.clone() else {
+            return self.decide(head, caller, facts);
+        };
+        let now = self.now();
+        let model = facts.and_then(|f| f.model.as_deref());
+        let token_cost = facts
+            .filter(|f| f.is_llm)
+            .map_or(0, |f| f.input + f.reserve);
+        let mut tally = Tally::default();
+        for step in self.steps(head, caller, model, token_cost) {
+            let state = step.state;
+            let n = state.cells.len();
+            let max_in_flight = state.rule.max_in_flight;
+            let mut snapshots = [Snapshot::default(); MAX_CELLS];
+            let local = |snapshots: &mut [Snapshot]| {
+                state.store.acquire(
+                    step.id,
+                    now,
+                    &state.cells,
+                    &step.costs[..n],
+                    max_in_flight,
+                    snapshots,
+                )
+            };
+            let (mut verdict, remote) = if n == 0 {
+                (local(&mut snapshots[..n]), false)
+            } else if let Some(cached) = redis.cached_denial(step.index, &step.key, now) {
+                (cached, true)
+            } else {
+                match redis
+                    .acquire(
+                        (step.index, &state.rule.name),
+                        &step.key,
+                        now,
+                        &state.cells,
+                        &step.costs[..n],
+                        &mut snapshots[..n],
+                    )
+                    .await
+                {
+                    Ok(verdict) => (verdict, true),
+                    Err(error) => {
+                        metrics::counter!("moat_ratelimit_store_errors_total").increment(1);
+                        tracing::warn!(target: "moat::ratelimit", %error, policy = ?redis.on_error, "redis unavailable");
+                        match redis.on_error {
+                            OnStoreError::FailOpen => continue,
+                            OnStoreError::Local => (local(&mut snapshots[..n]), false),
+                            OnStoreError::FailClosed => {
+                                self.undo_all(tally.held, now).await;
+                                return Verdict::Deny(unavailable());
+                            }
+                        }
+                    }
+                }
+            };
+            // In-flight caps are per process: take the slot locally once Redis has admitted.
+            if remote && verdict == Acquire::Admitted && max_in_flight.is_some() {
+                let zero = [0u64; MAX_CELLS];
+                let mut scratch = [Snapshot::default(); MAX_CELLS];
+                if state.store.acquire(
+                    step.id,
+                    now,
+                    &state.cells,
+                    &zero[..n],
+                    max_in_flight,
+                    &mut scratch[..n],
+                ) == Acquire::Busy
+                {
+                    let undo = Held {
+                        rule: step.index,
+                        id: step.id,
+                        key: step.key,
+                        tokens: token_cost,
+                        in_flight: false,
+                        remote: true,
+                    };
+                    self.undo_all(vec![undo], now).await;
+                    verdict = Acquire::Busy;
+                }
+            }
+            if let Some(rejection) =
+                self.conclude(head, &step, verdict, &snapshots[..n], remote, &mut tally)
+            {
+                self.undo_all(tally.held, now).await;
+                return Verdict::Deny(rejection);
+            }
+        }
+        self.admit(tally, facts)
+    }
+
+    /// Decides with whichever store is configured.
+    pub(crate) async fn decide_async(
+        self: &Arc<Self>,
+        head: &RequestHead<'_>,
+        caller: &Caller,
+        facts: Option<&BodyFacts>,
+    ) -> Verdict {
+        #[cfg(feature = "redis")]
+        return self.decide_shared(head, caller, facts).await;
+        #[cfg(not(feature = "redis"))]
+        self.decide(head, caller, facts)
+    }
+
+    #[cfg(feature = "redis")]
+    async fn undo_all(&self, held: Vec<Held>, now: u64) {
+        for h in held {
+            if h.remote {
+                if let Some(redis) = &self.config.redis {
+                    let state = &self.rules[h.rule];
+                    let deltas = undo_deltas(state, h.tokens);
+                    let n = state.cells.len();
+                    if let Err(error) = redis
+                        .adjust(&state.rule.name, &h.key, &state.cells, &deltas[..n])
+                        .await
+                    {
+                        tracing::warn!(target: "moat::ratelimit", %error, "could not undo a charge in redis");
+                    }
+                }
+                self.release_local(h, now);
+            } else {
+                self.undo_local(h, now);
+            }
+        }
+    }
+
+    /// Frees a held in-flight slot without touching limits.
+    fn release_local(&self, held: Held, now: u64) {
+        if held.in_flight {
+            let state = &self.rules[held.rule];
+            let zero = [0i64; MAX_CELLS];
+            state
+                .store
+                .adjust(held.id, now, &state.cells, &zero[..state.cells.len()], true);
         }
     }
 
@@ -301,11 +498,10 @@ impl Limiter {
         b
     }
 
-    /// Takes back everything an admission charged (the request was denied by a later rule).
-    fn undo(&self, held: Held, now: u64) {
+    /// Takes back everything an in-memory admission charged (a later rule denied the request).
+    fn undo_local(&self, held: Held, now: u64) {
         let state = &self.rules[held.rule];
-        let mut deltas = [-1i64; MAX_CELLS];
-        deltas[state.token_cells()].fill(-i64::try_from(held.tokens).unwrap_or(i64::MAX));
+        let deltas = undo_deltas(state, held.tokens);
         state.store.adjust(
             held.id,
             now,
@@ -405,6 +601,42 @@ impl Limiter {
     }
 }
 
+/// What the rules admitted so far: charges to keep or undo, and the tightest limits.
+#[derive(Default)]
+struct Tally {
+    held: Vec<Held>,
+    bindings: Bindings,
+}
+
+/// One applicable rule of a request.
+struct Step<'a> {
+    state: &'a RuleState,
+    index: usize,
+    key: Key,
+    id: u64,
+    costs: [u64; MAX_CELLS],
+    token_cost: u64,
+}
+
+/// Deltas that take back one request and its tokens.
+fn undo_deltas(state: &RuleState, tokens: u64) -> [i64; MAX_CELLS] {
+    let mut deltas = [-1i64; MAX_CELLS];
+    deltas[state.token_cells()].fill(-i64::try_from(tokens).unwrap_or(i64::MAX));
+    deltas
+}
+
+#[cfg(feature = "redis")]
+fn unavailable() -> Rejection {
+    Rejection::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "The rate limiter's store is unavailable. Please try again shortly.",
+    )
+    .with_code("rate_limiter_unavailable")
+    .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
+    .with_layer("ratelimit")
+}
+
 fn record(head: &RequestHead<'_>, rule: &Rule, outcome: Outcome) {
     if Decisions::is_recording(head.extensions) {
         Decisions::record(
@@ -459,13 +691,16 @@ impl Admission {
                     - i64::try_from(h.tokens).unwrap_or(i64::MAX);
                 deltas[state.token_cells()].fill(delta);
             }
-            state.store.adjust(
-                h.id,
-                now,
-                &state.cells,
-                &deltas[..state.cells.len()],
-                h.in_flight,
-            );
+            if h.remote {
+                #[cfg(feature = "redis")]
+                self.limiter.settle_remote(h.rule, h.key, deltas);
+                self.limiter.release_local(*h, now);
+            } else {
+                let n = state.cells.len();
+                state
+                    .store
+                    .adjust(h.id, now, &state.cells, &deltas[..n], h.in_flight);
+            }
         }
     }
 }
@@ -477,6 +712,29 @@ impl Drop for Admission {
         if !self.settled {
             self.settle(None);
         }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Limiter {
+    /// Settles a Redis charge in the background: bodies end in synchronous code.
+    fn settle_remote(self: &Arc<Self>, rule: usize, key: Key, deltas: [i64; MAX_CELLS]) {
+        if deltas.iter().all(|d| *d == 0) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(target: "moat::ratelimit", "no tokio runtime to settle a redis charge");
+            return;
+        };
+        let limiter = self.clone();
+        runtime.spawn(async move {
+            let Some(redis) = &limiter.config.redis else { return };
+            let state = &limiter.rules[rule];
+            let n = state.cells.len();
+            if let Err(error) = redis.adjust(&state.rule.name, &key, &state.cells, &deltas[..n]).await {
+                tracing::warn!(target: "moat::ratelimit", %error, "could not settle a charge in redis");
+            }
+        });
     }
 }
 

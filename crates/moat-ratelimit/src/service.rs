@@ -103,6 +103,8 @@ impl RateLimitLayer {
             completion_reserve: 1024,
             body_limit: DEFAULT_BODY_LIMIT,
             resolver: CallerResolver::default(),
+            #[cfg(feature = "redis")]
+            redis: None,
         }))
     }
 
@@ -161,6 +163,13 @@ impl RateLimitLayer {
     /// How callers are identified (API key fingerprint secret, trusted proxies).
     pub fn with_caller_resolver(self, resolver: CallerResolver) -> Self {
         self.map(|c| c.resolver = resolver)
+    }
+
+    /// Keeps limits in Redis, shared by every process using the same store and rules.
+    #[cfg(feature = "redis")]
+    pub fn with_redis(self, store: crate::redis::RedisStore) -> Self {
+        let store = Arc::new(store);
+        self.map(|c| c.redis = Some(store))
     }
 
     /// How many keys rule number `rule` holds in memory now.
@@ -312,12 +321,29 @@ where
         let limiter = self.limiter.clone();
         let caller = limiter.config.resolver.resolve(&mut req);
         let which = limiter.config.headers;
-        if limiter.needs_body_for(&RequestHead::of(&req), &caller) {
+        let needs_body = limiter.needs_body_for(&RequestHead::of(&req), &caller);
+        if needs_body || limiter.is_shared() {
             // Move the ready inner service into the future; keep a fresh clone here.
             let clone = self.inner.clone();
             let mut inner = std::mem::replace(&mut self.inner, clone);
             let future = async move {
                 let protocol = Protocol::of(&req);
+                if !needs_body {
+                    let req = req.map(RequestBody::original);
+                    return match limiter
+                        .decide_async(&RequestHead::of(&req), &caller, None)
+                        .await
+                    {
+                        Verdict::Deny(rejection) => Ok(denied(rejection.into_response(protocol))),
+                        Verdict::Allow {
+                            admission,
+                            bindings,
+                        } => {
+                            let response = inner.call(req).await?;
+                            Ok(finish(response, admission, bindings, which))
+                        }
+                    };
+                }
                 let (req, facts) = match read_llm_request(req, limiter.config.body_limit).await {
                     Ok(LlmBody::Parsed { request, llm }) => {
                         let facts = llm.with(|r| BodyFacts {
@@ -337,7 +363,10 @@ where
                         ))
                     }
                 };
-                match limiter.decide(&RequestHead::of(&req), &caller, Some(&facts)) {
+                match limiter
+                    .decide_async(&RequestHead::of(&req), &caller, Some(&facts))
+                    .await
+                {
                     Verdict::Deny(rejection) => Ok(denied(rejection.into_response(protocol))),
                     Verdict::Allow {
                         admission,

@@ -1,0 +1,253 @@
+//! The Redis store against a real, private redis-server.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use moat_core::body::RequestBody;
+use moat_core::identity::{ApiKey, PeerAddr};
+use moat_ratelimit::{Limit, OnStoreError, RateLimitLayer, RedisStore, Rule};
+use moat_testkit::redis::RedisServer;
+use serde_json::{json, Value};
+use tower::{ServiceBuilder, ServiceExt};
+
+type Inner = tower::util::BoxCloneService<
+    Request<RequestBody<Full<Bytes>>>,
+    Response<Full<Bytes>>,
+    Infallible,
+>;
+
+fn usage_service(total: u64) -> Inner {
+    tower::util::BoxCloneService::new(tower::service_fn(
+        move |_req: Request<RequestBody<Full<Bytes>>>| async move {
+            let reply = json!({"usage": {"prompt_tokens": total / 2, "completion_tokens": total - total / 2, "total_tokens": total}});
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(reply.to_string())))
+                    .unwrap(),
+            )
+        },
+    ))
+}
+
+fn req(key: &str) -> Request<Full<Bytes>> {
+    let mut r = Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::default())
+        .unwrap();
+    r.extensions_mut()
+        .insert(PeerAddr("203.0.113.1:5000".parse().unwrap()));
+    r
+}
+
+fn start_redis() -> RedisServer {
+    RedisServer::start().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn limiter(redis: &RedisServer, rule: Rule, policy: OnStoreError) -> RateLimitLayer {
+    let store = RedisStore::open(&redis.url())
+        .unwrap()
+        .with_on_error(policy)
+        .with_timeout(Duration::from_millis(500));
+    RateLimitLayer::new(rule).with_redis(store)
+}
+
+async fn send(
+    layer: &RateLimitLayer,
+    inner: Inner,
+    r: Request<Full<Bytes>>,
+) -> (StatusCode, http::HeaderMap, Value) {
+    let res = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(inner)
+        .oneshot(r)
+        .await
+        .unwrap();
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_limiters_sharing_redis_never_over_admit() {
+    let redis = start_redis();
+    let rule = || Rule::new("shared", ApiKey::default()).limit(Limit::per_hour(20));
+    let a = limiter(&redis, rule(), OnStoreError::FailClosed);
+    let b = limiter(&redis, rule(), OnStoreError::FailClosed);
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let layer = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { send(&layer, usage_service(0), req("sk-shared")).await.0 })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        let status = t.await.unwrap();
+        assert!(status == 200 || status == 429, "{status}");
+        admitted += usize::from(status == 200);
+    }
+    assert_eq!(admitted, 20, "one limit across both processes");
+}
+
+#[tokio::test]
+async fn state_expires_when_fully_reset_and_keys_are_hash_tagged() {
+    let redis = start_redis();
+    let layer = limiter(
+        &redis,
+        Rule::new("tagged", ApiKey::default()).limit(Limit::per_second(10)),
+        OnStoreError::FailClosed,
+    );
+    let (s, h, _) = send(&layer, usage_service(0), req("sk-ttl")).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["x-ratelimit-remaining-requests"], "9");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("moat:rl:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    assert!(
+        keys[0].starts_with("moat:rl:{tagged:") && keys[0].ends_with('}'),
+        "{}",
+        keys[0]
+    );
+    assert!(!keys[0].contains("sk-ttl"));
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (1..=101).contains(&ttl),
+        "expires when one request's 100 ms has come back: {ttl}"
+    );
+}
+
+#[tokio::test]
+async fn redis_down_fails_closed_then_recovers() {
+    let mut redis = start_redis();
+    let layer = limiter(
+        &redis,
+        Rule::new("fc", ApiKey::default()).limit(Limit::per_hour(100)),
+        OnStoreError::FailClosed,
+    );
+    assert_eq!(send(&layer, usage_service(0), req("sk-1")).await.0, 200);
+    redis.stop();
+    let (s, h, body) = send(&layer, usage_service(0), req("sk-1")).await;
+    assert_eq!(s, 503);
+    assert_eq!(h["retry-after"], "1");
+    assert_eq!(body["error"]["code"], "rate_limiter_unavailable");
+    redis.restart().unwrap();
+    let mut recovered = false;
+    for _ in 0..100 {
+        if send(&layer, usage_service(0), req("sk-1")).await.0 == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "decisions come back once redis does");
+}
+
+#[tokio::test]
+async fn redis_down_fails_open_or_falls_back_to_local_limits() {
+    let mut redis = start_redis();
+    let open = limiter(
+        &redis,
+        Rule::new("fo", ApiKey::default()).limit(Limit::per_hour(2)),
+        OnStoreError::FailOpen,
+    );
+    let local = limiter(
+        &redis,
+        Rule::new("lo", ApiKey::default()).limit(Limit::per_hour(2)),
+        OnStoreError::Local,
+    );
+    redis.stop();
+    for _ in 0..5 {
+        assert_eq!(
+            send(&open, usage_service(0), req("sk-2")).await.0,
+            200,
+            "fail open: unlimited"
+        );
+    }
+    assert_eq!(send(&local, usage_service(0), req("sk-2")).await.0, 200);
+    assert_eq!(send(&local, usage_service(0), req("sk-2")).await.0, 200);
+    let (s, _, body) = send(&local, usage_service(0), req("sk-2")).await;
+    assert_eq!(s, 429, "local limits still hold");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+}
+
+#[tokio::test]
+async fn keys_already_denied_skip_redis() {
+    let mut redis = start_redis();
+    let layer = limiter(
+        &redis,
+        Rule::new("cache", ApiKey::default()).limit(Limit::per_hour(1)),
+        OnStoreError::FailClosed,
+    );
+    assert_eq!(send(&layer, usage_service(0), req("sk-3")).await.0, 200);
+    assert_eq!(send(&layer, usage_service(0), req("sk-3")).await.0, 429);
+    redis.stop();
+    let (s, h, body) = send(&layer, usage_service(0), req("sk-3")).await;
+    assert_eq!(
+        s, 429,
+        "answered from the local denial cache, not the failure policy"
+    );
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() > 3000);
+    assert_eq!(
+        send(&layer, usage_service(0), req("sk-other")).await.0,
+        503,
+        "other keys need redis"
+    );
+}
+
+#[tokio::test]
+async fn token_charges_settle_in_redis() {
+    let redis = start_redis();
+    let rule = Rule::new("tpm", ApiKey::default()).tokens(Limit::per_hour(10_000));
+    let layer = limiter(&redis, rule, OnStoreError::FailClosed);
+    let chat = || {
+        let body = json!({"model": "m", "max_tokens": 2000, "messages": [{"role": "user", "content": "hi"}]});
+        let mut r = req("sk-tok");
+        *r.body_mut() = Full::new(Bytes::from(body.to_string()));
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        r
+    };
+    let (s, h, _) = send(&layer, usage_service(30), chat()).await;
+    assert_eq!(s, 200);
+    let charged = 10_000
+        - h["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+    assert!(charged >= 2000);
+    // The settlement is written in the background; the next admission sees it once it lands.
+    let mut seen = 0;
+    for _ in 0..100 {
+        let (_, h, _) = send(&layer, usage_service(30), chat()).await;
+        let remaining: u64 = h["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        seen += 1;
+        // After n requests settled at 30 each, plus the newest one's estimate:
+        if remaining == 10_000 - 30 * seen - charged {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("token charges never settled to the real usage");
+}
