@@ -122,7 +122,32 @@ pub(crate) enum Verdict {
         admission: Option<Admission>,
         bindings: Bindings,
     },
-    Deny(Rejection),
+    Deny(Denial),
+}
+
+/// A refusal, decided without allocating and rendered into a response afterwards.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Denial {
+    /// A rule's limit refused the request.
+    Limit {
+        rule: usize,
+        verdict: Acquire,
+        token_cost: u64,
+        snapshots: [Snapshot; MAX_CELLS],
+    },
+    /// The shared store failed and the policy is to fail closed.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Unavailable,
+}
+
+/// The error code of a refusal.
+fn code_of(verdict: Acquire) -> &'static str {
+    match verdict {
+        Acquire::Never { .. } => "request_too_large",
+        Acquire::Busy => "concurrency_limit_exceeded",
+        Acquire::Full => "rate_limiter_full",
+        Acquire::Wait { .. } | Acquire::Admitted => "rate_limit_exceeded",
+    }
 }
 
 impl Limiter {
@@ -232,7 +257,7 @@ impl Limiter {
         snapshots: &[Snapshot],
         remote: bool,
         tally: &mut Tally,
-    ) -> Option<Rejection> {
+    ) -> Option<Denial> {
         let state = step.state;
         let rule = &state.rule;
         let shadow = rule.mode == Mode::Shadow;
@@ -261,8 +286,7 @@ impl Limiter {
             record(head, rule, Outcome::Allowed);
             return None;
         }
-        let rejection = self.rejection(state, verdict, step.token_cost, snapshots);
-        let code = Cow::Owned(rejection.code().unwrap_or_default().to_owned());
+        let code = Cow::Borrowed(code_of(verdict));
         if shadow {
             state.metrics.shadow_denied.increment(1);
             tracing::debug!(target: "moat::ratelimit", rule = %rule.name, key = %step.key, "shadow rule would deny");
@@ -271,9 +295,15 @@ impl Limiter {
         }
         state.metrics.denied.increment(1);
         tracing::debug!(target: "moat::ratelimit", rule = %rule.name, key = %step.key, "denied");
-        let status = rejection.status().as_u16();
-        record(head, rule, Outcome::Rejected { status, code });
-        Some(rejection)
+        record(head, rule, Outcome::Rejected { status: 429, code });
+        let mut kept = [Snapshot::default(); MAX_CELLS];
+        kept[..snapshots.len()].copy_from_slice(snapshots);
+        Some(Denial::Limit {
+            rule: step.index,
+            verdict,
+            token_cost: step.token_cost,
+            snapshots: kept,
+        })
     }
 
     fn admit(self: &Arc<Self>, tally: Tally, facts: Option<&BodyFacts>) -> Verdict {
@@ -317,13 +347,13 @@ impl Limiter {
                 step.state.rule.max_in_flight,
                 &mut snapshots[..n],
             );
-            if let Some(rejection) =
+            if let Some(denial) =
                 self.conclude(head, &step, verdict, &snapshots[..n], false, &mut tally)
             {
                 for h in tally.held {
                     self.undo_local(h, now);
                 }
-                return Verdict::Deny(rejection);
+                return Verdict::Deny(denial);
             }
         }
         self.admit(tally, facts)
@@ -387,7 +417,7 @@ impl Limiter {
                             OnStoreError::Local => (local(&mut snapshots[..n]), false),
                             OnStoreError::FailClosed => {
                                 self.undo_all(tally.held, now).await;
-                                return Verdict::Deny(unavailable());
+                                return Verdict::Deny(Denial::Unavailable);
                             }
                         }
                     }
@@ -418,11 +448,11 @@ impl Limiter {
                     verdict = Acquire::Busy;
                 }
             }
-            if let Some(rejection) =
+            if let Some(denial) =
                 self.conclude(head, &step, verdict, &snapshots[..n], remote, &mut tally)
             {
                 self.undo_all(tally.held, now).await;
-                return Verdict::Deny(rejection);
+                return Verdict::Deny(denial);
             }
         }
         self.admit(tally, facts)
@@ -511,6 +541,29 @@ impl Limiter {
         );
     }
 
+    /// The response of a refusal.
+    pub(crate) fn render(&self, denial: Denial) -> Rejection {
+        match denial {
+            Denial::Limit {
+                rule,
+                verdict,
+                token_cost,
+                snapshots,
+            } => {
+                let state = &self.rules[rule];
+                self.rejection(state, verdict, token_cost, &snapshots[..state.cells.len()])
+            }
+            Denial::Unavailable => Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "The rate limiter's store is unavailable. Please try again shortly.",
+            )
+            .with_code("rate_limiter_unavailable")
+            .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
+            .with_layer("ratelimit"),
+        }
+    }
+
     fn rejection(
         &self,
         state: &RuleState,
@@ -547,7 +600,7 @@ impl Limiter {
                         rule.name,
                         headers::duration_string(wait)
                     ),
-                    "rate_limit_exceeded",
+                    code_of(verdict),
                 );
                 let mut h = http::HeaderMap::new();
                 headers::retry_after(&mut h, wait);
@@ -623,18 +676,6 @@ fn undo_deltas(state: &RuleState, tokens: u64) -> [i64; MAX_CELLS] {
     let mut deltas = [-1i64; MAX_CELLS];
     deltas[state.token_cells()].fill(-i64::try_from(tokens).unwrap_or(i64::MAX));
     deltas
-}
-
-#[cfg(feature = "redis")]
-fn unavailable() -> Rejection {
-    Rejection::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server_error",
-        "The rate limiter's store is unavailable. Please try again shortly.",
-    )
-    .with_code("rate_limiter_unavailable")
-    .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
-    .with_layer("ratelimit")
 }
 
 fn record(head: &RequestHead<'_>, rule: &Rule, outcome: Outcome) {
@@ -747,5 +788,51 @@ impl OnUsage for Settle {
         if let Some(mut admission) = self.0 {
             admission.settle(Some(&report));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::Limit;
+    use moat_core::clock::ManualClock;
+    use moat_core::identity::{ApiKey, PeerAddr};
+
+    fn limiter(rules: Vec<Rule>) -> Arc<Limiter> {
+        Arc::new(Limiter::new(Config {
+            rules,
+            clock: Arc::new(ManualClock::new()),
+            headers: Headers::default(),
+            max_keys: 1000,
+            completion_reserve: 1024,
+            body_limit: 1 << 20,
+            resolver: CallerResolver::default(),
+            #[cfg(feature = "redis")]
+            redis: None,
+        }))
+    }
+
+    #[test]
+    fn the_deny_decision_allocates_nothing() {
+        let limiter = limiter(vec![
+            Rule::new("per-key", ApiKey::default()).limit(Limit::per_minute(1))
+        ]);
+        let mut req = http::Request::builder()
+            .header("x-api-key", "sk-1")
+            .body(())
+            .unwrap();
+        req.extensions_mut()
+            .insert(PeerAddr("192.0.2.1:1".parse().unwrap()));
+        let caller = limiter.config.resolver.resolve(&mut req);
+        let head = RequestHead::of(&req);
+        assert!(matches!(
+            limiter.decide(&head, &caller, None),
+            Verdict::Allow { .. }
+        ));
+        let info = allocation_counter::measure(|| {
+            let verdict = limiter.decide(&head, &caller, None);
+            assert!(matches!(verdict, Verdict::Deny(Denial::Limit { .. })));
+        });
+        assert_eq!(info.count_total, 0, "{info:?}");
     }
 }

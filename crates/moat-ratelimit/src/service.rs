@@ -334,7 +334,9 @@ where
                         .decide_async(&RequestHead::of(&req), &caller, None)
                         .await
                     {
-                        Verdict::Deny(rejection) => Ok(denied(rejection.into_response(protocol))),
+                        Verdict::Deny(denial) => {
+                            Ok(denied(limiter.render(denial).into_response(protocol)))
+                        }
                         Verdict::Allow {
                             admission,
                             bindings,
@@ -367,7 +369,9 @@ where
                     .decide_async(&RequestHead::of(&req), &caller, Some(&facts))
                     .await
                 {
-                    Verdict::Deny(rejection) => Ok(denied(rejection.into_response(protocol))),
+                    Verdict::Deny(denial) => {
+                        Ok(denied(limiter.render(denial).into_response(protocol)))
+                    }
                     Verdict::Allow {
                         admission,
                         bindings,
@@ -384,8 +388,10 @@ where
             };
         }
         let kind = match limiter.decide(&RequestHead::of(&req), &caller, None) {
-            Verdict::Deny(rejection) => Kind::Denied {
-                response: Some(denied(rejection.into_response(Protocol::of(&req)))),
+            Verdict::Deny(denial) => Kind::Denied {
+                response: Some(denied(
+                    limiter.render(denial).into_response(Protocol::of(&req)),
+                )),
             },
             Verdict::Allow {
                 admission,
