@@ -71,6 +71,7 @@ mod memory;
 mod redis;
 mod rule;
 mod service;
+mod spike;
 
 pub use headers::Headers;
 pub use limit::{Limit, ParseLimitError};
@@ -79,3 +80,4 @@ pub use limiter::{Admission, Settle};
 pub use redis::{OnStoreError, RedisStore};
 pub use rule::{Mode, Rule};
 pub use service::{ConfigError, RateLimit, RateLimitBody, RateLimitLayer, ResponseFuture};
+pub use spike::{Quarantine, SpikeAlert, SpikeAlerts, SpikeGuard};

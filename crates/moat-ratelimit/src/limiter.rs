@@ -16,6 +16,7 @@ use moat_core::{Key, Rejection};
 use crate::headers::{self, Binding, Headers};
 use crate::memory::{Acquire, Cell, KeyHasher, MemoryStore, Snapshot};
 use crate::rule::{Mode, Rule};
+use crate::spike::{Quarantine, SpikeGuard, SpikeTable, SpikeVerdict};
 
 /// At most this many limits (request plus token) in one rule.
 pub(crate) const MAX_CELLS: usize = 8;
@@ -32,6 +33,7 @@ pub(crate) struct Config {
     pub(crate) resolver: CallerResolver,
     #[cfg(feature = "redis")]
     pub(crate) redis: Option<Arc<crate::redis::RedisStore>>,
+    pub(crate) spike: Option<SpikeGuard>,
 }
 
 struct RuleMetrics {
@@ -72,6 +74,7 @@ pub(crate) struct Limiter {
     pub(crate) config: Config,
     rules: Vec<RuleState>,
     hasher: KeyHasher,
+    spike: Option<SpikeTable>,
     pub(crate) needs_body: bool,
 }
 
@@ -135,6 +138,8 @@ pub(crate) enum Denial {
         token_cost: u64,
         snapshots: [Snapshot; MAX_CELLS],
     },
+    /// The spike guard quarantined the key.
+    Quarantined,
     /// The shared store failed and the policy is to fail closed.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Unavailable,
@@ -176,10 +181,15 @@ impl Limiter {
             })
             .collect();
         let needs_body = config.rules.iter().any(Rule::needs_body);
+        let spike = config
+            .spike
+            .clone()
+            .map(|guard| SpikeTable::new(guard, config.max_keys));
         Self {
             config,
             rules,
             hasher,
+            spike,
             needs_body,
         }
     }
@@ -323,6 +333,26 @@ impl Limiter {
         }
     }
 
+    /// Runs the spike guard: the caller to decide for (demoted to a quarantine tier), or a
+    /// refusal.
+    fn spike_check<'c>(&self, caller: &'c Caller, now: u64) -> Result<Cow<'c, Caller>, Denial> {
+        let Some(spike) = &self.spike else {
+            return Ok(Cow::Borrowed(caller));
+        };
+        let key = caller
+            .api_key
+            .map(|fp| fp.key())
+            .or_else(|| caller.ip.map(Key::ip))
+            .unwrap_or(Key::GLOBAL);
+        match spike.observe(&key, self.hasher.hash(&key), now) {
+            SpikeVerdict::Pass => Ok(Cow::Borrowed(caller)),
+            SpikeVerdict::Quarantined(Quarantine::Reject) => Err(Denial::Quarantined),
+            SpikeVerdict::Quarantined(Quarantine::Tier(tier)) => {
+                Ok(Cow::Owned(caller.clone().with_tier(tier)))
+            }
+        }
+    }
+
     /// Decides a request in memory: every applicable rule must admit it, or none is charged.
     pub(crate) fn decide(
         self: &Arc<Self>,
@@ -331,6 +361,11 @@ impl Limiter {
         facts: Option<&BodyFacts>,
     ) -> Verdict {
         let now = self.now();
+        let caller = match self.spike_check(caller, now) {
+            Ok(caller) => caller,
+            Err(denial) => return Verdict::Deny(denial),
+        };
+        let caller = &*caller;
         let model = facts.and_then(|f| f.model.as_deref());
         let token_cost = facts
             .filter(|f| f.is_llm)
@@ -372,6 +407,11 @@ impl Limiter {
             return self.decide(head, caller, facts);
         };
         let now = self.now();
+        let caller = match self.spike_check(caller, now) {
+            Ok(caller) => caller,
+            Err(denial) => return Verdict::Deny(denial),
+        };
+        let caller = &*caller;
         let model = facts.and_then(|f| f.model.as_deref());
         let token_cost = facts
             .filter(|f| f.is_llm)
@@ -552,6 +592,24 @@ impl Limiter {
             } => {
                 let state = &self.rules[rule];
                 self.rejection(state, verdict, token_cost, &snapshots[..state.cells.len()])
+            }
+            Denial::Quarantined => {
+                let cooldown = self
+                    .config
+                    .spike
+                    .as_ref()
+                    .map_or(Duration::ZERO, |g| g.cooldown);
+                Rejection::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_exceeded",
+                    format!(
+                        "This key's request rate jumped far above its usual level, so it is paused for {}.",
+                        headers::duration_string(cooldown)
+                    ),
+                )
+                .with_code("key_quarantined")
+                .with_header(http::header::RETRY_AFTER, HeaderValue::from(cooldown.as_secs().max(1)))
+                .with_layer("ratelimit")
             }
             Denial::Unavailable => Rejection::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -809,6 +867,7 @@ mod tests {
             resolver: CallerResolver::default(),
             #[cfg(feature = "redis")]
             redis: None,
+            spike: None,
         }))
     }
 

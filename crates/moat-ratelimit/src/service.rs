@@ -105,6 +105,7 @@ impl RateLimitLayer {
             resolver: CallerResolver::default(),
             #[cfg(feature = "redis")]
             redis: None,
+            spike: None,
         }))
     }
 
@@ -170,6 +171,13 @@ impl RateLimitLayer {
     pub fn with_redis(self, store: crate::redis::RedisStore) -> Self {
         let store = Arc::new(store);
         self.map(|c| c.redis = Some(store))
+    }
+
+    /// Watches every caller for sudden jumps over its own baseline; see [`SpikeGuard`].
+    ///
+    /// [`SpikeGuard`]: crate::SpikeGuard
+    pub fn with_spike_guard(self, guard: crate::SpikeGuard) -> Self {
+        self.map(|c| c.spike = Some(guard))
     }
 
     /// How many keys rule number `rule` holds in memory now.

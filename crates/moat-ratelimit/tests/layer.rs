@@ -501,3 +501,43 @@ async fn malformed_json_is_a_400_when_a_rule_reads_the_body() {
         .unwrap()
         .contains("not valid JSON"));
 }
+
+#[tokio::test]
+async fn a_spiking_key_is_moved_to_the_quarantine_tier() {
+    use moat_ratelimit::{Quarantine, SpikeGuard};
+    let clock = ManualClock::new();
+    let guard = SpikeGuard::new()
+        .with_warmup(Duration::from_secs(3600))
+        .with_quarantine(Quarantine::Tier("restricted".into()))
+        .with_cooldown(Duration::from_secs(600));
+    let layer = layer(
+        Rule::new("normal", ApiKey::default()).limit(Limit::per_second(100)),
+        &clock,
+    )
+    .rule(
+        Rule::new("restricted", ApiKey::default())
+            .limit(Limit::per_hour(1))
+            .tier("restricted"),
+    )
+    .with_spike_guard(guard);
+    let mut svc = ServiceBuilder::new().layer(layer).service(ok_service());
+    // Two days of a request every 15 minutes.
+    for _ in 0..192 {
+        clock.advance(Duration::from_secs(900));
+        assert_eq!(status(&mut svc, req("sk-leaked")).await.0, 200);
+    }
+    // The key leaks: several requests a second. Soon only the restricted tier's 1/hour applies.
+    let mut refused = 0;
+    for _ in 0..300 {
+        clock.advance(Duration::from_millis(200));
+        if status(&mut svc, req("sk-leaked")).await.0 == 429 {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused > 200,
+        "quarantined to the restricted tier: {refused} of 300 refused"
+    );
+    // Another key with the same history is untouched.
+    assert_eq!(status(&mut svc, req("sk-other")).await.0, 200);
+}
