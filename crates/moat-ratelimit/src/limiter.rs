@@ -333,11 +333,11 @@ impl Limiter {
         }
     }
 
-    /// Runs the spike guard: the caller to decide for (demoted to a quarantine tier), or a
-    /// refusal.
-    fn spike_check<'c>(&self, caller: &'c Caller, now: u64) -> Result<Cow<'c, Caller>, Denial> {
+    /// Runs the spike guard: the caller to decide for (demoted to a quarantine tier), or `None`
+    /// when the key is quarantined outright.
+    fn spike_check<'c>(&self, caller: &'c Caller, now: u64) -> Option<Cow<'c, Caller>> {
         let Some(spike) = &self.spike else {
-            return Ok(Cow::Borrowed(caller));
+            return Some(Cow::Borrowed(caller));
         };
         let key = caller
             .api_key
@@ -345,10 +345,10 @@ impl Limiter {
             .or_else(|| caller.ip.map(Key::ip))
             .unwrap_or(Key::GLOBAL);
         match spike.observe(&key, self.hasher.hash(&key), now) {
-            SpikeVerdict::Pass => Ok(Cow::Borrowed(caller)),
-            SpikeVerdict::Quarantined(Quarantine::Reject) => Err(Denial::Quarantined),
+            SpikeVerdict::Pass => Some(Cow::Borrowed(caller)),
+            SpikeVerdict::Quarantined(Quarantine::Reject) => None,
             SpikeVerdict::Quarantined(Quarantine::Tier(tier)) => {
-                Ok(Cow::Owned(caller.clone().with_tier(tier)))
+                Some(Cow::Owned(caller.clone().with_tier(tier)))
             }
         }
     }
@@ -361,9 +361,8 @@ impl Limiter {
         facts: Option<&BodyFacts>,
     ) -> Verdict {
         let now = self.now();
-        let caller = match self.spike_check(caller, now) {
-            Ok(caller) => caller,
-            Err(denial) => return Verdict::Deny(denial),
+        let Some(caller) = self.spike_check(caller, now) else {
+            return Verdict::Deny(Denial::Quarantined);
         };
         let caller = &*caller;
         let model = facts.and_then(|f| f.model.as_deref());
@@ -407,9 +406,8 @@ impl Limiter {
             return self.decide(head, caller, facts);
         };
         let now = self.now();
-        let caller = match self.spike_check(caller, now) {
-            Ok(caller) => caller,
-            Err(denial) => return Verdict::Deny(denial),
+        let Some(caller) = self.spike_check(caller, now) else {
+            return Verdict::Deny(Denial::Quarantined);
         };
         let caller = &*caller;
         let model = facts.and_then(|f| f.model.as_deref());

@@ -172,10 +172,12 @@ struct Entry {
 
 const SHARDS: usize = 16;
 
+type Shard = Mutex<HashMap<u64, Entry, BuildHasherDefault<PassThrough>>>;
+
 /// Per-key rates, bounded like the limiter's store.
 pub(crate) struct SpikeTable {
     guard: SpikeGuard,
-    shards: Box<[Mutex<HashMap<u64, Entry, BuildHasherDefault<PassThrough>>>]>,
+    shards: Box<[Shard]>,
     per_shard_cap: usize,
     spikes: metrics::Counter,
 }
