@@ -268,3 +268,82 @@ async fn a_client_that_disconnects_mid_stream_is_reported_interrupted_with_what_
     );
     assert!(rx.try_recv().is_err(), "reported exactly once");
 }
+
+mod ratelimit {
+    use super::*;
+    use moat::core::identity::PeerIp;
+    use moat::ratelimit::{Limit, RateLimitLayer, Rule};
+
+    #[tokio::test]
+    async fn rate_limit_layer_on_an_axum_router() {
+        let layer = RateLimitLayer::new(Rule::new("per-ip", PeerIp).limit(Limit::per_minute(2)));
+        let router = axum::Router::new()
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(|| async { "handled" }),
+            )
+            .layer(layer);
+        let url = axum_server(router).await;
+        let client = http_client();
+        let send = || {
+            client.request(
+                Request::post(format!("{url}/v1/chat/completions"))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+        };
+        let first = send().await.unwrap();
+        assert_eq!(first.status(), 200);
+        assert_eq!(first.headers()["x-ratelimit-remaining-requests"], "1");
+        assert_eq!(send().await.unwrap().status(), 200);
+        let third = send().await.unwrap();
+        assert_eq!(third.status(), 429);
+        assert!(third.headers().contains_key("retry-after"));
+        let body: serde_json::Value =
+            serde_json::from_slice(&third.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    }
+
+    #[tokio::test]
+    async fn rate_limit_layer_on_a_tonic_server() {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let layer = RateLimitLayer::new(Rule::new("per-peer", PeerIp).limit(Limit::per_minute(1)));
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .layer(layer)
+                .add_service(health)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::new(channel);
+        client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        let status = client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("per-peer"),
+            "{}",
+            status.message()
+        );
+    }
+}

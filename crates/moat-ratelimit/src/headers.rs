@@ -18,14 +18,29 @@ pub struct Headers {
 
 impl Default for Headers {
     fn default() -> Self {
-        Self {
-            openai: true,
-            ietf: false,
-        }
+        Self::OPENAI
     }
 }
 
 impl Headers {
+    /// OpenAI's `x-ratelimit-*` only (the default).
+    pub const OPENAI: Headers = Headers {
+        openai: true,
+        ietf: false,
+    };
+
+    /// The IETF `RateLimit-Policy` and `RateLimit` only.
+    pub const IETF: Headers = Headers {
+        openai: false,
+        ietf: true,
+    };
+
+    /// Both.
+    pub const BOTH: Headers = Headers {
+        openai: true,
+        ietf: true,
+    };
+
     /// No rate-limit headers (denials still carry `retry-after`).
     pub const NONE: Headers = Headers {
         openai: false,

@@ -1,7 +1,14 @@
 //! Tower middleware that protects AI (LLM) APIs.
 //!
-//! `moat` is the umbrella crate: it re-exports [`moat_core`], the shared vocabulary every layer is
-//! built on, and gains one feature per protection layer as the layers land.
+//! `moat` is the umbrella crate: it re-exports [`moat_core`] as [`core`], the shared vocabulary
+//! every layer is built on, and each protection layer behind its feature:
+//!
+//! | feature | module | what |
+//! |---|---|---|
+//! | `ratelimit` | `moat::ratelimit` | keyed request, token and concurrency limits ([`moat_ratelimit`]) |
+//! | `redis` | | limiter state in Redis |
+//! | `serde` | | configuration types deserialize with serde |
+//! | `axum`, `tonic` | | read the peer address from axum's or tonic's connection info |
 //!
 //! ```
 //! use moat::core::identity::{ApiKey, KeyExtractor};
@@ -17,3 +24,5 @@ pub use moat_core as core;
 pub use moat_core::{
     Caller, Decision, Decisions, Key, KeyExtractor, Rejection, RequestBody, ResponseBody,
 };
+#[cfg(feature = "ratelimit")]
+pub use moat_ratelimit as ratelimit;

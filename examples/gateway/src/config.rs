@@ -4,9 +4,13 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
 
+use moat::core::identity::{CallerResolver, Fingerprinter};
+use moat::ratelimit::RateLimitLayer;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
+
+use crate::limits::{self, IdentityConfig, RateLimitConfig};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -23,6 +27,12 @@ pub struct Config {
     /// Largest request body accepted, in bytes.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// How callers are told apart.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// Request, token and concurrency limits.
+    #[serde(default)]
+    pub ratelimit: RateLimitConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -121,6 +131,12 @@ pub struct Resolved {
     pub upstream_api_key: Option<String>,
     /// The virtual keys.
     pub keys: Vec<ResolvedKey>,
+    /// Identifies callers for every layer.
+    pub resolver: CallerResolver,
+    /// Fingerprints API keys.
+    pub fingerprinter: Fingerprinter,
+    /// The rate-limit layer, when rules are configured.
+    pub ratelimit: Option<RateLimitLayer>,
 }
 
 fn line_of(source: &str, span: Range<usize>) -> usize {
@@ -213,10 +229,26 @@ impl Config {
                 entry: entry.clone(),
             });
         }
+        let limits_error = |e: limits::LimitsError| ConfigError {
+            line: e.span.map(|span| line_of(source, span)),
+            message: e.message,
+        };
+        let (resolver, fingerprinter) =
+            limits::resolver(&config.identity, &env).map_err(limits_error)?;
+        let ratelimit = limits::layer(
+            &config.ratelimit,
+            &config.identity,
+            resolver.clone(),
+            &fingerprinter,
+        )
+        .map_err(limits_error)?;
         Ok(Resolved {
             config,
             upstream_api_key,
             keys,
+            resolver,
+            fingerprinter,
+            ratelimit,
         })
     }
 }
@@ -270,6 +302,43 @@ key_sha256 = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"
             <[u8; 32]>::from(Sha256::digest(b"sk-moat-alice"))
         );
         assert_eq!(resolved.keys[0].entry.tier.as_deref(), Some("free"));
+    }
+
+    #[test]
+    fn ratelimit_rules_build_a_layer_and_bad_ones_name_their_line() {
+        let base = "[upstream]\nbase_url = \"http://x/v1\"\n";
+        let good = format!("{base}[ratelimit]\nstore = \"memory\"\n[[ratelimit.rules]]\nname = \"per-key\"\nkey = \"api_key\"\nlimits = [\"5/minute\", \"100/day\"]\ntokens = [\"20000/minute\"]\ntiers = [\"free\"]\n[[ratelimit.rules]]\nname = \"by-header\"\nkey = \"header:x-user\"\nlimits = [\"1/second\"]\nmode = \"shadow\"\n");
+        assert!(Config::resolve(&good, no_env).unwrap().ratelimit.is_some());
+        assert!(Config::resolve(base, no_env).unwrap().ratelimit.is_none());
+
+        let bad_limit = format!(
+            "{base}[[ratelimit.rules]]\nname = \"r\"\nkey = \"ip\"\nlimits = [\"5/fortnight\"]\n"
+        );
+        let e = Config::resolve(&bad_limit, no_env).unwrap_err();
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.message.contains("5/fortnight"), "{e}");
+
+        let bad_key = format!(
+            "{base}[[ratelimit.rules]]\nname = \"r\"\nkey = \"user\"\nlimits = [\"5/minute\"]\n"
+        );
+        let e = Config::resolve(&bad_key, no_env).unwrap_err();
+        assert_eq!(e.line, Some(5));
+        assert!(e.message.contains("unknown key `user`"), "{e}");
+
+        let no_limits = format!("{base}[[ratelimit.rules]]\nname = \"empty\"\nkey = \"ip\"\n");
+        let e = Config::resolve(&no_limits, no_env).unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("no limits"), "{e}");
+
+        let redis_no_url = format!("{base}[ratelimit]\nstore = \"redis\"\n[[ratelimit.rules]]\nname = \"r\"\nkey = \"ip\"\nlimits = [\"1/second\"]\n");
+        assert!(Config::resolve(&redis_no_url, no_env)
+            .unwrap_err()
+            .message
+            .contains("redis_url"));
+
+        let proxies =
+            format!("{base}[identity]\ntrusted_proxies = [\"10.0.0.0/8\", \"not-a-net\"]\n");
+        assert_eq!(Config::resolve(&proxies, no_env).unwrap_err().line, Some(4));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod limits;
 mod proxy;
 
 use std::collections::HashMap;
@@ -48,8 +49,7 @@ struct Auth {
 }
 
 impl Auth {
-    fn new(keys: &[ResolvedKey]) -> Self {
-        let fingerprinter = Fingerprinter::default();
+    fn new(keys: &[ResolvedKey], resolver: CallerResolver, fingerprinter: Fingerprinter) -> Self {
         let keys = keys
             .iter()
             .map(|k| {
@@ -65,7 +65,7 @@ impl Auth {
             .collect();
         Self {
             keys,
-            resolver: CallerResolver::new(fingerprinter.clone(), Default::default()),
+            resolver,
             fingerprinter,
         }
     }
@@ -114,16 +114,24 @@ async fn not_found(request: Request) -> Response {
 /// The gateway's router for a resolved configuration.
 pub fn app(resolved: &Resolved) -> Router {
     let upstream = Arc::new(Upstream::new(resolved));
-    let auth = Arc::new(Auth::new(&resolved.keys));
-    let api = Router::new()
+    let auth = Arc::new(Auth::new(
+        &resolved.keys,
+        resolved.resolver.clone(),
+        resolved.fingerprinter.clone(),
+    ));
+    let mut api = Router::new()
         .route("/v1/chat/completions", post(proxy::forward))
         .route("/v1/completions", post(proxy::forward))
         .route("/v1/responses", post(proxy::forward))
         .route("/v1/embeddings", post(proxy::forward))
         .route("/v1/messages", post(proxy::forward))
         .route("/v1/models", get(proxy::forward))
-        .with_state(upstream)
-        .layer(middleware::from_fn_with_state(auth, authenticate));
+        .with_state(upstream);
+    // Layers run outermost last-added: authentication, then the protection layers.
+    if let Some(ratelimit) = &resolved.ratelimit {
+        api = api.layer(ratelimit.clone());
+    }
+    let api = api.layer(middleware::from_fn_with_state(auth, authenticate));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .merge(api)
@@ -173,9 +181,19 @@ pub mod demo {
     use super::config::Config;
     use super::config::Resolved;
 
+    /// The demo's rate limits: per caller (API key, else IP), requests and tokens.
+    pub const LIMITS: &str = r#"
+[[ratelimit.rules]]
+name = "per-caller"
+key = "api_key"
+limits = ["60/minute"]
+tokens = ["200000/minute"]
+"#;
+
     /// The demo's configuration in front of a mock upstream at `mock_url` (without `/v1`).
     pub fn config(mock_url: &str, listen: std::net::SocketAddr) -> Resolved {
-        let source = format!("listen = \"{listen}\"\n[upstream]\nbase_url = \"{mock_url}/v1\"\n");
+        let source =
+            format!("listen = \"{listen}\"\n[upstream]\nbase_url = \"{mock_url}/v1\"\n{LIMITS}");
         Config::resolve(&source, |_| None).expect("the demo configuration is valid")
     }
 }

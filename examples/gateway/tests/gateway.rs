@@ -474,3 +474,161 @@ fn send_sigterm(pid: i32) -> i32 {
         .status()
         .map_or(-1, |s| s.code().unwrap_or(-1))
 }
+
+fn tiered_config(mock: &MockUpstream) -> String {
+    format!(
+        r#"[upstream]
+base_url = "{}/v1"
+
+[[keys]]
+id = "alice"
+key = "sk-moat-alice"
+tier = "free"
+
+[[keys]]
+id = "bob"
+key = "sk-moat-bob"
+tier = "paid"
+
+[[ratelimit.rules]]
+name = "free-per-key"
+key = "api_key"
+limits = ["2/minute"]
+tiers = ["free"]
+
+[[ratelimit.rules]]
+name = "paid-per-key"
+key = "api_key"
+limits = ["100/minute"]
+tiers = ["paid"]
+"#,
+        mock.url()
+    )
+}
+
+#[tokio::test]
+async fn rate_limits_follow_the_virtual_keys_tier() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = start(&tiered_config(&mock), &[]).await;
+    let alice = [("authorization", "Bearer sk-moat-alice")];
+    let bob = [("authorization", "Bearer sk-moat-bob")];
+    for _ in 0..2 {
+        let ok = call(
+            &gw.url,
+            "POST",
+            "/v1/chat/completions",
+            &alice,
+            Some(chat("hi", false)),
+        )
+        .await;
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.headers["x-ratelimit-limit-requests"], "2");
+    }
+    let limited = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &alice,
+        Some(chat("hi", false)),
+    )
+    .await;
+    assert_eq!(limited.status, 429);
+    assert!(
+        limited.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert!(limited.headers.contains_key("retry-after-ms"));
+    assert_eq!(limited.json()["error"]["type"], "rate_limit_exceeded");
+    assert_eq!(
+        mock.requests().len(),
+        2,
+        "the refused request never reached the upstream"
+    );
+    for _ in 0..10 {
+        let ok = call(
+            &gw.url,
+            "POST",
+            "/v1/chat/completions",
+            &bob,
+            Some(chat("hi", false)),
+        )
+        .await;
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.headers["x-ratelimit-limit-requests"], "100");
+    }
+    assert_eq!(
+        call(&gw.url, "GET", "/healthz", &[], None).await.status,
+        200,
+        "health checks are never limited"
+    );
+}
+
+#[tokio::test]
+async fn token_rates_settle_from_the_upstreams_usage() {
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "[upstream]\nbase_url = \"{}/v1\"\n[[ratelimit.rules]]\nname = \"tpm\"\nkey = \"ip\"\ntokens = [\"10000/minute\"]\n",
+        mock.url()
+    );
+    let gw = start(&config, &[]).await;
+    let body = json!({"model": "m", "max_tokens": 300, "messages": [{"role": "user", "content": "count my tokens please"}]});
+    let first = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(body.clone()),
+    )
+    .await;
+    let r1: u64 = first.headers["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let used = first.json()["usage"]["total_tokens"].as_u64().unwrap();
+    let second = call(&gw.url, "POST", "/v1/chat/completions", &[], Some(body)).await;
+    let r2: u64 = second.headers["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(r1 <= 10_000 - 300, "the estimate includes max_tokens");
+    assert_eq!(
+        r2,
+        r1 - used,
+        "the first request was settled to its real usage"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_one_redis_enforce_one_limit() {
+    let redis = moat_testkit::redis::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "[upstream]\nbase_url = \"{}/v1\"\n[ratelimit]\nstore = \"redis\"\nredis_url = \"{}\"\n[[ratelimit.rules]]\nname = \"shared\"\nkey = \"global\"\nlimits = [\"5/hour\"]\n",
+        mock.url(),
+        redis.url()
+    );
+    let a = start(&config, &[]).await;
+    let b = start(&config, &[]).await;
+    let mut ok = 0;
+    for i in 0..12 {
+        let url = if i % 2 == 0 { &a.url } else { &b.url };
+        let reply = call(
+            url,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            Some(chat("x", false)),
+        )
+        .await;
+        assert!(reply.status == 200 || reply.status == 429);
+        ok += usize::from(reply.status == 200);
+    }
+    assert_eq!(ok, 5);
+    assert_eq!(mock.requests().len(), 5);
+}
