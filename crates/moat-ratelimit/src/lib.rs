@@ -64,6 +64,7 @@
 #![forbid(unsafe_code)]
 
 mod headers;
+mod keyed;
 mod limit;
 mod limiter;
 mod memory;
@@ -74,6 +75,7 @@ mod service;
 mod spike;
 
 pub use headers::Headers;
+pub use keyed::{Denied, KeyedLimiter};
 pub use limit::{Limit, ParseLimitError};
 pub use limiter::{Admission, Settle};
 #[cfg(feature = "redis")]

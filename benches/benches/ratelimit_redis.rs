@@ -1,0 +1,95 @@
+//! Redis-backed decisions per second and latency percentiles with concurrent clients, against
+//! a private redis-server on loopback, through `RateLimitLayer`.
+//!
+//! Run: `cargo bench -p moat-benches --bench ratelimit_redis`
+
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use moat_core::body::RequestBody;
+use moat_core::identity::{PeerAddr, PeerIp};
+use moat_ratelimit::{Headers, Limit, OnStoreError, RateLimitLayer, RedisStore, Rule};
+use moat_testkit::redis::RedisServer;
+use tower::{ServiceBuilder, ServiceExt};
+
+const PER_LEVEL: usize = 20_000;
+
+fn main() {
+    let redis = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("redis decisions through RateLimitLayer ({PER_LEVEL} requests per row, 1,000 keys)");
+    println!("| concurrent clients | decisions/s | p50 | p99 |");
+    println!("|---|---|---|---|");
+    for clients in [1usize, 8, 32, 128] {
+        let store = RedisStore::open(&redis.url())
+            .unwrap()
+            .with_on_error(OnStoreError::FailClosed)
+            .with_timeout(Duration::from_secs(2));
+        let layer = RateLimitLayer::new(
+            Rule::new("bench", PeerIp)
+                .limit(Limit::new(u64::from(u32::MAX), Duration::from_secs(1)).unwrap()),
+        )
+        .with_headers(Headers::NONE)
+        .with_redis(store);
+        let inner = tower::service_fn(|_req: Request<RequestBody<Full<Bytes>>>| async {
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+        });
+        let service = ServiceBuilder::new().layer(layer).service(inner);
+        let (elapsed, mut latencies) = runtime.block_on(async move {
+            // Warm up the connection and script cache.
+            for i in 0..100u32 {
+                let _ = service.clone().oneshot(request(i)).await;
+            }
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..clients)
+                .map(|c| {
+                    let service = service.clone();
+                    tokio::spawn(async move {
+                        let mut latencies = Vec::with_capacity(PER_LEVEL / clients);
+                        for i in 0..PER_LEVEL / clients {
+                            let req = request(u32::try_from((c * 7919 + i) % 1000).unwrap());
+                            let t = Instant::now();
+                            let response = service.clone().oneshot(req).await.unwrap();
+                            assert_eq!(response.status(), 200);
+                            latencies.push(t.elapsed());
+                        }
+                        latencies
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(PER_LEVEL);
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            (start.elapsed(), all)
+        });
+        latencies.sort_unstable();
+        let pct =
+            |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+        println!(
+            "| {clients} | {:.0} | {:?} | {:?} |",
+            latencies.len() as f64 / elapsed.as_secs_f64(),
+            pct(0.50),
+            pct(0.99)
+        );
+    }
+}
+
+fn request(i: u32) -> Request<Full<Bytes>> {
+    let mut req = Request::post("/v1/chat/completions")
+        .body(Full::default())
+        .unwrap();
+    req.extensions_mut().insert(PeerAddr(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::from(0x0A00_0000 + i)),
+        1,
+    )));
+    req
+}
