@@ -336,6 +336,9 @@ impl<A: KeyExtractor, B: KeyExtractor> KeyExtractor for (A, B) {
     }
 }
 
+/// `x-api-key`, pre-parsed: looking a header up by `&str` parses the name every time.
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 /// The presented API key: `Authorization: Bearer …`, else `x-api-key`.
 pub fn presented_api_key(headers: &http::HeaderMap) -> Option<&str> {
     if let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
@@ -348,7 +351,7 @@ pub fn presented_api_key(headers: &http::HeaderMap) -> Option<&str> {
         }
     }
     headers
-        .get("x-api-key")
+        .get(&X_API_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())

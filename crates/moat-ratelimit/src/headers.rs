@@ -104,16 +104,24 @@ pub(crate) fn write(
     tokens: Option<Binding>,
 ) {
     if which.openai {
-        for (kind, binding) in [("requests", requests), ("tokens", tokens)] {
+        const NAMES: [[&str; 3]; 2] = [
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ];
+        for (names, binding) in NAMES.iter().zip([requests, tokens]) {
             let Some(b) = binding else { continue };
-            let name = |what: &str| {
-                HeaderName::from_bytes(format!("x-ratelimit-{what}-{kind}").as_bytes())
-                    .expect("valid header name")
-            };
-            headers.insert(name("limit"), number(b.limit));
-            headers.insert(name("remaining"), number(b.remaining));
+            headers.insert(HeaderName::from_static(names[0]), number(b.limit));
+            headers.insert(HeaderName::from_static(names[1]), number(b.remaining));
             if let Ok(reset) = HeaderValue::from_str(&duration_string(b.reset)) {
-                headers.insert(name("reset"), reset);
+                headers.insert(HeaderName::from_static(names[2]), reset);
             }
         }
     }

@@ -317,10 +317,14 @@ impl Limiter {
     }
 
     fn admit(self: &Arc<Self>, tally: Tally, facts: Option<&BodyFacts>) -> Verdict {
-        let Tally { mut held, bindings } = tally;
-        held.retain(|h| {
-            h.in_flight || (h.tokens > 0 && !self.rules[h.rule].token_cells().is_empty())
-        });
+        let Tally { held, bindings } = tally;
+        // Keep only what needs settling when the body ends.
+        let held: Vec<Held> = held
+            .into_iter()
+            .filter(|h| {
+                h.in_flight || (h.tokens > 0 && !self.rules[h.rule].token_cells().is_empty())
+            })
+            .collect();
         let admission = (!held.is_empty()).then(|| Admission {
             limiter: self.clone(),
             held,
@@ -384,7 +388,7 @@ impl Limiter {
             if let Some(denial) =
                 self.conclude(head, &step, verdict, &snapshots[..n], false, &mut tally)
             {
-                for h in tally.held {
+                for h in tally.held.into_iter() {
                     self.undo_local(h, now);
                 }
                 return Verdict::Deny(denial);
@@ -474,15 +478,16 @@ impl Limiter {
                     &mut scratch[..n],
                 ) == Acquire::Busy
                 {
-                    let undo = Held {
+                    let mut undo = HeldList::default();
+                    undo.push(Held {
                         rule: step.index,
                         id: step.id,
                         key: step.key,
                         tokens: token_cost,
                         in_flight: false,
                         remote: true,
-                    };
-                    self.undo_all(vec![undo], now).await;
+                    });
+                    self.undo_all(undo, now).await;
                     verdict = Acquire::Busy;
                 }
             }
@@ -510,8 +515,8 @@ impl Limiter {
     }
 
     #[cfg(feature = "redis")]
-    async fn undo_all(&self, held: Vec<Held>, now: u64) {
-        for h in held {
+    async fn undo_all(&self, held: HeldList, now: u64) {
+        for h in held.into_iter() {
             if h.remote {
                 if let Some(redis) = &self.config.redis {
                     let state = &self.rules[h.rule];
@@ -713,8 +718,28 @@ impl Limiter {
 /// What the rules admitted so far: charges to keep or undo, and the tightest limits.
 #[derive(Default)]
 struct Tally {
-    held: Vec<Held>,
+    held: HeldList,
     bindings: Bindings,
+}
+
+/// Charges held by a request: the first few inline, so a typical admission allocates nothing.
+#[derive(Default)]
+struct HeldList {
+    inline: [Option<Held>; 4],
+    spill: Vec<Held>,
+}
+
+impl HeldList {
+    fn push(&mut self, held: Held) {
+        match self.inline.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => *slot = Some(held),
+            None => self.spill.push(held),
+        }
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = Held> {
+        self.inline.into_iter().flatten().chain(self.spill)
+    }
 }
 
 /// One applicable rule of a request.
