@@ -126,15 +126,17 @@ pub enum LlmBody<B> {
         /// The shared parsed request, also in the request extensions.
         llm: SharedLlmRequest,
     },
-    /// Not JSON by its `content-type`: handed on unread.
-    NotJson(http::Request<RequestBody<B>>),
+    /// Not an LLM request body: a method without one (`GET`, `HEAD`), a `content-type` that is
+    /// not JSON (handed on unread), or an empty body.
+    Unparsed(http::Request<RequestBody<B>>),
 }
 
 /// Reads and parses an LLM request body once per request.
 ///
-/// If an outer layer already did, returns its [`SharedLlmRequest`] and the body untouched. A body
-/// whose `content-type` is present and not JSON is left unread. Otherwise the body is buffered under
-/// `limit` (413 past it) and parsed (400 when malformed).
+/// If an outer layer already did, returns its [`SharedLlmRequest`] and the body untouched.
+/// `GET` and `HEAD` requests, and bodies whose `content-type` is present and not JSON, are left
+/// unread. Otherwise the body is buffered under `limit` (413 past it) and, unless empty, parsed
+/// (400 when malformed).
 pub async fn read_llm_request<B>(
     request: http::Request<B>,
     limit: usize,
@@ -147,11 +149,16 @@ where
         let request = request.map(RequestBody::original);
         return Ok(LlmBody::Parsed { request, llm });
     }
-    if !is_json(request.headers()) {
-        return Ok(LlmBody::NotJson(request.map(RequestBody::original)));
+    let bodiless = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+    if bodiless || !is_json(request.headers()) {
+        return Ok(LlmBody::Unparsed(request.map(RequestBody::original)));
     }
     let (mut parts, body) = request.into_parts();
     let buffered = buffer(body, limit).await?;
+    if buffered.data.is_empty() {
+        let body = RequestBody::full(buffered.data, buffered.trailers);
+        return Ok(LlmBody::Unparsed(http::Request::from_parts(parts, body)));
+    }
     let llm = LlmRequest::parse(buffered.data, parts.uri.path())?;
     let llm = SharedLlmRequest::new(llm);
     parts.extensions.insert(llm.clone());
@@ -374,8 +381,7 @@ mod tests {
     use http_body_util::{Full, StreamBody};
 
     fn json_request(body: &'static str) -> http::Request<Full<Bytes>> {
-        http::Request::builder()
-            .uri("/v1/chat/completions")
+        http::Request::post("/v1/chat/completions")
             .header("content-type", "application/json")
             .header("content-length", body.len())
             .body(Full::new(Bytes::from_static(body.as_bytes())))
@@ -480,7 +486,7 @@ mod tests {
             .header("content-type", "multipart/form-data; boundary=x")
             .body(Full::new(Bytes::from_static(b"--x--")))
             .unwrap();
-        let LlmBody::NotJson(request) = read_llm_request(request, 1).await.unwrap() else {
+        let LlmBody::Unparsed(request) = read_llm_request(request, 1).await.unwrap() else {
             panic!("multipart is not json");
         };
         assert_eq!(
@@ -493,6 +499,32 @@ mod tests {
             "application/vnd.api+json; charset=utf-8".parse().unwrap(),
         );
         assert!(is_json(&h));
+    }
+
+    #[tokio::test]
+    async fn requests_without_a_body_are_not_parsed() {
+        let get = http::Request::get("/v1/models")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert!(matches!(
+            read_llm_request(get, 1024).await.unwrap(),
+            LlmBody::Unparsed(_)
+        ));
+        let empty_post = http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let LlmBody::Unparsed(request) = read_llm_request(empty_post, 1024).await.unwrap() else {
+            panic!("an empty body has nothing to parse");
+        };
+        assert!(request
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .is_empty());
     }
 
     #[tokio::test]

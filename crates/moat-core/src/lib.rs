@@ -8,6 +8,8 @@
 //! - [`llm`]: a view over OpenAI and Anthropic request bodies: text segments with role and
 //!   provenance, editable in place.
 //! - [`sse`]: an incremental Server-Sent Events decoder and per-choice text deltas.
+//! - [`tokens`]: prompt token counts before the call (tiktoken for OpenAI models, feature
+//!   `tiktoken`).
 //! - [`usage`]: token usage in every provider's shape, and a body that reports it exactly once.
 //! - [`body`]: capped buffering, JSON parsing with clear 400s/413s, and the bodies layers hand on.
 //! - [`reject`]: [`Rejection`](reject::Rejection), rendered as an OpenAI-style JSON error or a
@@ -61,6 +63,7 @@ pub mod identity;
 pub mod llm;
 pub mod reject;
 pub mod sse;
+pub mod tokens;
 pub mod usage;
 
 pub use body::{RequestBody, ResponseBody};

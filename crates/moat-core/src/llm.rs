@@ -373,16 +373,6 @@ impl LlmRequest {
         true
     }
 
-    /// A quick upper estimate of the prompt's tokens without a tokenizer: one token per 3 bytes
-    /// of text (real BPE tokenizers average about 4 on English), plus 4 per segment for role and
-    /// framing. Limits charge it before the call and settle from the provider's real `usage`.
-    pub fn estimate_input_tokens(&self) -> u64 {
-        self.texts()
-            .map(|(_, text)| (text.len() as u64).div_ceil(3) + 4)
-            .sum::<u64>()
-            .max(1)
-    }
-
     /// Whether anything was changed since parsing.
     pub fn is_modified(&self) -> bool {
         self.dirty
@@ -1029,21 +1019,6 @@ mod tests {
         assert_eq!(
             WireFormat::detect("/custom", &json!({"x": 1})),
             WireFormat::Unknown
-        );
-    }
-
-    #[test]
-    fn input_token_estimate_is_an_upper_bound_of_bytes_over_four() {
-        let text = "word ".repeat(200);
-        let r = parse(
-            "/v1/chat/completions",
-            &json!({"messages": [{"role": "user", "content": text}]}),
-        );
-        assert_eq!(r.estimate_input_tokens(), 1000_u64.div_ceil(3) + 4);
-        assert!(r.estimate_input_tokens() >= 1000 / 4);
-        assert_eq!(
-            parse("/v1/chat/completions", &json!({"messages": []})).estimate_input_tokens(),
-            1
         );
     }
 

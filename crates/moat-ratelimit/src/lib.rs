@@ -33,8 +33,8 @@
 //! - Limits are GCRA (see [`Limit`]): capacity comes back continuously, never in window jumps.
 //! - Every rule that applies must admit a request, and a denial leaves no rule charged.
 //! - A request without what a rule keys by (no API key, say) is keyed by its client IP instead.
-//! - Token rates charge an estimate on admission (prompt estimate plus `max_tokens`, or the
-//!   completion reserve) and settle from the response's `usage` when its body ends: a refund
+//! - Token rates charge an estimate on admission (the prompt counted by
+//!   [`moat_core::tokens::estimate_input`] plus `max_tokens`, or the completion reserve) and settle from the response's `usage` when its body ends: a refund
 //!   when it used less, debt when it used more. A stream cut short is charged the prompt and
 //!   what was streamed. A request that needs more tokens than a limit's burst is refused at
 //!   once with `x-should-retry: false`.

@@ -358,7 +358,7 @@ where
                     Ok(LlmBody::Parsed { request, llm }) => {
                         let facts = llm.with(|r| BodyFacts {
                             model: r.model().map(str::to_owned),
-                            input: r.estimate_input_tokens(),
+                            input: moat_core::tokens::estimate_input(r).tokens,
                             reserve: r
                                 .max_output_tokens()
                                 .unwrap_or(limiter.config.completion_reserve),
@@ -366,7 +366,7 @@ where
                         });
                         (request, facts)
                     }
-                    Ok(LlmBody::NotJson(request)) => (request, BodyFacts::default()),
+                    Ok(LlmBody::Unparsed(request)) => (request, BodyFacts::default()),
                     Err(rejection) => {
                         return Ok(denied(
                             rejection.with_layer("ratelimit").into_response(protocol),
