@@ -1,0 +1,338 @@
+//! A budget: whose usage, over what period, capped at what.
+
+use std::fmt;
+use std::sync::Arc;
+
+use moat_core::identity::{Caller, KeyExtractor};
+use serde::Serialize;
+
+use crate::money::Usd;
+use crate::period::Period;
+
+/// Enforce a budget, or only decide and record (shadow mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Mode {
+    /// Refuse requests that do not fit.
+    #[default]
+    Enforce,
+    /// Count and record what would be refused, but let it through.
+    Shadow,
+}
+
+/// Amounts of usage: tokens and money.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Amounts {
+    /// Prompt tokens (cached ones only when the budget counts them).
+    pub input_tokens: u64,
+    /// Generated tokens.
+    pub output_tokens: u64,
+    /// Input plus output.
+    pub tokens: u64,
+    /// Spend.
+    pub usd: Usd,
+}
+
+impl Amounts {
+    /// Input and output tokens and their cost.
+    pub fn new(input_tokens: u64, output_tokens: u64, usd: Usd) -> Self {
+        Self {
+            input_tokens,
+            output_tokens,
+            tokens: input_tokens.saturating_add(output_tokens),
+            usd,
+        }
+    }
+
+    pub(crate) fn add(self, o: Amounts) -> Amounts {
+        Amounts {
+            input_tokens: self.input_tokens.saturating_add(o.input_tokens),
+            output_tokens: self.output_tokens.saturating_add(o.output_tokens),
+            tokens: self.tokens.saturating_add(o.tokens),
+            usd: self.usd.saturating_add(o.usd),
+        }
+    }
+
+    /// This amount scaled by `ppm` millionths (the part of a past rolling bucket that still counts).
+    pub(crate) fn scaled(self, ppm: u64) -> Amounts {
+        let s =
+            |v: u64| u64::try_from(u128::from(v) * u128::from(ppm) / 1_000_000).unwrap_or(u64::MAX);
+        Amounts {
+            input_tokens: s(self.input_tokens),
+            output_tokens: s(self.output_tokens),
+            tokens: s(self.tokens),
+            usd: Usd::from_micros(s(self.usd.micros())),
+        }
+    }
+}
+
+/// The caps of a budget; `None` is uncapped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Total tokens.
+    pub tokens: Option<u64>,
+    /// Prompt tokens.
+    pub input_tokens: Option<u64>,
+    /// Generated tokens.
+    pub output_tokens: Option<u64>,
+    /// Spend.
+    pub usd: Option<Usd>,
+}
+
+/// Which cap a request would break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dimension {
+    Tokens,
+    InputTokens,
+    OutputTokens,
+    Usd,
+}
+
+/// One cap: which, how much, and how to read it from amounts.
+type Cap = (Dimension, Option<u64>, fn(&Amounts) -> u64);
+
+impl Limits {
+    fn caps(&self) -> [Cap; 4] {
+        [
+            (Dimension::Tokens, self.tokens, |a| a.tokens),
+            (Dimension::InputTokens, self.input_tokens, |a| {
+                a.input_tokens
+            }),
+            (Dimension::OutputTokens, self.output_tokens, |a| {
+                a.output_tokens
+            }),
+            (Dimension::Usd, self.usd.map(Usd::micros), |a| {
+                a.usd.micros()
+            }),
+        ]
+    }
+
+    /// The first cap `committed + extra` breaks, with the committed amount and the cap.
+    pub(crate) fn breaks(
+        &self,
+        committed: &Amounts,
+        extra: &Amounts,
+    ) -> Option<(Dimension, u64, u64, u64)> {
+        self.caps().into_iter().find_map(|(dim, cap, get)| {
+            let cap = cap?;
+            let (have, need) = (get(committed), get(extra));
+            (have.saturating_add(need) > cap).then_some((dim, have, need, cap))
+        })
+    }
+
+    /// The largest share of any cap that `used` takes, in percent (rounded down).
+    pub(crate) fn percent_used(&self, used: &Amounts) -> u64 {
+        self.caps()
+            .into_iter()
+            .filter_map(|(_, cap, get)| cap.map(|cap| get(used).saturating_mul(100) / cap.max(1)))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// What is left of each cap after `committed`.
+    pub(crate) fn remaining(&self, committed: &Amounts) -> Amounts {
+        let left = |cap: Option<u64>, v: u64| cap.map_or(u64::MAX, |c| c.saturating_sub(v));
+        Amounts {
+            input_tokens: left(self.input_tokens, committed.input_tokens),
+            output_tokens: left(self.output_tokens, committed.output_tokens),
+            tokens: left(self.tokens, committed.tokens),
+            usd: Usd::from_micros(left(self.usd.map(Usd::micros), committed.usd.micros())),
+        }
+    }
+
+    pub(crate) fn has_usd(&self) -> bool {
+        self.usd.is_some()
+    }
+
+    pub(crate) fn describe(&self, dim: Dimension) -> String {
+        match dim {
+            Dimension::Tokens => format!("{} tokens", self.tokens.unwrap_or_default()),
+            Dimension::InputTokens => {
+                format!("{} input tokens", self.input_tokens.unwrap_or_default())
+            }
+            Dimension::OutputTokens => {
+                format!("{} output tokens", self.output_tokens.unwrap_or_default())
+            }
+            Dimension::Usd => self.usd.unwrap_or_default().to_string(),
+        }
+    }
+}
+
+/// A token or spend budget.
+///
+/// ```
+/// use moat_core::identity::{ApiKey, Tenant};
+/// use moat_quota::{Budget, Period, Usd};
+///
+/// let per_key = Budget::new("daily-tokens", ApiKey::default(), Period::Day).tokens(200_000);
+/// let per_tenant = Budget::new("monthly-spend", Tenant::default(), Period::Month)
+///     .usd("500.00".parse::<Usd>().unwrap());
+/// assert_eq!(per_key.name(), "daily-tokens");
+/// # let _ = per_tenant;
+/// ```
+#[derive(Clone)]
+pub struct Budget {
+    pub(crate) name: Arc<str>,
+    pub(crate) key: Arc<dyn KeyExtractor>,
+    pub(crate) period: Period,
+    pub(crate) limits: Limits,
+    pub(crate) count_cached: bool,
+    pub(crate) models: Vec<String>,
+    pub(crate) tiers: Vec<String>,
+    pub(crate) mode: Mode,
+}
+
+impl fmt::Debug for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Budget")
+            .field("name", &self.name)
+            .field("key", &self.key)
+            .field("period", &self.period)
+            .field("limits", &self.limits)
+            .field("count_cached", &self.count_cached)
+            .field("models", &self.models)
+            .field("tiers", &self.tiers)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl Budget {
+    /// A budget named `name`, per `key` (API key, tenant, global, model, or a pair), over
+    /// `period`. Cap it with [`tokens`](Self::tokens), [`usd`](Self::usd) and friends.
+    pub fn new(name: impl Into<Arc<str>>, key: impl KeyExtractor, period: Period) -> Self {
+        Self {
+            name: name.into(),
+            key: Arc::new(key),
+            period,
+            limits: Limits::default(),
+            count_cached: true,
+            models: Vec::new(),
+            tiers: Vec::new(),
+            mode: Mode::Enforce,
+        }
+    }
+
+    /// The budget's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Caps total tokens.
+    #[must_use]
+    pub fn tokens(mut self, tokens: u64) -> Self {
+        self.limits.tokens = Some(tokens);
+        self
+    }
+
+    /// Caps prompt tokens.
+    #[must_use]
+    pub fn input_tokens(mut self, tokens: u64) -> Self {
+        self.limits.input_tokens = Some(tokens);
+        self
+    }
+
+    /// Caps generated tokens.
+    #[must_use]
+    pub fn output_tokens(mut self, tokens: u64) -> Self {
+        self.limits.output_tokens = Some(tokens);
+        self
+    }
+
+    /// Caps spend (needs prices for the models used).
+    #[must_use]
+    pub fn usd(mut self, usd: Usd) -> Self {
+        self.limits.usd = Some(usd);
+        self
+    }
+
+    /// Whether prompt tokens served from the provider's cache count against token caps
+    /// (default yes; spend always uses the cached price).
+    #[must_use]
+    pub fn count_cached(mut self, count: bool) -> Self {
+        self.count_cached = count;
+        self
+    }
+
+    /// Applies only to this model (`prefix*` for a family). May be repeated.
+    #[must_use]
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.models.push(model.into());
+        self
+    }
+
+    /// Applies only to callers of this tier. May be repeated.
+    #[must_use]
+    pub fn tier(mut self, tier: impl Into<String>) -> Self {
+        self.tiers.push(tier.into());
+        self
+    }
+
+    /// Decides and records, but lets everything through.
+    #[must_use]
+    pub fn shadow(mut self) -> Self {
+        self.mode = Mode::Shadow;
+        self
+    }
+
+    /// Sets the mode.
+    #[must_use]
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    pub(crate) fn applies(&self, model: Option<&str>, caller: &Caller) -> bool {
+        let model_ok = self.models.is_empty()
+            || model.is_some_and(|model| {
+                self.models.iter().any(|m| match m.strip_suffix('*') {
+                    Some(prefix) => model.starts_with(prefix),
+                    None => m == model,
+                })
+            });
+        let tier_ok = self.tiers.is_empty()
+            || caller
+                .tier
+                .as_deref()
+                .is_some_and(|t| self.tiers.iter().any(|x| x == t));
+        model_ok && tier_ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_checks_and_shares() {
+        let limits = Limits {
+            tokens: Some(1000),
+            usd: Some(Usd::from_micros(500)),
+            ..Limits::default()
+        };
+        let used = Amounts::new(300, 400, Usd::from_micros(100));
+        assert_eq!(
+            limits.breaks(&used, &Amounts::new(100, 100, Usd::ZERO)),
+            None
+        );
+        assert_eq!(
+            limits.breaks(&used, &Amounts::new(200, 101, Usd::ZERO)),
+            Some((Dimension::Tokens, 700, 301, 1000))
+        );
+        assert_eq!(
+            limits
+                .breaks(&used, &Amounts::new(0, 0, Usd::from_micros(401)))
+                .map(|b| b.0),
+            Some(Dimension::Usd)
+        );
+        assert_eq!(limits.percent_used(&used), 70);
+        assert_eq!(limits.remaining(&used).tokens, 300);
+        assert_eq!(limits.remaining(&used).input_tokens, u64::MAX);
+        assert_eq!(
+            Amounts::new(100, 100, Usd::from_micros(10)).scaled(250_000),
+            Amounts::new(25, 25, Usd::from_micros(2))
+        );
+    }
+}

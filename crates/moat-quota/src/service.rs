@@ -1,0 +1,752 @@
+//! [`QuotaLayer`], [`Quota`], [`QuotaHandle`] and the settlement of reservations.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use jiff::tz::TimeZone;
+use moat_core::body::{read_llm_request, LlmBody, RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
+use moat_core::clock::{self, SharedClock};
+use moat_core::decision::{Decision, Decisions, Outcome};
+use moat_core::identity::{Caller, CallerResolver, RequestHead};
+use moat_core::llm::WireFormat;
+use moat_core::reject::{Protocol, Rejection};
+use moat_core::usage::{BodyOutcome, OnUsage, UsageBody, UsageReport};
+use moat_core::{Key, KeyExtractor};
+use serde::Serialize;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::alert::{AlertSink, BudgetAlert, TracingAlerts};
+use crate::budget::{Amounts, Budget, Limits, Mode};
+use crate::money::{Price, PriceTable, Usd};
+use crate::store::{Claim, MemoryStore, Refusal, Ticket};
+use crate::strip::StripUsageChunk;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The response body of a service behind [`QuotaLayer`].
+pub type QuotaBody<B> = StripUsageChunk<UsageBody<ResponseBody<B>, Settlement>>;
+
+#[derive(Clone)]
+struct Config {
+    budgets: Vec<Budget>,
+    prices: PriceTable,
+    clock: SharedClock,
+    tz: TimeZone,
+    completion_reserve: u64,
+    cap_max_tokens: bool,
+    reservation_ttl: Duration,
+    thresholds: Vec<u64>,
+    alerts: Arc<dyn AlertSink>,
+    body_limit: usize,
+    resolver: CallerResolver,
+    max_keys: usize,
+    headers: bool,
+}
+
+struct Inner {
+    config: Config,
+    store: MemoryStore,
+}
+
+impl Inner {
+    fn now(&self) -> u64 {
+        u64::try_from(self.config.clock.now().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn wall(&self) -> SystemTime {
+        self.config.clock.wall()
+    }
+
+    /// Whose budget: the budget's key, else the client IP, else everyone.
+    fn key_of(&self, budget: &Budget, head: &RequestHead<'_>, caller: &Caller) -> Key {
+        budget
+            .key
+            .extract(head)
+            .ok()
+            .or_else(|| caller.ip.map(Key::ip))
+            .unwrap_or(Key::GLOBAL)
+    }
+}
+
+/// Token and spend budgets for a service. Clones share one state.
+#[derive(Clone)]
+#[must_use]
+pub struct QuotaLayer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for QuotaLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuotaLayer")
+            .field("budgets", &self.inner.config.budgets)
+            .field("completion_reserve", &self.inner.config.completion_reserve)
+            .finish()
+    }
+}
+
+fn rfc3339(secs: i64) -> String {
+    jiff::Timestamp::from_second(secs).map_or_else(|_| secs.to_string(), |t| t.to_string())
+}
+
+impl QuotaLayer {
+    /// A layer enforcing `budget`.
+    pub fn new(budget: Budget) -> Self {
+        Self::from_config(Config {
+            budgets: vec![budget],
+            prices: PriceTable::new(),
+            clock: clock::system(),
+            tz: TimeZone::UTC,
+            completion_reserve: 4096,
+            cap_max_tokens: false,
+            reservation_ttl: Duration::from_secs(600),
+            thresholds: vec![50, 80, 100],
+            alerts: Arc::new(TracingAlerts),
+            body_limit: DEFAULT_BODY_LIMIT,
+            resolver: CallerResolver::default(),
+            max_keys: 1_000_000,
+            headers: true,
+        })
+    }
+
+    fn from_config(config: Config) -> Self {
+        let store = MemoryStore::new(config.budgets.clone(), config.tz.clone(), config.max_keys);
+        Self {
+            inner: Arc::new(Inner { config, store }),
+        }
+    }
+
+    fn map(self, f: impl FnOnce(&mut Config)) -> Self {
+        let mut config = self.inner.config.clone();
+        f(&mut config);
+        Self::from_config(config)
+    }
+
+    /// Adds a budget; a request must fit every budget that applies to it, or none is charged.
+    pub fn budget(self, budget: Budget) -> Self {
+        self.map(|c| c.budgets.push(budget))
+    }
+
+    /// Prices for spend budgets.
+    pub fn with_prices(self, prices: PriceTable) -> Self {
+        self.map(|c| c.prices = prices)
+    }
+
+    /// Aligns days and months to this time zone (default UTC).
+    pub fn with_time_zone(self, tz: TimeZone) -> Self {
+        self.map(|c| c.tz = tz)
+    }
+
+    /// Reads time from `clock`.
+    pub fn with_clock(self, clock: SharedClock) -> Self {
+        self.map(|c| c.clock = clock)
+    }
+
+    /// Tokens reserved for the completion of a request that sets no `max_tokens` (default 4096).
+    pub fn with_completion_reserve(self, tokens: u64) -> Self {
+        self.map(|c| c.completion_reserve = tokens)
+    }
+
+    /// Writes the completion reserve into requests that set no `max_tokens`, so no response can
+    /// use more than was reserved (default off).
+    pub fn with_max_tokens_cap(self, on: bool) -> Self {
+        self.map(|c| c.cap_max_tokens = on)
+    }
+
+    /// How long a reservation holds budget if its request never settles (default 10 minutes).
+    pub fn with_reservation_ttl(self, ttl: Duration) -> Self {
+        self.map(|c| c.reservation_ttl = ttl)
+    }
+
+    /// Alert thresholds in percent of a budget (default 50, 80, 100).
+    pub fn with_thresholds(self, percents: impl IntoIterator<Item = u64>) -> Self {
+        let mut thresholds: Vec<u64> = percents.into_iter().collect();
+        thresholds.sort_unstable();
+        self.map(|c| c.thresholds = thresholds)
+    }
+
+    /// Where alerts go (default: a `tracing` warning).
+    pub fn with_alerts(self, sink: impl AlertSink) -> Self {
+        let sink: Arc<dyn AlertSink> = Arc::new(sink);
+        self.map(|c| c.alerts = sink)
+    }
+
+    /// The largest request body read (default 4 MiB; 413 past it).
+    pub fn with_body_limit(self, bytes: usize) -> Self {
+        self.map(|c| c.body_limit = bytes)
+    }
+
+    /// How callers are identified.
+    pub fn with_caller_resolver(self, resolver: CallerResolver) -> Self {
+        self.map(|c| c.resolver = resolver)
+    }
+
+    /// Caps the keys each budget keeps (default 1,000,000); idle keys are evicted first.
+    pub fn with_max_keys(self, max_keys: usize) -> Self {
+        self.map(|c| c.max_keys = max_keys.max(1))
+    }
+
+    /// Whether responses carry `x-moat-quota-*` headers (default on).
+    pub fn with_headers(self, on: bool) -> Self {
+        self.map(|c| c.headers = on)
+    }
+
+    /// A handle to read usage, sharing this layer's state.
+    pub fn handle(&self) -> QuotaHandle {
+        QuotaHandle {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S> Layer<S> for QuotaLayer {
+    type Service = Quota<S>;
+
+    fn layer(&self, inner: S) -> Quota<S> {
+        Quota {
+            inner,
+            quota: self.inner.clone(),
+        }
+    }
+}
+
+/// A service under token and spend budgets.
+#[derive(Clone)]
+pub struct Quota<S> {
+    inner: S,
+    quota: Arc<Inner>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Quota<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quota").field("inner", &self.inner).finish()
+    }
+}
+
+impl<S> Quota<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// The response future of [`Quota`].
+pub struct ResponseFuture<B, E> {
+    future: BoxFuture<Result<Response<QuotaBody<B>>, E>>,
+}
+
+impl<B, E> std::fmt::Debug for ResponseFuture<B, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResponseFuture { .. }")
+    }
+}
+
+impl<B, E> Future for ResponseFuture<B, E> {
+    type Output = Result<Response<QuotaBody<B>>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.future.as_mut().poll(cx)
+    }
+}
+
+/// What a request reserved, settled from its real usage when its response body ends.
+pub struct Settlement {
+    quota: Arc<Inner>,
+    tickets: Vec<Ticket>,
+    price: Option<Price>,
+    input_estimate: u64,
+    status: u16,
+    done: bool,
+}
+
+impl std::fmt::Debug for Settlement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settlement")
+            .field("tickets", &self.tickets.len())
+            .finish()
+    }
+}
+
+impl Settlement {
+    fn none(quota: Arc<Inner>) -> Self {
+        Self {
+            quota,
+            tickets: Vec::new(),
+            price: None,
+            input_estimate: 0,
+            status: 0,
+            done: true,
+        }
+    }
+
+    /// Uncached prompt tokens, cached prompt tokens and output tokens that were used.
+    fn used(&self, report: Option<&UsageReport>) -> (u64, u64, u64) {
+        match report {
+            Some(UsageReport { usage: Some(u), .. }) => {
+                let cached = u.cached_input_tokens.min(u.input_tokens);
+                (u.input_tokens - cached, cached, u.output_tokens)
+            }
+            // No usage: an error answer cost nothing; otherwise the prompt and what was streamed.
+            Some(r)
+                if self.status >= 400
+                    && r.streamed_text_bytes == 0
+                    && r.outcome == BodyOutcome::Completed =>
+            {
+                (0, 0, 0)
+            }
+            Some(r) => (self.input_estimate, 0, r.streamed_text_bytes.div_ceil(4)),
+            // Dropped before a response: the provider may have read the prompt.
+            None => (self.input_estimate, 0, 0),
+        }
+    }
+
+    fn settle(&mut self, report: Option<&UsageReport>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let (uncached, cached, output) = self.used(report);
+        let usd = self
+            .price
+            .map_or(Usd::ZERO, |p| p.cost(uncached, cached, output));
+        let wall = self.quota.wall();
+        for ticket in &self.tickets {
+            let budget = self.quota.store.budget(ticket.budget);
+            let input = if budget.count_cached {
+                uncached + cached
+            } else {
+                uncached
+            };
+            let used = Amounts::new(input, output, usd);
+            metrics::counter!("moat_quota_settled_total", "budget" => budget.name.to_string())
+                .increment(1);
+            if let Some(crossed) =
+                self.quota
+                    .store
+                    .settle(ticket, used, wall, &self.quota.config.thresholds)
+            {
+                metrics::counter!("moat_quota_alerts_total", "budget" => budget.name.to_string())
+                    .increment(1);
+                self.quota.config.alerts.alert(&BudgetAlert {
+                    budget: budget.name.to_string(),
+                    key: ticket.who.to_string(),
+                    percent: crossed.percent,
+                    used: crossed.used,
+                    limits: budget.limits,
+                    resets_at: rfc3339(crossed.resets),
+                });
+            }
+            let view = self
+                .quota
+                .store
+                .view(ticket.budget, ticket.key, wall, self.quota.now());
+            metrics::gauge!("moat_quota_used_percent", "budget" => budget.name.to_string())
+                .set(budget.limits.percent_used(&view.used) as f64);
+        }
+    }
+
+    /// The inner service failed: nothing reached the provider.
+    fn release(&mut self) {
+        self.done = true;
+        for ticket in &self.tickets {
+            self.quota.store.release(ticket);
+        }
+    }
+}
+
+impl OnUsage for Settlement {
+    fn on_usage(mut self, report: UsageReport) {
+        self.settle(Some(&report));
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        self.settle(None);
+    }
+}
+
+fn passthrough<B>(response: Response<B>, quota: &Arc<Inner>) -> Response<QuotaBody<B>>
+where
+    B: Body<Data = Bytes>,
+{
+    response.map(|b| {
+        StripUsageChunk::new(
+            UsageBody::new(
+                ResponseBody::inner(b),
+                moat_core::usage::BodyFormat::Other,
+                Settlement::none(quota.clone()),
+            ),
+            false,
+        )
+    })
+}
+
+fn rejected<B>(
+    rejection: Rejection,
+    protocol: Protocol,
+    quota: &Arc<Inner>,
+) -> Response<QuotaBody<B>>
+where
+    B: Body<Data = Bytes>,
+{
+    rejection
+        .with_layer("quota")
+        .into_response(protocol)
+        .map(|b| {
+            StripUsageChunk::new(
+                UsageBody::new(
+                    b,
+                    moat_core::usage::BodyFormat::Other,
+                    Settlement::none(quota.clone()),
+                ),
+                false,
+            )
+        })
+}
+
+fn refusal_rejection(quota: &Inner, refusal: &Refusal) -> Rejection {
+    let budget = quota.store.budget(refusal.budget);
+    let now = quota
+        .wall()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let wait = u64::try_from(refusal.resets)
+        .unwrap_or(0)
+        .saturating_sub(now);
+    let unit = |v: u64| match refusal.dimension {
+        crate::budget::Dimension::Usd => Usd::from_micros(v).to_string(),
+        _ => format!("{v} tokens"),
+    };
+    Rejection::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "insufficient_quota",
+        format!(
+            "Budget '{}' ({} per {}) is used up for this caller: {} used or reserved, this request needs up to {}. It resets at {} (in {}s).",
+            budget.name,
+            budget.limits.describe(refusal.dimension),
+            budget.period,
+            unit(refusal.committed),
+            unit(refusal.needed),
+            rfc3339(refusal.resets),
+            wait
+        ),
+    )
+    .with_code("insufficient_quota")
+    .with_header(HeaderName::from_static("x-should-retry"), HeaderValue::from_static("false"))
+}
+
+/// `x-moat-quota-*` headers for the tightest enforced budget after this request's reservation.
+fn quota_headers(quota: &Inner, tickets: &[Ticket], headers: &mut http::HeaderMap) {
+    let wall = quota.wall();
+    let now = quota.now();
+    let mut tightest: Option<(u64, &Budget, Amounts, i64)> = None;
+    for t in tickets {
+        let budget = quota.store.budget(t.budget);
+        if budget.mode == Mode::Shadow {
+            continue;
+        }
+        let view = quota.store.view(t.budget, t.key, wall, now);
+        let committed = view.used.add(view.reserved);
+        let percent = budget.limits.percent_used(&committed);
+        if tightest.as_ref().is_none_or(|(p, ..)| percent > *p) {
+            tightest = Some((
+                percent,
+                budget,
+                budget.limits.remaining(&committed),
+                view.resets,
+            ));
+        }
+    }
+    let Some((_, budget, remaining, resets)) = tightest else {
+        return;
+    };
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    };
+    set("x-moat-quota-budget", budget.name.to_string());
+    if budget.limits.tokens.is_some() {
+        set(
+            "x-moat-quota-remaining-tokens",
+            remaining.tokens.to_string(),
+        );
+    }
+    if budget.limits.has_usd() {
+        set(
+            "x-moat-quota-remaining-usd",
+            remaining.usd.to_string().trim_start_matches('$').to_owned(),
+        );
+    }
+    set("x-moat-quota-reset", rfc3339(resets));
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Quota<S>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Response<QuotaBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let quota = self.quota.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let caller = quota.config.resolver.resolve(&mut req);
+        let future = async move {
+            let protocol = Protocol::of(&req);
+            let (mut req, llm) = match read_llm_request(req, quota.config.body_limit).await {
+                Ok(LlmBody::Parsed { request, llm }) => (request, llm),
+                Ok(LlmBody::Unparsed(request)) => {
+                    return Ok(passthrough(inner.call(request).await?, &quota))
+                }
+                Err(rejection) => return Ok(rejected(rejection, protocol, &quota)),
+            };
+            let (model, format, estimate, max_tokens, stream, include_usage) = llm.with(|r| {
+                (
+                    r.model().map(str::to_owned),
+                    r.format(),
+                    moat_core::tokens::estimate_input(r).tokens,
+                    r.max_output_tokens(),
+                    r.stream(),
+                    r.include_usage(),
+                )
+            });
+            let head = RequestHead::of(&req);
+            let applicable: Vec<usize> = quota
+                .store
+                .budgets()
+                .enumerate()
+                .filter(|(_, b)| b.applies(model.as_deref(), &caller))
+                .map(|(i, _)| i)
+                .collect();
+            if applicable.is_empty() || format == WireFormat::Unknown {
+                return Ok(passthrough(inner.call(req).await?, &quota));
+            }
+            let spend = applicable
+                .iter()
+                .any(|&i| quota.store.budget(i).limits.has_usd());
+            let price = quota.config.prices.price(model.as_deref());
+            if spend && price.is_none() {
+                let rejection = Rejection::bad_request(format!(
+                    "model {:?} has no price, and a spend budget applies",
+                    model.as_deref().unwrap_or("")
+                ))
+                .with_code("model_not_priced")
+                .with_param("model");
+                return Ok(rejected(rejection, protocol, &quota));
+            }
+            let reserve = max_tokens.unwrap_or(quota.config.completion_reserve);
+            let usd = price.map_or(Usd::ZERO, |p| p.cost(estimate, 0, reserve));
+            let claims: Vec<Claim> = applicable
+                .iter()
+                .map(|&i| {
+                    let budget = quota.store.budget(i);
+                    Claim::new(
+                        i,
+                        quota.key_of(budget, &head, &caller),
+                        Amounts::new(estimate, reserve, usd),
+                    )
+                })
+                .collect();
+            let shadow: Vec<bool> = applicable
+                .iter()
+                .map(|&i| quota.store.budget(i).mode == Mode::Shadow)
+                .collect();
+            let ttl = u64::try_from(quota.config.reservation_ttl.as_nanos()).unwrap_or(u64::MAX);
+            let (result, shadow_refusals) =
+                quota
+                    .store
+                    .reserve(&claims, &shadow, quota.wall(), quota.now(), ttl);
+            for refusal in &shadow_refusals {
+                let name = quota.store.budget(refusal.budget).name.to_string();
+                metrics::counter!("moat_quota_shadow_denied_total", "budget" => name.clone())
+                    .increment(1);
+                Decisions::record(
+                    head.extensions,
+                    Decision::new(
+                        "quota",
+                        Outcome::ShadowRejected {
+                            code: "insufficient_quota".into(),
+                        },
+                    )
+                    .with_rule(name),
+                );
+            }
+            let tickets = match result {
+                Ok(tickets) => tickets,
+                Err(refusal) => {
+                    let name = quota.store.budget(refusal.budget).name.to_string();
+                    metrics::counter!("moat_quota_denied_total", "budget" => name.clone())
+                        .increment(1);
+                    tracing::debug!(target: "moat::quota", budget = %name, "insufficient quota");
+                    Decisions::record(
+                        head.extensions,
+                        Decision::new(
+                            "quota",
+                            Outcome::Rejected {
+                                status: 429,
+                                code: "insufficient_quota".into(),
+                            },
+                        )
+                        .with_rule(name),
+                    );
+                    return Ok(rejected(
+                        refusal_rejection(&quota, &refusal),
+                        protocol,
+                        &quota,
+                    ));
+                }
+            };
+            for t in &tickets {
+                let name = quota.store.budget(t.budget).name.to_string();
+                metrics::counter!("moat_quota_reserved_total", "budget" => name).increment(1);
+            }
+            // Make the response report (and stay within) what was reserved.
+            let strip = stream
+                && !include_usage
+                && matches!(
+                    format,
+                    WireFormat::ChatCompletions | WireFormat::Completions
+                );
+            llm.with(|r| {
+                if strip {
+                    r.set_include_usage(true);
+                }
+                if max_tokens.is_none() && quota.config.cap_max_tokens {
+                    r.set_max_output_tokens(reserve);
+                }
+            });
+            let mut settlement = Settlement {
+                quota: quota.clone(),
+                tickets,
+                price,
+                input_estimate: estimate,
+                status: 0,
+                done: false,
+            };
+            if let Some(decisions) = req.extensions().get::<Decisions>() {
+                decisions.push(Decision::new("quota", Outcome::Allowed));
+            }
+            req.extensions_mut().insert(caller);
+            let response = match inner.call(req).await {
+                Ok(response) => response,
+                Err(e) => {
+                    settlement.release();
+                    return Err(e);
+                }
+            };
+            let (mut parts, body) = response.into_parts();
+            if quota.config.headers {
+                quota_headers(&quota, &settlement.tickets, &mut parts.headers);
+            }
+            settlement.status = parts.status.as_u16();
+            let format = moat_core::usage::BodyFormat::of(&parts.headers);
+            let body = UsageBody::new(ResponseBody::inner(body), format, settlement);
+            Ok(Response::from_parts(
+                parts,
+                StripUsageChunk::new(body, strip),
+            ))
+        };
+        ResponseFuture {
+            future: Box::pin(future),
+        }
+    }
+}
+
+/// One budget's state for a caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct BudgetUsage {
+    /// The budget's name.
+    pub budget: String,
+    /// Its period, e.g. `day`.
+    pub period: String,
+    /// Used this period.
+    pub used: Amounts,
+    /// Held by requests in flight.
+    pub reserved: Amounts,
+    /// The caps.
+    pub limits: Limits,
+    /// When the period starts over (RFC 3339).
+    pub resets_at: String,
+    /// Whether the budget is in shadow mode.
+    pub shadow: bool,
+}
+
+/// Reads budget usage, sharing a [`QuotaLayer`]'s state.
+#[derive(Clone)]
+pub struct QuotaHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for QuotaHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QuotaHandle { .. }")
+    }
+}
+
+impl QuotaHandle {
+    /// Every budget's state for the caller of `req` (its stored [`Caller`], keys as the budgets
+    /// extract them); budgets restricted to models are included.
+    pub fn usage<B>(&self, req: &Request<B>) -> Vec<BudgetUsage> {
+        let head = RequestHead::of(req);
+        let caller = req
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_default();
+        let (wall, now) = (self.inner.wall(), self.inner.now());
+        self.inner
+            .store
+            .budgets()
+            .enumerate()
+            .filter(|(_, b)| b.applies(None, &caller) || !b.models.is_empty())
+            .map(|(i, budget)| {
+                let key = self.inner.key_of(budget, &head, &caller);
+                let view = self.inner.store.view(i, key.digest(), wall, now);
+                BudgetUsage {
+                    budget: budget.name.to_string(),
+                    period: budget.period.to_string(),
+                    used: view.used,
+                    reserved: view.reserved,
+                    limits: budget.limits,
+                    resets_at: rfc3339(view.resets),
+                    shadow: budget.mode == Mode::Shadow,
+                }
+            })
+            .collect()
+    }
+}
