@@ -338,7 +338,7 @@ impl Settlement {
             let used = Amounts::new(input, output, usd);
             metrics::counter!("moat_quota_settled_total", "budget" => budget.name.to_string())
                 .increment(1);
-            if let Some(crossed) =
+            for crossed in
                 self.quota
                     .store
                     .settle(ticket, used, wall, &self.quota.config.thresholds)

@@ -248,7 +248,7 @@ impl MemoryStore {
         used: Amounts,
         wall: SystemTime,
         thresholds: &[u64],
-    ) -> Option<Crossed> {
+    ) -> Vec<Crossed> {
         let (budget, _) = &self.budgets[ticket.budget];
         let window = self.window(ticket.budget, wall);
         let mut shard = self.lock(ticket.budget);
@@ -257,11 +257,11 @@ impl MemoryStore {
         entry.reservations.retain(|r| r.id != ticket.id);
         entry.used = entry.used.add(used);
         let percent = budget.limits.percent_used(&entry.used(window));
-        let mut crossed = None;
+        let mut crossed = Vec::new();
         for (bit, &threshold) in thresholds.iter().enumerate().take(32) {
             if percent >= threshold && entry.alerted & (1 << bit) == 0 {
                 entry.alerted |= 1 << bit;
-                crossed = Some(Crossed {
+                crossed.push(Crossed {
                     percent: threshold,
                     used: entry.used(window),
                     resets: window.end,
@@ -341,7 +341,7 @@ mod tests {
         );
         assert!(s
             .settle(&t1[0], Amounts::new(10, 0, Usd::ZERO), wall(0), &[])
-            .is_none());
+            .is_empty());
         assert!(
             s.reserve(&[claim(0, 60)], &[false], wall(0), 0, 1_000)
                 .0
@@ -438,7 +438,7 @@ mod tests {
                 .reserve(&[claim(0, 0)], &[false], wall(secs), 0, 1)
                 .0
                 .unwrap();
-            if let Some(c) = s.settle(
+            for c in s.settle(
                 &t[0],
                 Amounts::new(used, 0, Usd::ZERO),
                 wall(secs),
@@ -447,7 +447,10 @@ mod tests {
                 fired.push((secs, c.percent));
             }
         }
-        // The next day starts over; jumping past 50% and 80% at once reports the higher, once.
-        assert_eq!(fired, vec![(1, 50), (3, 80), (4, 100), (86_400, 80)]);
+        // The next day starts over; jumping past 50% and 80% at once fires both, once.
+        assert_eq!(
+            fired,
+            vec![(1, 50), (3, 80), (4, 100), (86_400, 50), (86_400, 80)]
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! | feature | module | what |
 //! |---|---|---|
 //! | `ratelimit` | `moat::ratelimit` | keyed request, token and concurrency limits ([`moat_ratelimit`]) |
+//! | `quota` | `moat::quota` | token and spend budgets, reserved and settled ([`moat_quota`]) |
 //! | `redis` | | limiter state in Redis |
 //! | `serde` | | configuration types deserialize with serde |
 //! | `axum`, `tonic` | | read the peer address from axum's or tonic's connection info |
@@ -24,5 +25,7 @@ pub use moat_core as core;
 pub use moat_core::{
     Caller, Decision, Decisions, Key, KeyExtractor, Rejection, RequestBody, ResponseBody,
 };
+#[cfg(feature = "quota")]
+pub use moat_quota as quota;
 #[cfg(feature = "ratelimit")]
 pub use moat_ratelimit as ratelimit;

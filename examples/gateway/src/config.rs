@@ -5,11 +5,13 @@ use std::net::SocketAddr;
 use std::ops::Range;
 
 use moat::core::identity::{CallerResolver, Fingerprinter};
+use moat::quota::QuotaLayer;
 use moat::ratelimit::RateLimitLayer;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+use crate::budgets::{self, QuotaConfig};
 use crate::limits::{self, IdentityConfig, RateLimitConfig};
 
 /// The whole configuration file.
@@ -33,6 +35,9 @@ pub struct Config {
     /// Request, token and concurrency limits.
     #[serde(default)]
     pub ratelimit: RateLimitConfig,
+    /// Token and spend budgets.
+    #[serde(default)]
+    pub quota: QuotaConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -137,6 +142,8 @@ pub struct Resolved {
     pub fingerprinter: Fingerprinter,
     /// The rate-limit layer, when rules are configured.
     pub ratelimit: Option<RateLimitLayer>,
+    /// The quota layer, when budgets are configured.
+    pub quota: Option<QuotaLayer>,
 }
 
 fn line_of(source: &str, span: Range<usize>) -> usize {
@@ -242,6 +249,8 @@ impl Config {
             &fingerprinter,
         )
         .map_err(limits_error)?;
+        let quota = budgets::layer(&config.quota, resolver.clone(), &fingerprinter)
+            .map_err(limits_error)?;
         Ok(Resolved {
             config,
             upstream_api_key,
@@ -249,6 +258,7 @@ impl Config {
             resolver,
             fingerprinter,
             ratelimit,
+            quota,
         })
     }
 }
@@ -339,6 +349,32 @@ key_sha256 = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"
         let proxies =
             format!("{base}[identity]\ntrusted_proxies = [\"10.0.0.0/8\", \"not-a-net\"]\n");
         assert_eq!(Config::resolve(&proxies, no_env).unwrap_err().line, Some(4));
+    }
+
+    #[test]
+    fn quota_budgets_build_and_bad_ones_name_their_line() {
+        let base = "[upstream]\nbase_url = \"http://x/v1\"\n";
+        let good = format!("{base}[quota]\ntime_zone = \"Europe/Paris\"\nunknown_model = \"free\"\n[[quota.budgets]]\nname = \"daily\"\nper = \"api_key\"\nperiod = \"day\"\ntokens = 200000\nusd = 5.00\n[[quota.budgets]]\nname = \"roll\"\nper = \"global\"\nperiod = \"rolling:24h\"\nusd = \"100\"\n");
+        assert!(Config::resolve(&good, no_env).unwrap().quota.is_some());
+        let bad_period = format!("{base}[[quota.budgets]]\nname = \"b\"\nper = \"global\"\nperiod = \"fortnight\"\ntokens = 1\n");
+        let e = Config::resolve(&bad_period, no_env).unwrap_err();
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.message.contains("fortnight"));
+        let no_cap =
+            format!("{base}[[quota.budgets]]\nname = \"b\"\nper = \"global\"\nperiod = \"day\"\n");
+        assert!(Config::resolve(&no_cap, no_env)
+            .unwrap_err()
+            .message
+            .contains("set tokens"));
+        let bad_tz = format!("{base}[quota]\ntime_zone = \"Mars/Olympus\"\n[[quota.budgets]]\nname = \"b\"\nper = \"global\"\nperiod = \"day\"\ntokens = 1\n");
+        assert_eq!(Config::resolve(&bad_tz, no_env).unwrap_err().line, Some(4));
+        let bad_usd = format!("{base}[[quota.budgets]]\nname = \"b\"\nper = \"global\"\nperiod = \"day\"\nusd = \"five\"\n");
+        assert_eq!(Config::resolve(&bad_usd, no_env).unwrap_err().line, Some(7));
+        let missing_prices = format!("{base}[quota]\nprices = \"/nonexistent/prices.json\"\n[[quota.budgets]]\nname = \"b\"\nper = \"global\"\nperiod = \"day\"\ntokens = 1\n");
+        assert_eq!(
+            Config::resolve(&missing_prices, no_env).unwrap_err().line,
+            Some(4)
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod budgets;
 pub mod config;
 pub mod limits;
 mod proxy;
@@ -127,10 +128,22 @@ pub fn app(resolved: &Resolved) -> Router {
         .route("/v1/messages", post(proxy::forward))
         .route("/v1/models", get(proxy::forward))
         .with_state(upstream);
-    // Layers run outermost last-added: authentication, then the protection layers.
+    // Layers added last run first: authentication, rate limits, then budgets.
+    let quota = resolved.quota.as_ref().map(moat::quota::QuotaLayer::handle);
+    if let Some(layer) = &resolved.quota {
+        api = api.layer(layer.clone());
+    }
     if let Some(ratelimit) = &resolved.ratelimit {
         api = api.layer(ratelimit.clone());
     }
+    let usage = Router::new().route(
+        "/v1/moat/usage",
+        get(move |request: Request| async move {
+            let budgets = quota.map(|q| q.usage(&request)).unwrap_or_default();
+            axum::Json(serde_json::json!({"object": "moat.usage", "budgets": budgets}))
+        }),
+    );
+    let api = api.merge(usage);
     let api = api.layer(middleware::from_fn_with_state(auth, authenticate));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -181,13 +194,20 @@ pub mod demo {
     use super::config::Config;
     use super::config::Resolved;
 
-    /// The demo's rate limits: per caller (API key, else IP), requests and tokens.
+    /// The demo's protections: per caller (API key, else IP), request and token rates, and a
+    /// daily token budget.
     pub const LIMITS: &str = r#"
 [[ratelimit.rules]]
 name = "per-caller"
 key = "api_key"
 limits = ["60/minute"]
 tokens = ["200000/minute"]
+
+[[quota.budgets]]
+name = "daily-tokens"
+per = "api_key"
+period = "day"
+tokens = 1000000
 "#;
 
     /// The demo's configuration in front of a mock upstream at `mock_url` (without `/v1`).

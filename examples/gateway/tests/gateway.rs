@@ -1,6 +1,7 @@
 //! The gateway over real sockets, in front of the mock upstream; and the binary itself.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -631,4 +632,230 @@ async fn two_gateways_on_one_redis_enforce_one_limit() {
     }
     assert_eq!(ok, 5);
     assert_eq!(mock.requests().len(), 5);
+}
+
+async fn usage_of(url: &str, key: &str) -> Value {
+    call(
+        url,
+        "GET",
+        "/v1/moat/usage",
+        &[("authorization", key)],
+        None,
+    )
+    .await
+    .json()
+}
+
+fn budget_config(mock: &MockUpstream, tokens: u64, extra: &str) -> String {
+    format!(
+        "[upstream]\nbase_url = \"{}/v1\"\n[[keys]]\nid = \"alice\"\nkey = \"sk-moat-alice\"\n[quota]\n{extra}\n[[quota.budgets]]\nname = \"daily-tokens\"\nper = \"api_key\"\nperiod = \"day\"\ntokens = {tokens}\n",
+        mock.url()
+    )
+}
+
+#[tokio::test]
+async fn budgets_settle_from_streamed_usage_the_client_never_sees() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = start(&budget_config(&mock, 1_000_000, ""), &[]).await;
+    let key = "Bearer sk-moat-alice";
+    let reply = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", key)],
+        Some(chat("count this stream", true)),
+    )
+    .await;
+    let body = reply.body.unwrap();
+    assert!(
+        !String::from_utf8_lossy(&body).contains("\"usage\":{"),
+        "no usage chunk for a client that did not ask"
+    );
+    assert_eq!(streamed(&body), "count this stream");
+    let sent = &mock.requests()[0];
+    assert_eq!(
+        sent.body["stream_options"]["include_usage"], true,
+        "the upstream was asked for usage"
+    );
+    let usage = usage_of(&gw.url, key).await;
+    let budget = &usage["budgets"][0];
+    assert_eq!(budget["budget"], "daily-tokens");
+    assert_eq!(budget["reserved"]["tokens"], 0);
+    // What the upstream reports for the same request, asked directly.
+    let direct = call(
+        &mock.url(),
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("count this stream", false)),
+    )
+    .await;
+    assert_eq!(
+        budget["used"]["tokens"],
+        direct.json()["usage"]["total_tokens"],
+        "{usage}"
+    );
+    assert_eq!(budget["limits"]["tokens"], 1_000_000);
+}
+
+#[tokio::test]
+async fn a_client_hanging_up_mid_stream_is_still_charged() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = start(&budget_config(&mock, 1_000_000, ""), &[]).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = http::Request::post(format!("{}/v1/chat/completions", gw.url))
+        .header("authorization", "Bearer sk-moat-alice")
+        .header("content-type", "application/json")
+        .header("x-mock-chunk-delay-ms", "20")
+        .body(Full::new(Bytes::from(
+            chat("a long answer that streams slowly to the end", true).to_string(),
+        )))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let mut body = response.into_body();
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    drop(body);
+    drop(client);
+    // The gateway notices the closed connection at its next write; wait for the settlement.
+    let mut settled = None;
+    for _ in 0..200 {
+        let usage = usage_of(&gw.url, "Bearer sk-moat-alice").await;
+        if usage["budgets"][0]["reserved"]["tokens"] == 0 {
+            settled = Some(usage);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let usage = settled.expect("the reservation was settled after the client left");
+    let used = usage["budgets"][0]["used"]["tokens"].as_u64().unwrap();
+    assert!(
+        used > 0,
+        "the prompt and what was streamed are charged: {usage}"
+    );
+}
+
+#[tokio::test]
+async fn an_exhausted_budget_is_refused_before_the_upstream() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = start(&budget_config(&mock, 300, "completion_reserve = 100"), &[]).await;
+    let key = [("authorization", "Bearer sk-moat-alice")];
+    // A reply far longer than the reserve (no max_tokens, no cap): allowed once, then the budget is gone.
+    let long = "x".repeat(1200);
+    let greedy = [
+        ("authorization", "Bearer sk-moat-alice"),
+        ("x-mock-reply", long.as_str()),
+    ];
+    assert_eq!(
+        call(
+            &gw.url,
+            "POST",
+            "/v1/chat/completions",
+            &greedy,
+            Some(chat("one", false))
+        )
+        .await
+        .status,
+        200
+    );
+    let mut refused = None;
+    for _ in 0..5 {
+        let reply = call(
+            &gw.url,
+            "POST",
+            "/v1/chat/completions",
+            &key,
+            Some(chat("again", false)),
+        )
+        .await;
+        if reply.status == 429 {
+            refused = Some(reply);
+            break;
+        }
+    }
+    let refused = refused.expect("the budget runs out");
+    assert_eq!(refused.json()["error"]["type"], "insufficient_quota");
+    assert_eq!(refused.headers["x-should-retry"], "false");
+    let before = mock.requests().len();
+    let again = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        Some(chat("again", false)),
+    )
+    .await;
+    assert_eq!(again.status, 429);
+    assert_eq!(
+        mock.requests().len(),
+        before,
+        "refused requests never reach the upstream"
+    );
+}
+
+#[tokio::test]
+async fn budget_alerts_reach_the_webhook_once_each() {
+    let received: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+    let sink = received.clone();
+    let hook = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().push(v);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = start(
+        &budget_config(
+            &mock,
+            200,
+            &format!("completion_reserve = 1\nalert_webhook = \"{hook_url}\""),
+        ),
+        &[],
+    )
+    .await;
+    // Replies of 50 tokens each against a reserve of 1: usage climbs past 50%, 80% and 100%.
+    let reply = "y".repeat(200);
+    let key = [
+        ("authorization", "Bearer sk-moat-alice"),
+        ("x-mock-reply", reply.as_str()),
+    ];
+    for _ in 0..10 {
+        call(
+            &gw.url,
+            "POST",
+            "/v1/chat/completions",
+            &key,
+            Some(chat("spend", false)),
+        )
+        .await;
+    }
+    let mut percents = Vec::new();
+    for _ in 0..100 {
+        percents = received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["alert"]["percent"].as_u64().unwrap())
+            .collect();
+        if percents.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    percents.sort_unstable();
+    assert_eq!(percents, vec![50, 80, 100]);
+    let first = received.lock().unwrap()[0].clone();
+    assert_eq!(first["alert"]["budget"], "daily-tokens");
+    assert!(
+        !first.to_string().contains("sk-moat-alice"),
+        "alerts carry no keys"
+    );
 }
