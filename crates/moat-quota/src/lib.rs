@@ -68,6 +68,8 @@ mod alert;
 mod budget;
 mod money;
 mod period;
+#[cfg(feature = "redis")]
+mod redis;
 mod service;
 mod store;
 mod strip;
@@ -76,6 +78,8 @@ pub use alert::{AlertSink, BudgetAlert, TracingAlerts};
 pub use budget::{Amounts, Budget, Limits, Mode};
 pub use money::{PerToken, Price, PriceTable, PriceTableError, UnknownModel, Usd};
 pub use period::Period;
+#[cfg(feature = "redis")]
+pub use redis::{OnStoreError, RedisStore};
 pub use service::{
     BudgetUsage, Quota, QuotaBody, QuotaHandle, QuotaLayer, ResponseFuture, Settlement,
 };

@@ -50,6 +50,8 @@ struct Config {
     resolver: CallerResolver,
     max_keys: usize,
     headers: bool,
+    #[cfg(feature = "redis")]
+    redis: Option<Arc<crate::redis::RedisStore>>,
 }
 
 struct Inner {
@@ -57,7 +59,250 @@ struct Inner {
     store: MemoryStore,
 }
 
+/// Why a reservation was refused.
+enum Refused {
+    Budget(Refusal),
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Unavailable,
+}
+
 impl Inner {
+    /// Settles one ticket with what was used, in memory at once or in Redis in the background.
+    fn settle(self: &Arc<Self>, ticket: Ticket, used: Amounts) {
+        let budget = self.store.budget(ticket.budget);
+        metrics::counter!("moat_quota_settled_total", "budget" => budget.name.to_string())
+            .increment(1);
+        #[cfg(feature = "redis")]
+        if ticket.remote {
+            if let (Some(redis), Ok(runtime)) = (
+                self.config.redis.clone(),
+                tokio::runtime::Handle::try_current(),
+            ) {
+                let inner = self.clone();
+                runtime.spawn(async move {
+                    let budget = inner.store.budget(ticket.budget);
+                    let slot = inner.slot(ticket.budget, &ticket.who);
+                    match redis.settle(&slot, &budget.limits, &used, ticket.id, &inner.config.thresholds).await {
+                        Ok((total, crossed)) => {
+                            for percent in crossed {
+                                inner.alert(ticket.budget, &ticket.who, percent, total, slot.window.end);
+                            }
+                            inner.used_gauge(ticket.budget, &total);
+                        }
+                        Err(error) => tracing::warn!(target: "moat::quota", %error, "could not settle in redis"),
+                    }
+                });
+            }
+            return;
+        }
+        let wall = self.wall();
+        for crossed in self
+            .store
+            .settle(&ticket, used, wall, &self.config.thresholds)
+        {
+            self.alert(
+                ticket.budget,
+                &ticket.who,
+                crossed.percent,
+                crossed.used,
+                crossed.resets,
+            );
+        }
+        let view = self.store.view(ticket.budget, ticket.key, wall, self.now());
+        self.used_gauge(ticket.budget, &view.used);
+    }
+
+    fn used_gauge(&self, budget: usize, used: &Amounts) {
+        let budget = self.store.budget(budget);
+        metrics::gauge!("moat_quota_used_percent", "budget" => budget.name.to_string())
+            .set(budget.limits.percent_used(used) as f64);
+    }
+
+    fn alert(&self, budget: usize, who: &Key, percent: u64, used: Amounts, resets: i64) {
+        let budget = self.store.budget(budget);
+        metrics::counter!("moat_quota_alerts_total", "budget" => budget.name.to_string())
+            .increment(1);
+        self.config.alerts.alert(&BudgetAlert {
+            budget: budget.name.to_string(),
+            key: who.to_string(),
+            percent,
+            used,
+            limits: budget.limits,
+            resets_at: rfc3339(resets),
+        });
+    }
+
+    /// Drops a reservation without charging it.
+    fn release(self: &Arc<Self>, ticket: Ticket) {
+        #[cfg(feature = "redis")]
+        if ticket.remote {
+            if let (Some(redis), Ok(runtime)) = (
+                self.config.redis.clone(),
+                tokio::runtime::Handle::try_current(),
+            ) {
+                let inner = self.clone();
+                runtime.spawn(async move {
+                    let slot = inner.slot(ticket.budget, &ticket.who);
+                    if let Err(error) = redis.view(&slot, Some(ticket.id)).await {
+                        tracing::warn!(target: "moat::quota", %error, "could not release in redis");
+                    }
+                });
+            }
+            return;
+        }
+        self.store.release(&ticket);
+    }
+
+    #[cfg(feature = "redis")]
+    fn slot<'a>(&'a self, budget: usize, who: &'a Key) -> crate::redis::Slot<'a> {
+        let b = self.store.budget(budget);
+        let window = self.store.window(budget, self.wall());
+        let now = self
+            .wall()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let left = u64::try_from(window.end).unwrap_or(0).saturating_sub(now);
+        let (rolling, ttl) = match b.period {
+            // The bucket after this one still carries it.
+            crate::period::Period::Rolling(w) => (true, left + w.as_secs() + 60),
+            _ => (false, left + 60),
+        };
+        crate::redis::Slot {
+            budget: &b.name,
+            key: who,
+            window,
+            rolling,
+            ttl,
+        }
+    }
+
+    /// Reserves every claim, or none.
+    async fn reserve(
+        &self,
+        claims: &[Claim],
+        shadow: &[bool],
+    ) -> (Result<Vec<Ticket>, Refused>, Vec<Refusal>) {
+        let ttl = u64::try_from(self.config.reservation_ttl.as_nanos()).unwrap_or(u64::MAX);
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.config.redis {
+            use crate::redis::OnStoreError;
+            let mut tickets: Vec<Ticket> = Vec::with_capacity(claims.len());
+            let mut shadow_refusals = Vec::new();
+            for (claim, &is_shadow) in claims.iter().zip(shadow) {
+                let budget = self.store.budget(claim.budget);
+                let slot = self.slot(claim.budget, &claim.who);
+                let id = self.store.next_id();
+                let hold = self.config.reservation_ttl;
+                let mut outcome = redis
+                    .reserve(&slot, &budget.limits, &claim.amounts, id, hold)
+                    .await;
+                if let (Ok(Some((dimension, committed, needed))), true) = (&outcome, is_shadow) {
+                    shadow_refusals.push(Refusal {
+                        budget: claim.budget,
+                        dimension: *dimension,
+                        committed: *committed,
+                        needed: *needed,
+                        resets: slot.window.end,
+                    });
+                    outcome = redis
+                        .reserve(&slot, &Limits::default(), &claim.amounts, id, hold)
+                        .await;
+                }
+                match outcome {
+                    Ok(None) => tickets.push(Ticket {
+                        budget: claim.budget,
+                        who: claim.who,
+                        key: claim.key,
+                        id,
+                        remote: true,
+                    }),
+                    Ok(Some((dimension, committed, needed))) => {
+                        for t in tickets {
+                            self.release_now(t).await;
+                        }
+                        let refusal = Refusal {
+                            budget: claim.budget,
+                            dimension,
+                            committed,
+                            needed,
+                            resets: slot.window.end,
+                        };
+                        return (Err(Refused::Budget(refusal)), shadow_refusals);
+                    }
+                    Err(error) => {
+                        metrics::counter!("moat_quota_store_errors_total").increment(1);
+                        tracing::warn!(target: "moat::quota", %error, policy = ?redis.on_error, "redis unavailable");
+                        match redis.on_error {
+                            OnStoreError::FailOpen => {}
+                            OnStoreError::Local => {
+                                match self
+                                    .store
+                                    .reserve(
+                                        std::slice::from_ref(claim),
+                                        &[is_shadow],
+                                        self.wall(),
+                                        self.now(),
+                                        ttl,
+                                    )
+                                    .0
+                                {
+                                    Ok(mut local) => tickets.append(&mut local),
+                                    Err(refusal) => {
+                                        for t in tickets {
+                                            self.release_now(t).await;
+                                        }
+                                        return (Err(Refused::Budget(refusal)), shadow_refusals);
+                                    }
+                                }
+                            }
+                            OnStoreError::FailClosed => {
+                                for t in tickets {
+                                    self.release_now(t).await;
+                                }
+                                return (Err(Refused::Unavailable), shadow_refusals);
+                            }
+                        }
+                    }
+                }
+            }
+            return (Ok(tickets), shadow_refusals);
+        }
+        let (result, shadow_refusals) =
+            self.store
+                .reserve(claims, shadow, self.wall(), self.now(), ttl);
+        (result.map_err(Refused::Budget), shadow_refusals)
+    }
+
+    #[cfg(feature = "redis")]
+    async fn release_now(&self, ticket: Ticket) {
+        match (&self.config.redis, ticket.remote) {
+            (Some(redis), true) => {
+                let slot = self.slot(ticket.budget, &ticket.who);
+                if let Err(error) = redis.view(&slot, Some(ticket.id)).await {
+                    tracing::warn!(target: "moat::quota", %error, "could not release in redis");
+                }
+            }
+            _ => self.store.release(&ticket),
+        }
+    }
+
+    /// A budget's usage and reservations for `who`, wherever they are kept.
+    async fn view(&self, budget: usize, who: &Key) -> crate::store::View {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.config.redis {
+            let slot = self.slot(budget, who);
+            if let Ok((used, reserved)) = redis.view(&slot, None).await {
+                return crate::store::View {
+                    used,
+                    reserved,
+                    resets: slot.window.end,
+                };
+            }
+        }
+        self.store
+            .view(budget, who.digest(), self.wall(), self.now())
+    }
+
     fn now(&self) -> u64 {
         u64::try_from(self.config.clock.now().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -114,6 +359,8 @@ impl QuotaLayer {
             resolver: CallerResolver::default(),
             max_keys: 1_000_000,
             headers: true,
+            #[cfg(feature = "redis")]
+            redis: None,
         })
     }
 
@@ -197,6 +444,13 @@ impl QuotaLayer {
     /// Whether responses carry `x-moat-quota-*` headers (default on).
     pub fn with_headers(self, on: bool) -> Self {
         self.map(|c| c.headers = on)
+    }
+
+    /// Keeps budgets in Redis, shared by every process using the same store and budgets.
+    #[cfg(feature = "redis")]
+    pub fn with_redis(self, store: crate::redis::RedisStore) -> Self {
+        let store = Arc::new(store);
+        self.map(|c| c.redis = Some(store))
     }
 
     /// A handle to read usage, sharing this layer's state.
@@ -327,7 +581,6 @@ impl Settlement {
         let usd = self
             .price
             .map_or(Usd::ZERO, |p| p.cost(uncached, cached, output));
-        let wall = self.quota.wall();
         for ticket in &self.tickets {
             let budget = self.quota.store.budget(ticket.budget);
             let input = if budget.count_cached {
@@ -335,31 +588,7 @@ impl Settlement {
             } else {
                 uncached
             };
-            let used = Amounts::new(input, output, usd);
-            metrics::counter!("moat_quota_settled_total", "budget" => budget.name.to_string())
-                .increment(1);
-            for crossed in
-                self.quota
-                    .store
-                    .settle(ticket, used, wall, &self.quota.config.thresholds)
-            {
-                metrics::counter!("moat_quota_alerts_total", "budget" => budget.name.to_string())
-                    .increment(1);
-                self.quota.config.alerts.alert(&BudgetAlert {
-                    budget: budget.name.to_string(),
-                    key: ticket.who.to_string(),
-                    percent: crossed.percent,
-                    used: crossed.used,
-                    limits: budget.limits,
-                    resets_at: rfc3339(crossed.resets),
-                });
-            }
-            let view = self
-                .quota
-                .store
-                .view(ticket.budget, ticket.key, wall, self.quota.now());
-            metrics::gauge!("moat_quota_used_percent", "budget" => budget.name.to_string())
-                .set(budget.limits.percent_used(&view.used) as f64);
+            self.quota.settle(*ticket, Amounts::new(input, output, usd));
         }
     }
 
@@ -367,7 +596,7 @@ impl Settlement {
     fn release(&mut self) {
         self.done = true;
         for ticket in &self.tickets {
-            self.quota.store.release(ticket);
+            self.quota.release(*ticket);
         }
     }
 }
@@ -455,16 +684,14 @@ fn refusal_rejection(quota: &Inner, refusal: &Refusal) -> Rejection {
 }
 
 /// `x-moat-quota-*` headers for the tightest enforced budget after this request's reservation.
-fn quota_headers(quota: &Inner, tickets: &[Ticket], headers: &mut http::HeaderMap) {
-    let wall = quota.wall();
-    let now = quota.now();
+async fn quota_headers(quota: &Inner, tickets: &[Ticket], headers: &mut http::HeaderMap) {
     let mut tightest: Option<(u64, &Budget, Amounts, i64)> = None;
     for t in tickets {
         let budget = quota.store.budget(t.budget);
         if budget.mode == Mode::Shadow {
             continue;
         }
-        let view = quota.store.view(t.budget, t.key, wall, now);
+        let view = quota.view(t.budget, &t.who).await;
         let committed = view.used.add(view.reserved);
         let percent = budget.limits.percent_used(&committed);
         if tightest.as_ref().is_none_or(|(p, ..)| percent > *p) {
@@ -585,11 +812,7 @@ where
                 .iter()
                 .map(|&i| quota.store.budget(i).mode == Mode::Shadow)
                 .collect();
-            let ttl = u64::try_from(quota.config.reservation_ttl.as_nanos()).unwrap_or(u64::MAX);
-            let (result, shadow_refusals) =
-                quota
-                    .store
-                    .reserve(&claims, &shadow, quota.wall(), quota.now(), ttl);
+            let (result, shadow_refusals) = quota.reserve(&claims, &shadow).await;
             for refusal in &shadow_refusals {
                 let name = quota.store.budget(refusal.budget).name.to_string();
                 metrics::counter!("moat_quota_shadow_denied_total", "budget" => name.clone())
@@ -607,7 +830,17 @@ where
             }
             let tickets = match result {
                 Ok(tickets) => tickets,
-                Err(refusal) => {
+                Err(Refused::Unavailable) => {
+                    let rejection = Rejection::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "The budget store is unavailable. Please try again shortly.",
+                    )
+                    .with_code("quota_unavailable")
+                    .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return Ok(rejected(rejection, protocol, &quota));
+                }
+                Err(Refused::Budget(refusal)) => {
                     let name = quota.store.budget(refusal.budget).name.to_string();
                     metrics::counter!("moat_quota_denied_total", "budget" => name.clone())
                         .increment(1);
@@ -670,7 +903,7 @@ where
             };
             let (mut parts, body) = response.into_parts();
             if quota.config.headers {
-                quota_headers(&quota, &settlement.tickets, &mut parts.headers);
+                quota_headers(&quota, &settlement.tickets, &mut parts.headers).await;
             }
             settlement.status = parts.status.as_u16();
             let format = moat_core::usage::BodyFormat::of(&parts.headers);
@@ -720,24 +953,32 @@ impl std::fmt::Debug for QuotaHandle {
 
 impl QuotaHandle {
     /// Every budget's state for the caller of `req` (its stored [`Caller`], keys as the budgets
-    /// extract them); budgets restricted to models are included.
-    pub fn usage<B>(&self, req: &Request<B>) -> Vec<BudgetUsage> {
+    /// extract them); budgets restricted to models are included. The future does not borrow `req`.
+    pub fn usage<B>(
+        &self,
+        req: &Request<B>,
+    ) -> impl Future<Output = Vec<BudgetUsage>> + Send + 'static {
         let head = RequestHead::of(req);
         let caller = req
             .extensions()
             .get::<Caller>()
             .cloned()
             .unwrap_or_default();
-        let (wall, now) = (self.inner.wall(), self.inner.now());
-        self.inner
+        let keys: Vec<(usize, Key)> = self
+            .inner
             .store
             .budgets()
             .enumerate()
             .filter(|(_, b)| b.applies(None, &caller) || !b.models.is_empty())
-            .map(|(i, budget)| {
-                let key = self.inner.key_of(budget, &head, &caller);
-                let view = self.inner.store.view(i, key.digest(), wall, now);
-                BudgetUsage {
+            .map(|(i, budget)| (i, self.inner.key_of(budget, &head, &caller)))
+            .collect();
+        let inner = self.inner.clone();
+        async move {
+            let mut out = Vec::with_capacity(keys.len());
+            for (i, key) in keys {
+                let budget = inner.store.budget(i);
+                let view = inner.view(i, &key).await;
+                out.push(BudgetUsage {
                     budget: budget.name.to_string(),
                     period: budget.period.to_string(),
                     used: view.used,
@@ -745,8 +986,9 @@ impl QuotaHandle {
                     limits: budget.limits,
                     resets_at: rfc3339(view.resets),
                     shadow: budget.mode == Mode::Shadow,
-                }
-            })
-            .collect()
+                });
+            }
+            out
+        }
     }
 }

@@ -98,6 +98,9 @@ pub(crate) struct Ticket {
     pub(crate) who: Key,
     pub(crate) key: [u8; 16],
     pub(crate) id: u64,
+    /// Held in Redis rather than in memory.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) remote: bool,
 }
 
 /// Why a claim did not fit.
@@ -143,11 +146,23 @@ impl std::fmt::Debug for MemoryStore {
 }
 
 impl MemoryStore {
+    pub(crate) fn next_id(&self) -> u64 {
+        // Wrapping: the ids only need to differ from those still held.
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     pub(crate) fn new(budgets: Vec<Budget>, tz: TimeZone, max_keys: usize) -> Self {
         Self {
             budgets: budgets.into_iter().map(|b| (b, Mutex::default())).collect(),
             tz,
-            next_id: AtomicU64::new(1),
+            // Shared stores hold reservations from many processes: start each process's ids at a
+            // random point, so two never write the same reservation.
+            next_id: AtomicU64::new({
+                use std::hash::{BuildHasher, Hasher};
+                std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish()
+            }),
             max_keys,
         }
     }
@@ -159,7 +174,7 @@ impl MemoryStore {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn window(&self, budget: usize, wall: SystemTime) -> Window {
+    pub(crate) fn window(&self, budget: usize, wall: SystemTime) -> Window {
         self.budgets[budget].0.period.window(wall, &self.tz)
     }
 
@@ -223,7 +238,7 @@ impl MemoryStore {
         }
         let mut tickets = Vec::with_capacity(claims.len());
         for claim in claims {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = self.next_id();
             let g = shard_of(&mut guards, claim.budget);
             let entry = guards[g].1.get_mut(&claim.key).expect("created above");
             entry.reservations.push(Reservation {
@@ -236,6 +251,7 @@ impl MemoryStore {
                 who: claim.who,
                 key: claim.key,
                 id,
+                remote: false,
             });
         }
         (Ok(tickets), shadow_refusals)

@@ -102,7 +102,7 @@ async fn concurrent_requests_never_settle_past_the_budget() {
         assert!(s == StatusCode::OK || s == StatusCode::TOO_MANY_REQUESTS);
         admitted += u64::from(s == StatusCode::OK);
     }
-    let usage = handle.usage(&chat("sk-1", json!({})));
+    let usage = handle.usage(&chat("sk-1", json!({}))).await;
     assert_eq!(usage[0].reserved.tokens, 0, "every reservation settled");
     assert!(
         usage[0].used.tokens <= 10_000,
@@ -207,7 +207,7 @@ async fn streams_get_usage_injected_counted_and_stripped() {
         "the upstream was asked for usage"
     );
     assert_eq!(
-        handle.usage(&chat("sk-1", json!({})))[0].used.tokens,
+        handle.usage(&chat("sk-1", json!({}))).await[0].used.tokens,
         40,
         "settled from the streamed usage"
     );
@@ -258,7 +258,7 @@ async fn a_client_that_disconnects_mid_stream_is_charged() {
         .call(chat("sk-1", body))
         .await
         .unwrap();
-    let during = handle.usage(&chat("sk-1", json!({})));
+    let during = handle.usage(&chat("sk-1", json!({}))).await;
     assert!(during[0].reserved.tokens >= 500, "reserved while streaming");
     tx.send(Ok(http_body::Frame::data(Bytes::from_static(
         b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"12345678\"}}]}\n\n",
@@ -268,7 +268,7 @@ async fn a_client_that_disconnects_mid_stream_is_charged() {
     let mut body = Box::pin(res.into_body());
     body.frame().await.unwrap().unwrap();
     drop(body); // the client goes away
-    let after = handle.usage(&chat("sk-1", json!({})));
+    let after = handle.usage(&chat("sk-1", json!({}))).await;
     assert_eq!(after[0].reserved.tokens, 0);
     let prompt = moat_core::tokens::estimate_input(
         &moat_core::llm::LlmRequest::parse(
@@ -310,7 +310,7 @@ async fn spend_budgets_use_prices_and_unknown_models_are_refused() {
     res.into_body().collect().await.unwrap();
     // 10 prompt tokens at $2.50/M and 100 completion at $10/M: $0.001025.
     assert_eq!(
-        handle.usage(&chat("sk-1", json!({})))[0].used.usd,
+        handle.usage(&chat("sk-1", json!({}))).await[0].used.usd,
         Usd::from_micros(1025)
     );
     let mut other = ask(10);

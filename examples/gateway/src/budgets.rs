@@ -17,8 +17,12 @@ pub struct QuotaConfig {
     /// The budgets; a request must fit every budget that applies to it.
     #[serde(default)]
     pub budgets: Vec<Spanned<BudgetConfig>>,
-    /// `memory` (the only store of the gateway so far).
+    /// `memory` (default) or `redis`.
     pub store: Option<Spanned<String>>,
+    /// With `store = "redis"`.
+    pub redis_url: Option<Spanned<String>>,
+    /// `fail_closed` (default), `fail_open` or `local`.
+    pub on_store_error: Option<Spanned<String>>,
     /// A price table in LiteLLM's `model_prices_and_context_window.json` format.
     pub prices: Option<Spanned<String>>,
     /// `deny` (default), `free`, or `default` (charge `default_price`).
@@ -162,17 +166,48 @@ pub fn layer(
     resolver: CallerResolver,
     fingerprinter: &Fingerprinter,
 ) -> Result<Option<QuotaLayer>, LimitsError> {
-    if let Some(store) = &config.store {
-        if store.get_ref() != "memory" {
-            return Err(at(
-                Some(store.span()),
-                format!(
-                    "quota.store: `{}` is not supported by the gateway yet; use \"memory\"",
-                    store.get_ref()
-                ),
-            ));
+    let redis = match config
+        .store
+        .as_ref()
+        .map(|s| (s.get_ref().as_str(), s.span()))
+    {
+        None | Some(("memory", _)) => None,
+        Some(("redis", span)) => {
+            let url = config.redis_url.as_ref().ok_or_else(|| {
+                at(
+                    Some(span),
+                    "quota.redis_url is required with store = \"redis\"".into(),
+                )
+            })?;
+            let policy = match config
+                .on_store_error
+                .as_ref()
+                .map(|s| (s.get_ref().as_str(), s.span()))
+            {
+                None | Some(("fail_closed", _)) => moat::quota::OnStoreError::FailClosed,
+                Some(("fail_open", _)) => moat::quota::OnStoreError::FailOpen,
+                Some(("local", _)) => moat::quota::OnStoreError::Local,
+                Some((other, span)) => {
+                    return Err(at(
+                        Some(span),
+                        format!(
+                        "quota.on_store_error: `{other}` is not fail_closed, fail_open or local"
+                    ),
+                    ))
+                }
+            };
+            let store = moat::quota::RedisStore::open(url.get_ref())
+                .map_err(|e| at(Some(url.span()), format!("quota.redis_url: {e}")))?
+                .with_on_error(policy);
+            Some(store)
         }
-    }
+        Some((other, span)) => {
+            return Err(at(
+                Some(span),
+                format!("quota.store: `{other}` is not memory or redis"),
+            ))
+        }
+    };
     let mut prices = match &config.prices {
         Some(path) => {
             let text = std::fs::read_to_string(path.get_ref()).map_err(|e| {
@@ -274,6 +309,9 @@ pub fn layer(
     let Some(mut layer) = layer else {
         return Ok(None);
     };
+    if let Some(store) = redis {
+        layer = layer.with_redis(store);
+    }
     layer = layer
         .with_prices(prices)
         .with_caller_resolver(resolver)

@@ -138,9 +138,15 @@ pub fn app(resolved: &Resolved) -> Router {
     }
     let usage = Router::new().route(
         "/v1/moat/usage",
-        get(move |request: Request| async move {
-            let budgets = quota.map(|q| q.usage(&request)).unwrap_or_default();
-            axum::Json(serde_json::json!({"object": "moat.usage", "budgets": budgets}))
+        get(move |request: Request| {
+            let budgets = quota.as_ref().map(|q| q.usage(&request));
+            async move {
+                let budgets = match budgets {
+                    Some(usage) => usage.await,
+                    None => Vec::new(),
+                };
+                axum::Json(serde_json::json!({"object": "moat.usage", "budgets": budgets}))
+            }
         }),
     );
     let api = api.merge(usage);

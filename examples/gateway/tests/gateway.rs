@@ -859,3 +859,39 @@ async fn budget_alerts_reach_the_webhook_once_each() {
         "alerts carry no keys"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_budgets_in_redis() {
+    let redis = moat_testkit::redis::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let mock = MockUpstream::start().await.unwrap();
+    let extra = format!(
+        "store = \"redis\"\nredis_url = \"{}\"\ncompletion_reserve = 10",
+        redis.url()
+    );
+    let a = start(&budget_config(&mock, 1_000_000, &extra), &[]).await;
+    let b = start(&budget_config(&mock, 1_000_000, &extra), &[]).await;
+    let key = [("authorization", "Bearer sk-moat-alice")];
+    assert_eq!(
+        call(
+            &a.url,
+            "POST",
+            "/v1/chat/completions",
+            &key,
+            Some(chat("via a", false))
+        )
+        .await
+        .status,
+        200
+    );
+    let mut seen = 0;
+    for _ in 0..100 {
+        seen = usage_of(&b.url, "Bearer sk-moat-alice").await["budgets"][0]["used"]["tokens"]
+            .as_u64()
+            .unwrap();
+        if seen > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen > 0, "gateway b sees what went through gateway a");
+}
