@@ -36,8 +36,13 @@ pub struct Estimate {
 /// Counts one text for `model`: exactly for OpenAI models with the `tiktoken` feature, else an
 /// upper bound (its length in bytes).
 pub fn count(model: Option<&str>, text: &str) -> Estimate {
+    // Look the tokenizer up as an `Option`: `bpe_for_model` builds an error (and may capture a
+    // backtrace) for every model it does not know.
     #[cfg(feature = "tiktoken")]
-    if let Some(bpe) = model.and_then(|m| tiktoken_rs::bpe_for_model(m).ok()) {
+    if let Some(bpe) = model
+        .and_then(tiktoken_rs::tokenizer::get_tokenizer)
+        .and_then(|t| tiktoken_rs::bpe_for_tokenizer(t).ok())
+    {
         return Estimate {
             tokens: bpe.encode_ordinary(text).len() as u64,
             exact: true,
@@ -52,7 +57,16 @@ pub fn count(model: Option<&str>, text: &str) -> Estimate {
 
 /// The prompt tokens of a request: every text segment, plus framing.
 pub fn estimate_input(request: &LlmRequest) -> Estimate {
-    let model = request.model();
+    estimate(request, request.model())
+}
+
+/// The byte-length upper bound of a request's prompt tokens, without a tokenizer: far cheaper
+/// than exact counting (see docs/PERFORMANCE.md), and never an underestimate.
+pub fn estimate_input_upper_bound(request: &LlmRequest) -> Estimate {
+    estimate(request, None)
+}
+
+fn estimate(request: &LlmRequest, model: Option<&str>) -> Estimate {
     let mut total = PER_REQUEST;
     let mut exact = true;
     for (_, text) in request.texts() {
@@ -88,6 +102,12 @@ mod tests {
             e.tokens,
             "héllo wörld".len() as u64 + PER_SEGMENT + PER_REQUEST
         );
+    }
+
+    #[test]
+    fn the_upper_bound_ignores_the_model() {
+        let e = estimate_input_upper_bound(&chat("gpt-4o", "Hello world"));
+        assert_eq!((e.tokens, e.exact), (11 + PER_SEGMENT + PER_REQUEST, false));
     }
 
     #[cfg(feature = "tiktoken")]

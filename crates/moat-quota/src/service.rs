@@ -50,6 +50,7 @@ struct Config {
     resolver: CallerResolver,
     max_keys: usize,
     headers: bool,
+    exact_counting: bool,
     #[cfg(feature = "redis")]
     redis: Option<Arc<crate::redis::RedisStore>>,
 }
@@ -359,6 +360,7 @@ impl QuotaLayer {
             resolver: CallerResolver::default(),
             max_keys: 1_000_000,
             headers: true,
+            exact_counting: true,
             #[cfg(feature = "redis")]
             redis: None,
         })
@@ -439,6 +441,13 @@ impl QuotaLayer {
     /// Caps the keys each budget keeps (default 1,000,000); idle keys are evicted first.
     pub fn with_max_keys(self, max_keys: usize) -> Self {
         self.map(|c| c.max_keys = max_keys.max(1))
+    }
+
+    /// Count OpenAI prompts exactly with tiktoken (default on, with the `tiktoken` feature), or
+    /// reserve the byte-length upper bound for every model: about 200x cheaper per KB, and
+    /// settled to the real usage all the same.
+    pub fn with_exact_counting(self, exact: bool) -> Self {
+        self.map(|c| c.exact_counting = exact)
     }
 
     /// Whether responses carry `x-moat-quota-*` headers (default on).
@@ -765,7 +774,11 @@ where
                 (
                     r.model().map(str::to_owned),
                     r.format(),
-                    moat_core::tokens::estimate_input(r).tokens,
+                    if quota.config.exact_counting {
+                        moat_core::tokens::estimate_input(r).tokens
+                    } else {
+                        moat_core::tokens::estimate_input_upper_bound(r).tokens
+                    },
                     r.max_output_tokens(),
                     r.stream(),
                     r.include_usage(),

@@ -1,0 +1,104 @@
+//! Requests reserved and settled in Redis through `QuotaLayer`: throughput and latency with
+//! concurrent clients against a private redis-server on loopback.
+//!
+//! Run: `cargo bench -p moat-benches --bench quota_redis`
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use moat_core::body::RequestBody;
+use moat_core::identity::{ApiKey, PeerAddr};
+use moat_quota::{Budget, OnStoreError, Period, QuotaLayer, RedisStore};
+use moat_testkit::redis::RedisServer;
+use tower::{ServiceBuilder, ServiceExt};
+
+const PER_ROW: usize = 10_000;
+
+fn main() {
+    let redis = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("QuotaLayer with Redis: reserve before, settle after ({PER_ROW} requests per row, 1,000 keys)");
+    println!("| concurrent clients | requests/s | p50 | p99 |");
+    println!("|---|---|---|---|");
+    for clients in [1usize, 8, 32] {
+        let store = RedisStore::open(&redis.url())
+            .unwrap()
+            .with_on_error(OnStoreError::FailClosed)
+            .with_timeout(Duration::from_secs(2));
+        let layer = QuotaLayer::new(
+            Budget::new("bench", ApiKey::default(), Period::Day).tokens(u64::MAX / 4),
+        )
+        .with_headers(false)
+        .with_redis(store);
+        let inner = tower::service_fn(|req: Request<RequestBody<Full<Bytes>>>| async move {
+            let _ = req.into_body().collect().await;
+            let usage = r#"{"choices":[],"usage":{"prompt_tokens":30,"completion_tokens":20,"total_tokens":50}}"#;
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(usage.as_bytes())))
+                    .unwrap(),
+            )
+        });
+        let service = ServiceBuilder::new().layer(layer).service(inner);
+        let (elapsed, mut latencies) = runtime.block_on(async move {
+            for i in 0..50 {
+                let _ = service.clone().oneshot(request(i)).await;
+            }
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..clients)
+                .map(|c| {
+                    let service = service.clone();
+                    tokio::spawn(async move {
+                        let mut latencies = Vec::with_capacity(PER_ROW / clients);
+                        for i in 0..PER_ROW / clients {
+                            let t = Instant::now();
+                            let res = service
+                                .clone()
+                                .oneshot(request(c * 7919 + i))
+                                .await
+                                .unwrap();
+                            assert_eq!(res.status(), 200);
+                            let _ = res.into_body().collect().await;
+                            latencies.push(t.elapsed());
+                        }
+                        latencies
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(PER_ROW);
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            (start.elapsed(), all)
+        });
+        latencies.sort_unstable();
+        let pct =
+            |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+        println!(
+            "| {clients} | {:.0} | {:?} | {:?} |",
+            latencies.len() as f64 / elapsed.as_secs_f64(),
+            pct(0.5),
+            pct(0.99)
+        );
+    }
+}
+
+fn request(i: usize) -> Request<Full<Bytes>> {
+    let body = r#"{"model":"gpt-4o","max_tokens":20,"messages":[{"role":"user","content":"hello there"}]}"#;
+    let mut r = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer sk-{}", i % 1000))
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    r.extensions_mut()
+        .insert(PeerAddr("192.0.2.1:1".parse().unwrap()));
+    r
+}
