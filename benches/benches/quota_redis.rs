@@ -79,14 +79,9 @@ fn main() {
             }
             (start.elapsed(), all)
         });
-        latencies.sort_unstable();
-        let pct =
-            |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
         println!(
-            "| {clients} | {:.0} | {:?} | {:?} |",
-            latencies.len() as f64 / elapsed.as_secs_f64(),
-            pct(0.5),
-            pct(0.99)
+            "{}",
+            moat_benches::latency_row(clients, &mut latencies, elapsed)
         );
     }
 }

@@ -27,6 +27,18 @@ use serde::Serialize;
 
 use crate::usage::Usage;
 
+/// Enforce a rule, or only decide and record (shadow mode): every moat rule and budget has both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Mode {
+    /// Refuse what breaks the rule.
+    #[default]
+    Enforce,
+    /// Count and record what would be refused, but let it through.
+    Shadow,
+}
+
 /// A cheap, cloneable list of decisions shared by all layers handling one request.
 #[derive(Clone, Default)]
 pub struct Decisions {

@@ -121,6 +121,27 @@ impl Key {
         truncate(&sha2::Digest::finalize(hasher))
     }
 
+    /// The name of this key's state in a shared store: `PREFIX{SCOPE:DIGEST}`. The braces are a
+    /// Redis Cluster hash tag, so everything of one scope and key lives in one slot; braces in
+    /// `scope` are replaced so they cannot break the tag.
+    pub fn hash_tagged(&self, prefix: &str, scope: &str) -> String {
+        use std::fmt::Write;
+        let mut name = String::with_capacity(prefix.len() + scope.len() + 36);
+        name.push_str(prefix);
+        name.push('{');
+        name.extend(
+            scope
+                .chars()
+                .map(|c| if c == '{' || c == '}' { '_' } else { c }),
+        );
+        name.push(':');
+        for b in self.digest() {
+            let _ = write!(name, "{b:02x}");
+        }
+        name.push('}');
+        name
+    }
+
     /// Both keys at once, e.g. per key and model.
     pub fn combine(self, other: Key) -> Key {
         let mut hasher = <Sha256 as sha2::Digest>::new();
@@ -739,6 +760,15 @@ impl Caller {
         self.ip = Some(ip);
         self
     }
+
+    /// Whether the caller's tier is one of `tiers`; no tiers admit every caller.
+    pub fn in_tiers(&self, tiers: &[String]) -> bool {
+        tiers.is_empty()
+            || self
+                .tier
+                .as_deref()
+                .is_some_and(|t| tiers.iter().any(|x| x == t))
+    }
 }
 
 /// Builds the [`Caller`] of a request the first time a layer asks, and stores it.
@@ -832,6 +862,11 @@ mod tests {
         assert_eq!(v4, Key::ip("::ffff:192.0.2.1".parse().unwrap()));
         assert_eq!(v4.to_string(), "ip:192.0.2.1");
         assert_eq!(v4.digest(), Key::ip("192.0.2.1".parse().unwrap()).digest());
+        let name = v4.hash_tagged("moat:rl:", "per{ip}");
+        assert!(
+            name.starts_with("moat:rl:{per_ip_:") && name.ends_with('}') && !name.contains("192.0"),
+            "{name}"
+        );
         assert_ne!(v4.digest(), a.digest());
         let ex = PeerIp;
         assert_eq!(
@@ -982,6 +1017,11 @@ mod tests {
             .extensions_mut()
             .insert(Caller::new().with_id("alice").with_tier("free"));
         let caller = resolver.resolve(&mut authed);
+        assert!(
+            caller.in_tiers(&["free".to_owned()])
+                && caller.in_tiers(&[])
+                && !caller.in_tiers(&["paid".to_owned()])
+        );
         assert_eq!(caller.id.as_deref(), Some("alice"));
         assert_eq!(caller.tier.as_deref(), Some("free"));
         assert!(caller.api_key.is_some() && caller.ip.is_some());

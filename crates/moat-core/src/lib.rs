@@ -67,6 +67,6 @@ pub mod tokens;
 pub mod usage;
 
 pub use body::{RequestBody, ResponseBody};
-pub use decision::{Decision, Decisions};
+pub use decision::{Decision, Decisions, Mode};
 pub use identity::{Caller, Key, KeyExtractor};
 pub use reject::Rejection;

@@ -85,6 +85,18 @@ impl WireFormat {
     }
 }
 
+/// Whether `model` matches any of `patterns` (exact names, or `prefix*` for a family); no
+/// patterns match everything, and a request without a model matches only that.
+pub fn model_matches(patterns: &[String], model: Option<&str>) -> bool {
+    patterns.is_empty()
+        || model.is_some_and(|model| {
+            patterns.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => model.starts_with(prefix),
+                None => p == model,
+            })
+        })
+}
+
 /// Who said a piece of text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -1020,6 +1032,16 @@ mod tests {
             WireFormat::detect("/custom", &json!({"x": 1})),
             WireFormat::Unknown
         );
+    }
+
+    #[test]
+    fn model_patterns() {
+        let p = vec!["gpt-4o".to_owned(), "claude-*".to_owned()];
+        assert!(model_matches(&p, Some("gpt-4o")));
+        assert!(model_matches(&p, Some("claude-haiku-4-5")));
+        assert!(!model_matches(&p, Some("gpt-4o-mini")));
+        assert!(!model_matches(&p, None));
+        assert!(model_matches(&[], None));
     }
 
     #[test]

@@ -3,22 +3,13 @@
 use std::fmt;
 use std::sync::Arc;
 
+use moat_core::decision::Mode;
 use moat_core::identity::{Caller, KeyExtractor};
+use moat_core::llm::model_matches;
 use serde::Serialize;
 
 use crate::money::Usd;
 use crate::period::Period;
-
-/// Enforce a budget, or only decide and record (shadow mode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Mode {
-    /// Refuse requests that do not fit.
-    #[default]
-    Enforce,
-    /// Count and record what would be refused, but let it through.
-    Shadow,
-}
 
 /// Amounts of usage: tokens and money.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -285,19 +276,7 @@ impl Budget {
     }
 
     pub(crate) fn applies(&self, model: Option<&str>, caller: &Caller) -> bool {
-        let model_ok = self.models.is_empty()
-            || model.is_some_and(|model| {
-                self.models.iter().any(|m| match m.strip_suffix('*') {
-                    Some(prefix) => model.starts_with(prefix),
-                    None => m == model,
-                })
-            });
-        let tier_ok = self.tiers.is_empty()
-            || caller
-                .tier
-                .as_deref()
-                .is_some_and(|t| self.tiers.iter().any(|x| x == t));
-        model_ok && tier_ok
+        model_matches(&self.models, model) && caller.in_tiers(&self.tiers)
     }
 }
 

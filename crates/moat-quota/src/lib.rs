@@ -75,7 +75,8 @@ mod store;
 mod strip;
 
 pub use alert::{AlertSink, BudgetAlert, TracingAlerts};
-pub use budget::{Amounts, Budget, Limits, Mode};
+pub use budget::{Amounts, Budget, Limits};
+pub use moat_core::decision::Mode;
 pub use money::{PerToken, Price, PriceTable, PriceTableError, UnknownModel, Usd};
 pub use period::Period;
 #[cfg(feature = "redis")]

@@ -218,17 +218,7 @@ impl RedisStore {
     }
 
     fn name(&self, slot: &Slot<'_>) -> String {
-        let budget: String = slot
-            .budget
-            .chars()
-            .map(|c| if c == '{' || c == '}' { '_' } else { c })
-            .collect();
-        let mut name = format!("{}{{{budget}:", self.prefix);
-        for b in slot.key.digest() {
-            name.push_str(&format!("{b:02x}"));
-        }
-        name.push('}');
-        name
+        slot.key.hash_tagged(&self.prefix, slot.budget)
     }
 
     async fn run<T: redis::FromRedisValue>(

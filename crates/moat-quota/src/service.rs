@@ -24,10 +24,11 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::alert::{AlertSink, BudgetAlert, TracingAlerts};
-use crate::budget::{Amounts, Budget, Limits, Mode};
+use crate::budget::{Amounts, Budget, Limits};
 use crate::money::{Price, PriceTable, Usd};
 use crate::store::{Claim, MemoryStore, Refusal, Ticket};
 use crate::strip::StripUsageChunk;
+use moat_core::decision::Mode;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

@@ -178,16 +178,7 @@ impl RedisStore {
 
     /// The Redis key of a rule's state for `key`.
     pub(crate) fn key_name(&self, rule: &str, key: &Key) -> String {
-        let rule: String = rule
-            .chars()
-            .map(|c| if c == '{' || c == '}' { '_' } else { c })
-            .collect();
-        let mut name = format!("{}{{{rule}:", self.prefix);
-        for b in key.digest() {
-            name.push_str(&format!("{b:02x}"));
-        }
-        name.push('}');
-        name
+        key.hash_tagged(&self.prefix, rule)
     }
 
     async fn connection(&self) -> redis::RedisResult<ConnectionManager> {

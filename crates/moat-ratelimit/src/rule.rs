@@ -4,25 +4,11 @@ use std::fmt;
 use std::sync::Arc;
 
 use http::Method;
+use moat_core::decision::Mode;
 use moat_core::identity::{Caller, KeyExtractor};
+use moat_core::llm::model_matches;
 
 use crate::limit::Limit;
-
-/// Enforce a rule, or only decide and record (shadow mode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[cfg_attr(
-    feature = "serde",
-    derive(serde::Deserialize),
-    serde(rename_all = "snake_case")
-)]
-#[non_exhaustive]
-pub enum Mode {
-    /// Reject what is over the limit.
-    #[default]
-    Enforce,
-    /// Count and record what would be rejected, but let it through.
-    Shadow,
-}
 
 /// One rate-limit rule.
 ///
@@ -167,22 +153,12 @@ impl Rule {
     pub(crate) fn matches_head(&self, method: &Method, path: &str, caller: &Caller) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
             && (self.routes.is_empty() || self.routes.iter().any(|r| route_matches(r, path)))
-            && (self.tiers.is_empty()
-                || caller
-                    .tier
-                    .as_deref()
-                    .is_some_and(|tier| self.tiers.iter().any(|t| t == tier)))
+            && caller.in_tiers(&self.tiers)
     }
 
     /// Whether the rule's model filter admits `model`.
     pub(crate) fn matches_model(&self, model: Option<&str>) -> bool {
-        self.models.is_empty()
-            || model.is_some_and(|model| {
-                self.models.iter().any(|m| match m.strip_suffix('*') {
-                    Some(prefix) => model.starts_with(prefix),
-                    None => m == model,
-                })
-            })
+        model_matches(&self.models, model)
     }
 }
 
