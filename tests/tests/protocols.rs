@@ -347,3 +347,62 @@ mod ratelimit {
         );
     }
 }
+
+mod stack {
+    use super::*;
+    use moat::core::identity::ApiKey;
+    use moat::quota::{Budget, Period, QuotaLayer};
+    use moat::ratelimit::{Limit, RateLimitLayer, Rule};
+
+    /// The README's axum example: rate limits outside, budgets inside, over a real socket.
+    #[tokio::test]
+    async fn rate_limits_and_budgets_on_one_axum_router() {
+        let limits = RateLimitLayer::new(
+            Rule::new("per-key", ApiKey::default()).limit(Limit::per_minute(3)),
+        );
+        let quota = QuotaLayer::new(
+            Budget::new("daily-tokens", ApiKey::default(), Period::Day).tokens(200_000),
+        );
+        let router = axum::Router::new()
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(|| async {
+                    (
+                        [(http::header::CONTENT_TYPE, "application/json")],
+                        r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":5,"total_tokens":10}}"#,
+                    )
+                }),
+            )
+            .layer(quota)
+            .layer(limits);
+        let url = axum_server(router).await;
+        let body =
+            r#"{"model":"gpt-4o","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+        let send = || {
+            http_client().request(
+                Request::post(format!("{url}/v1/chat/completions"))
+                    .header("authorization", "Bearer sk-stack")
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(body.as_bytes())))
+                    .unwrap(),
+            )
+        };
+        for expected_left in ["2", "1", "0"] {
+            let res = send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            assert_eq!(
+                res.headers()["x-ratelimit-remaining-requests"],
+                expected_left
+            );
+            assert_eq!(res.headers()["x-moat-quota-budget"], "daily-tokens");
+            res.into_body().collect().await.unwrap();
+        }
+        let limited = send().await.unwrap();
+        assert_eq!(
+            limited.status(),
+            429,
+            "the rate limit answers before the budget is touched"
+        );
+        assert!(limited.headers().get("x-moat-quota-budget").is_none());
+    }
+}
