@@ -317,7 +317,7 @@ key_sha256 = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"
     #[test]
     fn ratelimit_rules_build_a_layer_and_bad_ones_name_their_line() {
         let base = "[upstream]\nbase_url = \"http://x/v1\"\n";
-        let good = format!("{base}[ratelimit]\nstore = \"memory\"\n[[ratelimit.rules]]\nname = \"per-key\"\nkey = \"api_key\"\nlimits = [\"5/minute\", \"100/day\"]\ntokens = [\"20000/minute\"]\ntiers = [\"free\"]\n[[ratelimit.rules]]\nname = \"by-header\"\nkey = \"header:x-user\"\nlimits = [\"1/second\"]\nmode = \"shadow\"\n");
+        let good = format!("{base}[ratelimit]\nstore = \"memory\"\n[[ratelimit.rules]]\nname = \"per-key\"\nkey = \"api_key\"\nlimits = [\"5/minute\", \"100/day\"]\ntokens = [\"20000/minute\"]\ntiers = [\"free\"]\nmethods = [\"POST\"]\nroutes = [\"/v1/*\"]\n[[ratelimit.rules]]\nname = \"by-header\"\nkey = \"header:x-user\"\nlimits = [\"1/second\"]\nmode = \"shadow\"\n");
         assert!(Config::resolve(&good, no_env).unwrap().ratelimit.is_some());
         assert!(Config::resolve(base, no_env).unwrap().ratelimit.is_none());
 

@@ -120,6 +120,9 @@ pub struct RuleConfig {
     /// Only these paths (`/prefix/*` for a subtree).
     #[serde(default)]
     pub routes: Vec<String>,
+    /// Only these methods, e.g. `["POST"]`.
+    #[serde(default)]
+    pub methods: Vec<String>,
     /// Only these models (`prefix*` for a family).
     #[serde(default)]
     pub models: Vec<String>,
@@ -274,6 +277,11 @@ pub fn layer(
         }
         for route in &rc.routes {
             rule = rule.route(route.as_str());
+        }
+        for method in &rc.methods {
+            let method = http::Method::from_bytes(method.as_bytes())
+                .map_err(|_| err(format!("`{method}` is not an HTTP method")))?;
+            rule = rule.method(method);
         }
         for model in &rc.models {
             rule = rule.model(model.as_str());
