@@ -22,15 +22,18 @@
 //! assert_eq!(reply, "Sent to jane@example.com.");
 //! ```
 //!
-//! This crate is the detection and restore core; the Tower layer and the gateway wiring are
-//! not here yet.
+//! [`RedactLayer`] applies it to a service: every text segment of an OpenAI or Anthropic request
+//! is redacted with a vault of its own, and JSON replies (tool-call arguments included, correctly
+//! escaped) and streamed OpenAI chat and Anthropic replies are restored.
 
 #![forbid(unsafe_code)]
 
 mod detect;
 mod entity;
 mod redactor;
+mod service;
 
 pub use detect::{Detector, Finding};
 pub use entity::Entity;
 pub use redactor::{Operator, Redacted, Redactor, StreamRestorer, Vault, MAX_VAULT_ENTRIES};
+pub use service::{Redact, RedactLayer, ResponseFuture, RestoreBody};

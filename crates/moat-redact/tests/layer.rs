@@ -1,0 +1,196 @@
+//! RedactLayer in front of the real mock upstream, over a real socket.
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use moat_core::body::RequestBody;
+use moat_core::sse::{text_deltas, SseDecoder};
+use moat_redact::{Entity, RedactLayer, Redactor};
+use moat_testkit::mock::MockUpstream;
+use serde_json::{json, Value};
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+
+const SECRET_TEXT: &str =
+    "Write to jane.doe@example.com, card 4111 1111 1111 1111, from 203.0.113.9.";
+
+/// Forwards to the mock upstream with a real HTTP client.
+async fn forward(
+    base: String,
+    req: Request<RequestBody<Full<Bytes>>>,
+) -> Result<Response<hyper::body::Incoming>, BoxError> {
+    let (mut parts, body) = req.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .to_bytes();
+    parts.uri = format!("{base}{}", parts.uri.path()).parse()?;
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    Ok(client
+        .request(Request::from_parts(parts, Full::new(bytes)))
+        .await?)
+}
+
+async fn send(
+    mock: &MockUpstream,
+    path: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> (http::HeaderMap, Bytes) {
+    let base = mock.url();
+    let svc = ServiceBuilder::new()
+        .layer(RedactLayer::new(Redactor::new(&Entity::ALL)))
+        .service_fn(move |req| forward(base.clone(), req));
+    let mut builder = Request::post(path).header("content-type", "application/json");
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let res = svc
+        .oneshot(
+            builder
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (parts, body) = res.into_parts();
+    (parts.headers, body.collect().await.unwrap().to_bytes())
+}
+
+fn assert_upstream_saw_no_raw_values(mock: &MockUpstream) {
+    let seen = serde_json::to_string(&mock.requests()).unwrap();
+    for raw in ["jane.doe@example.com", "4111 1111 1111 1111", "203.0.113.9"] {
+        assert!(!seen.contains(raw), "the upstream saw {raw}: {seen}");
+    }
+    assert!(seen.contains("[EMAIL_1]") && seen.contains("[CARD_1]") && seen.contains("[IP_1]"));
+}
+
+fn streamed_text(bytes: &[u8]) -> (String, String) {
+    let mut decoder = SseDecoder::new();
+    let mut events = decoder.decode(bytes).unwrap();
+    events.extend(decoder.finish());
+    let (mut content, mut args) = (String::new(), String::new());
+    for v in events.iter().filter_map(|e| e.json()) {
+        for d in text_deltas(&v) {
+            match d.kind {
+                moat_core::sse::DeltaKind::Content => content.push_str(d.text),
+                _ => args.push_str(d.text),
+            }
+        }
+    }
+    (content, args)
+}
+
+#[tokio::test]
+async fn chat_json_replies_get_the_originals_back() {
+    let mock = MockUpstream::start().await.unwrap();
+    let (_, body) = send(
+        &mock,
+        "/v1/chat/completions",
+        json!({"model": "m", "messages": [{"role": "user", "content": SECRET_TEXT}]}),
+        &[],
+    )
+    .await;
+    assert_upstream_saw_no_raw_values(&mock);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], SECRET_TEXT);
+}
+
+#[tokio::test]
+async fn streamed_replies_split_anywhere_are_restored() {
+    let mock = MockUpstream::start().await.unwrap();
+    for headers in [
+        vec![],
+        vec![("x-mock-chunk-chars", "1")],
+        vec![("x-mock-split-bytes", "7")],
+    ] {
+        mock.clear();
+        let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": SECRET_TEXT}]});
+        let (_, bytes) = send(&mock, "/v1/chat/completions", body, &headers).await;
+        assert_upstream_saw_no_raw_values(&mock);
+        assert_eq!(streamed_text(&bytes).0, SECRET_TEXT, "{headers:?}");
+        assert!(bytes.ends_with(b"data: [DONE]\n\n"));
+    }
+}
+
+#[tokio::test]
+async fn tool_call_arguments_are_restored_as_valid_json() {
+    let mock = MockUpstream::start().await.unwrap();
+    let tricky = "Mail \"Jane\" at jane.doe@example.com";
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": tricky}]});
+    let (_, bytes) = send(
+        &mock,
+        "/v1/chat/completions",
+        body.clone(),
+        &[("x-mock-tool-call", "send")],
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    let args: Value = serde_json::from_str(
+        v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(args["input"], tricky);
+    let mut streaming = body;
+    streaming["stream"] = json!(true);
+    let (_, bytes) = send(
+        &mock,
+        "/v1/chat/completions",
+        streaming,
+        &[("x-mock-tool-call", "send"), ("x-mock-chunk-chars", "2")],
+    )
+    .await;
+    let args: Value =
+        serde_json::from_str(&streamed_text(&bytes).1).expect("streamed arguments are valid JSON");
+    assert_eq!(args["input"], tricky);
+}
+
+#[tokio::test]
+async fn anthropic_messages_both_ways() {
+    let mock = MockUpstream::start().await.unwrap();
+    let body = json!({"model": "claude", "max_tokens": 100, "system": "be brief", "messages": [{"role": "user", "content": [{"type": "text", "text": SECRET_TEXT}]}]});
+    let (_, bytes) = send(&mock, "/v1/messages", body.clone(), &[]).await;
+    assert_upstream_saw_no_raw_values(&mock);
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v["content"][0]["text"], SECRET_TEXT);
+    let mut streaming = body;
+    streaming["stream"] = json!(true);
+    let (_, bytes) = send(
+        &mock,
+        "/v1/messages",
+        streaming,
+        &[("x-mock-chunk-chars", "2")],
+    )
+    .await;
+    assert_eq!(streamed_text(&bytes).0, SECRET_TEXT);
+}
+
+#[tokio::test]
+async fn requests_without_personal_data_pass_unchanged() {
+    let mock = MockUpstream::start().await.unwrap();
+    let raw = r#"{ "model" : "m", "messages": [ {"role":"user","content":"nothing to hide"} ] }"#;
+    let base = mock.url();
+    let svc = ServiceBuilder::new()
+        .layer(RedactLayer::new(Redactor::new(&Entity::ALL)))
+        .service_fn(move |req| forward(base.clone(), req));
+    let req = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(raw.as_bytes())))
+        .unwrap();
+    svc.oneshot(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        mock.requests()[0].body,
+        serde_json::from_str::<Value>(raw).unwrap()
+    );
+}
