@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `ratelimit` | `moat::ratelimit` | keyed request, token and concurrency limits ([`moat_ratelimit`]) |
 //! | `quota` | `moat::quota` | token and spend budgets, reserved and settled ([`moat_quota`]) |
+//! | `redact` | `moat::redact` | PII and secrets replaced before the prompt leaves, restored in replies ([`moat_redact`]) |
 //! | `redis` | | limiter state in Redis |
 //! | `serde` | | configuration types deserialize with serde |
 //! | `axum`, `tonic` | | read the peer address from axum's or tonic's connection info |
@@ -29,3 +30,5 @@ pub use moat_core::{
 pub use moat_quota as quota;
 #[cfg(feature = "ratelimit")]
 pub use moat_ratelimit as ratelimit;
+#[cfg(feature = "redact")]
+pub use moat_redact as redact;

@@ -7,12 +7,14 @@ use std::ops::Range;
 use moat::core::identity::{CallerResolver, Fingerprinter};
 use moat::quota::QuotaLayer;
 use moat::ratelimit::RateLimitLayer;
+use moat::redact::RedactLayer;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use crate::budgets::{self, QuotaConfig};
 use crate::limits::{self, IdentityConfig, RateLimitConfig};
+use crate::privacy::{self, RedactConfig};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -38,6 +40,8 @@ pub struct Config {
     /// Token and spend budgets.
     #[serde(default)]
     pub quota: QuotaConfig,
+    /// PII and secret redaction.
+    pub redact: Option<RedactConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -144,6 +148,8 @@ pub struct Resolved {
     pub ratelimit: Option<RateLimitLayer>,
     /// The quota layer, when budgets are configured.
     pub quota: Option<QuotaLayer>,
+    /// The redaction layer, when `[redact]` is configured.
+    pub redact: Option<RedactLayer>,
 }
 
 fn line_of(source: &str, span: Range<usize>) -> usize {
@@ -251,6 +257,8 @@ impl Config {
         .map_err(limits_error)?;
         let quota = budgets::layer(&config.quota, resolver.clone(), &fingerprinter)
             .map_err(limits_error)?;
+        let redact =
+            privacy::layer(config.redact.as_ref(), &fingerprinter).map_err(limits_error)?;
         Ok(Resolved {
             config,
             upstream_api_key,
@@ -259,6 +267,7 @@ impl Config {
             fingerprinter,
             ratelimit,
             quota,
+            redact,
         })
     }
 }

@@ -14,6 +14,7 @@
 pub mod budgets;
 pub mod config;
 pub mod limits;
+pub mod privacy;
 mod proxy;
 
 use std::collections::HashMap;
@@ -128,8 +129,12 @@ pub fn app(resolved: &Resolved) -> Router {
         .route("/v1/messages", post(proxy::forward))
         .route("/v1/models", get(proxy::forward))
         .with_state(upstream);
-    // Layers added last run first: authentication, rate limits, then budgets.
+    // Layers added last run first: authentication, rate limits, budgets, then redaction
+    // (nearest the upstream, so budgets count the prompt the user sent).
     let quota = resolved.quota.as_ref().map(moat::quota::QuotaLayer::handle);
+    if let Some(layer) = &resolved.redact {
+        api = api.layer(layer.clone());
+    }
     if let Some(layer) = &resolved.quota {
         api = api.layer(layer.clone());
     }
@@ -200,8 +205,8 @@ pub mod demo {
     use super::config::Config;
     use super::config::Resolved;
 
-    /// The demo's protections: per caller (API key, else IP), request and token rates, and a
-    /// daily token budget.
+    /// The demo's protections: per caller (API key, else IP), request and token rates, a daily
+    /// token budget, and PII and secrets replaced before they leave (restored in replies).
     pub const LIMITS: &str = r#"
 [[ratelimit.rules]]
 name = "per-caller"
@@ -214,6 +219,11 @@ name = "daily-tokens"
 per = "api_key"
 period = "day"
 tokens = 1000000
+
+[redact]
+entities = ["all"]
+operator = "pseudonymize"
+restore = true
 "#;
 
     /// The demo's configuration in front of a mock upstream at `mock_url` (without `/v1`).

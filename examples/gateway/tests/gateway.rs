@@ -895,3 +895,45 @@ async fn two_gateways_share_budgets_in_redis() {
     }
     assert!(seen > 0, "gateway b sees what went through gateway a");
 }
+
+#[tokio::test]
+async fn personal_data_never_reaches_the_upstream_and_comes_back() {
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "[upstream]\nbase_url = \"{}/v1\"\n[redact]\nentities = [\"all\"]\n",
+        mock.url()
+    );
+    let gw = start(&config, &[]).await;
+    let text = "My card is 4111 1111 1111 1111 and my email jane@example.com";
+    let plain = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat(text, false)),
+    )
+    .await;
+    assert_eq!(plain.json()["choices"][0]["message"]["content"], text);
+    let streamed_reply = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-chunk-chars", "2")],
+        Some(chat(text, true)),
+    )
+    .await;
+    assert_eq!(streamed(&streamed_reply.body.unwrap()), text);
+    let seen = serde_json::to_string(&mock.requests()).unwrap();
+    assert!(
+        !seen.contains("4111 1111") && !seen.contains("jane@example.com"),
+        "{seen}"
+    );
+    assert!(seen.contains("[CARD_1]") && seen.contains("[EMAIL_1]"));
+
+    let bad = format!(
+        "[upstream]\nbase_url = \"{}/v1\"\n[redact]\nentities = [\"email\", \"passport\"]\n",
+        mock.url()
+    );
+    let e = Config::resolve(&bad, |_| None).unwrap_err();
+    assert!(e.message.contains("passport") && e.line == Some(4), "{e}");
+}
