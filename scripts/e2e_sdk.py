@@ -92,6 +92,17 @@ def checks(url):
         else:
             raise AssertionError("a 429 must raise RateLimitError")
 
+    def openai_pii_round_trip():
+        # The demo redacts: the mock upstream only sees placeholders, yet echoes back the originals.
+        text = "Card 4111 1111 1111 1111, email jane@example.com"
+        r = oa.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": text}])
+        assert r.choices[0].message.content == text, r
+        stream = oa.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": text}], stream=True
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert streamed == text, streamed
+
     def anthropic_messages():
         m = an.messages.create(
             model="claude-haiku-4-5",
@@ -121,6 +132,7 @@ def checks(url):
         openai_embeddings,
         openai_models,
         openai_error_shape,
+        openai_pii_round_trip,
         anthropic_messages,
         anthropic_messages_stream,
     ]
