@@ -16,6 +16,7 @@
 //!   gRPC status.
 //! - [`decision`]: the [`Decisions`](decision::Decisions) each layer appends to, for the audit log.
 //! - [`clock`]: injectable time.
+//! - [`future`]: a boxed response future for layers that await before deciding.
 //!
 //! # Example
 //!
@@ -59,6 +60,7 @@
 pub mod body;
 pub mod clock;
 pub mod decision;
+pub mod future;
 pub mod identity;
 pub mod llm;
 pub mod reject;

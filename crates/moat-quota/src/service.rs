@@ -1,7 +1,6 @@
 //! [`QuotaLayer`], [`Quota`], [`QuotaHandle`] and the settlement of reservations.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,7 +30,6 @@ use crate::strip::StripUsageChunk;
 use moat_core::decision::Mode;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// The response body of a service behind [`QuotaLayer`].
 pub type QuotaBody<B> = StripUsageChunk<UsageBody<ResponseBody<B>, Settlement>>;
@@ -513,23 +511,8 @@ impl<S> Quota<S> {
 }
 
 /// The response future of [`Quota`].
-pub struct ResponseFuture<B, E> {
-    future: BoxFuture<Result<Response<QuotaBody<B>>, E>>,
-}
-
-impl<B, E> std::fmt::Debug for ResponseFuture<B, E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ResponseFuture { .. }")
-    }
-}
-
-impl<B, E> Future for ResponseFuture<B, E> {
-    type Output = Result<Response<QuotaBody<B>>, E>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.future.as_mut().poll(cx)
-    }
-}
+pub type ResponseFuture<B, E> =
+    moat_core::future::BoxResponseFuture<Result<Response<QuotaBody<B>>, E>>;
 
 /// What a request reserved, settled from its real usage when its response body ends.
 pub struct Settlement {
@@ -927,9 +910,7 @@ where
                 StripUsageChunk::new(body, strip),
             ))
         };
-        ResponseFuture {
-            future: Box::pin(future),
-        }
+        ResponseFuture::new(future)
     }
 }
 

@@ -1,7 +1,6 @@
 //! [`RedactLayer`]: placeholders out, originals back.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -22,7 +21,6 @@ use tower_service::Service;
 use crate::redactor::{Redactor, StreamRestorer, Vault};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// The largest JSON reply restored whole (8 MiB); larger replies pass through unrestored.
 const MAX_JSON: usize = 8 * 1024 * 1024;
@@ -90,23 +88,8 @@ impl<S> Redact<S> {
 }
 
 /// The response future of [`Redact`].
-pub struct ResponseFuture<B, E> {
-    future: BoxFuture<Result<Response<RestoreBody<B>>, E>>,
-}
-
-impl<B, E> std::fmt::Debug for ResponseFuture<B, E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ResponseFuture { .. }")
-    }
-}
-
-impl<B, E> Future for ResponseFuture<B, E> {
-    type Output = Result<Response<RestoreBody<B>>, E>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.future.as_mut().poll(cx)
-    }
-}
+pub type ResponseFuture<B, E> =
+    moat_core::future::BoxResponseFuture<Result<Response<RestoreBody<B>>, E>>;
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Redact<S>
 where
@@ -194,9 +177,7 @@ where
             };
             Ok(Response::from_parts(parts, body))
         };
-        ResponseFuture {
-            future: Box::pin(future),
-        }
+        ResponseFuture::new(future)
     }
 }
 
