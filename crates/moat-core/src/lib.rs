@@ -17,6 +17,7 @@
 //! - [`decision`]: the [`Decisions`](decision::Decisions) each layer appends to, for the audit log.
 //! - [`clock`]: injectable time.
 //! - [`future`]: a boxed response future for layers that await before deciding.
+//! - [`store`]: the failure policy of shared stores, and (feature `redis`) their Redis connection.
 //!
 //! # Example
 //!
@@ -65,6 +66,7 @@ pub mod identity;
 pub mod llm;
 pub mod reject;
 pub mod sse;
+pub mod store;
 pub mod tokens;
 pub mod usage;
 

@@ -11,25 +11,14 @@
 use std::fmt;
 use std::time::Duration;
 
+use moat_core::store::{RedisConnection, StoreError};
 use moat_core::Key;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::budget::{Amounts, Dimension, Limits};
 use crate::money::Usd;
 use crate::period::Window;
 
-/// What to do when Redis cannot be reached in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum OnStoreError {
-    /// Refuse the request with 503 (the safe default for spend).
-    #[default]
-    FailClosed,
-    /// Let the request through uncounted.
-    FailOpen,
-    /// Count it in this process's memory instead.
-    Local,
-}
+pub use moat_core::store::OnStoreError;
 
 // Shared by the scripts: roll the hash into window ARGV[1] (rolling if ARGV[3] == '1'), sweep
 // expired reservations, and compute `used` (with the previous bucket's carry ARGV[2] ppm) and
@@ -117,10 +106,8 @@ return {effective[1], effective[2], effective[3], effective[4], reserved[1], res
 
 /// A Redis connection for [`QuotaLayer::with_redis`](crate::QuotaLayer::with_redis).
 pub struct RedisStore {
-    client: redis::Client,
-    conn: tokio::sync::OnceCell<ConnectionManager>,
+    conn: RedisConnection,
     prefix: String,
-    timeout: Duration,
     pub(crate) on_error: OnStoreError,
     reserve: redis::Script,
     settle: redis::Script,
@@ -131,19 +118,9 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.conn.timeout())
             .field("on_error", &self.on_error)
             .finish()
-    }
-}
-
-/// Redis failed or did not answer in time.
-#[derive(Debug, Clone)]
-pub(crate) struct StoreError(pub(crate) String);
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
     }
 }
 
@@ -185,10 +162,8 @@ impl RedisStore {
     /// A store at `url`. Connects on first use.
     pub fn open(url: &str) -> Result<Self, redis::RedisError> {
         Ok(Self {
-            client: redis::Client::open(url)?,
-            conn: tokio::sync::OnceCell::new(),
+            conn: RedisConnection::open(url, Duration::from_millis(200))?,
             prefix: "moat:q:".to_owned(),
-            timeout: Duration::from_millis(200),
             on_error: OnStoreError::default(),
             reserve: redis::Script::new(&format!("{PRELUDE}{RESERVE}")),
             settle: redis::Script::new(&format!("{PRELUDE}{SETTLE}")),
@@ -206,7 +181,7 @@ impl RedisStore {
     /// Gives up on a call after this long (default 200 ms) and applies the failure policy.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.conn.set_timeout(timeout);
         self
     }
 
@@ -219,29 +194,6 @@ impl RedisStore {
 
     fn name(&self, slot: &Slot<'_>) -> String {
         slot.key.hash_tagged(&self.prefix, slot.budget)
-    }
-
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        invocation: redis::ScriptInvocation<'_>,
-    ) -> Result<T, StoreError> {
-        let call = async {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(self.timeout)
-                .set_response_timeout(self.timeout)
-                .set_number_of_retries(1);
-            let mut conn = self
-                .conn
-                .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config))
-                .await?
-                .clone();
-            invocation.invoke_async::<T>(&mut conn).await
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError(e.to_string())),
-            Err(_) => Err(StoreError(format!("no answer within {:?}", self.timeout))),
-        }
     }
 
     fn window_args(invocation: &mut redis::ScriptInvocation<'_>, slot: &Slot<'_>) {
@@ -271,7 +223,7 @@ impl RedisStore {
         }
         inv.arg(id)
             .arg(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
-        let reply: Vec<i64> = self.run(inv).await?;
+        let reply: Vec<i64> = self.conn.run(inv).await?;
         if reply.first() == Some(&0) {
             return Ok(None);
         }
@@ -308,7 +260,7 @@ impl RedisStore {
         for t in thresholds.iter().take(32) {
             inv.arg(*t);
         }
-        let reply: Vec<i64> = self.run(inv).await?;
+        let reply: Vec<i64> = self.conn.run(inv).await?;
         let crossed = reply
             .iter()
             .skip(4)
@@ -326,7 +278,7 @@ impl RedisStore {
         let mut inv = self.view.key(self.name(slot));
         Self::window_args(&mut inv, slot);
         inv.arg(release.map(|id| id.to_string()).unwrap_or_default());
-        let reply: Vec<i64> = self.run(inv).await?;
+        let reply: Vec<i64> = self.conn.run(inv).await?;
         Ok((
             amounts(&reply[..reply.len().min(4)]),
             amounts(reply.get(4..).unwrap_or(&[])),

@@ -255,7 +255,8 @@ impl Inner {
                                     }
                                 }
                             }
-                            OnStoreError::FailClosed => {
+                            // Fail closed: the safe choice for any policy added later.
+                            _ => {
                                 for t in tickets {
                                     self.release_now(t).await;
                                 }

@@ -458,7 +458,8 @@ impl Limiter {
                         match redis.on_error {
                             OnStoreError::FailOpen => continue,
                             OnStoreError::Local => (local(&mut snapshots[..n]), false),
-                            OnStoreError::FailClosed => {
+                            // Fail closed: the safe choice for any policy added later.
+                            _ => {
                                 self.undo_all(tally.held, now).await;
                                 return Verdict::Deny(Denial::Unavailable);
                             }

@@ -16,28 +16,12 @@ use std::fmt;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use moat_core::store::{RedisConnection, StoreError};
 use moat_core::Key;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::memory::{Acquire, Cell, Snapshot};
 
-/// What to do when Redis cannot be reached in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[cfg_attr(
-    feature = "serde",
-    derive(serde::Deserialize),
-    serde(rename_all = "snake_case")
-)]
-#[non_exhaustive]
-pub enum OnStoreError {
-    /// Refuse the request with 503 (the safe default for cost control).
-    #[default]
-    FailClosed,
-    /// Let the request through unlimited.
-    FailOpen,
-    /// Decide with this process's in-memory state instead.
-    Local,
-}
+pub use moat_core::store::OnStoreError;
 
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
@@ -114,10 +98,8 @@ return 1
 
 /// A Redis connection for [`RateLimitLayer::with_redis`](crate::RateLimitLayer::with_redis).
 pub struct RedisStore {
-    client: redis::Client,
-    conn: tokio::sync::OnceCell<ConnectionManager>,
+    conn: RedisConnection,
     prefix: String,
-    timeout: Duration,
     pub(crate) on_error: OnStoreError,
     acquire: redis::Script,
     adjust: redis::Script,
@@ -128,7 +110,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.conn.timeout())
             .field("on_error", &self.on_error)
             .finish()
     }
@@ -144,10 +126,8 @@ impl RedisStore {
     /// A store at `url` (`redis://HOST:PORT/DB`, `rediss://` for TLS). Connects on first use.
     pub fn open(url: &str) -> Result<Self, redis::RedisError> {
         Ok(Self {
-            client: redis::Client::open(url)?,
-            conn: tokio::sync::OnceCell::new(),
+            conn: RedisConnection::open(url, Duration::from_millis(100))?,
             prefix: "moat:rl:".to_owned(),
-            timeout: Duration::from_millis(100),
             on_error: OnStoreError::default(),
             acquire: redis::Script::new(ACQUIRE),
             adjust: redis::Script::new(ADJUST),
@@ -165,7 +145,7 @@ impl RedisStore {
     /// Gives up on a call after this long (default 100 ms) and applies the failure policy.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.conn.set_timeout(timeout);
         self
     }
 
@@ -179,32 +159,6 @@ impl RedisStore {
     /// The Redis key of a rule's state for `key`.
     pub(crate) fn key_name(&self, rule: &str, key: &Key) -> String {
         key.hash_tagged(&self.prefix, rule)
-    }
-
-    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout)
-            .set_number_of_retries(1);
-        self.conn
-            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config))
-            .await
-            .cloned()
-    }
-
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        invocation: redis::ScriptInvocation<'_>,
-    ) -> Result<T, StoreError> {
-        let call = async {
-            let mut conn = self.connection().await?;
-            invocation.invoke_async::<T>(&mut conn).await
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(StoreError(e.to_string())),
-            Err(_) => Err(StoreError(format!("no answer within {:?}", self.timeout))),
-        }
     }
 
     /// A remembered denial of this key, if it still holds at `now` (local ns).
@@ -247,7 +201,7 @@ impl RedisStore {
                 .arg(micros(cell.tolerance))
                 .arg(*cost);
         }
-        let reply: Vec<i64> = self.run(invocation).await?;
+        let reply: Vec<i64> = self.conn.run(invocation).await?;
         if reply.len() != 3 + 2 * cells.len() {
             return Err(StoreError(format!(
                 "unexpected script reply of {} values",
@@ -294,7 +248,7 @@ impl RedisStore {
         for (cell, delta) in cells.iter().zip(deltas) {
             invocation.arg(micros(cell.emission)).arg(*delta);
         }
-        self.run::<i64>(invocation).await.map(drop)
+        self.conn.run::<i64>(invocation).await.map(drop)
     }
 }
 
@@ -302,14 +256,4 @@ impl RedisStore {
 /// exact in Lua's doubles.
 fn micros(nanos: u64) -> u64 {
     (nanos / 1000).max(1)
-}
-
-/// Redis failed or did not answer in time.
-#[derive(Debug, Clone)]
-pub(crate) struct StoreError(pub(crate) String);
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
 }

@@ -572,7 +572,9 @@ async fn rate_limits_follow_the_virtual_keys_tier() {
 async fn token_rates_settle_from_the_upstreams_usage() {
     let mock = MockUpstream::start().await.unwrap();
     let config = format!(
-        "[upstream]\nbase_url = \"{}/v1\"\n[[ratelimit.rules]]\nname = \"tpm\"\nkey = \"ip\"\ntokens = [\"10000/minute\"]\n",
+        // Per day: the gateway runs on the real clock, and a per-minute rate would refill a token
+        // every 6 ms between the two requests.
+        "[upstream]\nbase_url = \"{}/v1\"\n[[ratelimit.rules]]\nname = \"tpd\"\nkey = \"ip\"\ntokens = [\"10000/day\"]\n",
         mock.url()
     );
     let gw = start(&config, &[]).await;

@@ -1,0 +1,105 @@
+//! What shared stores have in common: the policy when they fail, and (feature `redis`) a Redis
+//! connection that connects on first use, reconnects by itself and answers within a timeout.
+
+use std::fmt;
+
+/// What to do when a shared store cannot be reached in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum OnStoreError {
+    /// Refuse the request with 503 (the safe default for cost control).
+    #[default]
+    FailClosed,
+    /// Let the request through, uncounted.
+    FailOpen,
+    /// Decide with this process's memory instead.
+    Local,
+}
+
+/// A shared store failed or did not answer in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+#[cfg(feature = "redis")]
+pub use self::redis_connection::RedisConnection;
+
+#[cfg(feature = "redis")]
+mod redis_connection {
+    use std::time::Duration;
+
+    use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+    use super::StoreError;
+
+    /// A multiplexed Redis connection, made on first use, that reconnects by itself; every call
+    /// gives up after the timeout.
+    pub struct RedisConnection {
+        client: redis::Client,
+        conn: tokio::sync::OnceCell<ConnectionManager>,
+        timeout: Duration,
+    }
+
+    impl std::fmt::Debug for RedisConnection {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("RedisConnection")
+                .field("timeout", &self.timeout)
+                .finish()
+        }
+    }
+
+    impl RedisConnection {
+        /// A connection to `url` (`redis://HOST:PORT/DB`, `rediss://` for TLS).
+        pub fn open(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+            Ok(Self {
+                client: redis::Client::open(url)?,
+                conn: tokio::sync::OnceCell::new(),
+                timeout,
+            })
+        }
+
+        /// The per-call timeout.
+        pub fn timeout(&self) -> Duration {
+            self.timeout
+        }
+
+        /// Sets the per-call timeout.
+        pub fn set_timeout(&mut self, timeout: Duration) {
+            self.timeout = timeout;
+        }
+
+        /// Runs a script (`EVALSHA`, falling back to `EVAL` on `NOSCRIPT`) within the timeout.
+        pub async fn run<T: redis::FromRedisValue>(
+            &self,
+            invocation: redis::ScriptInvocation<'_>,
+        ) -> Result<T, StoreError> {
+            let call = async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.timeout)
+                    .set_response_timeout(self.timeout)
+                    .set_number_of_retries(1);
+                let mut conn = self
+                    .conn
+                    .get_or_try_init(|| {
+                        ConnectionManager::new_with_config(self.client.clone(), config)
+                    })
+                    .await?
+                    .clone();
+                invocation.invoke_async::<T>(&mut conn).await
+            };
+            match tokio::time::timeout(self.timeout, call).await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(e)) => Err(StoreError(e.to_string())),
+                Err(_) => Err(StoreError(format!("no answer within {:?}", self.timeout))),
+            }
+        }
+    }
+}
