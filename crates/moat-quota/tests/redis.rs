@@ -140,7 +140,7 @@ async fn expired_reservations_are_swept_by_the_scripts() {
     let store = RedisStore::open(&redis.url()).unwrap();
     let layer = QuotaLayer::new(Budget::new("b", Global, Period::Day).tokens(1000))
         .with_redis(store)
-        .with_reservation_ttl(Duration::from_millis(300));
+        .with_reservation_ttl(Duration::from_secs(2));
     // A request whose response never ends holds its reservation.
     let stuck = tower::service_fn(|_req: Request<RequestBody<Full<Bytes>>>| async {
         let never = futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Infallible>>();
@@ -154,7 +154,7 @@ async fn expired_reservations_are_swept_by_the_scripts() {
         429,
         "held by the stuck request"
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
     assert_eq!(
         send(&layer, chat(900)).await.0,
         200,
