@@ -101,7 +101,7 @@ async fn state_expires_when_fully_reset_and_keys_are_hash_tagged() {
     let redis = start_redis();
     let layer = limiter(
         &redis,
-        Rule::new("tagged", ApiKey::default()).limit(Limit::per_second(10)),
+        Rule::new("tagged", ApiKey::default()).limit(Limit::per_minute(10)),
         OnStoreError::FailClosed,
     );
     let (s, h, _) = send(&layer, usage_service(0), req("sk-ttl")).await;
@@ -127,8 +127,8 @@ async fn state_expires_when_fully_reset_and_keys_are_hash_tagged() {
         .await
         .unwrap();
     assert!(
-        (1..=101).contains(&ttl),
-        "expires when one request's 100 ms has come back: {ttl}"
+        (1..=6001).contains(&ttl),
+        "expires when one request's 6 s have come back: {ttl}"
     );
 }
 
