@@ -224,6 +224,225 @@ fn context_ok(entity: Entity, text: &[u8], start: usize, end: usize) -> bool {
     !dotted_after && !dotted_before
 }
 
+fn pesel(b: &[u8]) -> bool {
+    let d = digits(b);
+    if d.len() != 11 {
+        return false;
+    }
+    let weights = [1u32, 3, 7, 9, 1, 3, 7, 9, 1, 3];
+    let sum: u32 = d[..10]
+        .iter()
+        .zip(weights)
+        .map(|(&x, w)| u32::from(x) * w)
+        .sum();
+    let month = u32::from(d[2]) * 10 + u32::from(d[3]);
+    let day = u32::from(d[4]) * 10 + u32::from(d[5]);
+    (10 - sum % 10) % 10 == u32::from(d[10])
+        && (1..=12).contains(&(month % 20))
+        && (1..=31).contains(&day)
+}
+
+fn dni(b: &[u8]) -> bool {
+    const LETTERS: &[u8; 23] = b"TRWAGMYFPDXBNJZSQVHLCKE";
+    let s: Vec<u8> = b
+        .iter()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(u8::to_ascii_uppercase)
+        .collect();
+    let Some((&letter, body)) = s.split_last() else {
+        return false;
+    };
+    let mut number: u32 = match body.first() {
+        Some(b'X') => 0,
+        Some(b'Y') => 1,
+        Some(b'Z') => 2,
+        Some(c) if c.is_ascii_digit() => u32::from(c - b'0'),
+        _ => return false,
+    };
+    for &c in &body[1..] {
+        if !c.is_ascii_digit() {
+            return false;
+        }
+        number = number * 10 + u32::from(c - b'0');
+    }
+    LETTERS[(number % 23) as usize] == letter
+}
+
+fn nir(b: &[u8]) -> bool {
+    let s: Vec<u8> = b
+        .iter()
+        .filter(|c| !c.is_ascii_whitespace())
+        .map(u8::to_ascii_uppercase)
+        .collect();
+    if s.len() != 15 {
+        return false;
+    }
+    let (body, key) = s.split_at(13);
+    // Corsica's departments 2A and 2B count as 19 and 18.
+    let mut n: u64 = 0;
+    for (i, &c) in body.iter().enumerate() {
+        let v = match c {
+            b'0'..=b'9' => u64::from(c - b'0'),
+            b'A' if i == 6 => 1,
+            b'B' if i == 6 => 1,
+            _ => return false,
+        };
+        n = n * 10 + v;
+    }
+    if body[6] == b'A' {
+        n -= 1_000_000;
+    } else if body[6] == b'B' {
+        n -= 2_000_000;
+    }
+    let key: u64 = std::str::from_utf8(key)
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(u64::MAX);
+    97 - n % 97 == key
+}
+
+fn verhoeff(d: &[u8]) -> bool {
+    const D: [[u8; 10]; 10] = [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [1, 2, 3, 4, 0, 6, 7, 8, 9, 5],
+        [2, 3, 4, 0, 1, 7, 8, 9, 5, 6],
+        [3, 4, 0, 1, 2, 8, 9, 5, 6, 7],
+        [4, 0, 1, 2, 3, 9, 5, 6, 7, 8],
+        [5, 9, 8, 7, 6, 0, 4, 3, 2, 1],
+        [6, 5, 9, 8, 7, 1, 0, 4, 3, 2],
+        [7, 6, 5, 9, 8, 2, 1, 0, 4, 3],
+        [8, 7, 6, 5, 9, 3, 2, 1, 0, 4],
+        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0],
+    ];
+    const P: [[u8; 10]; 8] = [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [1, 5, 7, 6, 2, 8, 3, 0, 9, 4],
+        [5, 8, 0, 3, 7, 9, 6, 1, 4, 2],
+        [8, 9, 1, 6, 0, 4, 3, 5, 2, 7],
+        [9, 4, 5, 3, 1, 2, 6, 8, 7, 0],
+        [4, 2, 8, 6, 5, 7, 3, 9, 0, 1],
+        [2, 7, 9, 3, 8, 0, 6, 4, 1, 5],
+        [7, 0, 4, 6, 9, 1, 3, 2, 5, 8],
+    ];
+    d.iter().rev().enumerate().fold(0u8, |c, (i, &x)| {
+        D[c as usize][P[i % 8][x as usize] as usize]
+    }) == 0
+}
+
+fn aadhaar(b: &[u8]) -> bool {
+    let d = digits(b);
+    d.len() == 12 && d[0] >= 2 && verhoeff(&d)
+}
+
+fn cpf(b: &[u8]) -> bool {
+    let d = digits(b);
+    if d.len() != 11 || d.iter().all(|&x| x == d[0]) {
+        return false;
+    }
+    let check = |n: usize| {
+        let sum: u32 = d[..n]
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| u32::from(x) * (n as u32 + 1 - i as u32))
+            .sum();
+        let r = sum % 11;
+        if r < 2 {
+            0
+        } else {
+            11 - r
+        }
+    };
+    check(9) == u32::from(d[9]) && check(10) == u32::from(d[10])
+}
+
+fn sin(b: &[u8]) -> bool {
+    let d = digits(b);
+    d.len() == 9 && d[0] != 8 && luhn(&d)
+}
+
+fn cn_id(b: &[u8]) -> bool {
+    const W: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
+    if b.len() != 18 || !b[..17].iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let sum: u32 = b[..17]
+        .iter()
+        .zip(W)
+        .map(|(&c, w)| u32::from(c - b'0') * w)
+        .sum();
+    let month = u32::from(b[10] - b'0') * 10 + u32::from(b[11] - b'0');
+    let day = u32::from(b[12] - b'0') * 10 + u32::from(b[13] - b'0');
+    b"10X98765432"[(sum % 11) as usize] == b[17].to_ascii_uppercase()
+        && (1..=12).contains(&month)
+        && (1..=31).contains(&day)
+}
+
+fn de_tax(b: &[u8]) -> bool {
+    let d = digits(b);
+    if d.len() != 11 || d[0] == 0 {
+        return false;
+    }
+    // In the first ten digits exactly one digit repeats (twice or three times).
+    let mut counts = [0u8; 10];
+    d[..10].iter().for_each(|&x| counts[x as usize] += 1);
+    let repeated = counts.iter().filter(|&&c| c > 1).count();
+    if repeated != 1 || counts.iter().any(|&c| c > 3) {
+        return false;
+    }
+    let mut product = 10u32;
+    for &x in &d[..10] {
+        let mut sum = (u32::from(x) + product) % 10;
+        if sum == 0 {
+            sum = 10;
+        }
+        product = (sum * 2) % 11;
+    }
+    let check = (11 - product) % 10;
+    check == u32::from(d[10])
+}
+
+fn fiscal_code(b: &[u8]) -> bool {
+    const ODD: [u32; 26] = [
+        1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 2, 4, 18, 20, 11, 3, 6, 8, 12, 14, 16, 10, 22, 25, 24,
+        23,
+    ];
+    if b.len() != 16 {
+        return false;
+    }
+    let value = |i: usize, c: u8| -> Option<u32> {
+        let (digit, letter) = match c {
+            b'0'..=b'9' => (u32::from(c - b'0'), None),
+            b'A'..=b'Z' => (u32::from(c - b'A'), Some(usize::from(c - b'A'))),
+            _ => return None,
+        };
+        Some(if i % 2 == 0 {
+            ODD[letter.unwrap_or(digit as usize)]
+        } else {
+            digit
+        })
+    };
+    let mut sum = 0;
+    for (i, &c) in b[..15].iter().enumerate() {
+        match value(i, c.to_ascii_uppercase()) {
+            Some(v) => sum += v,
+            None => return false,
+        }
+    }
+    u32::from(b[15].to_ascii_uppercase()) == u32::from(b'A') + sum % 26
+}
+
+fn nino(b: &[u8]) -> bool {
+    let s: Vec<u8> = b
+        .iter()
+        .filter(|c| !c.is_ascii_whitespace())
+        .map(u8::to_ascii_uppercase)
+        .collect();
+    !matches!(
+        &s[..2],
+        b"BG" | b"GB" | b"NK" | b"KN" | b"TN" | b"NT" | b"ZZ"
+    )
+}
+
 impl Detector {
     /// A detector for these entities.
     pub fn new(entities: &[Entity]) -> Self {
@@ -271,6 +490,32 @@ impl Detector {
                     any,
                     Some(b'@'),
                 ),
+                Entity::UkNino => (
+                    r"(?-u)\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?[0-9]{2} ?[0-9]{2} ?[0-9]{2} ?[A-D]\b",
+                    nino,
+                    None,
+                ),
+                Entity::ItFiscalCode => (
+                    r"(?-u)\b[A-Z]{6}[0-9LMNPQRSTUV]{2}[ABCDEHLMPRST][0-9LMNPQRSTUV]{2}[A-Z][0-9LMNPQRSTUV]{3}[A-Z]\b",
+                    fiscal_code,
+                    None,
+                ),
+                Entity::PlPesel => (r"(?-u)\b[0-9]{11}\b", pesel, None),
+                Entity::EsDni => (r"(?-u)\b(?:[0-9]{8}|[XYZ][0-9]{7})-?[A-Z]\b", dni, None),
+                Entity::FrNir => (
+                    r"(?-u)\b[12] ?[0-9]{2} ?(?:0[1-9]|1[0-2]|[2-9][0-9]) ?(?:[0-9]{2}|2A|2B) ?[0-9]{3} ?[0-9]{3} ?[0-9]{2}\b",
+                    nir,
+                    None,
+                ),
+                Entity::InAadhaar => (r"(?-u)\b[2-9][0-9]{3} ?[0-9]{4} ?[0-9]{4}\b", aadhaar, None),
+                Entity::BrCpf => (
+                    r"(?-u)\b[0-9]{3}\.?[0-9]{3}\.?[0-9]{3}-?[0-9]{2}\b",
+                    cpf,
+                    None,
+                ),
+                Entity::CaSin => (r"(?-u)\b[0-9]{3}[ -]?[0-9]{3}[ -]?[0-9]{3}\b", sin, None),
+                Entity::CnResidentId => (r"(?-u)\b[1-9][0-9]{16}[0-9Xx]\b", cn_id, None),
+                Entity::DeTaxId => (r"(?-u)\b[1-9][0-9]{10}\b", de_tax, None),
             };
             Pattern {
                 entity,
@@ -387,6 +632,54 @@ mod tests {
         assert_eq!(
             kinds(&format!("key:\n{pem}\n")),
             vec![(Entity::PrivateKey, pem)]
+        );
+    }
+
+    #[test]
+    fn national_ids_with_their_checksums() {
+        let only = |e: Entity, text: &str| {
+            Detector::new(&[e])
+                .find(text)
+                .into_iter()
+                .map(|f| text[f.start..f.end].to_owned())
+                .collect::<Vec<_>>()
+        };
+        let cases: [(Entity, &str, &str); 10] = [
+            (Entity::UkNino, "NI AB 12 34 56 C.", "NI BG 12 34 56 C."),
+            (
+                Entity::ItFiscalCode,
+                "CF RSSMRA85T10A562S",
+                "CF RSSMRA85T10A562T",
+            ),
+            (Entity::PlPesel, "PESEL 44051401359", "PESEL 44051401358"),
+            (Entity::EsDni, "DNI 12345678Z", "DNI 12345678A"),
+            (
+                Entity::FrNir,
+                "NIR 2 55 08 14 168 025 38",
+                "NIR 2 55 08 14 168 025 39",
+            ),
+            (
+                Entity::InAadhaar,
+                "UID 2341 2341 2346",
+                "UID 2341 2341 2347",
+            ),
+            (Entity::BrCpf, "CPF 529.982.247-25", "CPF 529.982.247-26"),
+            (Entity::CaSin, "SIN 046 454 286", "SIN 046 454 287"),
+            (
+                Entity::CnResidentId,
+                "ID 11010519491231002X",
+                "ID 110105194912310021",
+            ),
+            (Entity::DeTaxId, "IdNr 86095742719", "IdNr 86095742718"),
+        ];
+        for (entity, valid, invalid) in cases {
+            assert_eq!(only(entity, valid).len(), 1, "{entity}: {valid}");
+            assert!(only(entity, invalid).is_empty(), "{entity}: {invalid}");
+        }
+        assert_eq!(only(Entity::EsDni, "NIE X1234567L"), vec!["X1234567L"]);
+        assert!(
+            only(Entity::BrCpf, "111.111.111-11").is_empty(),
+            "repeated digits are not issued"
         );
     }
 

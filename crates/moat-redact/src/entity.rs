@@ -27,11 +27,31 @@ pub enum Entity {
     PrivateKey,
     /// A URL with a password in it (`scheme://user:password@host`).
     UrlCredentials,
+    /// A UK National Insurance number.
+    UkNino,
+    /// An Italian codice fiscale (check character verified).
+    ItFiscalCode,
+    /// A Polish PESEL (date and checksum verified).
+    PlPesel,
+    /// A Spanish DNI or NIE (check letter verified).
+    EsDni,
+    /// A French NIR / social security number (mod-97 key verified).
+    FrNir,
+    /// An Indian Aadhaar number (Verhoeff checksum verified).
+    InAadhaar,
+    /// A Brazilian CPF (both check digits verified).
+    BrCpf,
+    /// A Canadian SIN (Luhn verified).
+    CaSin,
+    /// A Chinese resident identity number (date and check character verified).
+    CnResidentId,
+    /// A German tax identification number (ISO 7064 check digit verified).
+    DeTaxId,
 }
 
 impl Entity {
     /// Every entity.
-    pub const ALL: [Entity; 10] = [
+    pub const ALL: [Entity; 20] = [
         Entity::Email,
         Entity::Phone,
         Entity::CreditCard,
@@ -42,6 +62,30 @@ impl Entity {
         Entity::Jwt,
         Entity::PrivateKey,
         Entity::UrlCredentials,
+        Entity::UkNino,
+        Entity::ItFiscalCode,
+        Entity::PlPesel,
+        Entity::EsDni,
+        Entity::FrNir,
+        Entity::InAadhaar,
+        Entity::BrCpf,
+        Entity::CaSin,
+        Entity::CnResidentId,
+        Entity::DeTaxId,
+    ];
+
+    /// The national identity numbers among them.
+    pub const NATIONAL_IDS: [Entity; 10] = [
+        Entity::UkNino,
+        Entity::ItFiscalCode,
+        Entity::PlPesel,
+        Entity::EsDni,
+        Entity::FrNir,
+        Entity::InAadhaar,
+        Entity::BrCpf,
+        Entity::CaSin,
+        Entity::CnResidentId,
+        Entity::DeTaxId,
     ];
 
     /// The secrets among them.
@@ -65,6 +109,16 @@ impl Entity {
             Entity::Jwt => "JWT",
             Entity::PrivateKey => "PRIVATE_KEY",
             Entity::UrlCredentials => "URL_CREDENTIALS",
+            Entity::UkNino => "NINO",
+            Entity::ItFiscalCode => "CODICE_FISCALE",
+            Entity::PlPesel => "PESEL",
+            Entity::EsDni => "DNI",
+            Entity::FrNir => "NIR",
+            Entity::InAadhaar => "AADHAAR",
+            Entity::BrCpf => "CPF",
+            Entity::CaSin => "SIN",
+            Entity::CnResidentId => "CN_ID",
+            Entity::DeTaxId => "STEUER_ID",
         }
     }
 }
@@ -82,6 +136,16 @@ impl fmt::Display for Entity {
             Entity::Jwt => "jwt",
             Entity::PrivateKey => "private_key",
             Entity::UrlCredentials => "url_credentials",
+            Entity::UkNino => "uk_nino",
+            Entity::ItFiscalCode => "it_fiscal_code",
+            Entity::PlPesel => "pl_pesel",
+            Entity::EsDni => "es_dni",
+            Entity::FrNir => "fr_nir",
+            Entity::InAadhaar => "in_aadhaar",
+            Entity::BrCpf => "br_cpf",
+            Entity::CaSin => "ca_sin",
+            Entity::CnResidentId => "cn_resident_id",
+            Entity::DeTaxId => "de_tax_id",
         })
     }
 }
