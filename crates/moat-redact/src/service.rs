@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use moat_core::body::{read_llm_request, LlmBody, RequestBody, DEFAULT_BODY_LIMIT};
+use moat_core::body::{read_llm_request, LlmBody, RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
 use moat_core::decision::{Decision, Decisions, Outcome};
 use moat_core::reject::Protocol;
 use moat_core::sse::{SseDecoder, SseEvent};
@@ -332,14 +332,13 @@ pin_project! {
     /// The response body of [`Redact`]: passed through, or with placeholders restored.
     pub struct RestoreBody<B> {
         #[pin]
-        inner: Option<B>,
+        inner: Option<ResponseBody<B>>,
         kind: Kind,
     }
 }
 
 enum Kind {
     Passthrough,
-    Rejection(Option<Bytes>),
     Json {
         buf: Vec<u8>,
         restore: Restore,
@@ -360,61 +359,40 @@ impl<B> std::fmt::Debug for RestoreBody<B> {
 }
 
 impl<B> RestoreBody<B> {
-    fn passthrough(body: B) -> Self {
+    fn new(body: ResponseBody<B>, kind: Kind) -> Self {
         Self {
             inner: Some(body),
-            kind: Kind::Passthrough,
+            kind,
         }
     }
 
-    fn rejection(body: moat_core::body::ResponseBody<B>) -> Self
-    where
-        B: Body<Data = Bytes>,
-    {
-        // A rejection body is one full frame; take it now so the types stay simple.
-        let bytes = futures_bytes(body);
-        Self {
-            inner: None,
-            kind: Kind::Rejection(Some(bytes)),
-        }
+    fn passthrough(body: B) -> Self {
+        Self::new(ResponseBody::inner(body), Kind::Passthrough)
+    }
+
+    /// A rejection of the layer's own, passed through as is.
+    fn rejection(body: ResponseBody<B>) -> Self {
+        Self::new(body, Kind::Passthrough)
     }
 
     fn json(body: B, restore: Restore) -> Self {
-        Self {
-            inner: Some(body),
-            kind: Kind::Json {
-                buf: Vec::new(),
-                restore,
-                overflow: false,
-            },
-        }
+        let kind = Kind::Json {
+            buf: Vec::new(),
+            restore,
+            overflow: false,
+        };
+        Self::new(ResponseBody::inner(body), kind)
     }
 
     fn sse(body: B, restore: Restore) -> Self {
-        Self {
-            inner: Some(body),
-            kind: Kind::Sse {
-                decoder: Box::default(),
-                streams: Streams::default(),
-                restore,
-                done: false,
-            },
-        }
+        let kind = Kind::Sse {
+            decoder: Box::default(),
+            streams: Streams::default(),
+            restore,
+            done: false,
+        };
+        Self::new(ResponseBody::inner(body), kind)
     }
-}
-
-/// The bytes of a full body that is ready at once (a rejection).
-fn futures_bytes<B: Body<Data = Bytes>>(body: moat_core::body::ResponseBody<B>) -> Bytes {
-    let mut body = std::pin::pin!(body);
-    let waker = std::task::Waker::noop();
-    let mut cx = Context::from_waker(waker);
-    let mut out = BytesMut::new();
-    while let Poll::Ready(Some(Ok(frame))) = body.as_mut().poll_frame(&mut cx) {
-        if let Some(data) = frame.data_ref() {
-            out.extend_from_slice(data);
-        }
-    }
-    out.freeze()
 }
 
 impl<B> Body for RestoreBody<B>
@@ -430,9 +408,6 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
         loop {
-            if let Kind::Rejection(bytes) = this.kind {
-                return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b))));
-            }
             let Some(inner) = this.inner.as_mut().as_pin_mut() else {
                 return Poll::Ready(None);
             };
@@ -520,14 +495,12 @@ where
                     out.extend_from_slice(&restore.held(streams));
                     return Poll::Ready((!out.is_empty()).then(|| Ok(Frame::data(out.freeze()))));
                 }
-                (Kind::Rejection(_), _) => unreachable!("handled above"),
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Rejection(b) => b.is_none(),
             Kind::Passthrough => self.inner.as_ref().is_none_or(Body::is_end_stream),
             _ => self.inner.is_none(),
         }
@@ -536,7 +509,6 @@ where
     fn size_hint(&self) -> SizeHint {
         match (&self.kind, &self.inner) {
             (Kind::Passthrough, Some(inner)) => inner.size_hint(),
-            (Kind::Rejection(Some(b)), _) => SizeHint::with_exact(b.len() as u64),
             _ => SizeHint::default(),
         }
     }

@@ -194,3 +194,22 @@ async fn requests_without_personal_data_pass_unchanged() {
         serde_json::from_str::<Value>(raw).unwrap()
     );
 }
+
+#[tokio::test]
+async fn malformed_json_is_a_400_that_never_reaches_the_upstream() {
+    let mock = MockUpstream::start().await.unwrap();
+    let base = mock.url();
+    let svc = ServiceBuilder::new()
+        .layer(RedactLayer::new(Redactor::new(&Entity::ALL)))
+        .service_fn(move |req| forward(base.clone(), req));
+    let req = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"messages\": [")))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let v: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(mock.requests().is_empty());
+}
