@@ -59,73 +59,66 @@ fn request(body: &Bytes) -> Request<Full<Bytes>> {
     r
 }
 
+/// An upstream that reads the body and answers with usage, whatever the request body type.
+async fn upstream<B: http_body::Body<Data = Bytes>>(
+    req: Request<B>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let _ = req.into_body().collect().await;
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(USAGE.as_bytes())))
+        .unwrap())
+}
+
+/// Times one request through `svc`, reading the response body to its end (where usage settles).
+fn bench<S, B>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    body: &Bytes,
+    mut svc: S,
+) where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    group.bench_function(name, |b| {
+        b.iter_batched(
+            || request(body),
+            |req| {
+                let res = svc.call(req).now_or_never().unwrap().unwrap();
+                black_box(res.into_body().collect().now_or_never())
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 fn requests(c: &mut Criterion) {
     let body = body_2kb();
     let mut group = c.benchmark_group("request_2kb");
-    let mut bare = tower::service_fn(|req: Request<Full<Bytes>>| async move {
-        let _ = req.into_body().collect().await;
-        Ok::<_, Infallible>(
-            Response::builder()
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from_static(USAGE.as_bytes())))
-                .unwrap(),
-        )
-    });
-    group.bench_function("bare service (baseline)", |b| {
-        b.iter_batched(
-            || request(&body),
-            |req| {
-                let res = bare.call(req).now_or_never().unwrap().unwrap();
-                black_box(res.into_body().collect().now_or_never())
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    let inner = tower::service_fn(|req: Request<RequestBody<Full<Bytes>>>| async move {
-        let _ = req.into_body().collect().await;
-        Ok::<_, Infallible>(
-            Response::builder()
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from_static(USAGE.as_bytes())))
-                .unwrap(),
-        )
-    });
-    let mut quota =
-        QuotaLayer::new(Budget::new("b", Global, Period::Day).tokens(u64::MAX / 2)).layer(inner);
-    group.bench_function("QuotaLayer, tiktoken: reserve + settle in memory", |b| {
-        b.iter_batched(
-            || request(&body),
-            |req| {
-                let res = quota.call(req).now_or_never().unwrap().unwrap();
-                black_box(res.into_body().collect().now_or_never())
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    let inner_bound = tower::service_fn(|req: Request<RequestBody<Full<Bytes>>>| async move {
-        let _ = req.into_body().collect().await;
-        Ok::<_, Infallible>(
-            Response::builder()
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from_static(USAGE.as_bytes())))
-                .unwrap(),
-        )
-    });
-    let mut bound = QuotaLayer::new(Budget::new("b", Global, Period::Day).tokens(u64::MAX / 2))
+    let budget = || Budget::new("b", Global, Period::Day).tokens(u64::MAX / 2);
+    bench(
+        &mut group,
+        "bare service (baseline)",
+        &body,
+        tower::service_fn(upstream::<Full<Bytes>>),
+    );
+    let inner = tower::service_fn(upstream::<RequestBody<Full<Bytes>>>);
+    bench(
+        &mut group,
+        "QuotaLayer, tiktoken: reserve + settle in memory",
+        &body,
+        QuotaLayer::new(budget()).layer(inner),
+    );
+    let bound = QuotaLayer::new(budget())
         .with_exact_counting(false)
-        .layer(inner_bound);
-    group.bench_function(
+        .layer(inner);
+    bench(
+        &mut group,
         "QuotaLayer, byte upper bound: reserve + settle in memory",
-        |b| {
-            b.iter_batched(
-                || request(&body),
-                |req| {
-                    let res = bound.call(req).now_or_never().unwrap().unwrap();
-                    black_box(res.into_body().collect().now_or_never())
-                },
-                BatchSize::SmallInput,
-            )
-        },
+        &body,
+        bound,
     );
     group.finish();
 }
