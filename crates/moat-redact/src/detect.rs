@@ -1,16 +1,27 @@
-//! Finding entities in text: byte-level ASCII patterns, then checksums.
+//! Finding entities in text: one pass of one automaton, then checksums, scores and lists.
 //!
-//! Patterns run on bytes with Unicode classes off (`(?-u)`), which keeps digit-heavy patterns
-//! fast; text around them may be any UTF-8, and a match never splits a character because every
-//! pattern matches ASCII only. Candidates are then validated: Luhn and brand ranges for cards,
-//! mod-97 and country lengths for IBANs, issued ranges for SSNs, octets for IPv4.
+//! Every enabled pattern (see `patterns`) is compiled into one lazy DFA over bytes, so the text
+//! is read once whatever the number of entities, at hundreds of MB/s. Patterns are ASCII-only:
+//! text around them may be any UTF-8, and a match never splits a character. A candidate is then
+//! checked (checksums, ranges), scored (a context word before it raises a weak match), and kept
+//! when its score reaches its entity's threshold and it is not on the allow list. Terms on the
+//! deny list are always found, and names (opt-in) come from a Unicode pattern of their own.
 
-use regex::bytes::Regex;
+use std::collections::{HashMap, HashSet};
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind as AcMatchKind};
+use regex_automata::meta::Regex;
+use regex_automata::util::syntax;
+use regex_automata::{Anchored, Input, MatchKind, PatternID, PatternSet};
 
 use crate::entity::Entity;
+use crate::patterns::{context_words, Spec, CONTEXT_BOOST, CONTEXT_WINDOW, SPECS};
+
+/// The score a finding needs by default (Presidio's usual threshold).
+pub const DEFAULT_THRESHOLD: f32 = 0.5;
 
 /// One entity found in a text, by byte range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Finding {
     /// What was found.
     pub entity: Entity,
@@ -18,550 +29,381 @@ pub struct Finding {
     pub start: usize,
     /// Where it ends, in bytes.
     pub end: usize,
-}
-
-/// A pattern, its validator, and a byte every match contains.
-type Spec = (&'static str, fn(&[u8]) -> bool, Option<u8>);
-
-struct Pattern {
-    entity: Entity,
-    regex: Regex,
-    /// Checks a candidate the pattern matched.
-    valid: fn(&[u8]) -> bool,
-    /// A byte every match contains, to skip texts that cannot match.
-    needle: Option<u8>,
+    /// How sure the detector is, from 0 to 1: the pattern's score, raised by a context word.
+    pub score: f32,
 }
 
 /// Finds the configured entities.
+///
+/// ```
+/// use moat_redact::{Detector, Entity};
+///
+/// let detector = Detector::new(&Entity::ALL)
+///     .with_allow_list(["example.com"])
+///     .with_threshold(Entity::Phone, 0.7);
+/// let text = "SIN 046 454 286, mail ops@example.com or jane@corp.io";
+/// let found: Vec<_> = detector.find(text).iter().map(|f| &text[f.start..f.end]).collect();
+/// // The SIN counts because "SIN" is written before it; example.com is allowed.
+/// assert_eq!(found, ["046 454 286", "jane@corp.io"]);
+/// ```
 pub struct Detector {
-    patterns: Vec<Pattern>,
+    entities: Vec<Entity>,
+    specs: Vec<&'static Spec>,
+    /// Leftmost-first over every enabled pattern: the scan.
+    scan: Option<Regex>,
+    /// Every pattern matching at a place, for when the first one fails its check.
+    overlapping: Option<Regex>,
+    thresholds: HashMap<Entity, f32>,
+    default_threshold: f32,
+    allow: HashSet<String>,
+    deny: Option<AhoCorasick>,
+    names: Option<regex::Regex>,
 }
 
 impl std::fmt::Debug for Detector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.patterns.iter().map(|p| p.entity))
+        f.debug_struct("Detector")
+            .field("entities", &self.entities)
+            .field("thresholds", &self.thresholds)
+            .field("default_threshold", &self.default_threshold)
+            .field("allow", &self.allow.len())
+            .field("deny", &self.deny.as_ref().map(AhoCorasick::patterns_len))
             .finish()
     }
 }
 
-fn any(_: &[u8]) -> bool {
-    true
+fn compile(specs: &[&Spec], kind: MatchKind) -> Option<Regex> {
+    if specs.is_empty() {
+        return None;
+    }
+    let patterns: Vec<&str> = specs.iter().map(|s| s.pattern).collect();
+    let regex = Regex::builder()
+        .syntax(syntax::Config::new().utf8(false))
+        .configure(
+            Regex::config()
+                .match_kind(kind)
+                .hybrid_cache_capacity(8 << 20),
+        )
+        .build_many(&patterns)
+        .expect("the built-in patterns compile");
+    Some(regex)
 }
 
-fn digits(b: &[u8]) -> Vec<u8> {
-    b.iter()
-        .filter(|c| c.is_ascii_digit())
-        .map(|c| c - b'0')
+/// What an allow-list entry and a found value are compared as: lowercase, without spaces,
+/// dashes or dots between digits (so `4111-1111-1111-1111` matches `4111111111111111`).
+fn normalized(value: &str) -> String {
+    value
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '(' | ')') && !c.is_whitespace())
+        .flat_map(char::to_lowercase)
         .collect()
 }
 
-/// The Luhn checksum of a digit sequence.
-pub(crate) fn luhn(d: &[u8]) -> bool {
-    let sum: u32 = d
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &x)| {
-            let x = u32::from(x);
-            if i % 2 == 1 {
-                let y = x * 2;
-                if y > 9 {
-                    y - 9
-                } else {
-                    y
-                }
-            } else {
-                x
-            }
-        })
-        .sum();
-    sum % 10 == 0
-}
-
-fn card(b: &[u8]) -> bool {
-    let d = digits(b);
-    let n = d.len();
-    let prefix = |k: usize| d.iter().take(k).fold(0u32, |a, &x| a * 10 + u32::from(x));
-    let brand = match d.first() {
-        Some(4) => matches!(n, 13 | 16 | 19),                 // Visa
-        Some(5) => n == 16 && (51..=55).contains(&prefix(2)), // Mastercard
-        Some(2) => (2221..=2720).contains(&prefix(4)) && n == 16, // Mastercard 2-series
-        Some(3) => {
-            matches!(prefix(2), 34 | 37) && n == 15
-                || (prefix(2) == 35 && (3528..=3589).contains(&prefix(4)) && (16..=19).contains(&n))
-                || matches!(prefix(2), 36 | 38 | 39 | 30) && (14..=19).contains(&n)
-        } // Amex, JCB, Diners
-        Some(6) => {
-            (prefix(4) == 6011
-                || prefix(2) == 65
-                || (644..=649).contains(&prefix(3))
-                || (622_126..=622_925).contains(&prefix(6)))
-                && (16..=19).contains(&n)
-        } // Discover, UnionPay
-        _ => false,
-    };
-    brand && luhn(&d)
-}
-
-/// IBAN lengths by country (the SWIFT registry's, for the countries most often seen).
-fn iban_length(country: &[u8]) -> Option<usize> {
-    Some(match country {
-        b"AD" => 24,
-        b"AE" => 23,
-        b"AT" => 20,
-        b"BE" => 16,
-        b"BG" => 22,
-        b"BH" => 22,
-        b"BR" => 29,
-        b"CH" => 21,
-        b"CY" => 28,
-        b"CZ" => 24,
-        b"DE" => 22,
-        b"DK" => 18,
-        b"EE" => 20,
-        b"ES" => 24,
-        b"FI" => 18,
-        b"FR" => 27,
-        b"GB" => 22,
-        b"GR" => 27,
-        b"HR" => 21,
-        b"HU" => 28,
-        b"IE" => 22,
-        b"IL" => 23,
-        b"IS" => 26,
-        b"IT" => 27,
-        b"KW" => 30,
-        b"LI" => 21,
-        b"LT" => 20,
-        b"LU" => 20,
-        b"LV" => 21,
-        b"MC" => 27,
-        b"MT" => 31,
-        b"NL" => 18,
-        b"NO" => 15,
-        b"PL" => 28,
-        b"PT" => 25,
-        b"QA" => 29,
-        b"RO" => 24,
-        b"SA" => 24,
-        b"SE" => 24,
-        b"SI" => 19,
-        b"SK" => 24,
-        b"SM" => 27,
-        b"TR" => 26,
-        b"UA" => 29,
-        _ => return None,
+/// Whether `word` occurs in `window` as a whole word, ignoring ASCII case.
+fn has_word(window: &[u8], word: &str) -> bool {
+    let word = word.as_bytes();
+    if word.len() > window.len() {
+        return false;
+    }
+    (0..=window.len() - word.len()).any(|i| {
+        window[i..i + word.len()].eq_ignore_ascii_case(word)
+            && !window[..i].last().is_some_and(u8::is_ascii_alphanumeric)
+            && !window.get(i + word.len()).is_some_and(u8::is_ascii_alphanumeric)
     })
 }
 
-fn iban(b: &[u8]) -> bool {
-    let s: Vec<u8> = b
-        .iter()
-        .filter(|c| !c.is_ascii_whitespace())
-        .map(u8::to_ascii_uppercase)
-        .collect();
-    if s.len() < 15 || iban_length(&s[..2]) != Some(s.len()) {
-        return false;
-    }
-    // Move the first four characters to the end, letters to numbers, then mod 97 piecewise.
-    let mut rem: u32 = 0;
-    for &c in s[4..].iter().chain(&s[..4]) {
-        let v = match c {
-            b'0'..=b'9' => u32::from(c - b'0'),
-            b'A'..=b'Z' => u32::from(c - b'A') + 10,
-            _ => return false,
-        };
-        rem = if v >= 10 {
-            (rem * 100 + v) % 97
-        } else {
-            (rem * 10 + v) % 97
-        };
-    }
-    rem == 1
-}
-
-fn ssn(b: &[u8]) -> bool {
-    let d = digits(b);
-    if d.len() != 9 {
-        return false;
-    }
-    let area = u32::from(d[0]) * 100 + u32::from(d[1]) * 10 + u32::from(d[2]);
-    let group = u32::from(d[3]) * 10 + u32::from(d[4]);
-    let serial = d[5..].iter().fold(0u32, |a, &x| a * 10 + u32::from(x));
-    area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
-}
-
-fn ipv4(b: &[u8]) -> bool {
-    let parts: Vec<&[u8]> = b.split(|&c| c == b'.').collect();
-    parts.len() == 4
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.len() <= 3
-                && (p.len() == 1 || p[0] != b'0')
-                && std::str::from_utf8(p)
-                    .ok()
-                    .and_then(|s| s.parse::<u16>().ok())
-                    .is_some_and(|v| v <= 255)
-        })
-}
-
-fn phone(b: &[u8]) -> bool {
-    // E.164: at most 15 digits, at least 8 after the country code's + sign.
-    let n = digits(b).len();
-    (8..=15).contains(&n)
-}
-
-/// Checks what the patterns cannot see (no lookaround): an IPv4 address is not part of a longer
-/// dotted number such as a version `1.2.3.4.5`.
-fn context_ok(entity: Entity, text: &[u8], start: usize, end: usize) -> bool {
+/// What the patterns cannot see (no lookaround): an IP address is not part of a longer dotted
+/// number or a word, and is not a version number.
+fn boundaries_ok(entity: Entity, text: &[u8], start: usize, end: usize) -> bool {
     if entity != Entity::IpAddress {
         return true;
     }
-    let dotted_after =
-        text.get(end) == Some(&b'.') && text.get(end + 1).is_some_and(u8::is_ascii_digit);
-    let dotted_before = start >= 2 && text[start - 1] == b'.' && text[start - 2].is_ascii_digit();
-    !dotted_after && !dotted_before
-}
-
-fn pesel(b: &[u8]) -> bool {
-    let d = digits(b);
-    if d.len() != 11 {
-        return false;
-    }
-    let weights = [1u32, 3, 7, 9, 1, 3, 7, 9, 1, 3];
-    let sum: u32 = d[..10]
+    let before = start.checked_sub(1).map(|i| text[i]);
+    let after = text.get(end).copied();
+    // An IPv6 candidate has no `\b` in its pattern: it must not touch a word or another colon.
+    let v6 = text[start..end].contains(&b':');
+    let word = |c: Option<u8>| c.is_some_and(|c| c.is_ascii_alphanumeric() || (v6 && c == b':'));
+    let dotted_after = after == Some(b'.') && text.get(end + 1).is_some_and(u8::is_ascii_digit);
+    let dotted_before = before == Some(b'.') && start >= 2 && text[start - 2].is_ascii_digit();
+    let version = ["version", "ver", "release", "build", "firmware"]
         .iter()
-        .zip(weights)
-        .map(|(&x, w)| u32::from(x) * w)
-        .sum();
-    let month = u32::from(d[2]) * 10 + u32::from(d[3]);
-    let day = u32::from(d[4]) * 10 + u32::from(d[5]);
-    (10 - sum % 10) % 10 == u32::from(d[10])
-        && (1..=12).contains(&(month % 20))
-        && (1..=31).contains(&day)
+        .any(|w| has_word(&text[start.saturating_sub(16)..start], w));
+    !word(before) && !word(after) && !dotted_after && !dotted_before && !version
 }
 
-fn dni(b: &[u8]) -> bool {
-    const LETTERS: &[u8; 23] = b"TRWAGMYFPDXBNJZSQVHLCKE";
-    let s: Vec<u8> = b
-        .iter()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(u8::to_ascii_uppercase)
-        .collect();
-    let Some((&letter, body)) = s.split_last() else {
-        return false;
-    };
-    let mut number: u32 = match body.first() {
-        Some(b'X') => 0,
-        Some(b'Y') => 1,
-        Some(b'Z') => 2,
-        Some(c) if c.is_ascii_digit() => u32::from(c - b'0'),
-        _ => return false,
-    };
-    for &c in &body[1..] {
-        if !c.is_ascii_digit() {
-            return false;
-        }
-        number = number * 10 + u32::from(c - b'0');
-    }
-    LETTERS[(number % 23) as usize] == letter
-}
-
-fn nir(b: &[u8]) -> bool {
-    let s: Vec<u8> = b
-        .iter()
-        .filter(|c| !c.is_ascii_whitespace())
-        .map(u8::to_ascii_uppercase)
-        .collect();
-    if s.len() != 15 {
-        return false;
-    }
-    let (body, key) = s.split_at(13);
-    // Corsica's departments 2A and 2B count as 19 and 18.
-    let mut n: u64 = 0;
-    for (i, &c) in body.iter().enumerate() {
-        let v = match c {
-            b'0'..=b'9' => u64::from(c - b'0'),
-            b'A' if i == 6 => 1,
-            b'B' if i == 6 => 1,
-            _ => return false,
-        };
-        n = n * 10 + v;
-    }
-    if body[6] == b'A' {
-        n -= 1_000_000;
-    } else if body[6] == b'B' {
-        n -= 2_000_000;
-    }
-    let key: u64 = std::str::from_utf8(key)
-        .ok()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or(u64::MAX);
-    97 - n % 97 == key
-}
-
-fn verhoeff(d: &[u8]) -> bool {
-    const D: [[u8; 10]; 10] = [
-        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
-        [1, 2, 3, 4, 0, 6, 7, 8, 9, 5],
-        [2, 3, 4, 0, 1, 7, 8, 9, 5, 6],
-        [3, 4, 0, 1, 2, 8, 9, 5, 6, 7],
-        [4, 0, 1, 2, 3, 9, 5, 6, 7, 8],
-        [5, 9, 8, 7, 6, 0, 4, 3, 2, 1],
-        [6, 5, 9, 8, 7, 1, 0, 4, 3, 2],
-        [7, 6, 5, 9, 8, 2, 1, 0, 4, 3],
-        [8, 7, 6, 5, 9, 3, 2, 1, 0, 4],
-        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0],
-    ];
-    const P: [[u8; 10]; 8] = [
-        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
-        [1, 5, 7, 6, 2, 8, 3, 0, 9, 4],
-        [5, 8, 0, 3, 7, 9, 6, 1, 4, 2],
-        [8, 9, 1, 6, 0, 4, 3, 5, 2, 7],
-        [9, 4, 5, 3, 1, 2, 6, 8, 7, 0],
-        [4, 2, 8, 6, 5, 7, 3, 9, 0, 1],
-        [2, 7, 9, 3, 8, 0, 6, 4, 1, 5],
-        [7, 0, 4, 6, 9, 1, 3, 2, 5, 8],
-    ];
-    d.iter().rev().enumerate().fold(0u8, |c, (i, &x)| {
-        D[c as usize][P[i % 8][x as usize] as usize]
-    }) == 0
-}
-
-fn aadhaar(b: &[u8]) -> bool {
-    let d = digits(b);
-    d.len() == 12 && d[0] >= 2 && verhoeff(&d)
-}
-
-fn cpf(b: &[u8]) -> bool {
-    let d = digits(b);
-    if d.len() != 11 || d.iter().all(|&x| x == d[0]) {
-        return false;
-    }
-    let check = |n: usize| {
-        let sum: u32 = d[..n]
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| u32::from(x) * (n as u32 + 1 - i as u32))
-            .sum();
-        let r = sum % 11;
-        if r < 2 {
-            0
-        } else {
-            11 - r
-        }
-    };
-    check(9) == u32::from(d[9]) && check(10) == u32::from(d[10])
-}
-
-fn sin(b: &[u8]) -> bool {
-    let d = digits(b);
-    d.len() == 9 && d[0] != 8 && luhn(&d)
-}
-
-fn cn_id(b: &[u8]) -> bool {
-    const W: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
-    if b.len() != 18 || !b[..17].iter().all(u8::is_ascii_digit) {
-        return false;
-    }
-    let sum: u32 = b[..17]
-        .iter()
-        .zip(W)
-        .map(|(&c, w)| u32::from(c - b'0') * w)
-        .sum();
-    let month = u32::from(b[10] - b'0') * 10 + u32::from(b[11] - b'0');
-    let day = u32::from(b[12] - b'0') * 10 + u32::from(b[13] - b'0');
-    b"10X98765432"[(sum % 11) as usize] == b[17].to_ascii_uppercase()
-        && (1..=12).contains(&month)
-        && (1..=31).contains(&day)
-}
-
-fn de_tax(b: &[u8]) -> bool {
-    let d = digits(b);
-    if d.len() != 11 || d[0] == 0 {
-        return false;
-    }
-    // In the first ten digits exactly one digit repeats (twice or three times).
-    let mut counts = [0u8; 10];
-    d[..10].iter().for_each(|&x| counts[x as usize] += 1);
-    let repeated = counts.iter().filter(|&&c| c > 1).count();
-    if repeated != 1 || counts.iter().any(|&c| c > 3) {
-        return false;
-    }
-    let mut product = 10u32;
-    for &x in &d[..10] {
-        let mut sum = (u32::from(x) + product) % 10;
-        if sum == 0 {
-            sum = 10;
-        }
-        product = (sum * 2) % 11;
-    }
-    let check = (11 - product) % 10;
-    check == u32::from(d[10])
-}
-
-fn fiscal_code(b: &[u8]) -> bool {
-    const ODD: [u32; 26] = [
-        1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 2, 4, 18, 20, 11, 3, 6, 8, 12, 14, 16, 10, 22, 25, 24,
-        23,
-    ];
-    if b.len() != 16 {
-        return false;
-    }
-    let value = |i: usize, c: u8| -> Option<u32> {
-        let (digit, letter) = match c {
-            b'0'..=b'9' => (u32::from(c - b'0'), None),
-            b'A'..=b'Z' => (u32::from(c - b'A'), Some(usize::from(c - b'A'))),
-            _ => return None,
-        };
-        Some(if i % 2 == 0 {
-            ODD[letter.unwrap_or(digit as usize)]
-        } else {
-            digit
-        })
-    };
-    let mut sum = 0;
-    for (i, &c) in b[..15].iter().enumerate() {
-        match value(i, c.to_ascii_uppercase()) {
-            Some(v) => sum += v,
-            None => return false,
-        }
-    }
-    u32::from(b[15].to_ascii_uppercase()) == u32::from(b'A') + sum % 26
-}
-
-fn nino(b: &[u8]) -> bool {
-    let s: Vec<u8> = b
-        .iter()
-        .filter(|c| !c.is_ascii_whitespace())
-        .map(u8::to_ascii_uppercase)
-        .collect();
-    !matches!(
-        &s[..2],
-        b"BG" | b"GB" | b"NK" | b"KN" | b"TN" | b"NT" | b"ZZ"
+/// Names after an introduction or a title, or a common first name followed by a surname.
+const NAMES: &str = r"(?x)
+    (?:
+        \b(?:[Mm]y\ name\ is|[Mm]y\ name's|[Nn]ame:|[Cc]ontact\ person:?|[Dd]ear|[Ss]incerely,?|
+           [Rr]egards,?|[Ss]igned,?|[Jj]e\ m'appelle|[Jj]e\ suis|[Ii]ch\ heiße|[Ii]ch\ heisse|
+           [Mm]ein\ Name\ ist|[Mm]i\ chiamo|[Mm]e\ llamo|[Mm]i\ nombre\ es|[Mm]eu\ nome\ é|
+           [Nn]azywam\ się|[Mm]ijn\ naam\ is|[Ii]k\ ben)\s+
+      | \b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Dame|Herr|Frau|Mme|Mlle|Sig|Sra|Srta|Sr|Pan|Pani|Dhr|Mevr)\.?\s+
+      | \b(?P<first>James|John|Robert|Michael|William|David|Richard|Joseph|Thomas|Charles|Mary|
+           Patricia|Jennifer|Linda|Elizabeth|Barbara|Susan|Jessica|Sarah|Karen|Emma|Olivia|Sophie|
+           Oliver|Jack|Harry|George|Amelia|Isla|Lucas|Louis|Gabriel|Léa|Chloé|Camille|Manon|
+           Hugo|Jules|Maximilian|Alexander|Paul|Leon|Ben|Lukas|Anna|Lena|Hannah|Lea|Marie|
+           Giulia|Francesca|Alessandro|Lorenzo|Matteo|Marco|Giuseppe|Maria|Sofia|Lucía|Martina|
+           Daniel|Pablo|Alejandro|Javier|Carmen|Jakub|Jan|Piotr|Krzysztof|Katarzyna|Agnieszka|
+           João|Pedro|Ana|Beatriz|Mariana|Rahul|Priya|Amit|Anjali|Arjun|Wei|Li|Ming|Hiroshi|Yuki|
+           Haruto|Sakura|Mohammed|Ahmed|Fatima|Ali|Omar|Aisha|Emily|Michelle|Andrew|Peter|
+           Jane|Alice|Bob|Eve|Laura|Julia|Nina|Ivan|Olga|Dmitri)\s+
     )
-}
+    (?P<name>\p{Lu}[\p{Ll}'’]+(?:[\ -]\p{Lu}[\p{Ll}'’]+){0,2})";
 
 impl Detector {
-    /// A detector for these entities.
+    /// A detector for these entities, each kept at [`DEFAULT_THRESHOLD`].
     pub fn new(entities: &[Entity]) -> Self {
-        let build = |entity: Entity| -> Pattern {
-            let (pattern, valid, needle): Spec = match entity {
-                Entity::Email => (
-                    r"(?-u)\b[A-Za-z0-9._%+-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}\b",
-                    any,
-                    Some(b'@'),
-                ),
-                Entity::Phone => (
-                    r"(?-u)\+[1-9][0-9]{0,2}(?:[ .-]?\(?[0-9]{1,4}\)?){2,6}\b",
-                    phone,
-                    Some(b'+'),
-                ),
-                Entity::CreditCard => (r"(?-u)\b[0-9](?:[ -]?[0-9]){12,18}\b", card, None),
-                Entity::Iban => (
-                    r"(?-u)\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
-                    iban,
-                    None,
-                ),
-                Entity::UsSsn => (r"(?-u)\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", ssn, Some(b'-')),
-                Entity::IpAddress => (
-                    r"(?-u)\b[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\b",
-                    ipv4,
-                    Some(b'.'),
-                ),
-                Entity::ApiKey => (
-                    r"(?-u)\b(?:sk-ant-(?:api|admin)[0-9]{2}-[A-Za-z0-9_-]{80,120}|sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{32,200}|(?:AKIA|ASIA)[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{60,255}|xox[abposr]-[A-Za-z0-9-]{10,200}|(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{20,200}|AIza[0-9A-Za-z_-]{35})",
-                    any,
-                    None,
-                ),
-                Entity::Jwt => (
-                    r"(?-u)\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
-                    any,
-                    Some(b'.'),
-                ),
-                Entity::PrivateKey => (
-                    r"(?-u)-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z]+ )?PRIVATE KEY-----",
-                    any,
-                    Some(b'-'),
-                ),
-                Entity::UrlCredentials => (
-                    r"(?-u)\b[a-z][a-z0-9+.-]{1,20}://[^\s:/@]{1,64}:[^\s@/]{1,128}@[A-Za-z0-9.-]+",
-                    any,
-                    Some(b'@'),
-                ),
-                Entity::UkNino => (
-                    r"(?-u)\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?[0-9]{2} ?[0-9]{2} ?[0-9]{2} ?[A-D]\b",
-                    nino,
-                    None,
-                ),
-                Entity::ItFiscalCode => (
-                    r"(?-u)\b[A-Z]{6}[0-9LMNPQRSTUV]{2}[ABCDEHLMPRST][0-9LMNPQRSTUV]{2}[A-Z][0-9LMNPQRSTUV]{3}[A-Z]\b",
-                    fiscal_code,
-                    None,
-                ),
-                Entity::PlPesel => (r"(?-u)\b[0-9]{11}\b", pesel, None),
-                Entity::EsDni => (r"(?-u)\b(?:[0-9]{8}|[XYZ][0-9]{7})-?[A-Z]\b", dni, None),
-                Entity::FrNir => (
-                    r"(?-u)\b[12] ?[0-9]{2} ?(?:0[1-9]|1[0-2]|[2-9][0-9]) ?(?:[0-9]{2}|2A|2B) ?[0-9]{3} ?[0-9]{3} ?[0-9]{2}\b",
-                    nir,
-                    None,
-                ),
-                Entity::InAadhaar => (r"(?-u)\b[2-9][0-9]{3} ?[0-9]{4} ?[0-9]{4}\b", aadhaar, None),
-                Entity::BrCpf => (
-                    r"(?-u)\b[0-9]{3}\.?[0-9]{3}\.?[0-9]{3}-?[0-9]{2}\b",
-                    cpf,
-                    None,
-                ),
-                Entity::CaSin => (r"(?-u)\b[0-9]{3}[ -]?[0-9]{3}[ -]?[0-9]{3}\b", sin, None),
-                Entity::CnResidentId => (r"(?-u)\b[1-9][0-9]{16}[0-9Xx]\b", cn_id, None),
-                Entity::DeTaxId => (r"(?-u)\b[1-9][0-9]{10}\b", de_tax, None),
-            };
-            Pattern {
-                entity,
-                regex: Regex::new(pattern).expect("the built-in patterns compile"),
-                valid,
-                needle,
-            }
-        };
         let mut entities = entities.to_vec();
         entities.sort_unstable();
         entities.dedup();
+        let specs: Vec<&'static Spec> = SPECS
+            .iter()
+            .filter(|s| entities.contains(&s.entity))
+            .collect();
+        let names = entities.contains(&Entity::Person).then(|| {
+            regex::Regex::new(NAMES).expect("the name pattern compiles")
+        });
         Self {
-            patterns: entities.into_iter().map(build).collect(),
+            scan: compile(&specs, MatchKind::LeftmostFirst),
+            overlapping: compile(&specs, MatchKind::All),
+            entities,
+            specs,
+            thresholds: HashMap::new(),
+            default_threshold: DEFAULT_THRESHOLD,
+            allow: HashSet::new(),
+            deny: None,
+            names,
         }
+    }
+
+    /// The entities it finds.
+    pub fn entities(&self) -> &[Entity] {
+        &self.entities
+    }
+
+    /// The score `entity` needs to count (default [`DEFAULT_THRESHOLD`]). Lower it to catch
+    /// weak shapes without context words (more false positives), raise it for fewer.
+    #[must_use]
+    pub fn with_threshold(mut self, entity: Entity, score: f32) -> Self {
+        self.thresholds.insert(entity, score);
+        self
+    }
+
+    /// The score every entity without a threshold of its own needs.
+    #[must_use]
+    pub fn with_default_threshold(mut self, score: f32) -> Self {
+        self.default_threshold = score;
+        self
+    }
+
+    /// Values never reported: exact values (compared without case, spaces or dashes, so a test
+    /// card matches however it is grouped) and, for emails and URLs, domains (`example.com`
+    /// allows `jane@example.com` and `a@mail.example.com`).
+    #[must_use]
+    pub fn with_allow_list<I, S>(mut self, values: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.allow
+            .extend(values.into_iter().map(|v| normalized(v.as_ref())));
+        self
+    }
+
+    /// Terms always reported as [`Entity::Custom`] (whole words, any case): project code names,
+    /// customer names, internal hosts.
+    #[must_use]
+    pub fn with_deny_list<I, S>(mut self, terms: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let terms: Vec<String> = terms
+            .into_iter()
+            .map(|t| t.as_ref().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect();
+        self.deny = (!terms.is_empty()).then(|| {
+            AhoCorasickBuilder::new()
+                .ascii_case_insensitive(true)
+                .match_kind(AcMatchKind::LeftmostLongest)
+                .build(&terms)
+                .expect("deny-list terms build an automaton")
+        });
+        self
+    }
+
+    fn threshold(&self, entity: Entity) -> f32 {
+        self.thresholds
+            .get(&entity)
+            .copied()
+            .unwrap_or(self.default_threshold)
+    }
+
+    fn allowed(&self, entity: Entity, value: &str) -> bool {
+        if self.allow.is_empty() {
+            return false;
+        }
+        let value = normalized(value);
+        if self.allow.contains(&value) {
+            return true;
+        }
+        if matches!(entity, Entity::Email | Entity::UrlCredentials) {
+            // The host: after the last `@`, up to a path.
+            let host = value.rsplit('@').next().unwrap_or("");
+            let host = host.split(['/', ':']).next().unwrap_or("");
+            let mut domain = host;
+            loop {
+                if self.allow.contains(domain) {
+                    return true;
+                }
+                match domain.split_once('.') {
+                    Some((_, parent)) if parent.contains('.') => domain = parent,
+                    _ => return false,
+                }
+            }
+        }
+        false
+    }
+
+    /// Scores one candidate the scan found; `None` when it does not count.
+    fn judge(&self, text: &str, pid: PatternID, start: usize, end: usize) -> Option<Finding> {
+        let spec = self.specs[pid.as_usize()];
+        let bytes = text.as_bytes();
+        let matched = &bytes[start..end];
+        let mut score = (spec.score)(matched)?;
+        if !boundaries_ok(spec.entity, bytes, start, end) {
+            return None;
+        }
+        let threshold = self.threshold(spec.entity);
+        if score < threshold {
+            let window = &bytes[start.saturating_sub(CONTEXT_WINDOW)..start];
+            if context_words(spec.entity)
+                .iter()
+                .any(|w| has_word(window, w))
+            {
+                score = (score + CONTEXT_BOOST).min(1.0);
+            }
+            if score < threshold {
+                return None;
+            }
+        }
+        let (from, to) = (spec.value)(matched);
+        let (start, end) = (start + from, start + to);
+        if self.allowed(spec.entity, &text[start..end]) {
+            return None;
+        }
+        Some(Finding {
+            entity: spec.entity,
+            start,
+            end,
+            score,
+        })
     }
 
     /// Every entity found in `text`, in order, without overlaps (the earlier, then the longer,
     /// wins).
     pub fn find(&self, text: &str) -> Vec<Finding> {
-        let bytes = text.as_bytes();
-        let mut found: Vec<Finding> = Vec::new();
-        for p in &self.patterns {
-            if p.needle.is_some_and(|n| !bytes.contains(&n)) {
-                continue;
-            }
-            for m in p.regex.find_iter(bytes) {
-                if (p.valid)(m.as_bytes()) && context_ok(p.entity, bytes, m.start(), m.end()) {
+        let mut found = Vec::new();
+        if let (Some(scan), Some(overlapping)) = (&self.scan, &self.overlapping) {
+            self.scan(text, scan, overlapping, &mut found);
+        }
+        let extra = self.deny.is_some() || self.names.is_some();
+        if let Some(deny) = &self.deny {
+            let bytes = text.as_bytes();
+            for m in deny.find_iter(text) {
+                let inside_word = m.start() > 0 && bytes[m.start() - 1].is_ascii_alphanumeric()
+                    || bytes.get(m.end()).is_some_and(u8::is_ascii_alphanumeric);
+                if !inside_word {
                     found.push(Finding {
-                        entity: p.entity,
+                        entity: Entity::Custom,
                         start: m.start(),
                         end: m.end(),
+                        score: 1.0,
                     });
                 }
             }
         }
-        found.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
-        let mut out: Vec<Finding> = Vec::with_capacity(found.len());
-        for f in found {
-            if out.last().is_none_or(|last| f.start >= last.end) {
-                out.push(f);
+        if let Some(names) = &self.names {
+            let threshold = self.threshold(Entity::Person);
+            for caps in names.captures_iter(text) {
+                let (Some(name), first) = (caps.name("name"), caps.name("first")) else {
+                    continue;
+                };
+                let (start, score) = match first {
+                    Some(first) => (first.start(), 0.6),
+                    None => (name.start(), 0.85),
+                };
+                if score >= threshold && !self.allowed(Entity::Person, &text[start..name.end()])
+                {
+                    found.push(Finding {
+                        entity: Entity::Person,
+                        start,
+                        end: name.end(),
+                        score,
+                    });
+                }
             }
         }
-        out
+        if extra {
+            found.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
+            let mut kept: Vec<Finding> = Vec::with_capacity(found.len());
+            for f in found {
+                if kept.last().is_none_or(|last| f.start >= last.end) {
+                    kept.push(f);
+                }
+            }
+            found = kept;
+        }
+        found
+    }
+
+    /// The one pass: the leftmost candidate of any pattern; when it fails its check, the other
+    /// patterns matching at the same place, longest valid first; then on from there.
+    fn scan(&self, text: &str, scan: &Regex, overlapping: &Regex, found: &mut Vec<Finding>) {
+        let bytes = text.as_bytes();
+        let mut at = 0;
+        let mut others = PatternSet::new(self.specs.len());
+        while at < bytes.len() {
+            let Some(m) = scan.search(&Input::new(bytes).range(at..)) else {
+                break;
+            };
+            let start = m.start();
+            if let Some(f) = self.judge(text, m.pattern(), start, m.end()) {
+                found.push(f);
+                at = m.end();
+                continue;
+            }
+            others.clear();
+            overlapping.which_overlapping_matches(
+                &Input::new(bytes).range(start..).anchored(Anchored::Yes),
+                &mut others,
+            );
+            let mut best: Option<(Finding, usize)> = None;
+            for pid in others.iter().filter(|&p| p != m.pattern()) {
+                let input = Input::new(bytes)
+                    .range(start..)
+                    .anchored(Anchored::Pattern(pid));
+                let Some(alt) = scan.search(&input) else {
+                    continue;
+                };
+                if let Some(f) = self.judge(text, pid, start, alt.end()) {
+                    if best.is_none_or(|(_, end)| alt.end() > end) {
+                        best = Some((f, alt.end()));
+                    }
+                }
+            }
+            match best {
+                Some((f, end)) => {
+                    found.push(f);
+                    at = end;
+                }
+                None => at = start + 1,
+            }
+        }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -701,5 +543,186 @@ mod tests {
         let found = kinds("https://bob:pw@mail.example.com");
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].0, Entity::UrlCredentials);
+    }
+
+    fn found(detector: &Detector, text: &str) -> Vec<(Entity, String)> {
+        detector
+            .find(text)
+            .into_iter()
+            .map(|f| (f.entity, text[f.start..f.end].to_owned()))
+            .collect()
+    }
+
+    fn all(text: &str) -> Vec<(Entity, String)> {
+        found(&Detector::new(&Entity::ALL), text)
+    }
+
+    fn one(entity: Entity, value: &str) -> Vec<(Entity, String)> {
+        vec![(entity, value.to_owned())]
+    }
+
+    #[test]
+    fn network_wallets_and_dates_of_birth() {
+        assert_eq!(
+            all("host 2001:db8:85a3::8a2e:370:7334 up"),
+            one(Entity::IpAddress, "2001:db8:85a3::8a2e:370:7334")
+        );
+        assert_eq!(all("lo ::1 and fe80::1"), one(Entity::IpAddress, "fe80::1"));
+        assert!(all("use std::net::Ipv6Addr; at 10:32:11 or a::b").is_empty());
+        assert_eq!(
+            all("nic 00:1A:2B:3C:4D:5E"),
+            one(Entity::MacAddress, "00:1A:2B:3C:4D:5E")
+        );
+        assert!(all("mixed 00:1A-2B:3C:4D:5E").is_empty());
+        assert_eq!(
+            all("send to 1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2 now"),
+            one(Entity::CryptoWallet, "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2")
+        );
+        assert!(all("send to 1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN3").is_empty());
+        assert_eq!(
+            all("bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq"),
+            one(
+                Entity::CryptoWallet,
+                "bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq"
+            )
+        );
+        assert!(all("bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdp").is_empty());
+        // A date alone is not personal data; after "born" it is.
+        assert!(all("released on 12/03/1985").is_empty());
+        assert_eq!(
+            all("I was born on 12/03/1985 in Leeds"),
+            one(Entity::DateOfBirth, "12/03/1985")
+        );
+        assert_eq!(
+            all("DOB: March 12, 1985"),
+            one(Entity::DateOfBirth, "March 12, 1985")
+        );
+        assert!(all("born 31/31/1985").is_empty(), "not a date");
+    }
+
+    #[test]
+    fn secrets_keep_their_keyword() {
+        assert_eq!(
+            all("Server=db;User Id=app;Password=Tr0ub4dor&3x;"),
+            one(Entity::Password, "Tr0ub4dor")
+        );
+        assert_eq!(
+            all("my password is hunter2!"),
+            one(Entity::Password, "hunter2!")
+        );
+        assert!(all("password: ******** and password=[PASSWORD_1]").is_empty());
+        assert_eq!(
+            all("export CLIENT_SECRET=\"q8Zr3TnV0xY7pLk2Wm9s\""),
+            one(Entity::Secret, "q8Zr3TnV0xY7pLk2Wm9s")
+        );
+        assert_eq!(
+            all("Authorization: Bearer abcDEF123ghiJKL456mno"),
+            one(Entity::Secret, "abcDEF123ghiJKL456mno")
+        );
+        assert!(
+            all("token = aaaaaaaaaaaaaaaaaaaaaaaa1").is_empty(),
+            "low entropy"
+        );
+        assert!(all("the token limit is 4096 tokens").is_empty());
+        assert_eq!(
+            all("hf_abcdefghijklmnopqrstuvwxyzABCDEFGH"),
+            one(Entity::ApiKey, "hf_abcdefghijklmnopqrstuvwxyzABCDEFGH")
+        );
+    }
+
+    #[test]
+    fn phones_in_national_formats() {
+        for phone in [
+            "(555) 123-4567",
+            "555-123-4567",
+            "555.123.4567 x1234",
+            "020 7946 0958",
+            "01 23 45 67 89",
+            "(0151) 1234 5678",
+            "03-1234-5678",
+            "+33 1 23 45 67 89",
+            "0044 20 7946 0958",
+            "+44(0)2079460958",
+        ] {
+            assert_eq!(all(&format!("at {phone}.")), one(Entity::Phone, phone));
+        }
+        // Weak shapes need a word that says phone.
+        assert!(all("ref 912 345 678").is_empty());
+        assert_eq!(
+            all("teléfono 912 345 678"),
+            one(Entity::Phone, "912 345 678")
+        );
+        assert_eq!(
+            all("mobile: 9876543210"),
+            one(Entity::Phone, "9876543210")
+        );
+    }
+
+    #[test]
+    fn context_thresholds_allow_and_deny() {
+        // Nine digits passing Luhn: a SIN only when the text says so.
+        assert!(all("order 046454286 shipped").is_empty());
+        assert_eq!(
+            all("my SIN is 046454286"),
+            one(Entity::CaSin, "046454286")
+        );
+        assert!(
+            all("single 046454286").is_empty(),
+            "a context word must be a whole word"
+        );
+        let lenient = Detector::new(&[Entity::CaSin]).with_threshold(Entity::CaSin, 0.3);
+        assert_eq!(
+            found(&lenient, "order 046454286"),
+            one(Entity::CaSin, "046454286")
+        );
+        let strict = Detector::new(&[Entity::Email]).with_default_threshold(0.95);
+        assert!(found(&strict, "jane@example.com").is_empty());
+
+        let allowing = Detector::new(&Entity::ALL)
+            .with_allow_list(["example.com", "4111111111111111"]);
+        assert_eq!(
+            found(
+                &allowing,
+                "a@example.com b@mail.example.com c@example.org 4111-1111-1111-1111"
+            ),
+            one(Entity::Email, "c@example.org")
+        );
+        let denying = Detector::new(&Entity::ALL).with_deny_list(["Project Falcon", "acme"]);
+        assert_eq!(
+            found(&denying, "project falcon for ACME, not acmex"),
+            vec![
+                (Entity::Custom, "project falcon".to_owned()),
+                (Entity::Custom, "ACME".to_owned())
+            ]
+        );
+        let f = Detector::new(&Entity::ALL).find("jane@example.com")[0];
+        assert!((f.score - 0.9).abs() < f32::EPSILON);
+    }
+
+    #[test]
+    fn names_are_opt_in() {
+        let text = "Hello, my name is Zoë Müller-Lüdenscheidt. Dr. Okafor and James Smith agree.";
+        assert!(all(text).is_empty());
+        let names = Detector::new(&[Entity::Person]);
+        assert_eq!(
+            found(&names, text),
+            vec![
+                (Entity::Person, "Zoë Müller-Lüdenscheidt".to_owned()),
+                (Entity::Person, "Okafor".to_owned()),
+                (Entity::Person, "James Smith".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn number_heavy_benign_text_is_left_alone() {
+        let text = "Release 1.2.3 (build 4521) fixed order #100234 and #58812345. \
+            At 2024-05-01T10:32:11Z and 2024-05-01 10:32:11 the job took 12.5s; \
+            total $1,234.56 or €2.345,67 for 3 items, 12% off. \
+            Commit 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b, \
+            request 123e4567-e89b-12d3-a456-426614174000, version 10.0.19045.1, \
+            port 8080, 1024x768, ISBN 978-3-16-148410-0, Rust 1.85.0, \
+            invoice 2024-000123, 15:30-17:45, tel. ext. lines 3 and 4.";
+        assert_eq!(all(text), vec![]);
     }
 }

@@ -9,7 +9,8 @@ use std::str::FromStr;
 pub enum Entity {
     /// An email address.
     Email,
-    /// A phone number in international format (`+` and country code).
+    /// A phone number: international (`+` or `00` and a country code) or in a national format
+    /// (trunk `0`, area code in parentheses, grouped digits; the weaker shapes need a context word).
     Phone,
     /// A payment card number that passes the Luhn check and a brand's prefix and length.
     CreditCard,
@@ -17,9 +18,16 @@ pub enum Entity {
     Iban,
     /// A US social security number outside the never-issued ranges.
     UsSsn,
-    /// An IPv4 address.
+    /// An IPv4 or IPv6 address.
     IpAddress,
-    /// A provider API key or token (OpenAI, Anthropic, AWS, GitHub, Slack, Stripe, Google).
+    /// A MAC address.
+    MacAddress,
+    /// A cryptocurrency wallet address (Bitcoin base58check or bech32, Ethereum).
+    CryptoWallet,
+    /// A date next to words that make it a date of birth ("born", "DOB", "geboren", ...).
+    DateOfBirth,
+    /// A provider API key or token (OpenAI, Anthropic, AWS, Google, GitHub, GitLab, Slack, Stripe,
+    /// Hugging Face, SendGrid, npm, ...).
     ApiKey,
     /// A JSON Web Token.
     Jwt,
@@ -27,6 +35,12 @@ pub enum Entity {
     PrivateKey,
     /// A URL with a password in it (`scheme://user:password@host`).
     UrlCredentials,
+    /// A password after a keyword (`password=`, `Pwd:`, "my password is"), e.g. in a connection
+    /// string; only the value is replaced.
+    Password,
+    /// A high-entropy token after a keyword such as `secret`, `token`, `api_key` or `Bearer`; only
+    /// the value is replaced.
+    Secret,
     /// A UK National Insurance number.
     UkNino,
     /// An Italian codice fiscale (check character verified).
@@ -47,21 +61,31 @@ pub enum Entity {
     CnResidentId,
     /// A German tax identification number (ISO 7064 check digit verified).
     DeTaxId,
+    /// A person's name after "my name is", a title, or a common first name (off by default).
+    Person,
+    /// A term from the deny list.
+    Custom,
 }
 
 impl Entity {
-    /// Every entity.
-    pub const ALL: [Entity; 20] = [
+    /// Every built-in entity except [`Entity::Person`], which is opt-in (names are the least
+    /// certain finding), and [`Entity::Custom`], which comes with a deny list.
+    pub const ALL: [Entity; 25] = [
         Entity::Email,
         Entity::Phone,
         Entity::CreditCard,
         Entity::Iban,
         Entity::UsSsn,
         Entity::IpAddress,
+        Entity::MacAddress,
+        Entity::CryptoWallet,
+        Entity::DateOfBirth,
         Entity::ApiKey,
         Entity::Jwt,
         Entity::PrivateKey,
         Entity::UrlCredentials,
+        Entity::Password,
+        Entity::Secret,
         Entity::UkNino,
         Entity::ItFiscalCode,
         Entity::PlPesel,
@@ -89,11 +113,13 @@ impl Entity {
     ];
 
     /// The secrets among them.
-    pub const SECRETS: [Entity; 4] = [
+    pub const SECRETS: [Entity; 6] = [
         Entity::ApiKey,
         Entity::Jwt,
         Entity::PrivateKey,
         Entity::UrlCredentials,
+        Entity::Password,
+        Entity::Secret,
     ];
 
     /// The name used in placeholders, e.g. `EMAIL` in `[EMAIL_1]`.
@@ -105,7 +131,12 @@ impl Entity {
             Entity::Iban => "IBAN",
             Entity::UsSsn => "SSN",
             Entity::IpAddress => "IP",
-            Entity::ApiKey => "SECRET",
+            Entity::MacAddress => "MAC",
+            Entity::CryptoWallet => "WALLET",
+            Entity::DateOfBirth => "DOB",
+            Entity::ApiKey => "API_KEY",
+            Entity::Password => "PASSWORD",
+            Entity::Secret => "SECRET",
             Entity::Jwt => "JWT",
             Entity::PrivateKey => "PRIVATE_KEY",
             Entity::UrlCredentials => "URL_CREDENTIALS",
@@ -119,6 +150,8 @@ impl Entity {
             Entity::CaSin => "SIN",
             Entity::CnResidentId => "CN_ID",
             Entity::DeTaxId => "STEUER_ID",
+            Entity::Person => "PERSON",
+            Entity::Custom => "REDACTED",
         }
     }
 }
@@ -132,7 +165,12 @@ impl fmt::Display for Entity {
             Entity::Iban => "iban",
             Entity::UsSsn => "ssn",
             Entity::IpAddress => "ip",
+            Entity::MacAddress => "mac",
+            Entity::CryptoWallet => "crypto_wallet",
+            Entity::DateOfBirth => "date_of_birth",
             Entity::ApiKey => "api_key",
+            Entity::Password => "password",
+            Entity::Secret => "secret",
             Entity::Jwt => "jwt",
             Entity::PrivateKey => "private_key",
             Entity::UrlCredentials => "url_credentials",
@@ -146,6 +184,8 @@ impl fmt::Display for Entity {
             Entity::CaSin => "ca_sin",
             Entity::CnResidentId => "cn_resident_id",
             Entity::DeTaxId => "de_tax_id",
+            Entity::Person => "person",
+            Entity::Custom => "custom",
         })
     }
 }
@@ -156,6 +196,7 @@ impl FromStr for Entity {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Entity::ALL
             .into_iter()
+            .chain([Entity::Person, Entity::Custom])
             .find(|e| e.to_string() == s)
             .ok_or_else(|| format!("unknown entity `{s}`"))
     }

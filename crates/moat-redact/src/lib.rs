@@ -30,10 +30,12 @@
 
 mod detect;
 mod entity;
+mod patterns;
 mod redactor;
 mod service;
+mod validate;
 
-pub use detect::{Detector, Finding};
+pub use detect::{Detector, Finding, DEFAULT_THRESHOLD};
 pub use entity::Entity;
 pub use redactor::{Operator, Redacted, Redactor, StreamRestorer, Vault, MAX_VAULT_ENTRIES};
 pub use service::{Redact, RedactLayer, ResponseFuture, RestoreBody};

@@ -1,0 +1,280 @@
+//! The built-in patterns: what each entity looks like, how sure a match is, and the words that
+//! make a weak match likely.
+//!
+//! All patterns are byte-level and ASCII-only (`(?-u)`); they are compiled together into one
+//! automaton, so the text is scanned once however many entities are on. Order matters: where
+//! two patterns match at the same place, the earlier one is tried first.
+//!
+//! Scores follow Presidio's model: a pattern match has a base score, a failed checksum drops
+//! it, and a context word shortly before it adds [`CONTEXT_BOOST`]. Shapes that ordinary numbers
+//! also take (nine bare digits, a date) start below the default threshold of 0.5 and count only
+//! with a context word.
+
+use crate::entity::Entity;
+use crate::validate::*;
+
+/// What a context word adds to a score.
+pub(crate) const CONTEXT_BOOST: f32 = 0.35;
+
+/// How far before a match context words are looked for, in bytes.
+pub(crate) const CONTEXT_WINDOW: usize = 64;
+
+/// One pattern of an entity.
+pub(crate) struct Spec {
+    pub(crate) entity: Entity,
+    pub(crate) pattern: &'static str,
+    /// The score of a match, or `None` when it fails its check.
+    pub(crate) score: fn(&[u8]) -> Option<f32>,
+    /// Where the value lies in the match (after a keyword, for passwords and secrets).
+    pub(crate) value: fn(&[u8]) -> (usize, usize),
+}
+
+fn whole(b: &[u8]) -> (usize, usize) {
+    (0, b.len())
+}
+
+fn when(valid: bool, score: f32) -> Option<f32> {
+    valid.then_some(score)
+}
+
+macro_rules! spec {
+    ($entity:ident, $pattern:expr, $score:expr) => {
+        spec!($entity, $pattern, $score, whole)
+    };
+    ($entity:ident, $pattern:expr, $score:expr, $value:expr) => {
+        Spec {
+            entity: Entity::$entity,
+            pattern: concat!("(?-u)", $pattern),
+            score: $score,
+            value: $value,
+        }
+    };
+}
+
+/// A phone number's trailing extension: `x123`, `ext. 123`.
+macro_rules! ext {
+    () => {
+        r"(?: ?(?:x|ext\.?) ?[0-9]{1,5}\b)?"
+    };
+}
+
+/// Every pattern, most specific first.
+pub(crate) static SPECS: &[Spec] = &[
+    spec!(
+        PrivateKey,
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
+        |_| Some(1.0)
+    ),
+    // A block cut short (pasted without its end line): the key material that follows.
+    spec!(
+        PrivateKey,
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:[A-Za-z0-9+/=\s:,-]|\\n)+",
+        |_| Some(1.0)
+    ),
+    spec!(
+        Jwt,
+        r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
+        |_| Some(0.95)
+    ),
+    spec!(
+        ApiKey,
+        r"\b(?:sk-ant-(?:api|admin|oat)[0-9]{2}-[A-Za-z0-9_-]{80,120}|sk-(?:proj-|svcacct-|admin-|or-v1-)?[A-Za-z0-9_-]{32,200}|(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{60,255}|glpat-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,200}|xapp-[0-9]-[A-Za-z0-9-]{10,200}|(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{20,200}|whsec_[A-Za-z0-9]{24,}|AIza[0-9A-Za-z_-]{35}|ya29\.[0-9A-Za-z_-]{20,}|GOCSPX-[A-Za-z0-9_-]{28}|hf_[A-Za-z0-9]{30,}|npm_[A-Za-z0-9]{36}|gsk_[A-Za-z0-9]{48,}|SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43})",
+        |_| Some(0.95)
+    ),
+    spec!(
+        ApiKey,
+        r"https://hooks\.slack\.com/services/[A-Za-z0-9_/]{20,}",
+        |_| Some(0.95)
+    ),
+    spec!(
+        UrlCredentials,
+        r"\b[a-z][a-z0-9+.-]{1,20}://[^\s:/@]{1,64}:[^\s@/]{1,128}@[A-Za-z0-9.-]+",
+        |_| Some(0.95)
+    ),
+    spec!(
+        Email,
+        r"\b[A-Za-z0-9._%+-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}\b",
+        |_| Some(0.9)
+    ),
+    spec!(
+        Iban,
+        r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
+        |b| when(iban(b), 0.9)
+    ),
+    spec!(CreditCard, r"\b[0-9](?:[ -]?[0-9]){12,18}\b", |b| when(
+        card(b),
+        0.8
+    )),
+    spec!(CnResidentId, r"\b[1-9][0-9]{16}[0-9Xx]\b", |b| when(
+        cn_id(b),
+        0.85
+    )),
+    spec!(
+        FrNir,
+        r"\b[12] ?[0-9]{2} ?(?:0[1-9]|1[0-2]|[2-9][0-9]) ?(?:[0-9]{2}|2A|2B) ?[0-9]{3} ?[0-9]{3} ?[0-9]{2}\b",
+        |b| when(nir(b), 0.8)
+    ),
+    spec!(
+        ItFiscalCode,
+        r"\b[A-Z]{6}[0-9LMNPQRSTUV]{2}[ABCDEHLMPRST][0-9LMNPQRSTUV]{2}[A-Z][0-9LMNPQRSTUV]{3}[A-Z]\b",
+        |b| when(fiscal_code(b), 0.95)
+    ),
+    spec!(
+        UkNino,
+        r"\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?[0-9]{2} ?[0-9]{2} ?[0-9]{2} ?[A-D]\b",
+        |b| when(nino(b), 0.6)
+    ),
+    spec!(
+        BrCpf,
+        r"\b[0-9]{3}\.[0-9]{3}\.[0-9]{3}-[0-9]{2}\b",
+        |b| when(cpf(b), 0.9)
+    ),
+    spec!(
+        EsDni,
+        r"\b(?:[0-9]{8}|[XYZ][0-9]{7})-?[A-Z]\b",
+        |b| when(dni(b), 0.7)
+    ),
+    spec!(
+        MacAddress,
+        r"\b(?:[0-9A-Fa-f]{2}(?:[:-][0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4})\b",
+        |b| when(mac(b), 0.7)
+    ),
+    spec!(
+        IpAddress,
+        r"[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}",
+        |b| when(ipv6(b), 0.7)
+    ),
+    spec!(
+        IpAddress,
+        r"\b[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\b",
+        |b| when(ipv4(b), 0.6)
+    ),
+    spec!(UsSsn, r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", |b| when(ssn(b), 0.6)),
+    spec!(UsSsn, r"\b[0-9]{3} [0-9]{2} [0-9]{4}\b", |b| when(ssn(b), 0.4)),
+    spec!(
+        Phone,
+        concat!(r"(?:\+|\b00)[1-9][0-9]{0,2}(?:[ .-]?\(?[0-9]{1,4}\)?){2,6}\b", ext!()),
+        |b| when(phone_international(b), 0.7)
+    ),
+    spec!(
+        CryptoWallet,
+        r"\b(?:[13][a-km-zA-HJ-NP-Z1-9]{25,34}|bc1[02-9ac-hj-np-z]{11,71}|BC1[02-9AC-HJ-NP-Z]{11,71})\b",
+        |b| when(if b[0] == b'b' || b[0] == b'B' { bech32(b) } else { base58check(b) }, 0.9)
+    ),
+    spec!(CryptoWallet, r"\b0x[0-9a-fA-F]{40}\b", |_| Some(0.6)),
+    spec!(
+        DateOfBirth,
+        r"\b(?:[0-9]{1,2}[./-][0-9]{1,2}[./-](?:19|20)[0-9]{2}|(?:19|20)[0-9]{2}[./-][0-9]{1,2}[./-][0-9]{1,2})\b",
+        |b| when(date(b), 0.2)
+    ),
+    spec!(
+        DateOfBirth,
+        r"(?i)\b(?:[0-9]{1,2}(?:st|nd|rd|th)?\.? (?:of )?(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]{0,6}\.?,? (?:19|20)[0-9]{2}|(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]{0,6}\.? [0-9]{1,2}(?:st|nd|rd|th)?,? (?:19|20)[0-9]{2})\b",
+        |b| when(date(b), 0.2)
+    ),
+    spec!(
+        InAadhaar,
+        r"\b[2-9][0-9]{3} [0-9]{4} [0-9]{4}\b",
+        |b| when(aadhaar(b), 0.5)
+    ),
+    spec!(InAadhaar, r"\b[2-9][0-9]{11}\b", |b| when(aadhaar(b), 0.3)),
+    // Trunk-0 national numbers: `020 7946 0958`, `(0151) 1234567`, `03-1234-5678`.
+    spec!(
+        Phone,
+        concat!(r"(?:\(0[0-9]{1,4}\)|\b0[0-9]{1,4})[ ./-]?[0-9]{2,4}(?:[ .-]?[0-9]{2,4}){1,4}\b", ext!()),
+        |b| when(phone_national(b), if phone_grouped(b) { 0.55 } else { 0.3 })
+    ),
+    // North American numbers: `(555) 123-4567`, `555-123-4567`, `555.123.4567`.
+    spec!(
+        Phone,
+        concat!(r"(?:\([0-9]{3}\) ?|\b[0-9]{3}[-.])[0-9]{3}[-.][0-9]{4}\b", ext!()),
+        |_| Some(0.55)
+    ),
+    spec!(
+        BrCpf,
+        r"\b[0-9]{11}\b",
+        |b| when(cpf(b), 0.4)
+    ),
+    spec!(PlPesel, r"\b[0-9]{11}\b", |b| when(pesel(b), 0.4)),
+    spec!(DeTaxId, r"\b[1-9][0-9]{10}\b", |b| when(de_tax(b), 0.3)),
+    spec!(
+        CaSin,
+        r"\b[0-9]{3}[ -][0-9]{3}[ -][0-9]{3}\b",
+        |b| when(sin(b), 0.4)
+    ),
+    spec!(CaSin, r"\b[0-9]{9}\b", |b| when(sin(b), 0.3)),
+    // Other grouped numbers (`912 345 678`, `98765 43210`, `(11) 91234-5678`): phones only with a
+    // context word.
+    spec!(
+        Phone,
+        concat!(r"(?:\([0-9]{2,4}\) ?|\b)[1-9][0-9]{1,4}(?:[ .-][0-9]{2,5}){1,4}\b", ext!()),
+        |b| when(phone_national(b) && phone_grouped(b), 0.3)
+    ),
+    spec!(Phone, r"\b[1-9][0-9]{9}\b", |_| Some(0.3)),
+    spec!(
+        Password,
+        r#"(?i)\b(?:password|passwd|passwort|passcode|pwd|pass|mot de passe|senha|haslo|contrasena)\s*(?:[:=]|\bis\b)\s*["']?[^\s"',;&<>]{4,128}"#,
+        |b| when(password(b), 0.8),
+        value_after_keyword
+    ),
+    spec!(
+        Secret,
+        r#"(?i)\b[a-z0-9_.-]{0,24}(?:secret|token|api[_-]?key|apikey|access[_-]?key|auth|credential)s?[a-z0-9_.-]{0,24}["']?\s*(?:[:=]|=>|\bis\b)\s*["']?[A-Za-z0-9+/_.~-]{16,256}=*"#,
+        |b| when(secret(b), 0.7),
+        value_after_keyword
+    ),
+    spec!(
+        Secret,
+        r"(?i)\bbearer\s+[A-Za-z0-9+/_.~-]{16,512}=*",
+        |b| when(secret(b), 0.7),
+        value_after_keyword
+    ),
+];
+
+/// Words that make a match of the entity likely when they appear just before it (matched
+/// ASCII-case-insensitively, as whole words).
+pub(crate) fn context_words(entity: Entity) -> &'static [&'static str] {
+    match entity {
+        Entity::Phone => &[
+            "phone", "tel", "telephone", "call", "mobile", "cell", "fax", "whatsapp", "sms",
+            "contact", "telefon", "téléphone", "portable", "handy", "telefono", "teléfono",
+            "celular", "móvil", "numer", "numero", "número", "nummer", "telefone", "电话",
+            "電話", "手机", "携帯", "tlf", "puhelin", "телефон",
+        ],
+        Entity::CreditCard => &[
+            "card", "credit", "debit", "visa", "mastercard", "amex", "carte", "karte", "tarjeta",
+            "carta", "cartão", "karta",
+        ],
+        Entity::UsSsn => &["ssn", "social security", "social sec"],
+        Entity::Iban => &["iban", "account", "bank", "konto", "compte"],
+        Entity::IpAddress => &["ip", "address", "host", "server", "client"],
+        Entity::MacAddress => &["mac", "hardware", "ethernet", "wifi"],
+        Entity::CryptoWallet => &[
+            "wallet", "btc", "bitcoin", "eth", "ethereum", "crypto", "address",
+        ],
+        Entity::DateOfBirth => &[
+            "born", "birth", "dob", "d.o.b", "birthday", "birthdate", "geboren", "geburtsdatum",
+            "né", "née", "naissance", "nato", "nata", "nascita", "nacido", "nacida",
+            "nacimiento", "nascimento", "nasceu", "urodzony", "urodzona", "urodzenia", "出生",
+            "生年月日", "生日", "age",
+        ],
+        Entity::UkNino => &["national insurance", "nino", "ni number", "ni no", "nin"],
+        Entity::ItFiscalCode => &["codice fiscale", "cf", "fiscale"],
+        Entity::PlPesel => &["pesel"],
+        Entity::EsDni => &["dni", "nie", "nif", "documento"],
+        Entity::FrNir => &[
+            "sécurité sociale", "securite sociale", "nir", "insee", "sécu", "secu",
+        ],
+        Entity::InAadhaar => &["aadhaar", "aadhar", "uid", "uidai"],
+        Entity::BrCpf => &["cpf"],
+        Entity::CaSin => &[
+            "sin", "social insurance", "nas", "assurance sociale",
+        ],
+        Entity::CnResidentId => &["身份证", "居民身份", "resident", "identity", "id card"],
+        Entity::DeTaxId => &[
+            "steuer", "steuerid", "steuer-id", "idnr", "tax id", "tin", "identifikationsnummer",
+            "steuernummer", "steuer-idnr",
+        ],
+        _ => &[],
+    }
+}
