@@ -54,7 +54,7 @@ macro_rules! spec {
 /// A phone number's trailing extension: `x123`, `ext. 123`.
 macro_rules! ext {
     () => {
-        r"(?: ?(?:x|ext\.?) ?[0-9]{1,5}\b)?"
+        r"(?: ?(?:x|ext\.?) ?[0-9]{1,5})?\b"
     };
 }
 
@@ -99,15 +99,18 @@ pub(crate) static SPECS: &[Spec] = &[
     spec!(
         Iban,
         r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
-        |b| when(iban(b), 0.9)
+        |b| when(iban(b), 0.9),
+        iban_value
     ),
-    spec!(CreditCard, r"\b[0-9](?:[ -]?[0-9]){12,18}\b", |b| when(
-        card(b),
-        0.8
-    )),
     spec!(CnResidentId, r"\b[1-9][0-9]{16}[0-9Xx]\b", |b| when(
         cn_id(b),
         0.85
+    )),
+    // 12- and 13-digit numbers (Maestro, old Visa) are also EANs, Aadhaar numbers and order
+    // numbers: they count with a context word.
+    spec!(CreditCard, r"\b[0-9](?:[ -]?[0-9]){11,18}\b", |b| when(
+        card(b),
+        if digits(b).len() >= 14 { 0.8 } else { 0.45 }
     )),
     spec!(
         FrNir,
@@ -124,16 +127,13 @@ pub(crate) static SPECS: &[Spec] = &[
         r"\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?[0-9]{2} ?[0-9]{2} ?[0-9]{2} ?[A-D]\b",
         |b| when(nino(b), 0.6)
     ),
-    spec!(
-        BrCpf,
-        r"\b[0-9]{3}\.[0-9]{3}\.[0-9]{3}-[0-9]{2}\b",
-        |b| when(cpf(b), 0.9)
-    ),
-    spec!(
-        EsDni,
-        r"\b(?:[0-9]{8}|[XYZ][0-9]{7})-?[A-Z]\b",
-        |b| when(dni(b), 0.7)
-    ),
+    spec!(BrCpf, r"\b[0-9]{3}\.[0-9]{3}\.[0-9]{3}-[0-9]{2}\b", |b| {
+        when(cpf(b), 0.9)
+    }),
+    spec!(EsDni, r"\b(?:[0-9]{8}|[XYZ][0-9]{7})-?[A-Z]\b", |b| when(
+        dni(b),
+        0.7
+    )),
     spec!(
         MacAddress,
         r"\b(?:[0-9A-Fa-f]{2}(?:[:-][0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4})\b",
@@ -149,17 +149,40 @@ pub(crate) static SPECS: &[Spec] = &[
         r"\b[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\b",
         |b| when(ipv4(b), 0.6)
     ),
-    spec!(UsSsn, r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", |b| when(ssn(b), 0.6)),
-    spec!(UsSsn, r"\b[0-9]{3} [0-9]{2} [0-9]{4}\b", |b| when(ssn(b), 0.4)),
+    spec!(UsSsn, r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", |b| when(
+        ssn(b),
+        0.6
+    )),
+    spec!(UsSsn, r"\b[0-9]{3} [0-9]{2} [0-9]{4}\b", |b| when(
+        ssn(b),
+        0.4
+    )),
     spec!(
         Phone,
-        concat!(r"(?:\+|\b00)[1-9][0-9]{0,2}(?:[ .-]?\(?[0-9]{1,4}\)?){2,6}\b", ext!()),
-        |b| when(phone_international(b), 0.7)
+        concat!(
+            r"(?:\+|\b00)[1-9][0-9]{0,2}(?:[ .-]?\(?[0-9]{1,4}\)?){2,6}",
+            ext!()
+        ),
+        |b| when(
+            phone_international(b),
+            if b[0] == b'+' || phone_grouped(b) {
+                0.7
+            } else {
+                0.4
+            }
+        )
     ),
     spec!(
         CryptoWallet,
         r"\b(?:[13][a-km-zA-HJ-NP-Z1-9]{25,34}|bc1[02-9ac-hj-np-z]{11,71}|BC1[02-9AC-HJ-NP-Z]{11,71})\b",
-        |b| when(if b[0] == b'b' || b[0] == b'B' { bech32(b) } else { base58check(b) }, 0.9)
+        |b| when(
+            if b[0] == b'b' || b[0] == b'B' {
+                bech32(b)
+            } else {
+                base58check(b)
+            },
+            0.9
+        )
     ),
     spec!(CryptoWallet, r"\b0x[0-9a-fA-F]{40}\b", |_| Some(0.6)),
     spec!(
@@ -172,45 +195,50 @@ pub(crate) static SPECS: &[Spec] = &[
         r"(?i)\b(?:[0-9]{1,2}(?:st|nd|rd|th)?\.? (?:of )?(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]{0,6}\.?,? (?:19|20)[0-9]{2}|(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]{0,6}\.? [0-9]{1,2}(?:st|nd|rd|th)?,? (?:19|20)[0-9]{2})\b",
         |b| when(date(b), 0.2)
     ),
-    spec!(
-        InAadhaar,
-        r"\b[2-9][0-9]{3} [0-9]{4} [0-9]{4}\b",
-        |b| when(aadhaar(b), 0.5)
-    ),
+    spec!(InAadhaar, r"\b[2-9][0-9]{3} [0-9]{4} [0-9]{4}\b", |b| when(
+        aadhaar(b),
+        0.5
+    )),
     spec!(InAadhaar, r"\b[2-9][0-9]{11}\b", |b| when(aadhaar(b), 0.3)),
     // Trunk-0 national numbers: `020 7946 0958`, `(0151) 1234567`, `03-1234-5678`.
     spec!(
         Phone,
-        concat!(r"(?:\(0[0-9]{1,4}\)|\b0[0-9]{1,4})[ ./-]?[0-9]{2,4}(?:[ .-]?[0-9]{2,4}){1,4}\b", ext!()),
+        concat!(
+            r"(?:\(0[0-9]{1,4}\)|\b0[0-9]{1,4})[ ./-]?[0-9]{2,4}(?:[ .-]?[0-9]{2,4}){1,4}",
+            ext!()
+        ),
         |b| when(phone_national(b), if phone_grouped(b) { 0.55 } else { 0.3 })
     ),
     // North American numbers: `(555) 123-4567`, `555-123-4567`, `555.123.4567`.
     spec!(
         Phone,
-        concat!(r"(?:\([0-9]{3}\) ?|\b[0-9]{3}[-.])[0-9]{3}[-.][0-9]{4}\b", ext!()),
+        concat!(
+            r"(?:\b1[-. ])?(?:\([0-9]{3}\) ?|\b[0-9]{3}[-.])[0-9]{3}[-.][0-9]{4}",
+            ext!()
+        ),
         |_| Some(0.55)
     ),
-    spec!(
-        BrCpf,
-        r"\b[0-9]{11}\b",
-        |b| when(cpf(b), 0.4)
-    ),
+    spec!(BrCpf, r"\b[0-9]{11}\b", |b| when(cpf(b), 0.4)),
     spec!(PlPesel, r"\b[0-9]{11}\b", |b| when(pesel(b), 0.4)),
     spec!(DeTaxId, r"\b[1-9][0-9]{10}\b", |b| when(de_tax(b), 0.3)),
-    spec!(
-        CaSin,
-        r"\b[0-9]{3}[ -][0-9]{3}[ -][0-9]{3}\b",
-        |b| when(sin(b), 0.4)
-    ),
+    spec!(CaSin, r"\b[0-9]{3}[ -][0-9]{3}[ -][0-9]{3}\b", |b| when(
+        sin(b),
+        0.4
+    )),
     spec!(CaSin, r"\b[0-9]{9}\b", |b| when(sin(b), 0.3)),
     // Other grouped numbers (`912 345 678`, `98765 43210`, `(11) 91234-5678`): phones only with a
     // context word.
     spec!(
         Phone,
-        concat!(r"(?:\([0-9]{2,4}\) ?|\b)[1-9][0-9]{1,4}(?:[ .-][0-9]{2,5}){1,4}\b", ext!()),
+        concat!(
+            r"(?:\([0-9]{2,4}\) ?|\b)[1-9][0-9]{1,4}(?:[ .-][0-9]{2,5}){1,4}",
+            ext!()
+        ),
         |b| when(phone_national(b) && phone_grouped(b), 0.3)
     ),
-    spec!(Phone, r"\b[1-9][0-9]{9}\b", |_| Some(0.3)),
+    // Nine to eleven bare digits (`5209220538`, Chinese and Italian mobiles): phones only with a
+    // context word.
+    spec!(Phone, r"\b[1-9][0-9]{8,10}\b", |_| Some(0.3)),
     spec!(
         Password,
         r#"(?i)\b(?:password|passwd|passwort|passcode|pwd|pass|mot de passe|senha|haslo|contrasena)\s*(?:[:=]|\bis\b)\s*["']?[^\s"',;&<>]{4,128}"#,
@@ -236,14 +264,50 @@ pub(crate) static SPECS: &[Spec] = &[
 pub(crate) fn context_words(entity: Entity) -> &'static [&'static str] {
     match entity {
         Entity::Phone => &[
-            "phone", "tel", "telephone", "call", "mobile", "cell", "fax", "whatsapp", "sms",
-            "contact", "telefon", "téléphone", "portable", "handy", "telefono", "teléfono",
-            "celular", "móvil", "numer", "numero", "número", "nummer", "telefone", "电话",
-            "電話", "手机", "携帯", "tlf", "puhelin", "телефон",
+            "phone",
+            "tel",
+            "telephone",
+            "call",
+            "mobile",
+            "cell",
+            "fax",
+            "whatsapp",
+            "sms",
+            "contact",
+            "telefon",
+            "téléphone",
+            "portable",
+            "handy",
+            "telefono",
+            "teléfono",
+            "celular",
+            "móvil",
+            "telefone",
+            "电话",
+            "電話",
+            "手机",
+            "携帯",
+            "tlf",
+            "puhelin",
+            "телефон",
         ],
         Entity::CreditCard => &[
-            "card", "credit", "debit", "visa", "mastercard", "amex", "carte", "karte", "tarjeta",
-            "carta", "cartão", "karta",
+            "card",
+            "credit",
+            "debit",
+            "visa",
+            "mastercard",
+            "amex",
+            "carte",
+            "karte",
+            "tarjeta",
+            "carta",
+            "cartão",
+            "karta",
+            "charge",
+            "pay",
+            "payment",
+            "paid",
         ],
         Entity::UsSsn => &["ssn", "social security", "social sec"],
         Entity::Iban => &["iban", "account", "bank", "konto", "compte"],
@@ -253,27 +317,59 @@ pub(crate) fn context_words(entity: Entity) -> &'static [&'static str] {
             "wallet", "btc", "bitcoin", "eth", "ethereum", "crypto", "address",
         ],
         Entity::DateOfBirth => &[
-            "born", "birth", "dob", "d.o.b", "birthday", "birthdate", "geboren", "geburtsdatum",
-            "né", "née", "naissance", "nato", "nata", "nascita", "nacido", "nacida",
-            "nacimiento", "nascimento", "nasceu", "urodzony", "urodzona", "urodzenia", "出生",
-            "生年月日", "生日", "age",
+            "born",
+            "birth",
+            "dob",
+            "d.o.b",
+            "birthday",
+            "birthdate",
+            "geboren",
+            "geburtsdatum",
+            "né",
+            "née",
+            "naissance",
+            "nato",
+            "nata",
+            "nascita",
+            "nacido",
+            "nacida",
+            "nacimiento",
+            "nascimento",
+            "nasceu",
+            "urodzony",
+            "urodzona",
+            "urodzenia",
+            "出生",
+            "生年月日",
+            "生日",
+            "age",
         ],
         Entity::UkNino => &["national insurance", "nino", "ni number", "ni no", "nin"],
         Entity::ItFiscalCode => &["codice fiscale", "cf", "fiscale"],
         Entity::PlPesel => &["pesel"],
         Entity::EsDni => &["dni", "nie", "nif", "documento"],
         Entity::FrNir => &[
-            "sécurité sociale", "securite sociale", "nir", "insee", "sécu", "secu",
+            "sécurité sociale",
+            "securite sociale",
+            "nir",
+            "insee",
+            "sécu",
+            "secu",
         ],
         Entity::InAadhaar => &["aadhaar", "aadhar", "uid", "uidai"],
         Entity::BrCpf => &["cpf"],
-        Entity::CaSin => &[
-            "sin", "social insurance", "nas", "assurance sociale",
-        ],
+        Entity::CaSin => &["sin", "social insurance", "nas", "assurance sociale"],
         Entity::CnResidentId => &["身份证", "居民身份", "resident", "identity", "id card"],
         Entity::DeTaxId => &[
-            "steuer", "steuerid", "steuer-id", "idnr", "tax id", "tin", "identifikationsnummer",
-            "steuernummer", "steuer-idnr",
+            "steuer",
+            "steuerid",
+            "steuer-id",
+            "idnr",
+            "tax id",
+            "tin",
+            "identifikationsnummer",
+            "steuernummer",
+            "steuer-idnr",
         ],
         _ => &[],
     }

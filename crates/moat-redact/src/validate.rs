@@ -38,25 +38,29 @@ pub(crate) fn card(b: &[u8]) -> bool {
     let d = digits(b);
     let n = d.len();
     let prefix = |k: usize| d.iter().take(k).fold(0u32, |a, &x| a * 10 + u32::from(x));
+    let maestro = (12..=19).contains(&n)
+        && (matches!(prefix(2), 50 | 56..=58)
+            || matches!(prefix(4), 6304 | 6759 | 6761..=6763 | 6390 | 604));
     let brand = match d.first() {
         Some(4) => matches!(n, 13 | 16 | 19),                 // Visa
         Some(5) => n == 16 && (51..=55).contains(&prefix(2)), // Mastercard
-        Some(2) => (2221..=2720).contains(&prefix(4)) && n == 16, // Mastercard 2-series
+        Some(2) => {
+            (2221..=2720).contains(&prefix(4)) && n == 16 // Mastercard 2-series
+                || prefix(4) == 2131 && n == 15 // JCB
+        }
+        Some(1) => prefix(4) == 1800 && n == 15, // JCB
         Some(3) => {
             matches!(prefix(2), 34 | 37) && n == 15
-                || (prefix(2) == 35 && (3528..=3589).contains(&prefix(4)) && (16..=19).contains(&n))
+                || (prefix(2) == 35 && (16..=19).contains(&n))
                 || matches!(prefix(2), 36 | 38 | 39 | 30) && (14..=19).contains(&n)
         } // Amex, JCB, Diners
         Some(6) => {
-            (prefix(4) == 6011
-                || prefix(2) == 65
-                || (644..=649).contains(&prefix(3))
-                || (622_126..=622_925).contains(&prefix(6)))
+            (prefix(4) == 6011 || matches!(prefix(2), 62 | 65) || (644..=649).contains(&prefix(3)))
                 && (16..=19).contains(&n)
         } // Discover, UnionPay
         _ => false,
     };
-    brand && luhn(&d)
+    (brand || maestro) && luhn(&d)
 }
 
 /// IBAN lengths by country (the SWIFT registry's, for the countries most often seen).
@@ -111,6 +115,7 @@ pub(crate) fn iban_length(country: &[u8]) -> Option<usize> {
 }
 
 pub(crate) fn iban(b: &[u8]) -> bool {
+    let b = &b[..iban_value(b).1];
     let s: Vec<u8> = b
         .iter()
         .filter(|c| !c.is_ascii_whitespace())
@@ -134,6 +139,24 @@ pub(crate) fn iban(b: &[u8]) -> bool {
         };
     }
     rem == 1
+}
+
+/// The IBAN in a match: as many characters as its country's IBANs have, so a capital letter
+/// after a space (`ES98...64 B`) is left out.
+pub(crate) fn iban_value(b: &[u8]) -> (usize, usize) {
+    let Some(length) = b.get(..2).and_then(iban_length) else {
+        return (0, b.len());
+    };
+    let mut seen = 0;
+    for (i, c) in b.iter().enumerate() {
+        if !c.is_ascii_whitespace() {
+            seen += 1;
+            if seen == length {
+                return (0, i + 1);
+            }
+        }
+    }
+    (0, b.len())
 }
 
 pub(crate) fn ssn(b: &[u8]) -> bool {
@@ -226,10 +249,11 @@ pub(crate) fn nir(b: &[u8]) -> bool {
         };
         n = n * 10 + v;
     }
+    // `2A` reads as 21 above; it counts as 19 (`2B` as 18).
     if body[6] == b'A' {
-        n -= 1_000_000;
-    } else if body[6] == b'B' {
         n -= 2_000_000;
+    } else if body[6] == b'B' {
+        n -= 3_000_000;
     }
     let key: u64 = std::str::from_utf8(key)
         .ok()
@@ -459,7 +483,13 @@ pub(crate) fn base58check(b: &[u8]) -> bool {
 /// A bech32 or bech32m segwit address (`bc1...`) with a valid checksum.
 pub(crate) fn bech32(b: &[u8]) -> bool {
     const CHARSET: &[u8; 32] = b"qpzry9x8gf2tvdw0s3jn54khce6mua7l";
-    const GEN: [u32; 5] = [0x3b6a_57b2, 0x2650_8e6d, 0x1ea1_19fa, 0x3d42_33dd, 0x2a14_62b3];
+    const GEN: [u32; 5] = [
+        0x3b6a_57b2,
+        0x2650_8e6d,
+        0x1ea1_19fa,
+        0x3d42_33dd,
+        0x2a14_62b3,
+    ];
     let lower: Vec<u8> = b.iter().map(u8::to_ascii_lowercase).collect();
     let Some(sep) = lower.iter().rposition(|&c| c == b'1') else {
         return false;
@@ -493,14 +523,19 @@ pub(crate) fn date(b: &[u8]) -> bool {
     let numbers: Vec<u32> = b
         .split(|c| !c.is_ascii_digit())
         .filter(|p| !p.is_empty())
-        .map(|p| p.iter().fold(0u32, |a, &c| a.saturating_mul(10) + u32::from(c - b'0')))
+        .map(|p| {
+            p.iter()
+                .fold(0u32, |a, &c| a.saturating_mul(10) + u32::from(c - b'0'))
+        })
         .collect();
     let day_month = |d: u32, m: u32| (1..=31).contains(&d) && (1..=12).contains(&m);
+    let year = |y: u32| (1900..=2099).contains(&y);
+    let month_name = b.iter().any(u8::is_ascii_alphabetic);
     match numbers[..] {
-        [y, m, d] if y >= 1000 => day_month(d, m),
-        [a, b, y] if y >= 1000 => day_month(a, b) || day_month(b, a),
+        [y, m, d] if year(y) => day_month(d, m),
+        [a, b, y] if year(y) => day_month(a, b) || day_month(b, a),
         // A month name and two numbers: a day and a year.
-        [d, y] | [y, d] if y >= 1000 => (1..=31).contains(&d),
+        [d, y] | [y, d] if month_name && year(y) => (1..=31).contains(&d),
         _ => false,
     }
 }
