@@ -28,13 +28,16 @@
 
 #![forbid(unsafe_code)]
 
+mod cipher;
 mod detect;
 mod entity;
+mod fake;
 mod patterns;
 mod redactor;
 mod service;
 mod validate;
 
+pub use cipher::{Cipher, InvalidKey};
 pub use detect::{Detector, Finding, DEFAULT_THRESHOLD};
 pub use entity::Entity;
 pub use redactor::{Operator, Redacted, Redactor, StreamRestorer, Vault, MAX_VAULT_ENTRIES};

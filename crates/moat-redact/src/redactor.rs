@@ -2,12 +2,15 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use moat_core::identity::Fingerprinter;
 use serde_json::Value;
 
-use crate::detect::Detector;
+use crate::cipher::Cipher;
+use crate::detect::{Detector, Finding};
 use crate::entity::Entity;
+use crate::fake::fake;
 
 /// How a found value is replaced.
 #[derive(Debug, Clone, Default)]
@@ -22,28 +25,52 @@ pub enum Operator {
     Mask,
     /// `[EMAIL#3fa91c0b]`: a keyed hash, equal for equal values, not restorable.
     Hash(Fingerprinter),
+    /// `[EMAIL:…]`: AES-256-GCM under the [`Cipher`]'s key; restored in the reply, and opened by
+    /// whoever holds the key (see [`Cipher::decrypt_str`]).
+    Encrypt(Cipher),
+    /// A realistic fake of the same kind (`alex.chen42@example.org`, a test-range card, an
+    /// address from the documentation ranges), the same for the same value under the same seed.
+    /// Fakes read naturally to a model but are not restored.
+    Fake(Fingerprinter),
 }
 
-/// The values behind one request's placeholders.
+/// The values behind one request's (or one session's) placeholders.
 ///
-/// A vault belongs to one request (or one bounded session); values never move between vaults.
-#[derive(Debug, Clone, Default)]
+/// A vault belongs to one request or one bounded session; values never move between vaults.
+#[derive(Debug, Clone)]
 pub struct Vault {
     by_value: HashMap<(Entity, String), String>,
     by_placeholder: HashMap<String, String>,
     counters: HashMap<Entity, u32>,
+    limit: usize,
+    longest: usize,
 }
 
-/// The most placeholders one vault hands out; past it values are redacted, not restorable.
-pub const MAX_VAULT_ENTRIES: usize = 10_000;
+impl Default for Vault {
+    fn default() -> Self {
+        Self::with_limit(MAX_VAULT_ENTRIES)
+    }
+}
 
-/// The longest placeholder: restore holds back at most this many bytes of a stream.
-pub(crate) const MAX_PLACEHOLDER: usize = 32;
+/// The most placeholders one vault hands out by default; past it values are redacted, not
+/// restorable.
+pub const MAX_VAULT_ENTRIES: usize = 10_000;
 
 impl Vault {
     /// An empty vault.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty vault that holds at most `limit` values.
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            by_value: HashMap::new(),
+            by_placeholder: HashMap::new(),
+            counters: HashMap::new(),
+            limit,
+            longest: 0,
+        }
     }
 
     /// How many values it holds.
@@ -56,19 +83,42 @@ impl Vault {
         self.by_placeholder.is_empty()
     }
 
+    /// The longest token it holds, in bytes: a stream holds back at most this much.
+    pub fn longest(&self) -> usize {
+        self.longest
+    }
+
+    fn remember(&mut self, entity: Entity, value: &str, token: String) {
+        self.longest = self.longest.max(token.len());
+        self.by_value
+            .insert((entity, value.to_owned()), token.clone());
+        self.by_placeholder.insert(token, value.to_owned());
+    }
+
     fn placeholder(&mut self, entity: Entity, value: &str) -> String {
         if let Some(p) = self.by_value.get(&(entity, value.to_owned())) {
             return p.clone();
         }
-        if self.by_placeholder.len() >= MAX_VAULT_ENTRIES {
+        if self.by_placeholder.len() >= self.limit {
             return format!("[{}]", entity.label());
         }
         let n = self.counters.entry(entity).or_insert(0);
         *n += 1;
         let p = format!("[{}_{}]", entity.label(), n);
-        self.by_value.insert((entity, value.to_owned()), p.clone());
-        self.by_placeholder.insert(p.clone(), value.to_owned());
+        self.remember(entity, value, p.clone());
         p
+    }
+
+    /// Records an encrypted token so the reply to this request is restored without the key.
+    fn sealed(&mut self, entity: Entity, value: &str, cipher: &Cipher) -> String {
+        if let Some(p) = self.by_value.get(&(entity, value.to_owned())) {
+            return p.clone();
+        }
+        let token = cipher.seal(entity, value);
+        if self.by_placeholder.len() < self.limit {
+            self.remember(entity, value, token.clone());
+        }
+        token
     }
 
     /// The value behind a placeholder.
@@ -77,21 +127,22 @@ impl Vault {
     }
 }
 
-/// Finds entities and replaces them.
+/// Finds entities and replaces them. Clones share the detector.
 ///
 /// ```
-/// use moat_redact::{Entity, Redactor, Vault};
+/// use moat_redact::{Entity, Operator, Redactor, Vault};
 ///
-/// let redactor = Redactor::new(&Entity::ALL);
+/// let redactor = Redactor::new(&Entity::ALL).with_operator_for(Entity::CreditCard, Operator::Mask);
 /// let mut vault = Vault::new();
-/// let out = redactor.redact_str("mail jane@example.com or jane@example.com", &mut vault);
-/// assert_eq!(out.text, "mail [EMAIL_1] or [EMAIL_1]");
+/// let out = redactor.redact_str("mail jane@example.com, card 4111 1111 1111 1111", &mut vault);
+/// assert_eq!(out.text, "mail [EMAIL_1], card **** **** **** 1111");
 /// assert_eq!(redactor.restore_str("Wrote to [EMAIL_1].", &vault), "Wrote to jane@example.com.");
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Redactor {
-    detector: Detector,
+    detector: Arc<Detector>,
     operator: Operator,
+    per_entity: HashMap<Entity, Operator>,
 }
 
 /// A redacted text and how many values were replaced.
@@ -123,36 +174,65 @@ fn mask(value: &str) -> String {
         .collect()
 }
 
-/// Whether `s` is a placeholder: `[`, capitals, digits and `_`, then `]`.
-fn is_placeholder(s: &str) -> bool {
-    s.len() >= 3
-        && s.len() <= MAX_PLACEHOLDER
-        && s.starts_with('[')
-        && s.ends_with(']')
-        && s[1..s.len() - 1]
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+impl From<Detector> for Redactor {
+    fn from(detector: Detector) -> Self {
+        Self {
+            detector: Arc::new(detector),
+            operator: Operator::default(),
+            per_entity: HashMap::new(),
+        }
+    }
 }
 
 impl Redactor {
-    /// A redactor for these entities, with placeholder pseudonyms.
+    /// A redactor for these entities, with placeholder pseudonyms. For thresholds, allow and deny
+    /// lists, build a [`Detector`] and convert it: `Redactor::from(detector)`.
     pub fn new(entities: &[Entity]) -> Self {
-        Self {
-            detector: Detector::new(entities),
-            operator: Operator::default(),
-        }
+        Self::from(Detector::new(entities))
     }
 
-    /// Replaces values with `operator`.
+    /// Replaces values with `operator` (entities without one of their own).
     #[must_use]
     pub fn with_operator(mut self, operator: Operator) -> Self {
         self.operator = operator;
         self
     }
 
+    /// Replaces values of `entity` with `operator`.
+    #[must_use]
+    pub fn with_operator_for(mut self, entity: Entity, operator: Operator) -> Self {
+        self.per_entity.insert(entity, operator);
+        self
+    }
+
+    /// The detector.
+    pub fn detector(&self) -> &Detector {
+        &self.detector
+    }
+
+    /// The same detector with `[EMAIL]`-style redaction for everything: what replies are
+    /// scrubbed with.
+    pub(crate) fn redacting(&self) -> Redactor {
+        Redactor {
+            detector: self.detector.clone(),
+            operator: Operator::Redact,
+            per_entity: HashMap::new(),
+        }
+    }
+
     /// Replaces every entity in `text`; placeholders go into `vault`.
     pub fn redact_str<'a>(&self, text: &'a str, vault: &mut Vault) -> Redacted<'a> {
         let found = self.detector.find(text);
+        self.replace(text, &found, vault)
+    }
+
+    /// Replaces `found` (from this redactor's detector) in `text`.
+    pub(crate) fn replace<'a>(
+        &self,
+        text: &'a str,
+        found: &[Finding],
+        vault: &mut Vault,
+    ) -> Redacted<'a> {
         if found.is_empty() {
             return Redacted {
                 text: Cow::Borrowed(text),
@@ -161,21 +241,24 @@ impl Redactor {
         }
         let mut out = String::with_capacity(text.len());
         let mut at = 0;
-        for f in &found {
+        for f in found {
             out.push_str(&text[at..f.start]);
             let value = &text[f.start..f.end];
-            match &self.operator {
+            let label = f.entity.label();
+            match self.per_entity.get(&f.entity).unwrap_or(&self.operator) {
                 Operator::Pseudonymize => out.push_str(&vault.placeholder(f.entity, value)),
                 Operator::Redact => {
                     out.push('[');
-                    out.push_str(f.entity.label());
+                    out.push_str(label);
                     out.push(']');
                 }
                 Operator::Mask => out.push_str(&mask(value)),
                 Operator::Hash(fp) => {
                     let digest = fp.fingerprint(value.as_bytes()).to_string();
-                    out.push_str(&format!("[{}#{}]", f.entity.label(), &digest[..8]));
+                    out.push_str(&format!("[{label}#{}]", &digest[..8]));
                 }
+                Operator::Encrypt(cipher) => out.push_str(&vault.sealed(f.entity, value, cipher)),
+                Operator::Fake(seed) => out.push_str(&fake(f.entity, value, seed)),
             }
             at = f.end;
         }
@@ -183,6 +266,24 @@ impl Redactor {
         Redacted {
             text: Cow::Owned(out),
             count: found.len(),
+        }
+    }
+
+    /// Redacts every string in a JSON document, in place; returns how many values were
+    /// replaced. (The audit layer scrubs its records this way.)
+    pub fn redact_json(&self, value: &mut Value, vault: &mut Vault) -> usize {
+        match value {
+            Value::String(s) => {
+                let redacted = self.redact_str(s, vault);
+                let count = redacted.count;
+                if let Cow::Owned(text) = redacted.text {
+                    *s = text;
+                }
+                count
+            }
+            Value::Array(items) => items.iter_mut().map(|v| self.redact_json(v, vault)).sum(),
+            Value::Object(map) => map.values_mut().map(|v| self.redact_json(v, vault)).sum(),
+            _ => 0,
         }
     }
 
@@ -236,10 +337,9 @@ fn restore<'a>(text: &'a str, vault: &Vault, json: bool) -> Cow<'a, str> {
     while let Some(open) = rest.find('[') {
         out.push_str(&rest[..open]);
         let tail = &rest[open..];
-        let close = tail.find(']').filter(|&c| c < MAX_PLACEHOLDER);
+        let close = tail.find(']').filter(|&c| c < vault.longest());
         match close
             .map(|c| &tail[..=c])
-            .filter(|p| is_placeholder(p))
             .and_then(|p| vault.value(p).map(|v| (p, v)))
         {
             Some((p, value)) => {
@@ -267,8 +367,8 @@ fn restore<'a>(text: &'a str, vault: &Vault, json: bool) -> Cow<'a, str> {
 }
 
 /// Restores placeholders in text that arrives in pieces (a streamed reply), holding back only
-/// the longest tail that could still be the start of a placeholder (at most 32 bytes). The output
-/// is the same however the text is split.
+/// the longest tail that could still be the start of a placeholder (shorter than the vault's
+/// longest token). The output is the same however the text is split.
 #[derive(Debug, Clone, Default)]
 pub struct StreamRestorer {
     held: String,
@@ -293,7 +393,7 @@ impl StreamRestorer {
     /// Takes the next piece; returns what can be emitted now.
     pub fn push(&mut self, piece: &str, vault: &Vault) -> String {
         self.held.push_str(piece);
-        let keep_from = self.hold_from();
+        let keep_from = self.hold_from(vault.longest());
         let ready: String = self.held.drain(..keep_from).collect();
         restore(&ready, vault, self.json).into_owned()
     }
@@ -309,16 +409,17 @@ impl StreamRestorer {
         self.held.len()
     }
 
-    /// Where the held tail starts: the last `[` whose tail may still grow into a placeholder.
-    fn hold_from(&self) -> usize {
+    /// Where the held tail starts: the last `[` whose tail may still grow into a token of at
+    /// most `longest` bytes (labels, digits, `_`, and the base64url of encrypted tokens).
+    fn hold_from(&self, longest: usize) -> usize {
         let bytes = self.held.as_bytes();
-        let window = bytes.len().saturating_sub(MAX_PLACEHOLDER - 1);
+        let window = bytes.len().saturating_sub(longest.saturating_sub(1));
         for i in (window..bytes.len()).rev() {
             if bytes[i] == b'[' {
                 let tail = &bytes[i + 1..];
                 if tail
                     .iter()
-                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_')
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'-'))
                 {
                     return i;
                 }
@@ -412,6 +513,54 @@ mod tests {
     }
 
     #[test]
+    fn per_entity_operators_encrypt_and_fake() {
+        let cipher = Cipher::new(&[3; 32]);
+        let r = Redactor::new(&Entity::ALL)
+            .with_operator(Operator::Encrypt(cipher.clone()))
+            .with_operator_for(Entity::CreditCard, Operator::Mask)
+            .with_operator_for(Entity::IpAddress, Operator::Fake(Fingerprinter::new(b"s")));
+        let mut vault = Vault::new();
+        let text = "mail jane@example.com, card 4111 1111 1111 1111, from 10.1.2.3";
+        let out = r.redact_str(text, &mut vault).text.into_owned();
+        assert!(out.starts_with("mail [EMAIL:"), "{out}");
+        assert!(
+            out.contains("card **** **** **** 1111, from 192.0.2."),
+            "{out}"
+        );
+        assert!(!out.contains("jane"));
+        // The key opens it anywhere; the request's vault restores it without the key.
+        assert!(cipher
+            .decrypt_str(&out)
+            .starts_with("mail jane@example.com,"));
+        let token = &out[5..out.find(']').unwrap() + 1];
+        assert_eq!(
+            r.restore_str(&format!("Sent to {token}."), &vault),
+            "Sent to jane@example.com."
+        );
+        // Streamed, the long token is held back whole and restored, however it is split.
+        let reply = format!("Sent to {token}. Bye [EMAIL");
+        for cut in (0..=reply.len()).filter(|&c| reply.is_char_boundary(c)) {
+            let mut s = StreamRestorer::new();
+            let got =
+                s.push(&reply[..cut], &vault) + &s.push(&reply[cut..], &vault) + &s.finish(&vault);
+            assert_eq!(got, "Sent to jane@example.com. Bye [EMAIL", "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn json_documents_are_redacted_in_every_string() {
+        let r = Redactor::new(&Entity::ALL);
+        let mut vault = Vault::new();
+        let mut doc =
+            serde_json::json!({"user": "jane@example.com", "n": 1, "tags": ["ok", "ip 10.0.0.1"]});
+        assert_eq!(r.redact_json(&mut doc, &mut vault), 2);
+        assert_eq!(
+            doc,
+            serde_json::json!({"user": "[EMAIL_1]", "n": 1, "tags": ["ok", "ip [IP_1]"]})
+        );
+    }
+
+    #[test]
     fn vaults_are_bounded() {
         let mut v = Vault::new();
         for i in 0..MAX_VAULT_ENTRIES + 5 {
@@ -419,6 +568,11 @@ mod tests {
         }
         assert_eq!(v.len(), MAX_VAULT_ENTRIES);
         assert_eq!(v.placeholder(Entity::Email, "late@x.io"), "[EMAIL]");
+        let mut small = Vault::with_limit(2);
+        for i in 0..5 {
+            small.placeholder(Entity::Phone, &format!("+44 20 7946 000{i}"));
+        }
+        assert_eq!(small.len(), 2);
     }
 
     const REPLY: &str = "Dear [EMAIL_1], your card [CARD_1] and [EMAIL_1] — not [EMAIL_9] nor [lower] nor [ unclosed [CARD_";
@@ -434,7 +588,7 @@ mod tests {
             let mut start = 0;
             for cut in cuts.into_iter().chain([REPLY.len()]) {
                 out.push_str(&restorer.push(&REPLY[start..cut], &vault));
-                prop_assert!(restorer.held() < MAX_PLACEHOLDER);
+                prop_assert!(restorer.held() < vault.longest());
                 start = cut;
             }
             out.push_str(&restorer.finish(&vault));
