@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
@@ -30,6 +31,10 @@ use crate::entity::Entity;
 /// ```
 #[derive(Clone)]
 pub struct Cipher {
+    inner: Arc<Keys>,
+}
+
+struct Keys {
     aead: Aes256Gcm,
     nonces: Fingerprinter,
 }
@@ -58,8 +63,10 @@ impl Cipher {
         let mut nonce_key = b"moat-redact nonce key:".to_vec();
         nonce_key.extend_from_slice(key);
         Self {
-            aead: Aes256Gcm::new(key.into()),
-            nonces: Fingerprinter::new(&nonce_key),
+            inner: Arc::new(Keys {
+                aead: Aes256Gcm::new(key.into()),
+                nonces: Fingerprinter::new(&nonce_key),
+            }),
         }
     }
 
@@ -85,9 +92,10 @@ impl Cipher {
         let mut input = label.as_bytes().to_vec();
         input.push(0);
         input.extend_from_slice(value.as_bytes());
-        let nonce_bytes = self.nonces.fingerprint(&input);
+        let nonce_bytes = self.inner.nonces.fingerprint(&input);
         let nonce = Nonce::from_slice(&nonce_bytes.as_bytes()[..12]);
         let sealed = self
+            .inner
             .aead
             .encrypt(
                 nonce,
@@ -112,6 +120,7 @@ impl Cipher {
         }
         let (nonce, sealed) = raw.split_at(12);
         let plain = self
+            .inner
             .aead
             .decrypt(
                 Nonce::from_slice(nonce),

@@ -34,11 +34,15 @@ mod entity;
 mod fake;
 mod patterns;
 mod redactor;
+mod reply;
 mod service;
+mod session;
 mod validate;
 
 pub use cipher::{Cipher, InvalidKey};
 pub use detect::{Detector, Finding, DEFAULT_THRESHOLD};
 pub use entity::Entity;
 pub use redactor::{Operator, Redacted, Redactor, StreamRestorer, Vault, MAX_VAULT_ENTRIES};
+pub use reply::{StreamRedactor, MAX_CARRY};
 pub use service::{Redact, RedactLayer, ResponseFuture, RestoreBody};
+pub use session::{Sessions, SharedVault, CONVERSATION_HEADER, MAX_CONVERSATION_ID};

@@ -1,6 +1,5 @@
 //! [`RedactLayer`]: placeholders out, originals back.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,26 +9,29 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use moat_core::body::{read_llm_request, LlmBody, RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
 use moat_core::decision::{Decision, Decisions, Outcome};
-use moat_core::reject::Protocol;
-use moat_core::sse::{SseDecoder, SseEvent};
+use moat_core::reject::{Protocol, Rejection};
+use moat_core::sse::SseDecoder;
 use moat_core::usage::BodyFormat;
 use pin_project_lite::pin_project;
-use serde_json::Value;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::redactor::{Redactor, StreamRestorer, Vault};
+use crate::redactor::Redactor;
+use crate::reply::{Rewriter, Streams};
+use crate::session::{lock, Sessions, SharedVault, MAX_CONVERSATION_ID};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The largest JSON reply restored whole (8 MiB); larger replies pass through unrestored.
 const MAX_JSON: usize = 8 * 1024 * 1024;
 
-/// Redacts prompts and restores replies. Clones share one [`Redactor`].
+/// Redacts prompts and restores replies. Clones share one [`Redactor`] and one [`Sessions`].
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct RedactLayer {
     redactor: Arc<Redactor>,
+    scrub: Option<Arc<Redactor>>,
+    sessions: Option<Sessions>,
     restore: bool,
     body_limit: usize,
 }
@@ -39,6 +41,8 @@ impl RedactLayer {
     pub fn new(redactor: Redactor) -> Self {
         Self {
             redactor: Arc::new(redactor),
+            scrub: None,
+            sessions: None,
             restore: true,
             body_limit: DEFAULT_BODY_LIMIT,
         }
@@ -47,6 +51,22 @@ impl RedactLayer {
     /// Whether placeholders in replies are replaced by the originals (default yes).
     pub fn with_restore(mut self, restore: bool) -> Self {
         self.restore = restore;
+        self
+    }
+
+    /// Whether replies are also scrubbed: personal data the model writes that was not in the
+    /// prompt (it never went into the vault) is replaced by `[EMAIL]`-style labels before the
+    /// client sees it, streamed replies with a bounded carry ([`MAX_CARRY`](crate::MAX_CARRY)).
+    /// Default no.
+    pub fn with_reply_side(mut self, scrub: bool) -> Self {
+        self.scrub = scrub.then(|| Arc::new(self.redactor.redacting()));
+        self
+    }
+
+    /// Keeps one vault per conversation (see [`Sessions`]) instead of one per request, so the
+    /// same value gets the same placeholder in every turn.
+    pub fn with_sessions(mut self, sessions: Sessions) -> Self {
+        self.sessions = Some(sessions);
         self
     }
 
@@ -117,10 +137,32 @@ where
         let layer = self.layer.clone();
         let future = async move {
             let protocol = Protocol::of(&req);
+            let reject = |rejection: Rejection| {
+                let response = rejection
+                    .with_layer("redact")
+                    .into_response::<ResBody>(protocol);
+                Ok(response.map(RestoreBody::rejection))
+            };
             let (req, vault) = match read_llm_request(req, layer.body_limit).await {
                 Ok(LlmBody::Parsed { request, llm }) => {
-                    let mut vault = Vault::new();
+                    let vault = match &layer.sessions {
+                        Some(sessions) => {
+                            match sessions.vault_for(request.headers(), request.extensions()) {
+                                Ok(vault) => vault,
+                                Err(_) => {
+                                    return reject(
+                                        Rejection::bad_request(format!(
+                                            "the conversation id must be 1 to {MAX_CONVERSATION_ID} visible ASCII characters"
+                                        ))
+                                        .with_code("invalid_conversation_id"),
+                                    )
+                                }
+                            }
+                        }
+                        None => SharedVault::default(),
+                    };
                     let spans = llm.with(|r| {
+                        let mut vault = lock(&vault);
                         let mut spans = 0;
                         for i in 0..r.segment_count() {
                             let Some(text) = r.text(i) else { continue };
@@ -147,184 +189,34 @@ where
                     }
                     (request, vault)
                 }
-                Ok(LlmBody::Unparsed(request)) => (request, Vault::new()),
-                Err(rejection) => {
-                    let response = rejection
-                        .with_layer("redact")
-                        .into_response::<ResBody>(protocol);
-                    return Ok(response.map(RestoreBody::rejection));
-                }
+                Ok(LlmBody::Unparsed(request)) => (request, SharedVault::default()),
+                Err(rejection) => return reject(rejection),
             };
             let response = inner.call(req).await?;
-            if vault.is_empty() || !layer.restore {
+            let rewriter = Rewriter {
+                redactor: layer.redactor.clone(),
+                scrub: layer.scrub.clone(),
+                vault,
+                restore: layer.restore,
+            };
+            if rewriter.is_noop() {
                 return Ok(response.map(RestoreBody::passthrough));
             }
             let (mut parts, body) = response.into_parts();
-            let restore = Restore {
-                redactor: layer.redactor.clone(),
-                vault: Arc::new(vault),
-            };
             let body = match BodyFormat::of(&parts.headers) {
                 BodyFormat::Json => {
                     parts.headers.remove(http::header::CONTENT_LENGTH);
-                    RestoreBody::json(body, restore)
+                    RestoreBody::json(body, rewriter)
                 }
                 BodyFormat::Sse => {
                     parts.headers.remove(http::header::CONTENT_LENGTH);
-                    RestoreBody::sse(body, restore)
+                    RestoreBody::sse(body, rewriter)
                 }
                 BodyFormat::Other => RestoreBody::passthrough(body),
             };
             Ok(Response::from_parts(parts, body))
         };
         ResponseFuture::new(future)
-    }
-}
-
-#[derive(Clone)]
-struct Restore {
-    redactor: Arc<Redactor>,
-    vault: Arc<Vault>,
-}
-
-/// Streamed text, per choice (or content block) and kind.
-#[derive(Default)]
-struct Streams {
-    /// (choice or block, is tool arguments) → restorer.
-    open: HashMap<(u64, bool), StreamRestorer>,
-}
-
-impl Restore {
-    fn push(&self, streams: &mut Streams, key: (u64, bool), text: &str) -> String {
-        let r = streams.open.entry(key).or_insert_with(|| {
-            if key.1 {
-                StreamRestorer::json()
-            } else {
-                StreamRestorer::new()
-            }
-        });
-        r.push(text, &self.vault)
-    }
-
-    fn flush(&self, streams: &mut Streams, key: (u64, bool)) -> String {
-        streams
-            .open
-            .remove(&key)
-            .map(|mut r| r.finish(&self.vault))
-            .unwrap_or_default()
-    }
-
-    /// Rewrites one streamed event: restores its text deltas, flushing what a choice or block
-    /// held when it finishes. Returns the bytes to send.
-    fn event(&self, streams: &mut Streams, event: &SseEvent) -> Bytes {
-        let Some(mut json) = event.json() else {
-            if event.is_done() {
-                let mut out = self.held(streams);
-                out.extend_from_slice(event.raw());
-                return out.freeze();
-            }
-            return event.raw().clone();
-        };
-        let mut changed = false;
-        // OpenAI chat and completions chunks.
-        if let Some(Value::Array(choices)) = json.get_mut("choices") {
-            for choice in choices.iter_mut() {
-                let i = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
-                let finishing = choice.get("finish_reason").is_some_and(|f| !f.is_null());
-                if let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut) {
-                    if let Some(Value::String(text)) = delta.get_mut("content") {
-                        *text = self.push(streams, (i, false), text);
-                        changed = true;
-                    }
-                    if let Some(Value::Array(calls)) = delta.get_mut("tool_calls") {
-                        for call in calls.iter_mut() {
-                            let index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
-                            if let Some(Value::String(args)) =
-                                call.pointer_mut("/function/arguments")
-                            {
-                                *args = self.push(streams, ((i << 16) | index, true), args);
-                                changed = true;
-                            }
-                        }
-                    }
-                    if finishing {
-                        let held = self.flush(streams, (i, false));
-                        if !held.is_empty() {
-                            let content = delta
-                                .entry("content")
-                                .or_insert(Value::String(String::new()));
-                            if let Value::String(text) = content {
-                                text.insert_str(0, &held);
-                            }
-                            changed = true;
-                        }
-                    }
-                }
-            }
-        }
-        // Anthropic content blocks.
-        match json.get("type").and_then(Value::as_str) {
-            Some("content_block_delta") => {
-                let i = json.get("index").and_then(Value::as_u64).unwrap_or(0);
-                if let Some(Value::String(text)) = json.pointer_mut("/delta/text") {
-                    *text = self.push(streams, (i, false), text);
-                    changed = true;
-                } else if let Some(Value::String(text)) = json.pointer_mut("/delta/partial_json") {
-                    *text = self.push(streams, (i, true), text);
-                    changed = true;
-                }
-            }
-            Some("content_block_stop") => {
-                let i = json.get("index").and_then(Value::as_u64).unwrap_or(0);
-                let (text, args) = (
-                    self.flush(streams, (i, false)),
-                    self.flush(streams, (i, true)),
-                );
-                let mut out = BytesMut::new();
-                for (held, delta) in [(text, "text_delta"), (args, "input_json_delta")] {
-                    if !held.is_empty() {
-                        let field = if delta == "text_delta" {
-                            "text"
-                        } else {
-                            "partial_json"
-                        };
-                        let data = serde_json::json!({"type": "content_block_delta", "index": i, "delta": {"type": delta, field: held}});
-                        out.extend_from_slice(
-                            SseEvent::new(Some("content_block_delta"), &data.to_string()).raw(),
-                        );
-                    }
-                }
-                out.extend_from_slice(event.raw());
-                return out.freeze();
-            }
-            _ => {}
-        }
-        if !changed {
-            return event.raw().clone();
-        }
-        SseEvent::new(event.event(), &json.to_string())
-            .raw()
-            .clone()
-    }
-
-    /// Before `[DONE]` (or at the end), anything still held goes out as last chunks.
-    fn held(&self, streams: &mut Streams) -> BytesMut {
-        let mut out = BytesMut::new();
-        let mut keys: Vec<(u64, bool)> = streams.open.keys().copied().collect();
-        keys.sort_unstable();
-        for key in keys {
-            let held = self.flush(streams, key);
-            if held.is_empty() {
-                continue;
-            }
-            let data = if key.1 {
-                serde_json::json!({"choices": [{"index": key.0 >> 16, "delta": {"tool_calls": [{"index": key.0 & 0xffff, "function": {"arguments": held}}]}}]})
-            } else {
-                serde_json::json!({"choices": [{"index": key.0, "delta": {"content": held}}]})
-            };
-            out.extend_from_slice(SseEvent::new(None, &data.to_string()).raw());
-        }
-        out
     }
 }
 
@@ -341,13 +233,13 @@ enum Kind {
     Passthrough,
     Json {
         buf: Vec<u8>,
-        restore: Restore,
+        rewriter: Rewriter,
         overflow: bool,
     },
     Sse {
         decoder: Box<SseDecoder>,
         streams: Streams,
-        restore: Restore,
+        rewriter: Rewriter,
         done: bool,
     },
 }
@@ -375,20 +267,20 @@ impl<B> RestoreBody<B> {
         Self::new(body, Kind::Passthrough)
     }
 
-    fn json(body: B, restore: Restore) -> Self {
+    fn json(body: B, rewriter: Rewriter) -> Self {
         let kind = Kind::Json {
             buf: Vec::new(),
-            restore,
+            rewriter,
             overflow: false,
         };
         Self::new(ResponseBody::inner(body), kind)
     }
 
-    fn sse(body: B, restore: Restore) -> Self {
+    fn sse(body: B, rewriter: Rewriter) -> Self {
         let kind = Kind::Sse {
             decoder: Box::default(),
             streams: Streams::default(),
-            restore,
+            rewriter,
             done: false,
         };
         Self::new(ResponseBody::inner(body), kind)
@@ -430,7 +322,7 @@ where
                 (
                     Kind::Json {
                         buf,
-                        restore,
+                        rewriter,
                         overflow,
                     },
                     None,
@@ -440,21 +332,16 @@ where
                         return Poll::Ready(None);
                     }
                     let bytes = std::mem::take(buf);
-                    let restored =
-                        serde_json::from_slice::<Value>(&bytes)
-                            .ok()
-                            .and_then(|mut doc| {
-                                (restore.redactor.restore_json(&mut doc, &restore.vault) > 0)
-                                    .then(|| Bytes::from(doc.to_string()))
-                            });
-                    let out = restored.unwrap_or_else(|| Bytes::from(bytes));
+                    let out = rewriter
+                        .json_reply(&bytes)
+                        .unwrap_or_else(|| Bytes::from(bytes));
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 (
                     Kind::Sse {
                         decoder,
                         streams,
-                        restore,
+                        rewriter,
                         ..
                     },
                     Some(Ok(frame)),
@@ -465,7 +352,7 @@ where
                         };
                         let mut out = BytesMut::new();
                         for event in &events {
-                            out.extend_from_slice(&restore.event(streams, event));
+                            out.extend_from_slice(&rewriter.event(streams, event));
                         }
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
@@ -477,7 +364,7 @@ where
                     Kind::Sse {
                         decoder,
                         streams,
-                        restore,
+                        rewriter,
                         done,
                     },
                     None,
@@ -489,10 +376,10 @@ where
                     *done = true;
                     let mut out = BytesMut::new();
                     for event in decoder.finish() {
-                        out.extend_from_slice(&restore.event(streams, &event));
+                        out.extend_from_slice(&rewriter.event(streams, &event));
                     }
                     // Anything still held (a stream without [DONE]) goes out last.
-                    out.extend_from_slice(&restore.held(streams));
+                    out.extend_from_slice(&rewriter.held(streams));
                     return Poll::Ready((!out.is_empty()).then(|| Ok(Frame::data(out.freeze()))));
                 }
             }

@@ -6,8 +6,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use moat_core::body::RequestBody;
+use moat_core::identity::Caller;
 use moat_core::sse::{text_deltas, SseDecoder};
-use moat_redact::{Entity, RedactLayer, Redactor};
+use moat_redact::{Entity, RedactLayer, Redactor, Sessions};
 use moat_testkit::mock::MockUpstream;
 use serde_json::{json, Value};
 use tower::{BoxError, ServiceBuilder, ServiceExt};
@@ -40,9 +41,36 @@ async fn send(
     body: Value,
     headers: &[(&str, &str)],
 ) -> (http::HeaderMap, Bytes) {
+    let layer = RedactLayer::new(Redactor::new(&Entity::ALL));
+    let (status, headers, body) = send_through(layer, mock, path, body, headers).await;
+    assert_eq!(status, 200);
+    (headers, body)
+}
+
+/// Sends through `layer`; an `x-tenant` header becomes the request's [`Caller`] tenant, as an
+/// authenticating layer in front would set it.
+async fn send_through(
+    layer: RedactLayer,
+    mock: &MockUpstream,
+    path: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> (http::StatusCode, http::HeaderMap, Bytes) {
     let base = mock.url();
     let svc = ServiceBuilder::new()
-        .layer(RedactLayer::new(Redactor::new(&Entity::ALL)))
+        .map_request(|mut req: Request<Full<Bytes>>| {
+            let tenant = req
+                .headers()
+                .get("x-tenant")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            if let Some(tenant) = tenant {
+                req.extensions_mut()
+                    .insert(Caller::new().with_tenant(tenant));
+            }
+            req
+        })
+        .layer(layer)
         .service_fn(move |req| forward(base.clone(), req));
     let mut builder = Request::post(path).header("content-type", "application/json");
     for (k, v) in headers {
@@ -57,7 +85,11 @@ async fn send(
         .await
         .unwrap();
     let (parts, body) = res.into_parts();
-    (parts.headers, body.collect().await.unwrap().to_bytes())
+    (
+        parts.status,
+        parts.headers,
+        body.collect().await.unwrap().to_bytes(),
+    )
 }
 
 fn assert_upstream_saw_no_raw_values(mock: &MockUpstream) {
@@ -212,4 +244,167 @@ async fn malformed_json_is_a_400_that_never_reaches_the_upstream() {
         serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
     assert!(mock.requests().is_empty());
+}
+
+#[tokio::test]
+async fn responses_api_json_and_streams_are_restored() {
+    let mock = MockUpstream::start().await.unwrap();
+    let body = json!({"model": "m", "input": SECRET_TEXT});
+    let (_, bytes) = send(&mock, "/v1/responses", body.clone(), &[]).await;
+    assert_upstream_saw_no_raw_values(&mock);
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v["output"][0]["content"][0]["text"], SECRET_TEXT);
+    let mut streaming = body;
+    streaming["stream"] = json!(true);
+    for chunk in ["1", "3"] {
+        let (_, bytes) = send(
+            &mock,
+            "/v1/responses",
+            streaming.clone(),
+            &[("x-mock-chunk-chars", chunk)],
+        )
+        .await;
+        assert_eq!(streamed_text(&bytes).0, SECRET_TEXT);
+        // The events that carry the whole text say the same.
+        let mut decoder = SseDecoder::new();
+        let events = decoder.decode(&bytes).unwrap();
+        let done = events
+            .iter()
+            .filter_map(|e| e.json())
+            .find(|v| v["type"] == "response.output_text.done")
+            .unwrap();
+        assert_eq!(done["text"], SECRET_TEXT);
+        let completed = events
+            .iter()
+            .filter_map(|e| e.json())
+            .find(|v| v["type"] == "response.completed")
+            .unwrap();
+        assert_eq!(
+            completed["response"]["output"][0]["content"][0]["text"],
+            SECRET_TEXT
+        );
+    }
+}
+
+#[tokio::test]
+async fn reply_side_scrubs_what_the_prompt_did_not_hold() {
+    let mock = MockUpstream::start().await.unwrap();
+    let reply = "Hi [EMAIL_1]! Also reach bob@evil.example or +1 202 555 0143.";
+    let expected = "Hi jane.doe@example.com! Also reach [EMAIL] or [PHONE].";
+    let layer = || RedactLayer::new(Redactor::new(&Entity::ALL)).with_reply_side(true);
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": SECRET_TEXT}]});
+    let (_, _, bytes) = send_through(
+        layer(),
+        &mock,
+        "/v1/chat/completions",
+        body.clone(),
+        &[("x-mock-reply", reply)],
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], expected);
+    let mut streaming = body;
+    streaming["stream"] = json!(true);
+    for chunk in ["1", "4"] {
+        let (_, _, bytes) = send_through(
+            layer(),
+            &mock,
+            "/v1/chat/completions",
+            streaming.clone(),
+            &[("x-mock-reply", reply), ("x-mock-chunk-chars", chunk)],
+        )
+        .await;
+        assert_eq!(streamed_text(&bytes).0, expected, "chunks of {chunk}");
+    }
+    // Without reply-side redaction the model's own values pass.
+    let (_, _, bytes) = send_through(
+        RedactLayer::new(Redactor::new(&Entity::ALL)),
+        &mock,
+        "/v1/chat/completions",
+        json!({"model": "m", "messages": [{"role": "user", "content": SECRET_TEXT}]}),
+        &[("x-mock-reply", reply)],
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("bob@evil.example"));
+}
+
+#[tokio::test]
+async fn sessions_keep_placeholders_across_turns_and_never_cross_tenants() {
+    let mock = MockUpstream::start().await.unwrap();
+    let layer = RedactLayer::new(Redactor::new(&Entity::ALL)).with_sessions(Sessions::new());
+    let turn = |tenant: &'static str, text: &str| {
+        let layer = layer.clone();
+        let mock = &mock;
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": text}]});
+        async move {
+            let (status, _, bytes) = send_through(
+                layer,
+                mock,
+                "/v1/chat/completions",
+                body,
+                &[("x-tenant", tenant), ("x-moat-conversation", "conv-1")],
+            )
+            .await;
+            assert_eq!(status, 200);
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let last_seen = |mock: &MockUpstream| {
+        mock.requests().last().unwrap().body["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        turn("acme", "I am jane@example.com").await,
+        "I am jane@example.com"
+    );
+    assert_eq!(last_seen(&mock), "I am [EMAIL_1]");
+    assert_eq!(
+        turn("acme", "cc john@example.com and jane@example.com").await,
+        "cc john@example.com and jane@example.com"
+    );
+    assert_eq!(last_seen(&mock), "cc [EMAIL_2] and [EMAIL_1]");
+    // Another tenant with the same conversation id starts from nothing...
+    assert_eq!(
+        turn("globex", "I am zoe@example.com").await,
+        "I am zoe@example.com"
+    );
+    assert_eq!(last_seen(&mock), "I am [EMAIL_1]");
+    // ...and cannot read acme's values through a placeholder it guesses.
+    let (_, _, bytes) = send_through(
+        layer.clone(),
+        &mock,
+        "/v1/chat/completions",
+        json!({"model": "m", "messages": [{"role": "user", "content": "who is it"}]}),
+        &[
+            ("x-tenant", "globex"),
+            ("x-moat-conversation", "conv-1"),
+            ("x-mock-reply", "It is [EMAIL_2]."),
+        ],
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "It is [EMAIL_2].");
+    // A conversation id that is not a short visible string is refused before the upstream.
+    let before = mock.requests().len();
+    let long = "x".repeat(200);
+    let (status, _, _) = send_through(
+        layer,
+        &mock,
+        "/v1/chat/completions",
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        &[("x-tenant", "acme"), ("x-moat-conversation", long.as_str())],
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(mock.requests().len(), before);
 }
