@@ -258,7 +258,7 @@ impl Config {
         let quota = budgets::layer(&config.quota, resolver.clone(), &fingerprinter)
             .map_err(limits_error)?;
         let redact =
-            privacy::layer(config.redact.as_ref(), &fingerprinter).map_err(limits_error)?;
+            privacy::layer(config.redact.as_ref(), &fingerprinter, &env).map_err(limits_error)?;
         Ok(Resolved {
             config,
             upstream_api_key,

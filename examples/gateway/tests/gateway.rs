@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -938,4 +939,142 @@ async fn personal_data_never_reaches_the_upstream_and_comes_back() {
     );
     let e = Config::resolve(&bad, |_| None).unwrap_err();
     assert!(e.message.contains("passport") && e.line == Some(4), "{e}");
+}
+
+#[tokio::test]
+async fn redaction_options_from_the_config() {
+    let mock = MockUpstream::start().await.unwrap();
+    let key = base64::engine::general_purpose::STANDARD.encode([5u8; 32]);
+    let config = format!(
+        r#"[upstream]
+base_url = "{}/v1"
+
+[[keys]]
+id = "alice"
+key = "sk-moat-alice"
+tenant = "acme"
+
+[[keys]]
+id = "bob"
+key = "sk-moat-bob"
+tenant = "globex"
+
+[redact]
+entities = ["all"]
+operator = "encrypt"
+encryption_key_env = "REDACT_KEY"
+operators = {{ credit_card = "mask", email = "pseudonymize" }}
+reply_side = true
+allow = ["example.org"]
+deny = ["Project Falcon"]
+thresholds = {{ ca_sin = 0.3 }}
+
+[redact.sessions]
+ttl_secs = 600
+"#,
+        mock.url()
+    );
+    let gw = start(&config, &[("REDACT_KEY", &key)]).await;
+    let alice = [
+        ("authorization", "Bearer sk-moat-alice"),
+        ("x-moat-conversation", "c-42"),
+    ];
+    let text =
+        "I am jane@example.com, card 4111 1111 1111 1111, IBAN GB82 WEST 1234 5698 7654 32, \
+        order 046454286, on Project Falcon, cc ops@example.org";
+    let reply = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &alice,
+        Some(chat(text, false)),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let seen = mock.requests().last().unwrap().body["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        seen.starts_with("I am [EMAIL_1], card **** **** **** 1111, IBAN [IBAN:"),
+        "{seen}"
+    );
+    assert!(seen.contains("order [SIN:"), "a lowered threshold: {seen}");
+    assert!(
+        seen.contains("on [REDACTED_1]") || seen.contains("on [REDACTED:"),
+        "{seen}"
+    );
+    assert!(seen.ends_with("cc ops@example.org"), "allowed: {seen}");
+    // The echo comes back with every restorable value restored (the mask is one-way).
+    let content = reply.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        content,
+        text.replace("4111 1111 1111 1111", "**** **** **** 1111")
+    );
+    // Whoever holds the key can open what the provider saw.
+    let cipher = moat::redact::Cipher::from_base64(&key).unwrap();
+    assert!(cipher
+        .decrypt_str(&seen)
+        .contains("GB82 WEST 1234 5698 7654 32"));
+
+    // The next turn of the conversation reuses the placeholders; the model's own new values are
+    // scrubbed from the reply.
+    let next = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            alice[0],
+            alice[1],
+            ("x-mock-reply", "Done, [EMAIL_1]. Ask eve@evil.test."),
+        ],
+        Some(chat("and again jane@example.com", false)),
+    )
+    .await;
+    assert_eq!(
+        next.json()["choices"][0]["message"]["content"],
+        "Done, jane@example.com. Ask [EMAIL]."
+    );
+    assert_eq!(
+        mock.requests().last().unwrap().body["messages"][0]["content"],
+        "and again [EMAIL_1]"
+    );
+    // Another tenant's conversation of the same id knows none of it.
+    let bob = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", "Bearer sk-moat-bob"),
+            ("x-moat-conversation", "c-42"),
+            ("x-mock-reply", "Hello [EMAIL_1]"),
+        ],
+        Some(chat("hi", false)),
+    )
+    .await;
+    assert_eq!(
+        bob.json()["choices"][0]["message"]["content"],
+        "Hello [EMAIL_1]"
+    );
+
+    for (bad, expect) in [
+        ("operator = \"encrypt\"", "encryption_key_env"),
+        (
+            "operator = \"encrypt\"\nencryption_key_env = \"NOPE\"",
+            "NOPE",
+        ),
+        ("threshold = 1.5", "between 0 and 1"),
+        ("operators = { card = \"mask\" }", "unknown entity"),
+        ("operator = \"scramble\"", "scramble"),
+    ] {
+        let config = format!(
+            "[upstream]\nbase_url = \"{}/v1\"\n[redact]\nentities = [\"all\"]\n{bad}\n",
+            mock.url()
+        );
+        let e = Config::resolve(&config, |_| None).unwrap_err();
+        assert!(e.message.contains(expect) && e.line.is_some(), "{bad}: {e}");
+    }
 }
