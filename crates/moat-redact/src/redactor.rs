@@ -337,7 +337,10 @@ fn restore<'a>(text: &'a str, vault: &Vault, json: bool) -> Cow<'a, str> {
     while let Some(open) = rest.find('[') {
         out.push_str(&rest[..open]);
         let tail = &rest[open..];
-        let close = tail.find(']').filter(|&c| c < vault.longest());
+        // A token is at most `longest` bytes: look no further for its `]` (text full of `[`
+        // stays linear).
+        let window = &tail.as_bytes()[..tail.len().min(vault.longest())];
+        let close = window.iter().position(|&b| b == b']');
         match close
             .map(|c| &tail[..=c])
             .and_then(|p| vault.value(p).map(|v| (p, v)))
