@@ -405,4 +405,40 @@ mod stack {
         );
         assert!(limited.headers().get("x-moat-quota-budget").is_none());
     }
+
+    /// The README's axum example with redaction inside: the handler (the model's side) sees only
+    /// placeholders, the client gets its values back.
+    #[tokio::test]
+    async fn redaction_on_an_axum_router() {
+        use moat::redact::{Entity, RedactLayer, Redactor};
+
+        let router = axum::Router::new()
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(|body: axum::Json<serde_json::Value>| async move {
+                    let prompt = body.0["messages"][0]["content"].as_str().unwrap_or_default().to_owned();
+                    assert_eq!(prompt, "call me at [PHONE_1] or [EMAIL_1]");
+                    axum::Json(serde_json::json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Noted: {prompt}")}}]}))
+                }),
+            )
+            .layer(RedactLayer::new(Redactor::new(&Entity::ALL)));
+        let url = axum_server(router).await;
+        let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"call me at +44 20 7946 0958 or jane@example.com"}]}"#;
+        let res = http_client()
+            .request(
+                Request::post(format!("{url}/v1/chat/completions"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(body.as_bytes())))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let reply: serde_json::Value =
+            serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(
+            reply["choices"][0]["message"]["content"],
+            "Noted: call me at +44 20 7946 0958 or jane@example.com"
+        );
+    }
 }
