@@ -933,6 +933,63 @@ async fn personal_data_never_reaches_the_upstream_and_comes_back() {
     );
     assert!(seen.contains("[CARD_1]") && seen.contains("[EMAIL_1]"));
 
+    // Tool calls: arguments the model sent earlier and tool results going back up are redacted
+    // too, and the arguments of a new tool call come back restored, streamed or not.
+    mock.clear();
+    let history = json!({"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": "email my boss"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "lookup", "arguments": "{\"name\":\"boss\",\"iban\":\"GB82 WEST 1234 5698 7654 32\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"email\":\"boss@corp.example.com\",\"phone\":\"+44 20 7946 0958\"}"},
+        {"role": "user", "content": "send it to boss@corp.example.com"}
+    ]});
+    for stream in [false, true] {
+        let mut body = history.clone();
+        body["stream"] = json!(stream);
+        let res = call(
+            &gw.url,
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("x-mock-tool-call", "send_email"),
+                ("x-mock-chunk-chars", "3"),
+            ],
+            Some(body),
+        )
+        .await;
+        assert_eq!(res.status, 200);
+        let args = if stream {
+            let bytes = res.body.unwrap();
+            let mut decoder = SseDecoder::new();
+            let mut args = String::new();
+            for v in decoder
+                .decode(&bytes)
+                .unwrap()
+                .iter()
+                .filter_map(|e| e.json())
+            {
+                for d in text_deltas(&v) {
+                    if d.kind != moat::core::sse::DeltaKind::Content {
+                        args.push_str(d.text);
+                    }
+                }
+            }
+            args
+        } else {
+            res.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let args: Value = serde_json::from_str(&args).expect("valid JSON arguments");
+        assert_eq!(args["input"], "send it to boss@corp.example.com");
+    }
+    let seen = serde_json::to_string(&mock.requests()).unwrap();
+    for raw in ["GB82 WEST", "boss@corp.example.com", "+44 20 7946 0958"] {
+        assert!(!seen.contains(raw), "the upstream saw {raw}: {seen}");
+    }
+    assert!(seen.contains("[IBAN_1]") && seen.contains("[EMAIL_1]") && seen.contains("[PHONE_1]"));
+
     let bad = format!(
         "[upstream]\nbase_url = \"{}/v1\"\n[redact]\nentities = [\"email\", \"passport\"]\n",
         mock.url()
