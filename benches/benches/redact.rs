@@ -24,6 +24,15 @@ fn prose(filler: &str, bytes: usize) -> String {
     s
 }
 
+/// The reply as 8-byte streamed deltas, over and over (the prose is ASCII).
+fn deltas(reply: &str) -> impl Iterator<Item = &str> {
+    reply
+        .as_bytes()
+        .chunks(8)
+        .cycle()
+        .map(|p| std::str::from_utf8(p).unwrap_or(""))
+}
+
 fn scan(c: &mut Criterion) {
     let moat = Redactor::new(&Entity::ALL);
     let leakguard = leakguard::Redactor::new();
@@ -93,11 +102,7 @@ fn restore(c: &mut Criterion) {
     let mut group = c.benchmark_group("restore");
     group.bench_function("moat/stream, 8-byte delta", |b| {
         let mut restorer = StreamRestorer::new();
-        let mut pieces = reply
-            .as_bytes()
-            .chunks(8)
-            .cycle()
-            .map(|p| std::str::from_utf8(p).unwrap_or(""));
+        let mut pieces = deltas(&reply);
         b.iter(|| black_box(restorer.push(pieces.next().unwrap_or(""), &vault)))
     });
     group.bench_function("moat/2 KB reply at once", |b| {
@@ -117,11 +122,7 @@ fn reply_side(c: &mut Criterion) {
     );
     c.bench_function("reply_side/stream, 8-byte delta", |b| {
         let mut scrubber = StreamRedactor::new();
-        let mut pieces = reply
-            .as_bytes()
-            .chunks(8)
-            .cycle()
-            .map(|p| std::str::from_utf8(p).unwrap_or(""));
+        let mut pieces = deltas(&reply);
         b.iter(|| black_box(scrubber.push(pieces.next().unwrap_or(""), &scrub)))
     });
 }
