@@ -579,6 +579,16 @@ mod tests {
             .collect()
     }
 
+    /// Built once: compiling is the slow part of a debug-build test.
+    fn detector() -> &'static Detector {
+        static DETECTOR: std::sync::LazyLock<Detector> = std::sync::LazyLock::new(|| {
+            Detector::new(&Entity::ALL)
+                .with_deny_list(["Falcon"])
+                .with_threshold(Entity::CaSin, 0.3)
+        });
+        &DETECTOR
+    }
+
     fn all(text: &str) -> Vec<(Entity, String)> {
         found(&Detector::new(&Entity::ALL), text)
     }
@@ -774,6 +784,42 @@ mod tests {
             all("ID 621100196505181089"),
             one(Entity::CnResidentId, "621100196505181089")
         );
+    }
+
+    #[test]
+    fn values_with_any_character_keep_whole_characters() {
+        assert_eq!(
+            all("password: pässwörd€1 ok"),
+            one(Entity::Password, "pässwörd€1")
+        );
+        // A length limit counts characters, so it never ends inside one.
+        let long = format!("x{}", "é".repeat(100));
+        assert_eq!(
+            all(&format!("password: {long} ok")),
+            one(Entity::Password, &long)
+        );
+        assert_eq!(
+            all("db postgres://jürgen:pä55wörd@db.internal/x"),
+            one(
+                Entity::UrlCredentials,
+                "postgres://jürgen:pä55wörd@db.internal"
+            )
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the text, finding never panics and every finding is whole characters, in
+        /// order, without overlaps.
+        #[test]
+        fn any_text_gives_sound_findings(text in "([a-zA-Z0-9 .:@/=_+()-]|é|€|日|\\n|password=|\\+44 |4111 |sk-){0,60}") {
+            let found = detector().find(&text);
+            let mut last_end = 0;
+            for f in found {
+                proptest::prop_assert!(f.start >= last_end && f.start < f.end && f.end <= text.len());
+                proptest::prop_assert!(text.is_char_boundary(f.start) && text.is_char_boundary(f.end));
+                last_end = f.end;
+            }
+        }
     }
 
     #[test]

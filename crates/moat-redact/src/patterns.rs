@@ -1,8 +1,9 @@
 //! The built-in patterns: what each entity looks like, how sure a match is, and the words that
 //! make a weak match likely.
 //!
-//! All patterns are byte-level and ASCII-only (`(?-u)`); they are compiled together into one
-//! automaton, so the text is scanned once however many entities are on. Order matters: where
+//! All patterns are byte-level (`(?-u)`); they are compiled together into one automaton, so the
+//! text is scanned once however many entities are on. A pattern matches ASCII, or whole UTF-8
+//! sequences where a value may hold any character (passwords), so a match never splits one. Order matters: where
 //! two patterns match at the same place, the earlier one is tried first.
 //!
 //! Scores follow Presidio's model: a pattern match has a base score, a failed checksum drops
@@ -88,7 +89,7 @@ pub(crate) static SPECS: &[Spec] = &[
     ),
     spec!(
         UrlCredentials,
-        r"\b[a-z][a-z0-9+.-]{1,20}://[^\s:/@]{1,64}:[^\s@/]{1,128}@[A-Za-z0-9.-]+",
+        r"\b[a-z][a-z0-9+.-]{1,20}://(?:[^\s:/@\x80-\xFF]|[\xC0-\xFF][\x80-\xBF]+){1,64}:(?:[^\s@/\x80-\xFF]|[\xC0-\xFF][\x80-\xBF]+){1,128}@[A-Za-z0-9.-]+",
         |_| Some(0.95)
     ),
     spec!(
@@ -241,7 +242,7 @@ pub(crate) static SPECS: &[Spec] = &[
     spec!(Phone, r"\b[1-9][0-9]{8,10}\b", |_| Some(0.3)),
     spec!(
         Password,
-        r#"(?i)\b(?:password|passwd|passwort|passcode|pwd|pass|mot de passe|senha|haslo|contrasena)\s*(?:[:=]|\bis\b)\s*["']?[^\s"',;&<>]{4,128}"#,
+        r#"(?i)\b(?:password|passwd|passwort|passcode|pwd|pass|mot de passe|senha|haslo|contrasena)\s*(?:[:=]|\bis\b)\s*["']?(?:[^\s"',;&<>\x80-\xFF]|[\xC0-\xFF][\x80-\xBF]+){4,128}"#,
         |b| when(password(b), 0.8),
         value_after_keyword
     ),
