@@ -1,7 +1,8 @@
 //! moat-redact, side by side with leakguard (hand-written scanners) and llm-pii-redact (one
 //! `regex` pass per detector, placeholders and reveal).
 //!
-//! - `scan_64kb`: 64 KB of prose with nothing to find, ASCII and mixed-script (French, Japanese).
+//! - `scan_64kb`: 64 KB of prose with nothing to find: ASCII, mixed-script (French, Japanese), and
+//!   number-heavy (order numbers, timestamps, prices, UUIDs, hashes: many candidates to reject).
 //! - `prompt_2kb`: a 2 KB prompt with an email and a card, redacted.
 //! - `restore`: one 8-byte streamed delta through `StreamRestorer`; a whole 2 KB reply.
 //! - `reply_side`: one 8-byte streamed delta through `StreamRedactor` (reply-side scrubbing).
@@ -42,8 +43,13 @@ fn scan(c: &mut Criterion) {
         64 * 1024,
     );
     let mixed = prose("Le comité a revu le plan trimestriel — 計画を確認しました。 Version 2, 14 points ouverts. ", 64 * 1024);
+    let numbers = prose("Order #100234 shipped 2024-05-01 10:32:11 (build 4521, v1.2.3), total $1,234.56, id 123e4567-e89b-12d3-a456-426614174000, sha 9f86d081884c7d65. ", 64 * 1024);
     let mut group = c.benchmark_group("scan_64kb");
-    for (name, text) in [("ascii", &ascii), ("mixed-script", &mixed)] {
+    for (name, text) in [
+        ("ascii", &ascii),
+        ("mixed-script", &mixed),
+        ("number-heavy", &numbers),
+    ] {
         group.throughput(Throughput::Bytes(text.len() as u64));
         group.bench_function(format!("moat/{name}"), |b| {
             b.iter(|| black_box(moat.redact_str(black_box(text), &mut Vault::new()).count))

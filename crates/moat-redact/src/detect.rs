@@ -53,6 +53,8 @@ pub struct Detector {
     scan: Option<Regex>,
     /// Every pattern matching at a place, for when the first one fails its check.
     overlapping: Option<Regex>,
+    /// Every context word of the enabled entities, found in one pass over a window.
+    context: ContextWords,
     thresholds: HashMap<Entity, f32>,
     default_threshold: f32,
     allow: HashSet<String>,
@@ -79,11 +81,7 @@ fn compile(specs: &[&Spec], kind: MatchKind) -> Option<Regex> {
     let patterns: Vec<&str> = specs.iter().map(|s| s.pattern).collect();
     let regex = Regex::builder()
         .syntax(syntax::Config::new().utf8(false))
-        .configure(
-            Regex::config()
-                .match_kind(kind)
-                .hybrid_cache_capacity(8 << 20),
-        )
+        .configure(Regex::config().match_kind(kind))
         .build_many(&patterns)
         .expect("the built-in patterns compile");
     Some(regex)
@@ -143,6 +141,46 @@ fn boundaries_ok(entity: Entity, text: &[u8], start: usize, end: usize) -> bool 
     !word(start.checked_sub(1).and_then(|i| text.get(i))) && !word(text.get(end)) && !version
 }
 
+/// The context words of a set of entities in one automaton (ASCII case-insensitive).
+struct ContextWords {
+    words: Option<AhoCorasick>,
+    /// The entity each word belongs to, by pattern index.
+    entities: Vec<Entity>,
+}
+
+impl ContextWords {
+    fn new(entities: &[Entity]) -> Self {
+        let pairs: Vec<(Entity, &str)> = entities
+            .iter()
+            .flat_map(|&e| context_words(e).iter().map(move |&w| (e, w)))
+            .collect();
+        let words = (!pairs.is_empty()).then(|| {
+            AhoCorasickBuilder::new()
+                .ascii_case_insensitive(true)
+                .build(pairs.iter().map(|(_, w)| w))
+                .expect("context words build an automaton")
+        });
+        Self {
+            words,
+            entities: pairs.into_iter().map(|(e, _)| e).collect(),
+        }
+    }
+
+    /// Whether a context word of `entity` occurs in `window` as a whole word.
+    fn any(&self, entity: Entity, window: &[u8]) -> bool {
+        let Some(words) = &self.words else {
+            return false;
+        };
+        words.find_overlapping_iter(window).any(|m| {
+            self.entities[m.pattern().as_usize()] == entity
+                && !window[..m.start()]
+                    .last()
+                    .is_some_and(u8::is_ascii_alphanumeric)
+                && !window.get(m.end()).is_some_and(u8::is_ascii_alphanumeric)
+        })
+    }
+}
+
 /// Names after an introduction or a title, or a common first name followed by a surname.
 const NAMES: &str = r"(?x)
     (?:
@@ -179,6 +217,7 @@ impl Detector {
         Self {
             scan: compile(&specs, MatchKind::LeftmostFirst),
             overlapping: compile(&specs, MatchKind::All),
+            context: ContextWords::new(&entities),
             entities,
             specs,
             thresholds: HashMap::new(),
@@ -299,15 +338,10 @@ impl Detector {
         let boosted = score < threshold;
         if boosted {
             let window = &bytes[start.saturating_sub(CONTEXT_WINDOW)..start];
-            if context_words(spec.entity)
-                .iter()
-                .any(|w| has_word(window, w))
-            {
-                score = (score + CONTEXT_BOOST).min(1.0);
-            }
-            if score < threshold {
+            if score + CONTEXT_BOOST < threshold || !self.context.any(spec.entity, window) {
                 return None;
             }
+            score = (score + CONTEXT_BOOST).min(1.0);
         }
         let (from, to) = (spec.value)(matched);
         let (start, end) = (start + from, start + to);

@@ -142,7 +142,9 @@ pub(crate) static SPECS: &[Spec] = &[
     ),
     spec!(
         IpAddress,
-        r"[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}",
+        // Full, compressed in the middle, compressed at the end, compressed at the start (times
+        // such as 10:32:11 take none of these shapes).
+        r"\b(?:(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b|(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9A-Fa-f]{1,4}\b|(?:[0-9A-Fa-f]{1,4}:){1,7}:)|\B::(?:[0-9A-Fa-f]{1,4}:){0,6}[0-9A-Fa-f]{1,4}\b",
         |b| when(ipv6(b), 0.7)
     ),
     spec!(

@@ -4,11 +4,34 @@
 
 use sha2::{Digest, Sha256};
 
-pub(crate) fn digits(b: &[u8]) -> Vec<u8> {
-    b.iter()
-        .filter(|c| c.is_ascii_digit())
-        .map(|c| c - b'0')
-        .collect()
+/// The digits of a candidate, as values 0-9, without allocating (candidates are short; past 32
+/// digits the rest is dropped, which no validator accepts anyway).
+pub(crate) struct Digits {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl std::ops::Deref for Digits {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+pub(crate) fn digits(b: &[u8]) -> Digits {
+    let mut d = Digits {
+        buf: [0; 32],
+        len: 0,
+    };
+    for c in b.iter().filter(|c| c.is_ascii_digit()) {
+        if d.len == d.buf.len() {
+            break;
+        }
+        d.buf[d.len] = c - b'0';
+        d.len += 1;
+    }
+    d
 }
 
 /// The Luhn checksum of a digit sequence.
@@ -520,18 +543,23 @@ pub(crate) fn bech32(b: &[u8]) -> bool {
 
 /// A calendar date: day-month-year, month-day-year or year-month-day, or with a month name.
 pub(crate) fn date(b: &[u8]) -> bool {
-    let numbers: Vec<u32> = b
-        .split(|c| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.iter()
-                .fold(0u32, |a, &c| a.saturating_mul(10) + u32::from(c - b'0'))
-        })
-        .collect();
+    // Up to four numbers, without allocating; a fifth makes it no date.
+    let mut numbers = [0u32; 4];
+    let mut count = 0;
+    for part in b.split(|c| !c.is_ascii_digit()).filter(|p| !p.is_empty()) {
+        if count == numbers.len() {
+            return false;
+        }
+        numbers[count] = part
+            .iter()
+            .fold(0u32, |a, &c| a.saturating_mul(10).saturating_add(u32::from(c - b'0')));
+        count += 1;
+    }
+    let numbers = &numbers[..count];
     let day_month = |d: u32, m: u32| (1..=31).contains(&d) && (1..=12).contains(&m);
     let year = |y: u32| (1900..=2099).contains(&y);
     let month_name = b.iter().any(u8::is_ascii_alphabetic);
-    match numbers[..] {
+    match *numbers {
         [y, m, d] if year(y) => day_month(d, m),
         [a, b, y] if year(y) => day_month(a, b) || day_month(b, a),
         // A month name and two numbers: a day and a year.
