@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind as AcMatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind as AcMatchKind};
 use regex_automata::meta::Regex;
 use regex_automata::util::syntax;
 use regex_automata::{Anchored, Input, MatchKind, PatternID, PatternSet};
@@ -155,8 +155,10 @@ impl ContextWords {
             .flat_map(|&e| context_words(e).iter().map(move |&w| (e, w)))
             .collect();
         let words = (!pairs.is_empty()).then(|| {
+            // A DFA: it runs over a short window for every weak candidate.
             AhoCorasickBuilder::new()
                 .ascii_case_insensitive(true)
+                .kind(Some(AhoCorasickKind::DFA))
                 .build(pairs.iter().map(|(_, w)| w))
                 .expect("context words build an automaton")
         });
@@ -166,13 +168,14 @@ impl ContextWords {
         }
     }
 
-    /// Whether a context word of `entity` occurs in `window` as a whole word.
-    fn any(&self, entity: Entity, window: &[u8]) -> bool {
+    /// Whether a context word of `entity` (of any entity, for `None`) occurs in `window` as a
+    /// whole word.
+    fn any(&self, entity: Option<Entity>, window: &[u8]) -> bool {
         let Some(words) = &self.words else {
             return false;
         };
         words.find_overlapping_iter(window).any(|m| {
-            self.entities[m.pattern().as_usize()] == entity
+            entity.is_none_or(|e| self.entities[m.pattern().as_usize()] == e)
                 && !window[..m.start()]
                     .last()
                     .is_some_and(u8::is_ascii_alphanumeric)
@@ -207,25 +210,36 @@ impl Detector {
         let mut entities = entities.to_vec();
         entities.sort_unstable();
         entities.dedup();
-        let specs: Vec<&'static Spec> = SPECS
-            .iter()
-            .filter(|s| entities.contains(&s.entity))
-            .collect();
         let names = entities
             .contains(&Entity::Person)
             .then(|| regex::Regex::new(NAMES).expect("the name pattern compiles"));
-        Self {
-            scan: compile(&specs, MatchKind::LeftmostFirst),
-            overlapping: compile(&specs, MatchKind::All),
+        let detector = Self {
+            scan: None,
+            overlapping: None,
             context: ContextWords::new(&entities),
+            specs: Vec::new(),
             entities,
-            specs,
             thresholds: HashMap::new(),
             default_threshold: DEFAULT_THRESHOLD,
             allow: HashSet::new(),
             deny: None,
             names,
-        }
+        };
+        detector.compiled()
+    }
+
+    /// Compiles the enabled patterns, those that can reach their threshold without a context
+    /// word first: so when the pattern the scan reports at a place is weak, every pattern that
+    /// matches there is weak too, and without a context word nearby none can count.
+    fn compiled(mut self) -> Self {
+        let (strong, weak): (Vec<&'static Spec>, Vec<&'static Spec>) = SPECS
+            .iter()
+            .filter(|s| self.entities.contains(&s.entity))
+            .partition(|s| s.best >= self.threshold(s.entity));
+        self.specs = strong.into_iter().chain(weak).collect();
+        self.scan = compile(&self.specs, MatchKind::LeftmostFirst);
+        self.overlapping = compile(&self.specs, MatchKind::All);
+        self
     }
 
     /// The entities it finds.
@@ -238,14 +252,14 @@ impl Detector {
     #[must_use]
     pub fn with_threshold(mut self, entity: Entity, score: f32) -> Self {
         self.thresholds.insert(entity, score);
-        self
+        self.compiled()
     }
 
     /// The score every entity without a threshold of its own needs.
     #[must_use]
     pub fn with_default_threshold(mut self, score: f32) -> Self {
         self.default_threshold = score;
-        self
+        self.compiled()
     }
 
     /// Values never reported: exact values (compared without case, spaces or dashes, so a test
@@ -338,7 +352,7 @@ impl Detector {
         let boosted = score < threshold;
         if boosted {
             let window = &bytes[start.saturating_sub(CONTEXT_WINDOW)..start];
-            if score + CONTEXT_BOOST < threshold || !self.context.any(spec.entity, window) {
+            if score + CONTEXT_BOOST < threshold || !self.context.any(Some(spec.entity), window) {
                 return None;
             }
             score = (score + CONTEXT_BOOST).min(1.0);
@@ -429,6 +443,18 @@ impl Detector {
             if let Some((f, false)) = first {
                 found.push(f);
                 at = m.end();
+                continue;
+            }
+            let spec = self.specs[m.pattern().as_usize()];
+            if first.is_none()
+                && spec.best < self.threshold(spec.entity)
+                && !self
+                    .context
+                    .any(None, &bytes[start.saturating_sub(CONTEXT_WINDOW)..start])
+            {
+                // A weak pattern first means only weak ones match here, and no context word is
+                // near: nothing here can count.
+                at = start + 1;
                 continue;
             }
             let mut best = first.map(|(f, _)| (f, m.end()));

@@ -550,9 +550,9 @@ pub(crate) fn date(b: &[u8]) -> bool {
         if count == numbers.len() {
             return false;
         }
-        numbers[count] = part
-            .iter()
-            .fold(0u32, |a, &c| a.saturating_mul(10).saturating_add(u32::from(c - b'0')));
+        numbers[count] = part.iter().fold(0u32, |a, &c| {
+            a.saturating_mul(10).saturating_add(u32::from(c - b'0'))
+        });
         count += 1;
     }
     let numbers = &numbers[..count];
