@@ -102,6 +102,25 @@ def checks(url):
         )
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == text, streamed
+        # The Responses API too, streamed: the SDK's final response carries the originals.
+        deltas, final = "", None
+        for event in oa.responses.create(model="gpt-4o-mini", input=text, stream=True):
+            if event.type == "response.output_text.delta":
+                deltas += event.delta
+            if event.type == "response.completed":
+                final = event.response
+        assert deltas == text, deltas
+        assert final is not None and final.output_text == text, final
+
+    def anthropic_pii_round_trip():
+        text = "My IBAN is GB82 WEST 1234 5698 7654 32, phone +44 20 7946 0958"
+        with an.messages.stream(
+            model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": text}]
+        ) as stream:
+            streamed = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        assert streamed == text, streamed
+        assert final.content[0].text == text, final
 
     def anthropic_messages():
         m = an.messages.create(
@@ -133,6 +152,7 @@ def checks(url):
         openai_models,
         openai_error_shape,
         openai_pii_round_trip,
+        anthropic_pii_round_trip,
         anthropic_messages,
         anthropic_messages_stream,
     ]
