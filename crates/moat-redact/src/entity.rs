@@ -201,3 +201,34 @@ impl FromStr for Entity {
             .ok_or_else(|| format!("unknown entity `{s}`"))
     }
 }
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for Entity {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for Entity {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for e in Entity::ALL
+            .into_iter()
+            .chain([Entity::Person, Entity::Custom])
+        {
+            assert_eq!(e.to_string().parse::<Entity>(), Ok(e));
+        }
+        assert!("passport".parse::<Entity>().is_err());
+    }
+}

@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use moat_core::body::{read_llm_request, LlmBody, RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
-use moat_core::decision::{Decision, Decisions, Outcome};
+use moat_core::decision::{Decision, Decisions, Mode, Outcome};
 use moat_core::reject::{Protocol, Rejection};
 use moat_core::sse::SseDecoder;
 use moat_core::usage::BodyFormat;
@@ -33,6 +33,7 @@ pub struct RedactLayer {
     scrub: Option<Arc<Redactor>>,
     sessions: Option<Sessions>,
     restore: bool,
+    mode: Mode,
     body_limit: usize,
 }
 
@@ -44,6 +45,7 @@ impl RedactLayer {
             scrub: None,
             sessions: None,
             restore: true,
+            mode: Mode::Enforce,
             body_limit: DEFAULT_BODY_LIMIT,
         }
     }
@@ -60,6 +62,13 @@ impl RedactLayer {
     /// Default no.
     pub fn with_reply_side(mut self, scrub: bool) -> Self {
         self.scrub = scrub.then(|| Arc::new(self.redactor.redacting()));
+        self
+    }
+
+    /// In [`Mode::Shadow`], values are found, counted and recorded as a decision, but the request
+    /// goes out unchanged (to measure what redaction would do before turning it on).
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
         self
     }
 
@@ -161,31 +170,35 @@ where
                         }
                         None => SharedVault::default(),
                     };
+                    let shadow = layer.mode == Mode::Shadow;
                     let spans = llm.with(|r| {
                         let mut vault = lock(&vault);
                         let mut spans = 0;
                         for i in 0..r.segment_count() {
                             let Some(text) = r.text(i) else { continue };
-                            let redacted = layer.redactor.redact_str(text, &mut vault);
-                            if redacted.count > 0 {
-                                spans += redacted.count;
-                                let text = redacted.text.into_owned();
-                                r.set_text(i, text);
+                            let found = layer.redactor.detector().find(text);
+                            for f in &found {
+                                metrics::counter!("moat_redact_values_total", "entity" => f.entity.to_string(), "mode" => if shadow { "shadow" } else { "enforce" }).increment(1);
                             }
+                            spans += found.len();
+                            if shadow || found.is_empty() {
+                                continue;
+                            }
+                            let text = layer.redactor.replace(text, &found, &mut vault).text.into_owned();
+                            r.set_text(i, text);
                         }
                         spans
                     });
                     if spans > 0 {
-                        tracing::debug!(target: "moat::redact", spans, "redacted");
-                        Decisions::record(
-                            request.extensions(),
-                            Decision::new(
-                                "redact",
-                                Outcome::Rewritten {
-                                    spans: u32::try_from(spans).unwrap_or(u32::MAX),
-                                },
-                            ),
-                        );
+                        let spans = u32::try_from(spans).unwrap_or(u32::MAX);
+                        tracing::debug!(target: "moat::redact", spans, shadow, "redacted");
+                        let decision = if shadow {
+                            Decision::new("redact", Outcome::Allowed)
+                                .with_detail(format!("shadow: {spans} values would be redacted"))
+                        } else {
+                            Decision::new("redact", Outcome::Rewritten { spans })
+                        };
+                        Decisions::record(request.extensions(), decision);
                     }
                     (request, vault)
                 }
@@ -195,7 +208,7 @@ where
             let response = inner.call(req).await?;
             let rewriter = Rewriter {
                 redactor: layer.redactor.clone(),
-                scrub: layer.scrub.clone(),
+                scrub: layer.scrub.clone().filter(|_| layer.mode == Mode::Enforce),
                 vault,
                 restore: layer.restore,
             };

@@ -408,3 +408,49 @@ async fn sessions_keep_placeholders_across_turns_and_never_cross_tenants() {
     assert_eq!(status, 400);
     assert_eq!(mock.requests().len(), before);
 }
+
+#[tokio::test]
+async fn shadow_mode_counts_and_records_but_sends_the_prompt_unchanged() {
+    use moat_core::decision::{Decisions, Mode};
+
+    let mock = MockUpstream::start().await.unwrap();
+    let base = mock.url();
+    let decisions = Decisions::new();
+    let recorded = decisions.clone();
+    let svc = ServiceBuilder::new()
+        .map_request(move |mut req: Request<Full<Bytes>>| {
+            req.extensions_mut().insert(recorded.clone());
+            req
+        })
+        .layer(
+            RedactLayer::new(Redactor::new(&Entity::ALL))
+                .with_mode(Mode::Shadow)
+                .with_reply_side(true),
+        )
+        .service_fn(move |req| forward(base.clone(), req));
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": SECRET_TEXT}]});
+    let res = svc
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let v: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], SECRET_TEXT);
+    let seen = serde_json::to_string(&mock.requests()).unwrap();
+    assert!(
+        seen.contains("jane.doe@example.com"),
+        "shadow sends the prompt as it is"
+    );
+    let all = decisions.take();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].layer, "redact");
+    assert_eq!(
+        all[0].detail.as_deref(),
+        Some("shadow: 3 values would be redacted")
+    );
+}

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use http::HeaderName;
+use moat::core::decision::Mode;
 use moat::core::identity::Fingerprinter;
 use moat::redact::{Cipher, Detector, Entity, Operator, RedactLayer, Redactor, Sessions};
 use serde::Deserialize;
@@ -39,6 +40,9 @@ pub struct RedactConfig {
     /// Terms always redacted (whole words, any case).
     #[serde(default)]
     pub deny: Vec<String>,
+    /// `enforce` (default) or `shadow`: find and count, but send prompts unchanged.
+    #[serde(default)]
+    pub mode: Mode,
     /// One vault per conversation instead of per request.
     pub sessions: Option<SessionsConfig>,
 }
@@ -146,6 +150,7 @@ pub fn layer(
         redactor = redactor.with_operator_for(e, operator_named(op, "redact.operators")?);
     }
     let mut layer = RedactLayer::new(redactor)
+        .with_mode(config.mode)
         .with_restore(config.restore.unwrap_or(true))
         .with_reply_side(config.reply_side.unwrap_or(false));
     if let Some(s) = &config.sessions {

@@ -1135,3 +1135,29 @@ ttl_secs = 600
         assert!(e.message.contains(expect) && e.line.is_some(), "{bad}: {e}");
     }
 }
+
+#[tokio::test]
+async fn redaction_in_shadow_mode_sends_prompts_unchanged() {
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "[upstream]\nbase_url = \"{}/v1\"\n[redact]\nentities = [\"all\"]\nmode = \"shadow\"\n",
+        mock.url()
+    );
+    let gw = start(&config, &[]).await;
+    let text = "mail jane@example.com";
+    let res = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat(text, false)),
+    )
+    .await;
+    assert_eq!(res.json()["choices"][0]["message"]["content"], text);
+    assert_eq!(
+        mock.requests().last().unwrap().body["messages"][0]["content"],
+        text
+    );
+    let bad = config.replace("\"shadow\"", "\"loud\"");
+    assert!(Config::resolve(&bad, |_| None).is_err());
+}
