@@ -94,6 +94,14 @@
 //! tonic::transport::Server::builder().layer(layer).add_service(svc);
 //! ```
 //!
+//! # Shadow mode and observability
+//!
+//! [`RedactLayer::with_mode`]`(Mode::Shadow)` finds and counts but sends prompts unchanged, to
+//! see what redaction would do before turning it on. Every value found increments
+//! `moat_redact_values_total{entity, mode}`; a request with findings records a `redact`
+//! decision (`Rewritten { spans }`, or in shadow mode `Allowed` with the count in its detail).
+//! Values never appear in logs or metrics, only their kinds and counts.
+//!
 //! # Refusals
 //!
 //! A body over the limit is a 413, malformed JSON a 400 (OpenAI's error shape, or a gRPC status),
