@@ -238,9 +238,15 @@ def benign(f):
     return ", ".join(pieces[:5]) + "."
 
 
-def build(per):
+NAMES = {
+    "person": (ANY, lambda f: f.name(), ["My name is {v}.", "Dear {v}, thanks for the update.", "Signed, {v}"],
+               ["{v} will join the call."]),
+}
+
+
+def build(per, entities):
     samples = []  # (text, [(entity, start, end)], kind)
-    for entity, (locales, gen, with_context, without) in ENTITIES.items():
+    for entity, (locales, gen, with_context, without) in entities.items():
         for locale in locales or LOCALES:
             f = Faker(locale)
             f.seed_instance(zlib.crc32(f"{entity}/{locale}".encode()))
@@ -261,9 +267,10 @@ def build(per):
     return samples
 
 
-def scan(texts):
+def scan(texts, names=False):
     proc = subprocess.run(
-        ["cargo", "run", "--quiet", "--release", "-p", "moat-redact", "--example", "scan"],
+        ["cargo", "run", "--quiet", "--release", "-p", "moat-redact", "--example", "scan"]
+        + (["--", "--names"] if names else []),
         input="".join(json.dumps(t) + "\n" for t in texts), capture_output=True, text=True, cwd=ROOT,
     )
     if proc.returncode != 0:
@@ -276,10 +283,12 @@ def main():
     parser.add_argument("--per", type=int, default=150, help="values per entity and locale")
     parser.add_argument("--write", help="write the report (markdown) here")
     parser.add_argument("--misses", type=int, default=0, help="print this many misses per entity")
+    parser.add_argument("--names", action="store_true",
+                        help="evaluate names (opt-in) instead, with every other entity on too")
     args = parser.parse_args()
     random.seed(1)
-    samples = build(args.per)
-    results = scan([s[0] for s in samples])
+    samples = build(args.per, NAMES if args.names else ENTITIES)
+    results = scan([s[0] for s in samples], names=args.names)
 
     tp, fn, fp = defaultdict(int), defaultdict(int), defaultdict(int)
     by_kind = defaultdict(lambda: [0, 0])  # (entity, kind) -> [found, total]
@@ -343,7 +352,7 @@ def main():
         path = os.path.join(ROOT, args.write)
         with open(path) as fh:
             doc = fh.read()
-        begin, end = "<!-- results -->", "<!-- /results -->"
+        begin, end = ("<!-- names -->", "<!-- /names -->") if args.names else ("<!-- results -->", "<!-- /results -->")
         doc = doc[: doc.index(begin) + len(begin)] + "\n" + "\n".join(report) + "\n" + doc[doc.index(end):]
         with open(path, "w") as fh:
             fh.write(doc)

@@ -187,10 +187,11 @@ impl ContextWords {
 /// Names after an introduction or a title, or a common first name followed by a surname.
 const NAMES: &str = r"(?x)
     (?:
-        \b(?:[Mm]y\ name\ is|[Mm]y\ name's|[Nn]ame:|[Cc]ontact\ person:?|[Dd]ear|[Ss]incerely,?|
+        (?:\b(?:[Mm]y\ name\ is|[Mm]y\ name's|[Nn]ame:|[Cc]ontact\ person:?|[Dd]ear|[Ss]incerely,?|
            [Rr]egards,?|[Ss]igned,?|[Jj]e\ m'appelle|[Jj]e\ suis|[Ii]ch\ heiße|[Ii]ch\ heisse|
            [Mm]ein\ Name\ ist|[Mm]i\ chiamo|[Mm]e\ llamo|[Mm]i\ nombre\ es|[Mm]eu\ nome\ é|
-           [Nn]azywam\ się|[Mm]ijn\ naam\ is|[Ii]k\ ben)\s+
+           [Nn]azywam\ się|[Mm]ijn\ naam\ is|[Ii]k\ ben)\s*|我叫|我的名字是|私の名前は|私は)
+        (?:(?:[Mm]r|[Mm]rs|[Mm]s|[Dd]r|[Pp]rof|[Hh]err|[Ff]rau|[Pp]an|[Pp]ani|[Ss]r|[Ss]ra|[Dd]hr|[Mm]evr)\.?\s+)?
       | \b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Dame|Herr|Frau|Mme|Mlle|Sig|Sra|Srta|Sr|Pan|Pani|Dhr|Mevr)\.?\s+
       | \b(?P<first>James|John|Robert|Michael|William|David|Richard|Joseph|Thomas|Charles|Mary|
            Patricia|Jennifer|Linda|Elizabeth|Barbara|Susan|Jessica|Sarah|Karen|Emma|Olivia|Sophie|
@@ -202,7 +203,8 @@ const NAMES: &str = r"(?x)
            Haruto|Sakura|Mohammed|Ahmed|Fatima|Ali|Omar|Aisha|Emily|Michelle|Andrew|Peter|
            Jane|Alice|Bob|Eve|Laura|Julia|Nina|Ivan|Olga|Dmitri)\s+
     )
-    (?P<name>\p{Lu}[\p{Ll}'’]+(?:[\ -]\p{Lu}[\p{Ll}'’]+){0,2})";
+    (?P<name>\p{Lu}[\p{Ll}'’]+(?:[\ -]\p{Lu}[\p{Ll}'’]+){0,2}
+      |[\p{Han}\p{Hiragana}\p{Katakana}]{1,4}(?:[\ \x{3000}]?[\p{Han}\p{Hiragana}\p{Katakana}]{1,4})?)";
 
 impl Detector {
     /// A detector for these entities, each kept at [`DEFAULT_THRESHOLD`].
@@ -800,6 +802,13 @@ mod tests {
                 (Entity::Person, "Zoë Müller-Lüdenscheidt".to_owned()),
                 (Entity::Person, "Okafor".to_owned()),
                 (Entity::Person, "James Smith".to_owned()),
+            ]
+        );
+        assert_eq!(
+            found(&names, "Dear pani Anastazja Mularz, 我叫王秀英。"),
+            vec![
+                (Entity::Person, "Anastazja Mularz".to_owned()),
+                (Entity::Person, "王秀英".to_owned()),
             ]
         );
     }
