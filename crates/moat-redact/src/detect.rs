@@ -8,14 +8,19 @@
 //! deny list are always found, and names (opt-in) come from a Unicode pattern of their own.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind as AcMatchKind};
 use regex_automata::meta::Regex;
 use regex_automata::util::syntax;
-use regex_automata::{Anchored, Input, MatchKind, PatternID, PatternSet};
+use regex_automata::{Anchored, Input, MatchKind, PatternSet};
 
 use crate::entity::Entity;
 use crate::patterns::{context_words, Spec, CONTEXT_BOOST, CONTEXT_WINDOW, SPECS};
+
+/// The longest value a context-only pattern matches (a grouped phone number with an
+/// extension); a zone after a context word reaches this far past the context window.
+const MAX_WEAK_VALUE: usize = 48;
 
 /// The score a finding needs by default (Presidio's usual threshold).
 pub const DEFAULT_THRESHOLD: f32 = 0.5;
@@ -48,11 +53,11 @@ pub struct Finding {
 /// ```
 pub struct Detector {
     entities: Vec<Entity>,
-    specs: Vec<&'static Spec>,
-    /// Leftmost-first over every enabled pattern: the scan.
-    scan: Option<Regex>,
-    /// Every pattern matching at a place, for when the first one fails its check.
-    overlapping: Option<Regex>,
+    /// The patterns that can count on their own, and markers for the context words of the rest:
+    /// the one pass over the whole text.
+    strong: Option<Engine>,
+    /// The patterns that count only after a context word, run only near one.
+    weak: Option<Engine>,
     /// Every context word of the enabled entities, found in one pass over a window.
     context: ContextWords,
     thresholds: HashMap<Entity, f32>,
@@ -74,17 +79,72 @@ impl std::fmt::Debug for Detector {
     }
 }
 
-fn compile(specs: &[&Spec], kind: MatchKind) -> Option<Regex> {
-    if specs.is_empty() {
-        return None;
+/// One compiled set of patterns: `specs`, then (in the strong engine) one marker per
+/// context-only entity that matches its context words.
+struct Engine {
+    specs: Vec<&'static Spec>,
+    markers: Vec<Entity>,
+    /// Leftmost-first: the scan.
+    scan: Regex,
+    /// Every pattern matching at a place, for when the first one fails its check.
+    overlapping: Regex,
+}
+
+/// A regex source matching `byte` literally in bytes mode.
+fn escape_byte(out: &mut String, byte: u8) {
+    if byte.is_ascii_alphanumeric() || byte == b' ' {
+        out.push(char::from(byte));
+    } else {
+        out.push_str(&format!("\\x{byte:02X}"));
     }
-    let patterns: Vec<&str> = specs.iter().map(|s| s.pattern).collect();
-    let regex = Regex::builder()
-        .syntax(syntax::Config::new().utf8(false))
-        .configure(Regex::config().match_kind(kind))
-        .build_many(&patterns)
-        .expect("the built-in patterns compile");
-    Some(regex)
+}
+
+/// A pattern for the context words of `entity`: ASCII case-insensitive, whole words where they
+/// start or end with an ASCII letter or digit.
+fn marker(entity: Entity) -> String {
+    let mut out = String::from("(?-u)(?i:");
+    for (i, word) in context_words(entity).iter().enumerate() {
+        if i > 0 {
+            out.push('|');
+        }
+        let bytes = word.as_bytes();
+        if bytes.first().is_some_and(u8::is_ascii_alphanumeric) {
+            out.push_str("\\b");
+        }
+        bytes.iter().for_each(|&b| escape_byte(&mut out, b));
+        if bytes.last().is_some_and(u8::is_ascii_alphanumeric) {
+            out.push_str("\\b");
+        }
+    }
+    out.push(')');
+    out
+}
+
+impl Engine {
+    fn new(specs: Vec<&'static Spec>, markers: Vec<Entity>) -> Option<Self> {
+        if specs.is_empty() && markers.is_empty() {
+            return None;
+        }
+        let marker_patterns: Vec<String> = markers.iter().map(|&e| marker(e)).collect();
+        let patterns: Vec<&str> = specs
+            .iter()
+            .map(|s| s.pattern)
+            .chain(marker_patterns.iter().map(String::as_str))
+            .collect();
+        let build = |kind| {
+            Regex::builder()
+                .syntax(syntax::Config::new().utf8(false))
+                .configure(Regex::config().match_kind(kind))
+                .build_many(&patterns)
+                .expect("the built-in patterns compile")
+        };
+        Some(Self {
+            scan: build(MatchKind::LeftmostFirst),
+            overlapping: build(MatchKind::All),
+            specs,
+            markers,
+        })
+    }
 }
 
 /// What an allow-list entry and a found value are compared as: lowercase, without spaces,
@@ -216,10 +276,9 @@ impl Detector {
             .contains(&Entity::Person)
             .then(|| regex::Regex::new(NAMES).expect("the name pattern compiles"));
         let detector = Self {
-            scan: None,
-            overlapping: None,
+            strong: None,
+            weak: None,
             context: ContextWords::new(&entities),
-            specs: Vec::new(),
             entities,
             thresholds: HashMap::new(),
             default_threshold: DEFAULT_THRESHOLD,
@@ -230,17 +289,24 @@ impl Detector {
         detector.compiled()
     }
 
-    /// Compiles the enabled patterns, those that can reach their threshold without a context
-    /// word first: so when the pattern the scan reports at a place is weak, every pattern that
-    /// matches there is weak too, and without a context word nearby none can count.
+    /// Compiles the enabled patterns in two sets. Those that can reach their threshold without a
+    /// context word are scanned for everywhere, together with markers for the context words of
+    /// the entities whose patterns cannot; those (bare digit runs, dates) are then looked for
+    /// only just after such a word. Number-heavy text without context words never runs them.
     fn compiled(mut self) -> Self {
         let (strong, weak): (Vec<&'static Spec>, Vec<&'static Spec>) = SPECS
             .iter()
             .filter(|s| self.entities.contains(&s.entity))
             .partition(|s| s.best >= self.threshold(s.entity));
-        self.specs = strong.into_iter().chain(weak).collect();
-        self.scan = compile(&self.specs, MatchKind::LeftmostFirst);
-        self.overlapping = compile(&self.specs, MatchKind::All);
+        let weak: Vec<&'static Spec> = weak
+            .into_iter()
+            .filter(|s| s.best + CONTEXT_BOOST >= self.threshold(s.entity))
+            .filter(|s| !context_words(s.entity).is_empty())
+            .collect();
+        let mut markers: Vec<Entity> = weak.iter().map(|s| s.entity).collect();
+        markers.dedup();
+        self.strong = Engine::new(strong, markers);
+        self.weak = Engine::new(weak, Vec::new());
         self
     }
 
@@ -336,14 +402,7 @@ impl Detector {
 
     /// Scores one candidate the scan found: the finding and whether it needed a context word, or
     /// `None` when it does not count.
-    fn judge(
-        &self,
-        text: &str,
-        pid: PatternID,
-        start: usize,
-        end: usize,
-    ) -> Option<(Finding, bool)> {
-        let spec = self.specs[pid.as_usize()];
+    fn judge(&self, text: &str, spec: &Spec, start: usize, end: usize) -> Option<(Finding, bool)> {
         let bytes = text.as_bytes();
         let matched = &bytes[start..end];
         let mut score = (spec.score)(matched)?;
@@ -376,23 +435,34 @@ impl Detector {
     /// Every entity found in `text`, in order, without overlaps (the earlier, then the longer,
     /// wins).
     pub fn find(&self, text: &str) -> Vec<Finding> {
-        let mut found = Vec::new();
-        if let (Some(scan), Some(overlapping)) = (&self.scan, &self.overlapping) {
-            self.scan(text, scan, overlapping, &mut found);
+        // Each finding with whether it needed a context word.
+        let mut found: Vec<(Finding, bool)> = Vec::new();
+        let mut zones = Vec::new();
+        if let Some(strong) = &self.strong {
+            self.scan(text, strong, 0..text.len(), &mut found, &mut zones);
         }
-        let extra = self.deny.is_some() || self.names.is_some();
+        let mut extra = false;
+        if let (Some(weak), false) = (&self.weak, zones.is_empty()) {
+            let before = found.len();
+            for zone in merged(zones) {
+                self.scan(text, weak, zone, &mut found, &mut Vec::new());
+            }
+            extra = found.len() > before;
+        }
+        extra |= self.deny.is_some() || self.names.is_some();
         if let Some(deny) = &self.deny {
             let bytes = text.as_bytes();
             for m in deny.find_iter(text) {
                 let inside_word = m.start() > 0 && bytes[m.start() - 1].is_ascii_alphanumeric()
                     || bytes.get(m.end()).is_some_and(u8::is_ascii_alphanumeric);
                 if !inside_word {
-                    found.push(Finding {
+                    let finding = Finding {
                         entity: Entity::Custom,
                         start: m.start(),
                         end: m.end(),
                         score: 1.0,
-                    });
+                    };
+                    found.push((finding, false));
                 }
             }
         }
@@ -407,47 +477,70 @@ impl Detector {
                     None => (name.start(), 0.85),
                 };
                 if score >= threshold && !self.allowed(Entity::Person, &text[start..name.end()]) {
-                    found.push(Finding {
+                    let finding = Finding {
                         entity: Entity::Person,
                         start,
                         end: name.end(),
                         score,
-                    });
+                    };
+                    found.push((finding, false));
                 }
             }
         }
         if extra {
-            found.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
+            // The earlier wins; at one place, one that counts on its own, then the higher
+            // score, then the longer.
+            found.sort_by(|(a, a_boosted), (b, b_boosted)| {
+                a.start
+                    .cmp(&b.start)
+                    .then(a_boosted.cmp(b_boosted))
+                    .then(b.score.total_cmp(&a.score))
+                    .then(b.end.cmp(&a.end))
+            });
             let mut kept: Vec<Finding> = Vec::with_capacity(found.len());
-            for f in found {
+            for (f, _) in found {
                 if kept.last().is_none_or(|last| f.start >= last.end) {
                     kept.push(f);
                 }
             }
-            found = kept;
+            return kept;
         }
-        found
+        found.into_iter().map(|(f, _)| f).collect()
     }
 
-    /// The one pass: the leftmost candidate of any pattern. When it fails its check, or counts
-    /// only thanks to a context word, the other patterns matching at the same place are judged
-    /// too and the highest score (then the longest match) wins; then on from there.
-    fn scan(&self, text: &str, scan: &Regex, overlapping: &Regex, found: &mut Vec<Finding>) {
+    /// One pass of `engine` over `range`: the leftmost candidate of any pattern. When it fails
+    /// its check, or counts only thanks to a context word, the other patterns matching at the
+    /// same place are judged too and the highest score (then the longest match) wins; then on
+    /// from there. A marker (a context word) opens a zone for the weak patterns in `zones`.
+    fn scan(
+        &self,
+        text: &str,
+        engine: &Engine,
+        range: Range<usize>,
+        found: &mut Vec<(Finding, bool)>,
+        zones: &mut Vec<Range<usize>>,
+    ) {
         let bytes = text.as_bytes();
-        let mut at = 0;
-        let mut others = PatternSet::new(self.specs.len());
-        while at < bytes.len() {
-            let Some(m) = scan.search(&Input::new(bytes).range(at..)) else {
+        let mut at = range.start;
+        let mut others = PatternSet::new(engine.specs.len() + engine.markers.len());
+        while at < range.end {
+            let Some(m) = engine.scan.search(&Input::new(bytes).range(at..range.end)) else {
                 break;
             };
             let start = m.start();
-            let first = self.judge(text, m.pattern(), start, m.end());
+            let Some(&spec) = engine.specs.get(m.pattern().as_usize()) else {
+                // A context word: a value it names starts within the window after it.
+                let end = (start + CONTEXT_WINDOW + MAX_WEAK_VALUE).min(bytes.len());
+                zones.push(m.end()..end);
+                at = start + 1;
+                continue;
+            };
+            let first = self.judge(text, spec, start, m.end());
             if let Some((f, false)) = first {
-                found.push(f);
+                found.push((f, false));
                 at = m.end();
                 continue;
             }
-            let spec = self.specs[m.pattern().as_usize()];
             if first.is_none()
                 && spec.best < self.threshold(spec.entity)
                 && !self
@@ -459,22 +552,27 @@ impl Detector {
                 at = start + 1;
                 continue;
             }
-            let mut best = first.map(|(f, _)| (f, m.end()));
+            let mut best = first.map(|f| (f, m.end()));
             others.clear();
-            overlapping.which_overlapping_matches(
-                &Input::new(bytes).range(start..).anchored(Anchored::Yes),
+            engine.overlapping.which_overlapping_matches(
+                &Input::new(bytes)
+                    .range(start..range.end)
+                    .anchored(Anchored::Yes),
                 &mut others,
             );
             for pid in others.iter().filter(|&p| p != m.pattern()) {
-                let input = Input::new(bytes)
-                    .range(start..)
-                    .anchored(Anchored::Pattern(pid));
-                let Some(alt) = scan.search(&input) else {
+                let Some(&alt_spec) = engine.specs.get(pid.as_usize()) else {
                     continue;
                 };
-                if let Some((f, _)) = self.judge(text, pid, start, alt.end()) {
-                    let better = best.is_none_or(|(b, end)| {
-                        f.score > b.score || (f.score == b.score && alt.end() > end)
+                let input = Input::new(bytes)
+                    .range(start..range.end)
+                    .anchored(Anchored::Pattern(pid));
+                let Some(alt) = engine.scan.search(&input) else {
+                    continue;
+                };
+                if let Some(f) = self.judge(text, alt_spec, start, alt.end()) {
+                    let better = best.is_none_or(|((b, _), end)| {
+                        f.0.score > b.score || (f.0.score == b.score && alt.end() > end)
                     });
                     if better {
                         best = Some((f, alt.end()));
@@ -490,6 +588,19 @@ impl Detector {
             }
         }
     }
+}
+
+/// Overlapping zones joined, in order.
+fn merged(mut zones: Vec<Range<usize>>) -> Vec<Range<usize>> {
+    zones.sort_unstable_by_key(|z| z.start);
+    let mut out: Vec<Range<usize>> = Vec::with_capacity(zones.len());
+    for z in zones {
+        match out.last_mut() {
+            Some(last) if z.start <= last.end => last.end = last.end.max(z.end),
+            _ => out.push(z),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -889,6 +1000,34 @@ mod tests {
                 last_end = f.end;
             }
         }
+    }
+
+    #[test]
+    fn context_only_shapes_count_just_after_their_words() {
+        // A strong finding keeps its kind even with another entity's context word near.
+        assert_eq!(
+            all("call the server at 215.86.84.150"),
+            one(Entity::IpAddress, "215.86.84.150")
+        );
+        // The word must come at most 64 bytes before the value.
+        let near = "phone: see below, 912 345 678";
+        assert_eq!(all(near), one(Entity::Phone, "912 345 678"));
+        let far = format!("phone: {} 912 345 678", "x ".repeat(40));
+        assert!(all(&far).is_empty(), "{far}");
+        // Several values after one word.
+        assert_eq!(
+            all("Phone: 912 345 678 or 913 456 789"),
+            vec![
+                (Entity::Phone, "912 345 678".to_owned()),
+                (Entity::Phone, "913 456 789".to_owned())
+            ]
+        );
+        // A lowered threshold makes the shape count anywhere (it is then scanned everywhere).
+        let lenient = Detector::new(&[Entity::Phone]).with_threshold(Entity::Phone, 0.3);
+        assert_eq!(
+            found(&lenient, "ref 912 345 678"),
+            one(Entity::Phone, "912 345 678")
+        );
     }
 
     #[test]
