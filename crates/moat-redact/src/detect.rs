@@ -444,7 +444,9 @@ impl Detector {
         let mut extra = false;
         if let (Some(weak), false) = (&self.weak, zones.is_empty()) {
             let before = found.len();
-            for zone in merged(zones) {
+            // What strong findings cover is settled: the zones are only the gaps between them.
+            let covered: Vec<Range<usize>> = found.iter().map(|(f, _)| f.start..f.end).collect();
+            for zone in uncovered(merged(zones), &covered) {
                 self.scan(text, weak, zone, &mut found, &mut Vec::new());
             }
             extra = found.len() > before;
@@ -588,6 +590,27 @@ impl Detector {
             }
         }
     }
+}
+
+/// The parts of `zones` outside `covered` (both in order, `covered` without overlaps).
+fn uncovered(zones: Vec<Range<usize>>, covered: &[Range<usize>]) -> Vec<Range<usize>> {
+    let mut out = Vec::with_capacity(zones.len());
+    for zone in zones {
+        let mut from = zone.start;
+        for c in covered
+            .iter()
+            .filter(|c| c.end > zone.start && c.start < zone.end)
+        {
+            if c.start > from {
+                out.push(from..c.start);
+            }
+            from = from.max(c.end);
+        }
+        if from < zone.end {
+            out.push(from..zone.end);
+        }
+    }
+    out
 }
 
 /// Overlapping zones joined, in order.
