@@ -1,11 +1,14 @@
 //! Finding entities in text: one pass of one automaton, then checksums, scores and lists.
 //!
-//! Every enabled pattern (see `patterns`) is compiled into one lazy DFA over bytes, so the text
-//! is read once whatever the number of entities, at hundreds of MB/s. Patterns are ASCII-only:
-//! text around them may be any UTF-8, and a match never splits a character. A candidate is then
-//! checked (checksums, ranges), scored (a context word before it raises a weak match), and kept
-//! when its score reaches its entity's threshold and it is not on the allow list. Terms on the
-//! deny list are always found, and names (opt-in) come from a Unicode pattern of their own.
+//! The enabled patterns (see `patterns`) are compiled into one lazy DFA over bytes, so the text
+//! is read once whatever the number of entities, at hundreds of MB/s. Shapes that count only
+//! after a context word (bare digit runs, dates) are left out of that pass: it matches their
+//! context words instead, and they are looked for only in the short zone after one. Patterns
+//! match ASCII (or whole UTF-8 characters): text around them may be any UTF-8, and a match never
+//! splits a character. A candidate is then checked (checksums, ranges), scored (a context word
+//! before it raises a weak match), and kept when its score reaches its entity's threshold and it
+//! is not on the allow list. Terms on the deny list are always found, and names (opt-in) come
+//! from a Unicode pattern of their own.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
