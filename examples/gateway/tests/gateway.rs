@@ -899,14 +899,21 @@ async fn two_gateways_share_budgets_in_redis() {
     assert!(seen > 0, "gateway b sees what went through gateway a");
 }
 
-#[tokio::test]
-async fn personal_data_never_reaches_the_upstream_and_comes_back() {
+/// A gateway with `[redact]` on every entity (and `extra` lines in that table) in front of a
+/// fresh mock upstream.
+async fn redacting_gateway(extra: &str) -> (MockUpstream, Running) {
     let mock = MockUpstream::start().await.unwrap();
     let config = format!(
-        "[upstream]\nbase_url = \"{}/v1\"\n[redact]\nentities = [\"all\"]\n",
+        "[upstream]\nbase_url = \"{}/v1\"\n[redact]\nentities = [\"all\"]\n{extra}\n",
         mock.url()
     );
     let gw = start(&config, &[]).await;
+    (mock, gw)
+}
+
+#[tokio::test]
+async fn personal_data_never_reaches_the_upstream_and_comes_back() {
+    let (mock, gw) = redacting_gateway("").await;
     let text = "My card is 4111 1111 1111 1111 and my email jane@example.com";
     let plain = call(
         &gw.url,
@@ -1138,12 +1145,7 @@ ttl_secs = 600
 
 #[tokio::test]
 async fn redaction_in_shadow_mode_sends_prompts_unchanged() {
-    let mock = MockUpstream::start().await.unwrap();
-    let config = format!(
-        "[upstream]\nbase_url = \"{}/v1\"\n[redact]\nentities = [\"all\"]\nmode = \"shadow\"\n",
-        mock.url()
-    );
-    let gw = start(&config, &[]).await;
+    let (mock, gw) = redacting_gateway("mode = \"shadow\"").await;
     let text = "mail jane@example.com";
     let res = call(
         &gw.url,
@@ -1158,6 +1160,9 @@ async fn redaction_in_shadow_mode_sends_prompts_unchanged() {
         mock.requests().last().unwrap().body["messages"][0]["content"],
         text
     );
-    let bad = config.replace("\"shadow\"", "\"loud\"");
+    let bad = format!(
+        "[upstream]\nbase_url = \"{}/v1\"\n[redact]\nentities = [\"all\"]\nmode = \"loud\"\n",
+        mock.url()
+    );
     assert!(Config::resolve(&bad, |_| None).is_err());
 }
