@@ -473,3 +473,106 @@ mod tests {
         assert!(sent >= 100 * 100 - MAX_CARRY);
     }
 }
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+    use crate::Entity;
+    use moat_core::sse::SseDecoder;
+
+    fn rewriter(vault: Vault) -> Rewriter {
+        Rewriter {
+            redactor: Arc::new(Redactor::new(&Entity::ALL)),
+            scrub: None,
+            vault: Arc::new(std::sync::Mutex::new(vault)),
+            restore: true,
+        }
+    }
+
+    /// Runs events through a rewriter and decodes what comes out.
+    fn rewrite(rewriter: &Rewriter, events: &[(&str, Value)]) -> Vec<Value> {
+        let mut streams = Streams::default();
+        let mut out = BytesMut::new();
+        for (name, data) in events {
+            let event = SseEvent::new(Some(name), &data.to_string());
+            out.extend_from_slice(&rewriter.event(&mut streams, &event));
+        }
+        out.extend_from_slice(&rewriter.held(&mut streams));
+        let mut decoder = SseDecoder::new();
+        decoder
+            .decode(&out)
+            .unwrap()
+            .iter()
+            .filter_map(SseEvent::json)
+            .collect()
+    }
+
+    #[test]
+    fn responses_function_call_arguments_are_restored_as_json() {
+        let mut vault = Vault::new();
+        let r = Redactor::new(&Entity::ALL);
+        let sent = r.redact_str("to \"Jane\" <jane@example.com>", &mut vault);
+        assert_eq!(sent.text, "to \"Jane\" <[EMAIL_1]>");
+        let rw = rewriter(vault);
+        let delta = |d: &str| json!({"type": "response.function_call_arguments.delta", "output_index": 1, "delta": d});
+        let events = rewrite(
+            &rw,
+            &[
+                (
+                    "response.function_call_arguments.delta",
+                    delta("{\"to\":\"[EM"),
+                ),
+                ("response.function_call_arguments.delta", delta("AIL_1]\"}")),
+                (
+                    "response.function_call_arguments.done",
+                    json!({"type": "response.function_call_arguments.done", "output_index": 1, "arguments": "{\"to\":\"[EMAIL_1]\"}"}),
+                ),
+            ],
+        );
+        let streamed: String = events
+            .iter()
+            .filter(|e| e["type"] == "response.function_call_arguments.delta")
+            .map(|e| e["delta"].as_str().unwrap())
+            .collect();
+        let args: Value = serde_json::from_str(&streamed).unwrap();
+        assert_eq!(args["to"], "jane@example.com");
+        let done = events.last().unwrap();
+        let args: Value = serde_json::from_str(done["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args["to"], "jane@example.com");
+    }
+
+    #[test]
+    fn anthropic_text_held_at_a_block_stop_comes_out_before_it() {
+        let mut vault = Vault::new();
+        let _ = Redactor::new(&Entity::ALL).redact_str("jane@example.com", &mut vault);
+        let rw = rewriter(vault);
+        let events = rewrite(
+            &rw,
+            &[
+                (
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi [EMAIL_1"}}),
+                ),
+                (
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 0}),
+                ),
+            ],
+        );
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop"
+            ]
+        );
+        // An unclosed placeholder is not a placeholder: it comes out as written.
+        let text: String = events[..2]
+            .iter()
+            .map(|e| e["delta"]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, "Hi [EMAIL_1");
+    }
+}

@@ -454,3 +454,23 @@ async fn shadow_mode_counts_and_records_but_sends_the_prompt_unchanged() {
         Some("shadow: 3 values would be redacted")
     );
 }
+
+#[tokio::test]
+async fn legacy_completions_json_and_streams_are_restored() {
+    let mock = MockUpstream::start().await.unwrap();
+    let body = json!({"model": "m", "prompt": SECRET_TEXT});
+    let (_, bytes) = send(&mock, "/v1/completions", body.clone(), &[]).await;
+    assert_upstream_saw_no_raw_values(&mock);
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v["choices"][0]["text"], SECRET_TEXT);
+    let mut streaming = body;
+    streaming["stream"] = json!(true);
+    let (_, bytes) = send(
+        &mock,
+        "/v1/completions",
+        streaming,
+        &[("x-mock-chunk-chars", "2")],
+    )
+    .await;
+    assert_eq!(streamed_text(&bytes).0, SECRET_TEXT);
+}
