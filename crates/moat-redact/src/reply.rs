@@ -410,6 +410,11 @@ impl Rewriter {
         self.json(&mut doc).then(|| Bytes::from(doc.to_string()))
     }
 
+    /// Whether replies are scrubbed of new values.
+    pub(crate) fn scrubs(&self) -> bool {
+        self.scrub.is_some()
+    }
+
     /// Whether the rewriter would change nothing (no scrubbing, nothing to restore).
     pub(crate) fn is_noop(&self) -> bool {
         self.scrub.is_none() && (!self.restore || lock(&self.vault).is_empty())

@@ -22,7 +22,8 @@ use crate::session::{lock, Sessions, SharedVault, MAX_CONVERSATION_ID};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The largest JSON reply restored whole (8 MiB); larger replies pass through unrestored.
+/// The largest JSON reply restored whole (8 MiB); larger replies pass through unrestored, or,
+/// with reply-side redaction on, are cut off rather than passed unscrubbed.
 const MAX_JSON: usize = 8 * 1024 * 1024;
 
 /// Redacts prompts and restores replies. Clones share one [`Redactor`] and one [`Sessions`].
@@ -320,8 +321,23 @@ where
             match (&mut *this.kind, polled) {
                 (Kind::Passthrough, polled) => return Poll::Ready(polled),
                 (_, Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                (Kind::Json { buf, overflow, .. }, Some(Ok(frame))) => match frame.into_data() {
+                (
+                    Kind::Json {
+                        buf,
+                        overflow,
+                        rewriter,
+                    },
+                    Some(Ok(frame)),
+                ) => match frame.into_data() {
                     Ok(data) if *overflow => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(data) if buf.len() + data.len() > MAX_JSON && rewriter.scrubs() => {
+                        // Too large to scrub: end the body rather than let unscrubbed values
+                        // through (the client sees a truncated reply).
+                        tracing::warn!(target: "moat::redact", limit = MAX_JSON, "reply too large to scrub; ended");
+                        buf.clear();
+                        this.inner.set(None);
+                        return Poll::Ready(None);
+                    }
                     Ok(data) if buf.len() + data.len() > MAX_JSON => {
                         // Too large to restore: send what was held and the rest as it comes.
                         *overflow = true;

@@ -474,3 +474,48 @@ async fn legacy_completions_json_and_streams_are_restored() {
     .await;
     assert_eq!(streamed_text(&bytes).0, SECRET_TEXT);
 }
+
+#[tokio::test]
+async fn a_reply_too_large_to_scrub_is_cut_off_not_passed() {
+    // 9 MiB of JSON with a new email at the end: over the 8 MiB the layer buffers.
+    let big = format!(
+        "{{\"choices\":[{{\"message\":{{\"content\":\"{} bob@evil.example\"}}}}]}}",
+        "a".repeat(9 << 20)
+    );
+    let upstream = move |_req: Request<RequestBody<Full<Bytes>>>| {
+        let big = big.clone();
+        async move {
+            Ok::<_, BoxError>(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(big)))
+                    .unwrap(),
+            )
+        }
+    };
+    for reply_side in [true, false] {
+        let svc = ServiceBuilder::new()
+            .layer(RedactLayer::new(Redactor::new(&Entity::ALL)).with_reply_side(reply_side))
+            .service_fn(upstream.clone());
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": SECRET_TEXT}]});
+        let res = svc
+            .oneshot(
+                Request::post("/v1/chat/completions")
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let leaked = bytes.windows(16).any(|w| w == b"bob@evil.example");
+        if reply_side {
+            assert!(
+                !leaked && bytes.len() < 9 << 20,
+                "cut off, not passed unscrubbed"
+            );
+        } else {
+            assert!(leaked && bytes.len() > 9 << 20, "passed through whole");
+        }
+    }
+}
