@@ -156,6 +156,33 @@ def api_key(f):
     ])()
 
 
+def b64url(raw: bytes) -> str:
+    import base64
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def jwt(f):
+    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = b64url(json.dumps({"sub": f.uuid4(), "name": f.name(), "iat": f.random.randrange(10**9, 2 * 10**9)}).encode())
+    return f"{header}.{payload}.{b64url(bytes(f.random.randrange(256) for _ in range(32)))}"
+
+
+def private_key(f):
+    import base64
+    body = base64.b64encode(bytes(f.random.randrange(256) for _ in range(180))).decode()
+    lines = "\n".join(body[i:i + 64] for i in range(0, len(body), 64))
+    kind = f.random.choice(["RSA ", "EC ", "OPENSSH ", ""])
+    return f"-----BEGIN {kind}PRIVATE KEY-----\n{lines}\n-----END {kind}PRIVATE KEY-----"
+
+
+def password(f):
+    return f.password(length=f.random.randrange(10, 20), special_chars=False)
+
+
+def secret(f):
+    return "".join(f.random.choice(string.ascii_letters + string.digits) for _ in range(f.random.randrange(24, 48)))
+
+
 def url_credentials(f):
     password = "".join(f.random.choice(string.ascii_letters + string.digits + "!$*") for _ in range(12))
     return f"{f.random.choice(['postgres', 'https', 'redis', 'mysql'])}://{f.user_name()}:{password}@{f.domain_name()}"
@@ -189,6 +216,11 @@ ENTITIES = {
     "date_of_birth": (ANY, date_of_birth, ["I was born on {v}.", "DOB: {v}", "Date of birth: {v}"], []),
     "api_key": (ANY, api_key, ["Here is the key: {v}"], ["Use {v} for the staging bot."]),
     "url_credentials": (ANY, url_credentials, ["Connect with {v} please."], ["{v}"]),
+    "jwt": (ANY, jwt, ["Authorization token: {v}"], ["Use {v} for the test."]),
+    "private_key": (ANY, private_key, ["Here is my key:\n{v}\nthanks."], ["{v}"]),
+    # The keyword is the context: it is part of what makes these secrets.
+    "password": (ANY, password, ["Server=db;User Id=app;Password={v};", "my password is {v}", "PASSWORD={v}"], []),
+    "secret": (ANY, secret, ["export API_KEY={v}", "client_secret: \"{v}\"", "Authorization: Bearer {v}"], []),
     "ssn": (["en_US"], lambda f: f.ssn(), ["My SSN is {v}.", "Social security number {v}."],
             ["Applicant {v} was approved."]),
     "uk_nino": (["en_GB"], nino, ["My national insurance number is {v}.", "NINO: {v}"],

@@ -513,6 +513,30 @@ impl Detector {
         found.into_iter().map(|(f, _)| f).collect()
     }
 
+    /// A value after a keyword (`token: eyJ…`, `API_KEY=sk-…`) that is itself a more specific
+    /// kind (a JWT, a provider key) is reported as that kind, with where its match ends.
+    fn more_specific(
+        &self,
+        text: &str,
+        engine: &Engine,
+        found: &Finding,
+        limit: usize,
+    ) -> Option<(Finding, usize)> {
+        if !matches!(found.entity, Entity::Secret | Entity::Password) {
+            return None;
+        }
+        let input = Input::new(text.as_bytes())
+            .range(found.start..limit)
+            .anchored(Anchored::Yes);
+        let inner = engine.scan.search(&input)?;
+        let spec = engine.specs.get(inner.pattern().as_usize())?;
+        if matches!(spec.entity, Entity::Secret | Entity::Password) {
+            return None;
+        }
+        let (f, _) = self.judge(text, spec, inner.start(), inner.end())?;
+        Some((f, inner.end()))
+    }
+
     /// One pass of `engine` over `range`: the leftmost candidate of any pattern. When it fails
     /// its check, or counts only thanks to a context word, the other patterns matching at the
     /// same place are judged too and the highest score (then the longest match) wins; then on
@@ -542,8 +566,11 @@ impl Detector {
             };
             let first = self.judge(text, spec, start, m.end());
             if let Some((f, false)) = first {
+                let (f, end) = self
+                    .more_specific(text, engine, &f, range.end)
+                    .unwrap_or((f, m.end()));
                 found.push((f, false));
-                at = m.end();
+                at = end;
                 continue;
             }
             if first.is_none()
@@ -989,6 +1016,22 @@ mod tests {
         assert_eq!(
             all("ID 621100196505181089"),
             one(Entity::CnResidentId, "621100196505181089")
+        );
+        // A value after a keyword that is itself a JWT or a provider key is reported as one.
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
+        assert_eq!(
+            all(&format!("Authorization token: {jwt}")),
+            one(Entity::Jwt, jwt)
+        );
+        let key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD";
+        assert_eq!(
+            all(&format!("OPENAI_API_KEY={key}")),
+            one(Entity::ApiKey, key)
+        );
+        // Random letters of both cases are a secret too, not only letters with digits.
+        assert_eq!(
+            all("export API_KEY=RyTjTWmqOYiIenGBaavfUwIwI"),
+            one(Entity::Secret, "RyTjTWmqOYiIenGBaavfUwIwI")
         );
     }
 

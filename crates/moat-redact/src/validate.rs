@@ -580,15 +580,17 @@ pub(crate) fn password(b: &[u8]) -> bool {
         && !value.eq_ignore_ascii_case(b"none")
 }
 
-/// A secret value: at least 16 characters, letters and digits, and random-looking (Shannon
-/// entropy of at least 3 bits per character).
+/// A secret value: at least 16 characters, two of lowercase, uppercase and digits, and
+/// random-looking (Shannon entropy of at least 3 bits per character).
 pub(crate) fn secret(b: &[u8]) -> bool {
     let v = value_after_keyword(b);
     let value = &b[v.0..v.1];
-    if value.len() < 16
-        || !value.iter().any(u8::is_ascii_digit)
-        || !value.iter().any(u8::is_ascii_alphabetic)
-    {
+    let classes = [
+        value.iter().any(u8::is_ascii_lowercase),
+        value.iter().any(u8::is_ascii_uppercase),
+        value.iter().any(u8::is_ascii_digit),
+    ];
+    if value.len() < 16 || classes.iter().filter(|&&c| c).count() < 2 {
         return false;
     }
     let mut counts = [0u32; 256];
