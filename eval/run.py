@@ -299,9 +299,10 @@ def build(per, entities):
     return samples
 
 
-def scan(texts, names=False):
+def scan(texts, names=False, release=True):
     proc = subprocess.run(
-        ["cargo", "run", "--quiet", "--release", "-p", "moat-redact", "--example", "scan"]
+        ["cargo", "run", "--quiet", "--locked"] + (["--release"] if release else [])
+        + ["-p", "moat-redact", "--example", "scan"]
         + (["--", "--names"] if names else []),
         input="".join(json.dumps(t) + "\n" for t in texts), capture_output=True, text=True, cwd=ROOT,
     )
@@ -315,12 +316,16 @@ def main():
     parser.add_argument("--per", type=int, default=150, help="values per entity and locale")
     parser.add_argument("--write", help="write the report (markdown) here")
     parser.add_argument("--misses", type=int, default=0, help="print this many misses per entity")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 below 99%% recall or 99.5%% precision overall, or on any "
+                             "finding in benign text (the test command runs this)")
+    parser.add_argument("--debug", action="store_true", help="use the debug build")
     parser.add_argument("--names", action="store_true",
                         help="evaluate names (opt-in) instead, with every other entity on too")
     args = parser.parse_args()
     random.seed(1)
     samples = build(args.per, NAMES if args.names else ENTITIES)
-    results = scan([s[0] for s in samples], names=args.names)
+    results = scan([s[0] for s in samples], names=args.names, release=not args.debug)
 
     tp, fn, fp = defaultdict(int), defaultdict(int), defaultdict(int)
     by_kind = defaultdict(lambda: [0, 0])  # (entity, kind) -> [found, total]
@@ -380,6 +385,9 @@ def main():
         for entity, texts in sorted(misses.items()):
             for t in texts[: args.misses]:
                 print(f"  {entity}: {t}")
+    if args.check and (recall < 0.99 or precision < 0.995 or benign_total > 0):
+        sys.exit(f"below the bar: recall {recall:.4f}, precision {precision:.4f}, "
+                 f"{benign_total} findings in benign text")
     if args.write:
         path = os.path.join(ROOT, args.write)
         with open(path) as fh:
