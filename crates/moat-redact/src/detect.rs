@@ -1036,6 +1036,22 @@ mod tests {
     }
 
     #[test]
+    fn internationalised_emails_are_found_whole() {
+        assert_eq!(
+            all("schreib jürgen.müller@bücher.de bitte"),
+            one(Entity::Email, "jürgen.müller@bücher.de")
+        );
+        assert_eq!(
+            all("mail 李雷@例子.xn--fiqs8s now"),
+            one(Entity::Email, "李雷@例子.xn--fiqs8s")
+        );
+        assert_eq!(
+            all("邮箱 李雷@例子.中国 谢谢"),
+            one(Entity::Email, "李雷@例子.中国")
+        );
+    }
+
+    #[test]
     fn values_with_any_character_keep_whole_characters() {
         assert_eq!(
             all("password: pässwörd€1 ok"),
