@@ -51,8 +51,10 @@
 //! letters, dates) and scored like Presidio: a base score per pattern, raised by a context word
 //! just before it ("SIN", "teléfono", "born"); a finding counts when it reaches its entity's
 //! threshold. Allow lists (values, or domains for emails) and deny lists (terms always
-//! redacted) refine it. `docs/EVALUATION.md` has recall and precision per entity on Faker data in
-//! 13 locales.
+//! redacted) refine it. Unicode is handled where values carry it: internationalised emails
+//! match whole, full-width forms (`０９０－１２３４－５６７８`) are folded before the scan, and names
+//! are matched with Unicode classes. `docs/EVALUATION.md` has recall and precision per entity on
+//! Faker data in 13 locales.
 //!
 //! ```
 //! use moat_redact::{Detector, Entity, Operator, Redactor};
