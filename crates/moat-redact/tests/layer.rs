@@ -182,24 +182,24 @@ async fn tool_call_arguments_are_restored_as_valid_json() {
     assert_eq!(args["input"], tricky);
 }
 
+/// Sends `body` to `path` as JSON and streamed (2-character deltas): the upstream sees only
+/// placeholders, and the reply at `pointer` (and the streamed text) is the original.
+async fn both_ways(mock: &MockUpstream, path: &str, body: Value, pointer: &str) {
+    let (_, bytes) = send(mock, path, body.clone(), &[]).await;
+    assert_upstream_saw_no_raw_values(mock);
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v.pointer(pointer).unwrap(), SECRET_TEXT, "{path}");
+    let mut streaming = body;
+    streaming["stream"] = json!(true);
+    let (_, bytes) = send(mock, path, streaming, &[("x-mock-chunk-chars", "2")]).await;
+    assert_eq!(streamed_text(&bytes).0, SECRET_TEXT, "{path} streamed");
+}
+
 #[tokio::test]
 async fn anthropic_messages_both_ways() {
     let mock = MockUpstream::start().await.unwrap();
     let body = json!({"model": "claude", "max_tokens": 100, "system": "be brief", "messages": [{"role": "user", "content": [{"type": "text", "text": SECRET_TEXT}]}]});
-    let (_, bytes) = send(&mock, "/v1/messages", body.clone(), &[]).await;
-    assert_upstream_saw_no_raw_values(&mock);
-    let v: Value = serde_json::from_slice(&bytes).unwrap();
-    assert_eq!(v["content"][0]["text"], SECRET_TEXT);
-    let mut streaming = body;
-    streaming["stream"] = json!(true);
-    let (_, bytes) = send(
-        &mock,
-        "/v1/messages",
-        streaming,
-        &[("x-mock-chunk-chars", "2")],
-    )
-    .await;
-    assert_eq!(streamed_text(&bytes).0, SECRET_TEXT);
+    both_ways(&mock, "/v1/messages", body, "/content/0/text").await;
 }
 
 #[tokio::test]
@@ -459,20 +459,7 @@ async fn shadow_mode_counts_and_records_but_sends_the_prompt_unchanged() {
 async fn legacy_completions_json_and_streams_are_restored() {
     let mock = MockUpstream::start().await.unwrap();
     let body = json!({"model": "m", "prompt": SECRET_TEXT});
-    let (_, bytes) = send(&mock, "/v1/completions", body.clone(), &[]).await;
-    assert_upstream_saw_no_raw_values(&mock);
-    let v: Value = serde_json::from_slice(&bytes).unwrap();
-    assert_eq!(v["choices"][0]["text"], SECRET_TEXT);
-    let mut streaming = body;
-    streaming["stream"] = json!(true);
-    let (_, bytes) = send(
-        &mock,
-        "/v1/completions",
-        streaming,
-        &[("x-mock-chunk-chars", "2")],
-    )
-    .await;
-    assert_eq!(streamed_text(&bytes).0, SECRET_TEXT);
+    both_ways(&mock, "/v1/completions", body, "/choices/0/text").await;
 }
 
 #[tokio::test]
