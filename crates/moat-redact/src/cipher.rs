@@ -139,9 +139,15 @@ impl Cipher {
         let mut at = 0;
         let mut search = 0;
         while let Some(open) = text[search..].find('[').map(|i| search + i) {
-            let Some(close) = text[open..].find(']').map(|i| open + i) else {
+            // A token holds no bracket: the next `[` or `]` decides, so the walk stays linear.
+            let Some(next) = text[open + 1..].find(['[', ']']).map(|i| open + 1 + i) else {
                 break;
             };
+            if text.as_bytes()[next] == b'[' {
+                search = next;
+                continue;
+            }
+            let close = next;
             match self.decrypt(&text[open..=close]) {
                 Some(value) => {
                     out.push_str(&text[at..open]);

@@ -150,14 +150,20 @@ impl Engine {
     }
 }
 
-/// What an allow-list entry and a found value are compared as: lowercase, without spaces,
-/// dashes or dots between digits (so `4111-1111-1111-1111` matches `4111111111111111`).
+/// What an allow-list entry and a found value are compared as: lowercase, without whitespace,
+/// dashes or parentheses (so `4111-1111-1111-1111` matches `4111111111111111`).
 fn normalized(value: &str) -> String {
     value
         .chars()
         .filter(|c| !matches!(c, ' ' | '-' | '(' | ')') && !c.is_whitespace())
         .flat_map(char::to_lowercase)
         .collect()
+}
+
+/// Whether `hay[start..end]` is a whole word: no ASCII letter or digit touches it.
+fn is_whole_word(hay: &[u8], start: usize, end: usize) -> bool {
+    !hay[..start].last().is_some_and(u8::is_ascii_alphanumeric)
+        && !hay.get(end).is_some_and(u8::is_ascii_alphanumeric)
 }
 
 /// Whether `word` occurs in `window` as a whole word, ignoring ASCII case.
@@ -168,10 +174,7 @@ fn has_word(window: &[u8], word: &str) -> bool {
     }
     (0..=window.len() - word.len()).any(|i| {
         window[i..i + word.len()].eq_ignore_ascii_case(word)
-            && !window[..i].last().is_some_and(u8::is_ascii_alphanumeric)
-            && !window
-                .get(i + word.len())
-                .is_some_and(u8::is_ascii_alphanumeric)
+            && is_whole_word(window, i, i + word.len())
     })
 }
 
@@ -195,7 +198,7 @@ fn boundaries_ok(entity: Entity, text: &[u8], start: usize, end: usize) -> bool 
     if entity != Entity::IpAddress {
         return true;
     }
-    // An IPv6 candidate has no `\b` in its pattern: it must not touch a word or another colon.
+    // An address must not touch a word, nor (IPv6) another colon: `a:b:2001:db8::1` is not one.
     let v6 = text[start..end].contains(&b':');
     let word = |c: Option<&u8>| c.is_some_and(|c| c.is_ascii_alphanumeric() || (v6 && *c == b':'));
     let version = ["version", "ver", "release", "build", "firmware"]
@@ -239,10 +242,7 @@ impl ContextWords {
         };
         words.find_overlapping_iter(window).any(|m| {
             entity.is_none_or(|e| self.entities[m.pattern().as_usize()] == e)
-                && !window[..m.start()]
-                    .last()
-                    .is_some_and(u8::is_ascii_alphanumeric)
-                && !window.get(m.end()).is_some_and(u8::is_ascii_alphanumeric)
+                && is_whole_word(window, m.start(), m.end())
         })
     }
 }
@@ -409,6 +409,13 @@ impl Detector {
         let bytes = text.as_bytes();
         let matched = &bytes[start..end];
         let mut score = (spec.score)(matched)?;
+        // `best` is written by hand next to each pattern; the engines are split on it.
+        debug_assert!(
+            score <= spec.best,
+            "{}: {score} > {}",
+            spec.pattern,
+            spec.best
+        );
         if !boundaries_ok(spec.entity, bytes, start, end) {
             return None;
         }
@@ -474,11 +481,8 @@ impl Detector {
         }
         extra |= self.deny.is_some() || self.names.is_some();
         if let Some(deny) = &self.deny {
-            let bytes = text.as_bytes();
             for m in deny.find_iter(text) {
-                let inside_word = m.start() > 0 && bytes[m.start() - 1].is_ascii_alphanumeric()
-                    || bytes.get(m.end()).is_some_and(u8::is_ascii_alphanumeric);
-                if !inside_word {
+                if is_whole_word(text.as_bytes(), m.start(), m.end()) {
                     let finding = Finding {
                         entity: Entity::Custom,
                         start: m.start(),

@@ -156,9 +156,10 @@ impl Entity {
     }
 }
 
-impl fmt::Display for Entity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Entity {
+    /// The name used in configuration and metrics, e.g. `credit_card`.
+    pub fn name(self) -> &'static str {
+        match self {
             Entity::Email => "email",
             Entity::Phone => "phone",
             Entity::CreditCard => "credit_card",
@@ -186,7 +187,13 @@ impl fmt::Display for Entity {
             Entity::DeTaxId => "de_tax_id",
             Entity::Person => "person",
             Entity::Custom => "custom",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Entity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -197,7 +204,7 @@ impl FromStr for Entity {
         Entity::ALL
             .into_iter()
             .chain([Entity::Person, Entity::Custom])
-            .find(|e| e.to_string() == s)
+            .find(|e| e.name() == s)
             .ok_or_else(|| format!("unknown entity `{s}`"))
     }
 }

@@ -298,12 +298,11 @@ impl Redactor {
     pub fn restore_json(&self, value: &mut Value, vault: &Vault) -> usize {
         match value {
             Value::String(s) => {
-                let embedded = s.trim_start().starts_with(['{', '['])
-                    && s.contains('[')
-                    && serde_json::from_str::<Value>(s)
-                        .is_ok_and(|v| v.is_object() || v.is_array());
-                if embedded {
-                    let mut doc: Value = serde_json::from_str(s).unwrap_or(Value::Null);
+                let embedded = (s.trim_start().starts_with(['{', '[']) && s.contains('['))
+                    .then(|| serde_json::from_str::<Value>(s).ok())
+                    .flatten()
+                    .filter(|v| v.is_object() || v.is_array());
+                if let Some(mut doc) = embedded {
                     let changed = self.restore_json(&mut doc, vault);
                     if changed > 0 {
                         *s = doc.to_string();

@@ -46,9 +46,11 @@ fn floor_boundary(s: &str, mut i: usize) -> usize {
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct StreamRedactor {
-    held: String,
-    /// The end of what was already sent (unredacted), for context words and boundaries.
-    sent: String,
+    /// The end of what was already sent (unredacted, for context words and boundaries), then
+    /// what is held: one buffer, scanned as it is.
+    buf: String,
+    /// Where the held text starts in `buf`.
+    sent: usize,
 }
 
 impl StreamRedactor {
@@ -59,25 +61,25 @@ impl StreamRedactor {
 
     /// Bytes held back now.
     pub fn held(&self) -> usize {
-        self.held.len()
+        self.buf.len() - self.sent
     }
 
     /// Takes the next piece; returns what can be sent now, redacted.
     pub fn push(&mut self, piece: &str, redactor: &Redactor) -> String {
-        self.held.push_str(piece);
+        self.buf.push_str(piece);
         let found = self.scan(redactor);
-        let len = self.held.len();
-        let word = self
-            .held
+        let held = &self.buf[self.sent..];
+        let len = held.len();
+        let word = held
             .bytes()
             .rposition(|b| !b.is_ascii_graphic())
             .map_or(0, |i| i + 1);
-        let mut cut = floor_boundary(&self.held, len.saturating_sub(TAIL)).min(word);
+        let mut cut = floor_boundary(held, len.saturating_sub(TAIL)).min(word);
         if let Some(f) = found.iter().find(|f| f.start < cut && f.end > cut) {
             cut = f.start;
         }
         if len - cut > MAX_CARRY {
-            cut = floor_boundary(&self.held, len - MAX_CARRY);
+            cut = floor_boundary(held, len - MAX_CARRY);
             if let Some(f) = found.iter().find(|f| f.start < cut && f.end > cut) {
                 cut = f.end;
             }
@@ -89,39 +91,35 @@ impl StreamRedactor {
     /// Ends the stream: returns everything still held, redacted.
     pub fn finish(&mut self, redactor: &Redactor) -> String {
         let found = self.scan(redactor);
-        self.send(self.held.len(), &found, redactor)
+        self.send(self.held(), &found, redactor)
     }
 
     /// Findings in the held text (scanned after the sent context), relative to the held text.
     fn scan(&self, redactor: &Redactor) -> Vec<Finding> {
-        let offset = self.sent.len();
-        let mut text = String::with_capacity(offset + self.held.len());
-        text.push_str(&self.sent);
-        text.push_str(&self.held);
         redactor
             .detector()
-            .find(&text)
+            .find(&self.buf)
             .into_iter()
-            .filter(|f| f.start >= offset)
+            .filter(|f| f.start >= self.sent)
             .map(|f| Finding {
-                start: f.start - offset,
-                end: f.end - offset,
+                start: f.start - self.sent,
+                end: f.end - self.sent,
                 ..f
             })
             .collect()
     }
 
+    /// Sends the first `cut` held bytes, redacted; keeps the last 64 of them as context.
     fn send(&mut self, cut: usize, found: &[Finding], redactor: &Redactor) -> String {
-        let sending: String = self.held.drain(..cut).collect();
-        self.sent.push_str(&sending);
-        if self.sent.len() > CONTEXT {
-            let from = floor_boundary(&self.sent, self.sent.len() - CONTEXT);
-            self.sent.drain(..from);
-        }
-        redactor
-            .replace(&sending, found, &mut Vault::new())
+        let end = self.sent + cut;
+        let out = redactor
+            .replace(&self.buf[self.sent..end], found, &mut Vault::new())
             .text
-            .into_owned()
+            .into_owned();
+        let keep_from = floor_boundary(&self.buf, end.saturating_sub(CONTEXT));
+        self.buf.drain(..keep_from);
+        self.sent = end - keep_from;
+        out
     }
 }
 

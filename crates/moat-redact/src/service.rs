@@ -179,7 +179,7 @@ where
                             let Some(text) = r.text(i) else { continue };
                             let found = layer.redactor.detector().find(text);
                             for f in &found {
-                                metrics::counter!("moat_redact_values_total", "entity" => f.entity.to_string(), "mode" => if shadow { "shadow" } else { "enforce" }).increment(1);
+                                metrics::counter!("moat_redact_values_total", "entity" => f.entity.name(), "mode" => if shadow { "shadow" } else { "enforce" }).increment(1);
                             }
                             spans += found.len();
                             if shadow || found.is_empty() {
