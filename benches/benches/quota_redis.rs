@@ -4,7 +4,7 @@
 //! Run: `cargo bench -p moat-benches --bench quota_redis`
 
 use std::convert::Infallible;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -52,32 +52,15 @@ fn main() {
             for i in 0..50 {
                 let _ = service.clone().oneshot(request(i)).await;
             }
-            let start = Instant::now();
-            let tasks: Vec<_> = (0..clients)
-                .map(|c| {
-                    let service = service.clone();
-                    tokio::spawn(async move {
-                        let mut latencies = Vec::with_capacity(PER_ROW / clients);
-                        for i in 0..PER_ROW / clients {
-                            let t = Instant::now();
-                            let res = service
-                                .clone()
-                                .oneshot(request(c * 7919 + i))
-                                .await
-                                .unwrap();
-                            assert_eq!(res.status(), 200);
-                            let _ = res.into_body().collect().await;
-                            latencies.push(t.elapsed());
-                        }
-                        latencies
-                    })
-                })
-                .collect();
-            let mut all = Vec::with_capacity(PER_ROW);
-            for t in tasks {
-                all.extend(t.await.unwrap());
-            }
-            (start.elapsed(), all)
+            moat_benches::concurrent_clients(clients, PER_ROW, move |c, i| {
+                let service = service.clone();
+                async move {
+                    let res = service.oneshot(request(c * 7919 + i)).await.unwrap();
+                    assert_eq!(res.status(), 200);
+                    let _ = res.into_body().collect().await;
+                }
+            })
+            .await
         });
         println!(
             "{}",

@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -48,28 +48,15 @@ fn main() {
             for i in 0..100u32 {
                 let _ = service.clone().oneshot(request(i)).await;
             }
-            let start = Instant::now();
-            let tasks: Vec<_> = (0..clients)
-                .map(|c| {
-                    let service = service.clone();
-                    tokio::spawn(async move {
-                        let mut latencies = Vec::with_capacity(PER_LEVEL / clients);
-                        for i in 0..PER_LEVEL / clients {
-                            let req = request(u32::try_from((c * 7919 + i) % 1000).unwrap());
-                            let t = Instant::now();
-                            let response = service.clone().oneshot(req).await.unwrap();
-                            assert_eq!(response.status(), 200);
-                            latencies.push(t.elapsed());
-                        }
-                        latencies
-                    })
-                })
-                .collect();
-            let mut all = Vec::with_capacity(PER_LEVEL);
-            for t in tasks {
-                all.extend(t.await.unwrap());
-            }
-            (start.elapsed(), all)
+            moat_benches::concurrent_clients(clients, PER_LEVEL, move |c, i| {
+                let service = service.clone();
+                let req = request(u32::try_from((c * 7919 + i) % 1000).unwrap());
+                async move {
+                    let response = service.oneshot(req).await.unwrap();
+                    assert_eq!(response.status(), 200);
+                }
+            })
+            .await
         });
         println!(
             "{}",
