@@ -323,7 +323,7 @@ pub trait KeyExtractor: Send + Sync + fmt::Debug + 'static {
     /// Whether the extractor reads the parsed body (a [`SharedLlmRequest`] in the extensions), so
     /// a layer must parse the body before extracting.
     ///
-    /// [`SharedLlmRequest`]: crate::body::SharedLlmRequest
+    /// [`SharedLlmRequest`]: crate::request::SharedLlmRequest
     fn needs_body(&self) -> bool {
         false
     }
@@ -675,7 +675,7 @@ impl KeyExtractor for Model {
     fn extract(&self, req: &RequestHead<'_>) -> Result<Key, KeyError> {
         let llm = req
             .extensions
-            .get::<crate::body::SharedLlmRequest>()
+            .get::<crate::request::SharedLlmRequest>()
             .ok_or(KeyError::Missing("parsed body"))?;
         llm.with(|r| {
             r.model()
@@ -976,7 +976,7 @@ mod tests {
             Err(KeyError::Missing("parsed body"))
         );
         let parse = |body: &'static str| {
-            crate::body::SharedLlmRequest::new(
+            crate::request::SharedLlmRequest::new(
                 crate::llm::LlmRequest::parse(
                     bytes::Bytes::from_static(body.as_bytes()),
                     "/v1/chat/completions",

@@ -5,13 +5,16 @@
 //!
 //! - [`identity`]: who is calling: [`KeyExtractor`](identity::KeyExtractor)s and the
 //!   [`Caller`](identity::Caller) stored in the request extensions.
+//! - [`json`]: strict JSON, refusing what parsers read differently (duplicate keys).
 //! - [`llm`]: a view over OpenAI and Anthropic request bodies: text segments with role and
-//!   provenance, editable in place.
+//!   provenance, editable in place; what it does not know is reported, never skipped.
+//! - [`request`]: the request read and parsed once per request and shared by every layer, and
+//!   the policy for which bodies reach the parser (fail closed on LLM routes).
 //! - [`sse`]: an incremental Server-Sent Events decoder and per-choice text deltas.
 //! - [`tokens`]: prompt token counts before the call (tiktoken for OpenAI models, feature
 //!   `tiktoken`).
 //! - [`usage`]: token usage in every provider's shape, and a body that reports it exactly once.
-//! - [`body`]: capped buffering, JSON parsing with clear 400s/413s, and the bodies layers hand on.
+//! - [`body`]: capped buffering with typed errors (413, 408, 400), and the bodies layers hand on.
 //! - [`reject`]: [`Rejection`](reject::Rejection), rendered as an OpenAI-style JSON error or a
 //!   gRPC status.
 //! - [`decision`]: the [`Decisions`](decision::Decisions) each layer appends to, for the audit log.
@@ -28,7 +31,8 @@
 //! use bytes::Bytes;
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::{BodyExt, Full};
-//! use moat_core::body::{read_llm_request, LlmBody, ResponseBody};
+//! use moat_core::body::ResponseBody;
+//! use moat_core::request::{read_llm_request, LlmBody};
 //! use moat_core::reject::{Protocol, Rejection};
 //!
 //! async fn guard(req: Request<Full<Bytes>>) -> Response<ResponseBody<Full<Bytes>>> {
@@ -63,8 +67,10 @@ pub mod clock;
 pub mod decision;
 pub mod future;
 pub mod identity;
+pub mod json;
 pub mod llm;
 pub mod reject;
+pub mod request;
 pub mod sse;
 pub mod store;
 pub mod tokens;

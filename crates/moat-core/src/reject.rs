@@ -31,7 +31,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
 use serde::Serialize;
 
-use crate::body::ResponseBody;
+use crate::body::{BodyError, ResponseBody};
 
 /// The protocol a response must be rendered in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +295,22 @@ impl Rejection {
         }
         response.extensions_mut().insert(rejected);
         response
+    }
+}
+
+impl From<BodyError> for Rejection {
+    /// 413 `request_too_large`, 408 `request_timeout`, or 400 `invalid_body`.
+    fn from(err: BodyError) -> Self {
+        match err {
+            BodyError::TooLarge { .. } => Self::payload_too_large(err.to_string()),
+            BodyError::TimedOut => Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                err.to_string(),
+            )
+            .with_code("request_timeout"),
+            _ => Self::bad_request(err.to_string()).with_code("invalid_body"),
+        }
     }
 }
 

@@ -55,7 +55,8 @@ pub fn count(model: Option<&str>, text: &str) -> Estimate {
     }
 }
 
-/// The prompt tokens of a request: every text segment, plus framing.
+/// The prompt tokens of a request: every text segment the model reads (not metadata or
+/// attachment names; unknown text included), plus framing.
 pub fn estimate_input(request: &LlmRequest) -> Estimate {
     estimate(request, request.model())
 }
@@ -69,14 +70,16 @@ pub fn estimate_input_upper_bound(request: &LlmRequest) -> Estimate {
 fn estimate(request: &LlmRequest, model: Option<&str>) -> Estimate {
     let mut total = PER_REQUEST;
     let mut exact = true;
-    for (_, text) in request.texts() {
+    let mut segments = 0;
+    for (_, text) in request.texts().filter(|(s, _)| s.source.is_prompt()) {
+        segments += 1;
         let counted = count(model, text);
         total += counted.tokens + PER_SEGMENT;
         exact &= counted.exact;
     }
     Estimate {
         tokens: total,
-        exact: exact && request.segment_count() > 0,
+        exact: exact && segments > 0,
     }
 }
 

@@ -113,6 +113,14 @@ impl Limits {
         })
     }
 
+    /// The cap of one dimension (micro-dollars for spend).
+    pub(crate) fn cap(&self, dim: Dimension) -> Option<u64> {
+        self.caps()
+            .into_iter()
+            .find_map(|(d, cap, _)| (d == dim).then_some(cap))
+            .flatten()
+    }
+
     /// The largest share of any cap that `used` takes, in percent (rounded down).
     pub(crate) fn percent_used(&self, used: &Amounts) -> u64 {
         self.caps()

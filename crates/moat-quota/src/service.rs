@@ -10,12 +10,13 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use jiff::tz::TimeZone;
-use moat_core::body::{read_llm_request, LlmBody, RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
+use moat_core::body::{RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
 use moat_core::clock::{self, SharedClock};
 use moat_core::decision::{Decision, Decisions, Outcome};
 use moat_core::identity::{Caller, CallerResolver, RequestHead};
 use moat_core::llm::WireFormat;
 use moat_core::reject::{Protocol, Rejection};
+use moat_core::request::{read_llm_request, LlmBody};
 use moat_core::usage::{BodyOutcome, OnUsage, UsageBody, UsageReport};
 use moat_core::{Key, KeyExtractor};
 use serde::Serialize;
@@ -648,6 +649,27 @@ where
 
 fn refusal_rejection(quota: &Inner, refusal: &Refusal) -> Rejection {
     let budget = quota.store.budget(refusal.budget);
+    let unit = |v: u64| match refusal.dimension {
+        crate::budget::Dimension::Usd => Usd::from_micros(v).to_string(),
+        _ => format!("{v} tokens"),
+    };
+    if budget
+        .limits
+        .cap(refusal.dimension)
+        .is_some_and(|cap| refusal.needed > cap)
+    {
+        // No amount of waiting helps: the request alone is larger than the whole budget.
+        return Rejection::bad_request(format!(
+            "This request needs up to {} (its prompt and max_tokens), more than budget '{}' allows in a whole {} ({}). Lower max_tokens or shorten the prompt.",
+            unit(refusal.needed),
+            budget.name,
+            budget.period,
+            budget.limits.describe(refusal.dimension),
+        ))
+        .with_code("request_exceeds_budget")
+        .with_param("max_tokens")
+        .with_header(HeaderName::from_static("x-should-retry"), HeaderValue::from_static("false"));
+    }
     let now = quota
         .wall()
         .duration_since(UNIX_EPOCH)
@@ -655,10 +677,6 @@ fn refusal_rejection(quota: &Inner, refusal: &Refusal) -> Rejection {
     let wait = u64::try_from(refusal.resets)
         .unwrap_or(0)
         .saturating_sub(now);
-    let unit = |v: u64| match refusal.dimension {
-        crate::budget::Dimension::Usd => Usd::from_micros(v).to_string(),
-        _ => format!("{v} tokens"),
-    };
     Rejection::new(
         StatusCode::TOO_MANY_REQUESTS,
         "insufficient_quota",
@@ -843,22 +861,19 @@ where
                     metrics::counter!("moat_quota_denied_total", "budget" => name.clone())
                         .increment(1);
                     tracing::debug!(target: "moat::quota", budget = %name, "insufficient quota");
+                    let rejection = refusal_rejection(&quota, &refusal);
                     Decisions::record(
                         head.extensions,
                         Decision::new(
                             "quota",
                             Outcome::Rejected {
-                                status: 429,
-                                code: "insufficient_quota".into(),
+                                status: rejection.status().as_u16(),
+                                code: rejection.code().unwrap_or_default().to_owned().into(),
                             },
                         )
                         .with_rule(name),
                     );
-                    return Ok(rejected(
-                        refusal_rejection(&quota, &refusal),
-                        protocol,
-                        &quota,
-                    ));
+                    return Ok(rejected(rejection, protocol, &quota));
                 }
             };
             for t in &tickets {

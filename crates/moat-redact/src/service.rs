@@ -7,9 +7,11 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use moat_core::body::{read_llm_request, LlmBody, RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
+use moat_core::body::{RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
 use moat_core::decision::{Decision, Decisions, Mode, Outcome};
+use moat_core::llm::UnknownPolicy;
 use moat_core::reject::{Protocol, Rejection};
+use moat_core::request::{read_llm_request, LlmBody};
 use moat_core::sse::SseDecoder;
 use moat_core::usage::BodyFormat;
 use pin_project_lite::pin_project;
@@ -35,6 +37,7 @@ pub struct RedactLayer {
     sessions: Option<Sessions>,
     restore: bool,
     mode: Mode,
+    unknown: UnknownPolicy,
     body_limit: usize,
 }
 
@@ -47,6 +50,7 @@ impl RedactLayer {
             sessions: None,
             restore: true,
             mode: Mode::Enforce,
+            unknown: UnknownPolicy::default(),
             body_limit: DEFAULT_BODY_LIMIT,
         }
     }
@@ -77,6 +81,14 @@ impl RedactLayer {
     /// same value gets the same placeholder in every turn.
     pub fn with_sessions(mut self, sessions: Sessions) -> Self {
         self.sessions = Some(sessions);
+        self
+    }
+
+    /// What to do with text in parts of a request the parser does not know (a content part of a
+    /// new type, an undocumented field): scan it like any other text (the default), refuse the
+    /// request with 400, or send it unscanned. See [`UnknownPolicy`].
+    pub fn with_unknown(mut self, policy: UnknownPolicy) -> Self {
+        self.unknown = policy;
         self
     }
 
@@ -155,6 +167,9 @@ where
             };
             let (req, vault) = match read_llm_request(req, layer.body_limit).await {
                 Ok(LlmBody::Parsed { request, llm }) => {
+                    if let Err(rejection) = llm.with(|r| layer.unknown.check(r)) {
+                        return reject(rejection);
+                    }
                     let vault = match &layer.sessions {
                         Some(sessions) => {
                             match sessions.vault_for(request.headers(), request.extensions()) {
@@ -176,6 +191,9 @@ where
                         let mut vault = lock(&vault);
                         let mut spans = 0;
                         for i in 0..r.segment_count() {
+                            if !r.segment(i).is_some_and(|s| layer.unknown.scans(s)) {
+                                continue;
+                            }
                             let Some(text) = r.text(i) else { continue };
                             let found = layer.redactor.detector().find(text);
                             for f in &found {

@@ -1,8 +1,11 @@
 //! The gateway's TOML configuration.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::time::Duration;
 
 use moat::core::identity::{CallerResolver, Fingerprinter};
 use moat::quota::QuotaLayer;
@@ -15,6 +18,7 @@ use toml::Spanned;
 use crate::budgets::{self, QuotaConfig};
 use crate::limits::{self, IdentityConfig, RateLimitConfig};
 use crate::privacy::{self, RedactConfig};
+use crate::server::{ServerConfig, ServerLimits};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -28,9 +32,11 @@ pub struct Config {
     /// Virtual keys handed to clients; none means every caller is anonymous, keyed by IP.
     #[serde(default)]
     pub keys: Vec<Spanned<KeyConfig>>,
-    /// Largest request body accepted, in bytes.
-    #[serde(default = "default_max_body_bytes")]
-    pub max_body_bytes: usize,
+    /// Largest request body accepted, in bytes (default 4 MiB); every layer reads up to this.
+    pub max_body_bytes: Option<Spanned<usize>>,
+    /// Deadlines and caps for clients.
+    #[serde(default)]
+    pub server: ServerConfig,
     /// How callers are told apart.
     #[serde(default)]
     pub identity: IdentityConfig,
@@ -48,8 +54,34 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
 
-fn default_max_body_bytes() -> usize {
-    moat::core::body::DEFAULT_BODY_LIMIT
+/// A duration in seconds, written as a whole or a decimal number (`30`, `0.5`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Seconds(pub f64);
+
+impl Seconds {
+    /// What a valid value is, for error messages.
+    pub const RULE: &'static str = "must be a number of seconds greater than 0";
+
+    /// The duration, unless the value is not a positive, finite number of seconds.
+    pub fn duration(self) -> Option<Duration> {
+        (self.0.is_finite() && self.0 > 0.0 && self.0 < 1e9)
+            .then(|| Duration::from_secs_f64(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Whole(i64),
+            Decimal(f64),
+        }
+        Ok(Self(match Raw::deserialize(deserializer)? {
+            Raw::Whole(n) => n as f64,
+            Raw::Decimal(n) => n,
+        }))
+    }
 }
 
 /// Which API the upstream speaks, for how the provider key is sent.
@@ -74,13 +106,36 @@ pub struct UpstreamConfig {
     pub kind: UpstreamKind,
     /// The environment variable holding the provider key; the key never leaves the server.
     pub api_key_env: Option<Spanned<String>>,
-    /// Seconds to wait for the upstream's response headers.
-    #[serde(default = "default_timeout_secs")]
-    pub timeout_secs: u64,
+    /// Seconds to wait for the upstream's response head (default 600); `timeout_secs` is the
+    /// same setting under its older name.
+    #[serde(alias = "timeout_secs")]
+    pub first_byte_timeout_secs: Option<Spanned<Seconds>>,
+    /// Seconds to wait for a connection to the upstream (default 10).
+    pub connect_timeout_secs: Option<Spanned<Seconds>>,
+    /// Seconds a streamed reply may send nothing before it is cut off (default 300).
+    pub idle_timeout_secs: Option<Spanned<Seconds>>,
 }
 
-fn default_timeout_secs() -> u64 {
-    600
+/// The upstream's deadlines, with defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UpstreamTimeouts {
+    /// To connect.
+    pub connect: Duration,
+    /// From sending the request to the response head.
+    pub first_byte: Duration,
+    /// Between frames of the response body.
+    pub idle: Duration,
+}
+
+impl Default for UpstreamTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            first_byte: Duration::from_secs(600),
+            idle: Duration::from_secs(300),
+        }
+    }
 }
 
 /// One `[[keys]]` entry.
@@ -136,6 +191,14 @@ pub struct ResolvedKey {
 pub struct Resolved {
     /// The file as parsed.
     pub config: Config,
+    /// The largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Deadlines and caps for clients.
+    pub server: ServerLimits,
+    /// Deadlines for the upstream.
+    pub upstream_timeouts: UpstreamTimeouts,
+    /// What [`Config::check`] found worth saying but not fatal (variables that are not set).
+    pub warnings: Vec<String>,
     /// The provider key, if configured.
     pub upstream_api_key: Option<String>,
     /// The virtual keys.
@@ -165,10 +228,45 @@ impl Config {
         })
     }
 
-    /// Parses and checks, reading environment variables through `env`.
+    /// Parses and checks, reading environment variables through `env`; a variable the file
+    /// names that is not set is an error.
     pub fn resolve(
         source: &str,
         env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Resolved, ConfigError> {
+        Self::resolve_with(source, &|name| env(name).filter(|v| !v.is_empty()))
+    }
+
+    /// Checks a file without needing its secrets: a variable that is not set is a warning (in
+    /// [`Resolved::warnings`]) and stands in as a placeholder; everything else is checked as
+    /// [`resolve`](Self::resolve) checks it.
+    pub fn check(
+        source: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Resolved, ConfigError> {
+        let unset = RefCell::new(BTreeSet::new());
+        let lenient = |name: &str| {
+            env(name).filter(|v| !v.is_empty()).or_else(|| {
+                unset.borrow_mut().insert(name.to_owned());
+                Some(placeholder(name))
+            })
+        };
+        let resolved = Self::resolve_with(source, &lenient);
+        let warnings = unset
+            .into_inner()
+            .into_iter()
+            .map(|name| {
+                format!(
+                    "environment variable {name} is not set: the gateway will not start without it"
+                )
+            })
+            .collect();
+        resolved.map(|r| Resolved { warnings, ..r })
+    }
+
+    fn resolve_with(
+        source: &str,
+        env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Resolved, ConfigError> {
         let config = Self::parse(source)?;
         let at = |span: Range<usize>, message: String| ConfigError {
@@ -189,21 +287,52 @@ impl Config {
                 ))
             }
         }
-        let upstream_api_key =
-            match &config.upstream.api_key_env {
-                Some(name) => Some(env(name.get_ref()).filter(|v| !v.is_empty()).ok_or_else(
-                    || {
-                        at(
-                            name.span(),
-                            format!(
-                                "upstream.api_key_env: environment variable {} is not set",
-                                name.get_ref()
-                            ),
-                        )
-                    },
-                )?),
-                None => None,
-            };
+        let server = config.server.limits().map_err(|(span, m)| at(span, m))?;
+        let defaults = UpstreamTimeouts::default();
+        let secs = |value: &Option<Spanned<Seconds>>, key: &str, default: Duration| {
+            value.as_ref().map_or(Ok(default), |v| {
+                v.get_ref()
+                    .duration()
+                    .ok_or_else(|| at(v.span(), format!("upstream.{key}: {}", Seconds::RULE)))
+            })
+        };
+        let upstream = &config.upstream;
+        let upstream_timeouts = UpstreamTimeouts {
+            connect: secs(
+                &upstream.connect_timeout_secs,
+                "connect_timeout_secs",
+                defaults.connect,
+            )?,
+            first_byte: secs(
+                &upstream.first_byte_timeout_secs,
+                "first_byte_timeout_secs",
+                defaults.first_byte,
+            )?,
+            idle: secs(
+                &upstream.idle_timeout_secs,
+                "idle_timeout_secs",
+                defaults.idle,
+            )?,
+        };
+        let max_body_bytes = match &config.max_body_bytes {
+            None => moat::core::body::DEFAULT_BODY_LIMIT,
+            Some(v) if *v.get_ref() == 0 => {
+                return Err(at(v.span(), "max_body_bytes: must be at least 1".into()))
+            }
+            Some(v) => *v.get_ref(),
+        };
+        let upstream_api_key = match &config.upstream.api_key_env {
+            Some(name) => Some(env(name.get_ref()).ok_or_else(|| {
+                at(
+                    name.span(),
+                    format!(
+                        "upstream.api_key_env: environment variable {} is not set",
+                        name.get_ref()
+                    ),
+                )
+            })?),
+            None => None,
+        };
         let mut keys: Vec<ResolvedKey> = Vec::with_capacity(config.keys.len());
         for spanned in &config.keys {
             let entry = spanned.get_ref();
@@ -213,6 +342,9 @@ impl Config {
                     format!("keys (id = {:?}): {what}", entry.id),
                 )
             };
+            if entry.id.trim().is_empty() {
+                return Err(err("id is empty".into()));
+            }
             let given = [&entry.key, &entry.key_sha256, &entry.key_env]
                 .iter()
                 .filter(|k| k.is_some())
@@ -221,12 +353,15 @@ impl Config {
                 return Err(err("set exactly one of key, key_sha256, key_env".into()));
             }
             let sha256 = if let Some(key) = &entry.key {
+                if key.trim().is_empty() {
+                    return Err(err("key is empty".into()));
+                }
                 Sha256::digest(key.as_bytes()).into()
             } else if let Some(hex) = &entry.key_sha256 {
                 parse_sha256(hex).ok_or_else(|| err("key_sha256 must be 64 hex digits".into()))?
             } else {
                 let name = entry.key_env.as_deref().unwrap_or_default();
-                let key = env(name).filter(|v| !v.is_empty()).ok_or_else(|| {
+                let key = env(name).ok_or_else(|| {
                     err(format!("key_env: environment variable {name} is not set"))
                 })?;
                 Sha256::digest(key.as_bytes()).into()
@@ -242,25 +377,33 @@ impl Config {
                 entry: entry.clone(),
             });
         }
+        config.check_tiers(&keys).map_err(|(span, m)| at(span, m))?;
         let limits_error = |e: limits::LimitsError| ConfigError {
             line: e.span.map(|span| line_of(source, span)),
             message: e.message,
         };
         let (resolver, fingerprinter) =
-            limits::resolver(&config.identity, &env).map_err(limits_error)?;
+            limits::resolver(&config.identity, env).map_err(limits_error)?;
         let ratelimit = limits::layer(
             &config.ratelimit,
             &config.identity,
             resolver.clone(),
             &fingerprinter,
         )
-        .map_err(limits_error)?;
+        .map_err(limits_error)?
+        .map(|layer| layer.with_body_limit(max_body_bytes));
         let quota = budgets::layer(&config.quota, resolver.clone(), &fingerprinter)
-            .map_err(limits_error)?;
-        let redact =
-            privacy::layer(config.redact.as_ref(), &fingerprinter, &env).map_err(limits_error)?;
+            .map_err(limits_error)?
+            .map(|layer| layer.with_body_limit(max_body_bytes));
+        let redact = privacy::layer(config.redact.as_ref(), &fingerprinter, env)
+            .map_err(limits_error)?
+            .map(|layer| layer.with_body_limit(max_body_bytes));
         Ok(Resolved {
             config,
+            max_body_bytes,
+            server,
+            upstream_timeouts,
+            warnings: Vec::new(),
             upstream_api_key,
             keys,
             resolver,
@@ -270,6 +413,58 @@ impl Config {
             redact,
         })
     }
+
+    /// Every tier a rule or budget is limited to must be some key's tier (or the spike guard's
+    /// quarantine tier): a misspelt tier would make the rule apply to nobody, silently.
+    fn check_tiers(&self, keys: &[ResolvedKey]) -> Result<(), (Range<usize>, String)> {
+        let mut known: BTreeSet<&str> = keys
+            .iter()
+            .filter_map(|k| k.entry.tier.as_deref())
+            .collect();
+        let quarantine = self
+            .ratelimit
+            .spike
+            .as_ref()
+            .and_then(|s| s.quarantine.as_deref())
+            .and_then(|q| q.strip_prefix("tier:"));
+        known.extend(quarantine);
+        let named = |tiers: &[String]| tiers.iter().find(|t| !known.contains(t.as_str())).cloned();
+        let say = |what: String, tier: String| {
+            let have = if known.is_empty() {
+                "no key has a tier".to_owned()
+            } else {
+                format!(
+                    "the tiers are {}",
+                    known
+                        .iter()
+                        .map(|t| format!("`{t}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            format!("{what}: tier `{tier}` is not the tier of any key ({have}), so it would apply to nobody")
+        };
+        for rule in &self.ratelimit.rules {
+            if let Some(tier) = named(&rule.get_ref().tiers) {
+                let what = format!("ratelimit.rules (name = {:?})", rule.get_ref().name);
+                return Err((rule.span(), say(what, tier)));
+            }
+        }
+        for budget in &self.quota.budgets {
+            if let Some(tier) = named(&budget.get_ref().tiers) {
+                let what = format!("quota.budgets (name = {:?})", budget.get_ref().name);
+                return Err((budget.span(), say(what, tier)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A stand-in for a secret that is not set, when checking a file: valid wherever a secret goes
+/// (a base64 32-byte key included) and different for each variable.
+fn placeholder(name: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(Sha256::digest(name.as_bytes()))
 }
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
@@ -326,7 +521,7 @@ key_sha256 = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"
     #[test]
     fn ratelimit_rules_build_a_layer_and_bad_ones_name_their_line() {
         let base = "[upstream]\nbase_url = \"http://x/v1\"\n";
-        let good = format!("{base}[ratelimit]\nstore = \"memory\"\n[[ratelimit.rules]]\nname = \"per-key\"\nkey = \"api_key\"\nlimits = [\"5/minute\", \"100/day\"]\ntokens = [\"20000/minute\"]\ntiers = [\"free\"]\nmethods = [\"POST\"]\nroutes = [\"/v1/*\"]\n[[ratelimit.rules]]\nname = \"by-header\"\nkey = \"header:x-user\"\nlimits = [\"1/second\"]\nmode = \"shadow\"\n");
+        let good = format!("{base}[[keys]]\nid = \"a\"\nkey = \"k\"\ntier = \"free\"\n[ratelimit]\nstore = \"memory\"\n[[ratelimit.rules]]\nname = \"per-key\"\nkey = \"api_key\"\nlimits = [\"5/minute\", \"100/day\"]\ntokens = [\"20000/minute\"]\ntiers = [\"free\"]\nmethods = [\"POST\"]\nroutes = [\"/v1/*\"]\n[[ratelimit.rules]]\nname = \"by-header\"\nkey = \"header:x-user\"\nlimits = [\"1/second\"]\nmode = \"shadow\"\n");
         assert!(Config::resolve(&good, no_env).unwrap().ratelimit.is_some());
         assert!(Config::resolve(base, no_env).unwrap().ratelimit.is_none());
 
@@ -384,6 +579,77 @@ key_sha256 = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"
             Config::resolve(&missing_prices, no_env).unwrap_err().line,
             Some(4)
         );
+    }
+
+    #[test]
+    fn values_that_would_silently_do_nothing_are_errors() {
+        let base = "[upstream]\nbase_url = \"http://x/v1\"\n";
+        let keyed = format!("{base}[[keys]]\nid = \"a\"\nkey = \"k\"\ntier = \"free\"\n");
+        let cases = [
+            (format!("{base}[[keys]]\nid = \"a\"\nkey = \"\"\n"), 3, "key is empty"),
+            (format!("{base}[[keys]]\nid = \"\"\nkey = \"k\"\n"), 3, "id is empty"),
+            (
+                format!("{keyed}[[ratelimit.rules]]\nname = \"r\"\nkey = \"api_key\"\nlimits = [\"1/second\"]\ntiers = [\"fre\"]\n"),
+                7,
+                "tier `fre` is not the tier of any key (the tiers are `free`)",
+            ),
+            (
+                format!("{base}[[quota.budgets]]\nname = \"b\"\nper = \"global\"\nperiod = \"day\"\ntokens = 1\ntiers = [\"pro\"]\n"),
+                3,
+                "no key has a tier",
+            ),
+            (format!("max_body_bytes = 0\n{base}"), 1, "max_body_bytes: must be at least 1"),
+            (
+                format!("{base}timeout_secs = 0\n"),
+                3,
+                "upstream.first_byte_timeout_secs: must be a number of seconds greater than 0",
+            ),
+            (
+                format!("{base}[server]\nheader_read_timeout_secs = 0\n"),
+                4,
+                "server.header_read_timeout_secs",
+            ),
+            (format!("{base}[server]\nmax_connections = 0\n"), 4, "server.max_connections"),
+        ];
+        for (source, line, says) in cases {
+            let e = Config::resolve(&source, no_env).unwrap_err();
+            assert_eq!(e.line, Some(line), "{source}: {e}");
+            assert!(e.message.contains(says), "{source}: {e}");
+        }
+        // A quarantine tier counts as a tier.
+        let quarantine = format!("{keyed}[ratelimit.spike]\nquarantine = \"tier:restricted\"\n[[ratelimit.rules]]\nname = \"r\"\nkey = \"ip\"\nlimits = [\"1/second\"]\ntiers = [\"restricted\"]\n");
+        assert!(Config::resolve(&quarantine, no_env).is_ok());
+        let timeouts = format!("{base}timeout_secs = 30\nconnect_timeout_secs = 0.25\nidle_timeout_secs = 5\n");
+        let t = Config::resolve(&timeouts, no_env)
+            .unwrap()
+            .upstream_timeouts;
+        assert_eq!(
+            (t.first_byte, t.connect, t.idle),
+            (
+                Duration::from_secs(30),
+                Duration::from_millis(250),
+                Duration::from_secs(5)
+            )
+        );
+    }
+
+    #[test]
+    fn check_warns_about_unset_secrets_instead_of_failing() {
+        let source = format!(
+            "{GOOD}[[keys]]\nid = \"carol\"\nkey_env = \"CAROL_KEY\"\n[redact]\nentities = [\"all\"]\noperator = \"encrypt\"\nencryption_key_env = \"MOAT_REDACT_KEY\"\n"
+        );
+        assert!(Config::resolve(&source, no_env).is_err());
+        let checked = Config::check(&source, no_env).unwrap();
+        assert_eq!(checked.warnings.len(), 3, "{:?}", checked.warnings);
+        for name in ["OPENAI_API_KEY", "CAROL_KEY", "MOAT_REDACT_KEY"] {
+            assert!(checked.warnings.iter().any(|w| w.contains(name)), "{name}");
+        }
+        // What is wrong is still an error.
+        let broken = source.replace("id = \"carol\"", "id = \"alice\"");
+        assert!(Config::check(&broken, no_env)
+            .unwrap_err()
+            .message
+            .contains("duplicate id"));
     }
 
     #[test]

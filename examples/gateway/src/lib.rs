@@ -4,22 +4,22 @@
 //! layers, swaps in the provider key (which never leaves the server) and streams the provider's
 //! answer back without buffering.
 //!
-//! - [`config`]: the TOML file (`listen`, `[upstream]`, `[[keys]]`).
+//! - [`config`]: the TOML file (`listen`, `[server]`, `[upstream]`, `[[keys]]`, the layers).
 //! - [`app`]: the axum router for a resolved configuration.
-//! - [`serve`]: runs it with graceful shutdown.
+//! - [`server`]: serves it: HTTP/1.1 and HTTP/2, deadlines, a connection cap, graceful shutdown.
 //! - [`demo`]: the no-argument demo, in front of the built-in mock upstream.
 
 #![forbid(unsafe_code)]
 
 pub mod budgets;
 pub mod config;
+mod deadline;
 pub mod limits;
 pub mod privacy;
 mod proxy;
+pub mod server;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -34,6 +34,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Resolved, ResolvedKey};
 pub use crate::proxy::Upstream;
+pub use crate::server::serve;
 
 /// Renders a rejection as an axum response.
 pub(crate) fn reject(rejection: Rejection, protocol: Protocol) -> Response {
@@ -78,10 +79,12 @@ impl Auth {
 async fn authenticate(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
     if !auth.keys.is_empty() {
         let Some(presented) = presented_api_key(request.headers()) else {
-            let rejection = Rejection::unauthorized(
-                "You didn't provide an API key. Send it as `Authorization: Bearer KEY` or `x-api-key: KEY`.",
-            )
-            .with_code("missing_api_key");
+            let message = if proxy::has_query_credential(request.uri()) {
+                "An API key in the URL is not accepted (URLs end up in logs). Send it as `Authorization: Bearer KEY` or `x-api-key: KEY`."
+            } else {
+                "You didn't provide an API key. Send it as `Authorization: Bearer KEY` or `x-api-key: KEY`."
+            };
+            let rejection = Rejection::unauthorized(message).with_code("missing_api_key");
             return reject(rejection, Protocol::of(&request));
         };
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
@@ -96,6 +99,21 @@ async fn authenticate(State(auth): State<Arc<Auth>>, mut request: Request, next:
     }
     auth.resolver.resolve(&mut request);
     next.run(request).await
+}
+
+async fn method_not_allowed(request: Request) -> Response {
+    let message = format!(
+        "Method {} is not allowed for {}",
+        request.method(),
+        request.uri().path()
+    );
+    let rejection = Rejection::new(
+        http::StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        message,
+    )
+    .with_code("method_not_allowed");
+    reject(rejection, Protocol::of(&request))
 }
 
 async fn not_found(request: Request) -> Response {
@@ -128,6 +146,7 @@ pub fn app(resolved: &Resolved) -> Router {
         .route("/v1/embeddings", post(proxy::forward))
         .route("/v1/messages", post(proxy::forward))
         .route("/v1/models", get(proxy::forward))
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(upstream);
     // Layers added last run first: authentication, rate limits, budgets, then redaction
     // (nearest the upstream, so budgets count the prompt the user sent).
@@ -154,27 +173,15 @@ pub fn app(resolved: &Resolved) -> Router {
             }
         }),
     );
-    let api = api.merge(usage);
+    let api = api
+        .merge(usage)
+        .method_not_allowed_fallback(method_not_allowed);
     let api = api.layer(middleware::from_fn_with_state(auth, authenticate));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .merge(api)
         .fallback(not_found)
-}
-
-/// Serves `app` on `listener` until `shutdown` completes, then lets in-flight requests and
-/// streams finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+        .method_not_allowed_fallback(method_not_allowed)
 }
 
 /// Resolves when the process gets Ctrl-C or SIGTERM.

@@ -25,10 +25,15 @@ struct Args {
     listen: Option<SocketAddr>,
 }
 
-fn load(path: &PathBuf) -> Result<Resolved, String> {
+fn load(path: &PathBuf, check: bool) -> Result<Resolved, String> {
     let source = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Config::resolve(&source, |name| std::env::var(name).ok())
-        .map_err(|e| format!("{}: {e}", path.display()))
+    let env = |name: &str| std::env::var(name).ok();
+    let resolved = if check {
+        Config::check(&source, env)
+    } else {
+        Config::resolve(&source, env)
+    };
+    resolved.map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[tokio::main]
@@ -42,8 +47,11 @@ async fn main() -> ExitCode {
     let args = Args::parse();
 
     if let Some(path) = &args.check_config {
-        return match load(path) {
-            Ok(_) => {
+        return match load(path, true) {
+            Ok(resolved) => {
+                for warning in &resolved.warnings {
+                    eprintln!("moat-gateway: warning: {}: {warning}", path.display());
+                }
                 println!("{}: ok", path.display());
                 ExitCode::SUCCESS
             }
@@ -55,7 +63,7 @@ async fn main() -> ExitCode {
     }
 
     let (mut resolved, demo) = match &args.config {
-        Some(path) => match load(path) {
+        Some(path) => match load(path, false) {
             Ok(resolved) => (resolved, None),
             Err(e) => {
                 eprintln!("moat-gateway: invalid configuration: {e}");
@@ -111,7 +119,14 @@ async fn main() -> ExitCode {
         println!("try:\n  curl http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello from moat\"}}]}}'");
     }
     let app = moat_gateway::app(&resolved);
-    match moat_gateway::serve(listener, app, moat_gateway::shutdown_signal()).await {
+    match moat_gateway::serve(
+        listener,
+        app,
+        resolved.server,
+        moat_gateway::shutdown_signal(),
+    )
+    .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("moat-gateway: {e}");

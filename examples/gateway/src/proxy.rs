@@ -1,22 +1,29 @@
-//! Forwarding to the provider: the client's key out, the provider's key in, bodies streamed.
+//! Forwarding to the provider: the client's key out, the provider's key in, bodies streamed back.
+//!
+//! The request body is read whole (it has been by any content layer already, and it is capped)
+//! and sent with its exact length, so a slow client never holds an upstream connection and an
+//! HTTP/1.0 client's body arrives whole. The gateway speaks HTTP/1.1 or HTTP/2 to the upstream as
+//! the connection allows, whatever the client spoke. Credentials in the query string never leave.
 
 use std::error::Error as _;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{StatusCode, Uri};
-use http_body_util::{BodyExt, Limited};
+use http::{StatusCode, Uri, Version};
+use http_body_util::Full;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use moat::core::body::buffer;
 use moat::core::reject::{Protocol, Rejection};
 
-use crate::config::{Resolved, UpstreamKind};
+use crate::config::{Resolved, UpstreamKind, UpstreamTimeouts};
+use crate::deadline::DeadlineBody;
 use crate::reject;
 
 /// Headers that describe one connection, never forwarded (RFC 9110, section 7.6.1).
@@ -31,16 +38,31 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// Query parameters that carry credentials (compared without case, after percent-decoding).
+const CREDENTIAL_PARAMS: [&str; 11] = [
+    "api_key",
+    "api-key",
+    "apikey",
+    "key",
+    "x-api-key",
+    "access_token",
+    "token",
+    "auth",
+    "authorization",
+    "client_secret",
+    "password",
+];
+
 /// The provider behind the gateway, and the client that reaches it.
 #[derive(Debug)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     base_path: String,
     kind: UpstreamKind,
     api_key: Option<HeaderValue>,
-    timeout: Duration,
+    timeouts: UpstreamTimeouts,
     max_body_bytes: usize,
 }
 
@@ -54,12 +76,17 @@ impl Upstream {
             .get_ref()
             .parse()
             .expect("validated by Config::resolve");
+        let timeouts = resolved.upstream_timeouts;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(timeouts.connect));
+        http.set_nodelay(true);
         let connector = HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .build();
+            .wrap_connector(http);
         let kind = resolved.config.upstream.kind;
         let api_key = resolved.upstream_api_key.as_deref().and_then(|key| {
             let value = match kind {
@@ -80,16 +107,22 @@ impl Upstream {
             base_path: base.path().trim_end_matches('/').to_owned(),
             kind,
             api_key,
-            timeout: Duration::from_secs(resolved.config.upstream.timeout_secs),
-            max_body_bytes: resolved.config.max_body_bytes,
+            timeouts,
+            max_body_bytes: resolved.max_body_bytes,
         }
     }
 
-    /// The upstream URI for a gateway path: `/v1/x?q` goes to `BASE/x?q`.
+    /// The upstream URI for a gateway path: `/v1/x?q` goes to `BASE/x?q`, without credentials
+    /// in `q`.
     fn uri_for(&self, uri: &Uri) -> Result<Uri, http::Error> {
         let path = uri.path();
         let rest = path.strip_prefix("/v1").unwrap_or(path);
-        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let query = uri
+            .query()
+            .map(strip_credentials)
+            .filter(|q| !q.is_empty())
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -102,6 +135,9 @@ impl Upstream {
         headers.remove(header::HOST);
         headers.remove(header::AUTHORIZATION);
         headers.remove("x-api-key");
+        // The body is sent whole, with its own length.
+        headers.remove(header::CONTENT_LENGTH);
+        headers.remove(header::EXPECT);
         if let Some(key) = &self.api_key {
             match self.kind {
                 UpstreamKind::Openai => headers.insert(header::AUTHORIZATION, key.clone()),
@@ -112,6 +148,48 @@ impl Upstream {
             headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
         }
     }
+}
+
+/// A query parameter's name, percent-decoded (`+` as a space), for comparison.
+fn param_name(pair: &str) -> String {
+    let name = pair.split('=').next().unwrap_or("");
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
+}
+
+/// Whether a query string carries a credential parameter.
+pub(crate) fn has_query_credential(uri: &Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|pair| CREDENTIAL_PARAMS.contains(&param_name(pair).as_str()))
+    })
+}
+
+/// The query without its credential parameters.
+fn strip_credentials(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty() && !CREDENTIAL_PARAMS.contains(&param_name(pair).as_str()))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -128,25 +206,32 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn too_large(limit: usize) -> Rejection {
-    Rejection::payload_too_large(format!(
-        "request body is larger than the limit of {limit} bytes"
-    ))
+/// Whether an error, or what caused it, is an `io::Error` of kind `TimedOut`.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+fn upstream_error(status: StatusCode, code: &'static str, message: String) -> Rejection {
+    Rejection::new(status, "upstream_error", message).with_code(code)
 }
 
 /// The proxy handler.
 pub(crate) async fn forward(State(upstream): State<Arc<Upstream>>, request: Request) -> Response {
     let protocol = Protocol::of(&request);
     let (mut parts, body) = request.into_parts();
-    let limit = upstream.max_body_bytes;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return reject(too_large(limit), protocol);
-    }
+    let body = match buffer(body, upstream.max_body_bytes).await {
+        Ok(buffered) => buffered.data,
+        Err(e) => return reject(e.into(), protocol),
+    };
     parts.uri = match upstream.uri_for(&parts.uri) {
         Ok(uri) => uri,
         Err(e) => {
@@ -156,43 +241,55 @@ pub(crate) async fn forward(State(upstream): State<Arc<Upstream>>, request: Requ
             )
         }
     };
+    // The client's HTTP version is its own business; the connection to the upstream decides.
+    parts.version = Version::HTTP_11;
     upstream.outgoing_headers(&mut parts.headers);
-    let body = Body::new(Limited::new(body, limit).map_err(axum::Error::new));
-    let sent = upstream.client.request(Request::from_parts(parts, body));
-    let response = match tokio::time::timeout(upstream.timeout, sent).await {
+    if !body.is_empty() || !matches!(parts.method, http::Method::GET | http::Method::HEAD) {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    let sent = upstream
+        .client
+        .request(http::Request::from_parts(parts, Full::new(body)));
+    let response = match tokio::time::timeout(upstream.timeouts.first_byte, sent).await {
         Ok(Ok(response)) => response,
+        Ok(Err(error)) if error.is_connect() && timed_out(&error) => {
+            let rejection = upstream_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                format!(
+                    "could not connect to the upstream provider within {:?}",
+                    upstream.timeouts.connect
+                ),
+            );
+            return reject(rejection, protocol);
+        }
         Ok(Err(error)) => {
-            let mut source = error.source();
-            while let Some(cause) = source {
-                if cause.is::<http_body_util::LengthLimitError>() {
-                    return reject(too_large(limit), protocol);
-                }
-                source = cause.source();
-            }
-            tracing::warn!(target: "moat::gateway", error = %error, "upstream request failed");
-            let rejection = Rejection::new(
+            let cause = error.source().map(ToString::to_string).unwrap_or_default();
+            tracing::warn!(target: "moat::gateway", %error, %cause, "upstream request failed");
+            let rejection = upstream_error(
                 StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "the upstream provider could not be reached",
-            )
-            .with_code("upstream_unreachable");
+                "upstream_unreachable",
+                "the upstream provider could not be reached".into(),
+            );
             return reject(rejection, protocol);
         }
         Err(_) => {
-            let rejection = Rejection::new(
+            let rejection = upstream_error(
                 StatusCode::GATEWAY_TIMEOUT,
-                "upstream_error",
+                "upstream_timeout",
                 format!(
                     "the upstream provider did not answer within {:?}",
-                    upstream.timeout
+                    upstream.timeouts.first_byte
                 ),
-            )
-            .with_code("upstream_timeout");
+            );
             return reject(rejection, protocol);
         }
     };
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let body = DeadlineBody::new(body, upstream.timeouts.idle, None, "the upstream's reply");
     Response::from_parts(parts, Body::new(body))
 }
 
@@ -224,6 +321,29 @@ mod tests {
                 .to_string(),
             "http://127.0.0.1:9/proxy/v1/models"
         );
+    }
+
+    #[test]
+    fn credentials_in_the_query_never_leave() {
+        let up = upstream("https://api.openai.com/v1", "openai");
+        for (query, kept, credential) in [
+            ("api_key=sk-1", "", true),
+            ("limit=5&API_KEY=sk-1&after=x", "?limit=5&after=x", true),
+            (
+                "api%5Fkey=sk-1&key=k&token=t&access_token=a&x-api-key=x",
+                "",
+                true,
+            ),
+            ("api-version=2024-06-01", "?api-version=2024-06-01", false),
+        ] {
+            let uri: Uri = format!("/v1/models?{query}").parse().unwrap();
+            assert_eq!(has_query_credential(&uri), credential, "{query}");
+            assert_eq!(
+                up.uri_for(&uri).unwrap().to_string(),
+                format!("https://api.openai.com/v1/models{kept}"),
+                "{query}"
+            );
+        }
     }
 
     #[test]

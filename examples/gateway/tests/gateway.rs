@@ -34,8 +34,9 @@ async fn start(config: &str, env: &[(&str, &str)]) -> Running {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = oneshot::channel::<()>();
     let app = moat_gateway::app(&resolved);
+    let limits = resolved.server;
     let done = tokio::spawn(async move {
-        moat_gateway::serve(listener, app, async {
+        moat_gateway::serve(listener, app, limits, async {
             let _ = rx.await;
         })
         .await

@@ -5,15 +5,40 @@
 //!
 //! | format | text segments |
 //! |---|---|
-//! | OpenAI chat completions | `messages[].content` (string or text parts), `name`, `tool_calls[].function.arguments` (every JSON string value inside), `tools[]` descriptions |
+//! | OpenAI chat completions | `messages[].content` (string or parts), `name`, `refusal`, `tool_calls[].function.arguments` (every JSON string value inside), custom tool input, `tools[]` and `response_format` schemas, `prediction` |
 //! | OpenAI completions | `prompt`, `suffix` |
-//! | OpenAI Responses | `instructions`, `input` (string, messages, `function_call` arguments, `function_call_output`), `tools[]` descriptions |
+//! | OpenAI Responses | `instructions`, `input` (string, messages, `function_call` arguments, `function_call_output`, reasoning summaries), prompt variables, `tools[]` and `text.format` schemas |
 //! | OpenAI embeddings | `input` |
-//! | Anthropic messages | `system` (string or blocks), `messages[].content` text, `tool_use.input`, `tool_result` content, `tools[]` descriptions |
+//! | Anthropic messages | `system` (string or blocks), `messages[].content` text, thinking, `tool_use.input`, `tool_result` content, documents and search results, `tools[]` schemas |
+//!
+//! and, as [`Source::Metadata`] and [`Source::Attachment`], the text that is not conversation
+//! but still leaves with the request: `user`, `metadata`, stop sequences, image and file URLs
+//! (not `data:` URLs) and file names.
 //!
 //! Segments can be rewritten in place with [`LlmRequest::set_text`]; every other field, known or
 //! not, is kept. An unedited request serializes to exactly the bytes it was parsed from; an edit
 //! changes only that string.
+//!
+//! # Failing closed
+//!
+//! A guard is only as good as its reading of the request: text it does not see reaches the
+//! provider unscanned. So the parse is strict and the walk is complete:
+//!
+//! - The body is parsed with [`parse_strict`](crate::json::parse_strict): a key given twice (which
+//!   parsers resolve differently) is refused, like malformed JSON, invalid UTF-8 and deep nesting.
+//! - The walk knows every field of each format. What it does not know (a content part of a new
+//!   type, `messages` that is a string, a field no API documents) is reported as an [`Unknown`],
+//!   and every string inside it is a segment of [`Source::Unknown`]. Each content layer decides
+//!   what to do with them by its [`UnknownPolicy`]: scan them like any other text (the default),
+//!   refuse the request (400), or let them pass. The default scans rather than refuses because
+//!   providers add fields often: refusing would break clients the day an SDK sends something
+//!   new, while scanning gives the same guarantee, that nothing leaves unscanned.
+//! - Controls (model, sampling parameters, ids, enums) and binary payloads (base64 images and
+//!   audio) are not text and are not segments; unknown fields that hold no string are not
+//!   reported.
+//!
+//! How a body reaches the parser (content types, encodings, which routes are LLM routes) is
+//! [`request`](crate::request)'s part of the same policy.
 //!
 //! ```
 //! use moat_core::llm::{LlmRequest, Role, Source, WireFormat};
@@ -35,10 +60,16 @@
 //! assert_eq!(out["messages"][1]["content"][0]["text"], "My email is [EMAIL_1]");
 //! ```
 
+mod walk;
+
+use std::borrow::Cow;
+use std::fmt;
+
 use bytes::Bytes;
+use http::StatusCode;
 use serde_json::{Map, Value};
 
-use crate::body::parse_json;
+use crate::json::{parse_strict, JsonError};
 use crate::reject::Rejection;
 
 /// Which API a request body belongs to.
@@ -60,20 +91,32 @@ pub enum WireFormat {
 }
 
 impl WireFormat {
-    /// The format of a request to `path` with this body: by path, else by shape.
-    pub fn detect(path: &str, json: &Value) -> Self {
+    /// The format an LLM route takes, by its path: `.../chat/completions`, `.../completions`,
+    /// `.../responses`, `.../embeddings`, `/v1/messages` (and its `count_tokens`). `None` for
+    /// any other path.
+    pub fn for_path(path: &str) -> Option<Self> {
         let path = path.trim_end_matches('/');
         if path.ends_with("/chat/completions") {
-            Self::ChatCompletions
+            Some(Self::ChatCompletions)
         } else if path.ends_with("/completions") {
-            Self::Completions
+            Some(Self::Completions)
         } else if path.ends_with("/responses") {
-            Self::Responses
+            Some(Self::Responses)
         } else if path.ends_with("/embeddings") {
-            Self::Embeddings
-        } else if path.ends_with("/messages") {
-            Self::AnthropicMessages
-        } else if json.get("messages").is_some() {
+            Some(Self::Embeddings)
+        } else if path.ends_with("/v1/messages") || path.ends_with("/v1/messages/count_tokens") {
+            Some(Self::AnthropicMessages)
+        } else {
+            None
+        }
+    }
+
+    /// The format of a request to `path` with this body: by path, else by shape.
+    pub fn detect(path: &str, json: &Value) -> Self {
+        if let Some(format) = Self::for_path(path) {
+            return format;
+        }
+        if json.get("messages").is_some() {
             Self::ChatCompletions
         } else if json.get("prompt").is_some() {
             Self::Completions
@@ -139,15 +182,31 @@ pub enum Source {
     ToolCall,
     /// A tool's result, fed back to the model: third-party content.
     ToolResult,
-    /// A tool's description or parameter description.
+    /// A tool's description or a descriptive string of its schema (or of a response format).
     ToolDefinition,
     /// A completions prompt or an embeddings input.
     Prompt,
+    /// A document or search result handed to the model: third-party content.
+    Document,
+    /// Text sent with the request that the model does not read as conversation: `user`,
+    /// `metadata`, stop sequences.
+    Metadata,
+    /// The URL or file name of an image or file.
+    Attachment,
+    /// A string inside something the walk does not know; see [`Unknown`].
+    Unknown,
+}
+
+impl Source {
+    /// Whether the model reads this text as part of its prompt (what token counts cover).
+    pub fn is_prompt(self) -> bool {
+        !matches!(self, Self::Metadata | Self::Attachment)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
-    Key(Box<str>),
+    Key(Cow<'static, str>),
     Index(usize),
 }
 
@@ -168,13 +227,28 @@ impl Segment {
     /// The segment's location as a JSON pointer, e.g. `/messages/1/content`. Inside tool-call
     /// arguments, the pointer of the arguments string, `#`, then the pointer inside them.
     pub fn pointer(&self, request: &LlmRequest) -> String {
-        let mut out = String::new();
-        if let Some(e) = self.embedded {
-            push_pointer(&mut out, &request.embedded[e].path);
-            out.push('#');
-        }
-        push_pointer(&mut out, &self.path);
-        out
+        request.pointer(self.embedded, &self.path)
+    }
+}
+
+/// A place in a request the walk does not know, holding text: its strings are the segments of
+/// [`Source::Unknown`].
+#[derive(Debug, Clone)]
+pub struct Unknown {
+    path: Vec<Step>,
+    embedded: Option<usize>,
+    what: Cow<'static, str>,
+}
+
+impl Unknown {
+    /// Where it is, as a JSON pointer (see [`Segment::pointer`]).
+    pub fn pointer(&self, request: &LlmRequest) -> String {
+        request.pointer(self.embedded, &self.path)
+    }
+
+    /// What it is, e.g. `a content part of unknown type "audio_url"`.
+    pub fn what(&self) -> &str {
+        &self.what
     }
 }
 
@@ -188,11 +262,91 @@ fn push_pointer(out: &mut String, path: &[Step]) {
     }
 }
 
+/// What a content layer does with text the walk does not know ([`Source::Unknown`] segments).
+///
+/// The gateway's `unknown = "scan_all" | "reject" | "pass"`. See the [module docs](self) for why
+/// scanning is the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum UnknownPolicy {
+    /// Scan it like any other text.
+    #[default]
+    ScanAll,
+    /// Refuse the request with 400, naming what was not understood.
+    Reject,
+    /// Let it through unscanned (the behaviour of a layer that only knows the documented fields).
+    Pass,
+}
+
+impl UnknownPolicy {
+    /// Under [`Reject`](Self::Reject), a 400 naming the first unknown place, if there is one.
+    pub fn check(self, request: &LlmRequest) -> Result<(), Rejection> {
+        match (self, request.unknowns().first()) {
+            (Self::Reject, Some(unknown)) => Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                format!(
+                    "the request holds text this gateway does not understand, at {}: {}",
+                    unknown.pointer(request),
+                    unknown.what()
+                ),
+            )
+            .with_code("unsupported_content")
+            .with_param(unknown.pointer(request))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a segment is to be scanned: all of them, except unknown text under
+    /// [`Pass`](Self::Pass).
+    pub fn scans(self, segment: &Segment) -> bool {
+        self != Self::Pass || segment.source != Source::Unknown
+    }
+}
+
 /// A JSON document held in a string field, such as `tool_calls[].function.arguments`.
 #[derive(Debug, Clone)]
 struct Embedded {
     path: Vec<Step>,
     value: Value,
+}
+
+/// Why a body is not an LLM request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ParseError {
+    /// Not strict JSON.
+    Json(JsonError),
+    /// JSON, but its top level is not an object.
+    NotAnObject,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Json(JsonError::DuplicateKey { key }) => write!(
+                f,
+                "request body names the key {key:?} twice in one object; send each key once"
+            ),
+            Self::Json(e) => write!(f, "request body is {e}"),
+            Self::NotAnObject => f.write_str("request body must be a JSON object"),
+        }
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+impl From<ParseError> for Rejection {
+    fn from(err: ParseError) -> Self {
+        let code = match &err {
+            ParseError::Json(JsonError::DuplicateKey { .. }) => "duplicate_key",
+            ParseError::Json(JsonError::TooDeep) => "nested_too_deeply",
+            ParseError::Json(_) => "invalid_json",
+            ParseError::NotAnObject => "invalid_request",
+        };
+        Rejection::bad_request(err.to_string()).with_code(code)
+    }
 }
 
 /// A parsed LLM request.
@@ -203,16 +357,26 @@ pub struct LlmRequest {
     json: Value,
     segments: Vec<Segment>,
     embedded: Vec<Embedded>,
+    unknowns: Vec<Unknown>,
     dirty: bool,
 }
 
+/// A JSON count (`max_tokens` and the like): an integer, or a non-negative number rounded up
+/// (`1e12` is a number too); anything else is no count.
+fn count(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        let f = value.as_f64()?;
+        // Saturates at u64::MAX; NaN cannot come out of JSON.
+        (f >= 0.0).then(|| f.ceil() as u64)
+    })
+}
+
 impl LlmRequest {
-    /// Parses a request body sent to `path`. Malformed JSON, over-deep nesting and a top level
-    /// that is not an object are 400 rejections.
-    pub fn parse(body: Bytes, path: &str) -> Result<Self, Rejection> {
-        let json = parse_json(&body)?;
+    /// Parses a request body sent to `path` (strictly: see the [module docs](self)).
+    pub fn parse(body: Bytes, path: &str) -> Result<Self, ParseError> {
+        let json = parse_strict(&body).map_err(ParseError::Json)?;
         if !json.is_object() {
-            return Err(Rejection::bad_request("request body must be a JSON object"));
+            return Err(ParseError::NotAnObject);
         }
         let format = WireFormat::detect(path, &json);
         let mut request = Self {
@@ -221,6 +385,7 @@ impl LlmRequest {
             json,
             segments: Vec::new(),
             embedded: Vec::new(),
+            unknowns: Vec::new(),
             dirty: false,
         };
         request.index();
@@ -228,19 +393,23 @@ impl LlmRequest {
     }
 
     fn index(&mut self) {
-        let mut collector = Collector::default();
-        if let Value::Object(root) = &self.json {
-            match self.format {
-                WireFormat::ChatCompletions => collector.chat(root),
-                WireFormat::Completions => collector.completions(root),
-                WireFormat::Responses => collector.responses(root),
-                WireFormat::Embeddings => collector.embeddings(root),
-                WireFormat::AnthropicMessages => collector.anthropic(root),
-                WireFormat::Unknown => {}
-            }
+        let Value::Object(root) = &self.json else {
+            return;
+        };
+        let walked = walk::Collector::walk(self.format, root);
+        self.segments = walked.segments;
+        self.embedded = walked.embedded;
+        self.unknowns = walked.unknowns;
+    }
+
+    fn pointer(&self, embedded: Option<usize>, path: &[Step]) -> String {
+        let mut out = String::new();
+        if let Some(e) = embedded {
+            push_pointer(&mut out, &self.embedded[e].path);
+            out.push('#');
         }
-        self.segments = collector.segments;
-        self.embedded = collector.embedded;
+        push_pointer(&mut out, path);
+        out
     }
 
     /// The wire format.
@@ -251,6 +420,11 @@ impl LlmRequest {
     /// The whole JSON document.
     pub fn json(&self) -> &Value {
         &self.json
+    }
+
+    /// The places holding text the walk does not know (see the [module docs](self)).
+    pub fn unknowns(&self) -> &[Unknown] {
+        &self.unknowns
     }
 
     /// Edits the JSON document directly, then re-indexes the segments.
@@ -301,9 +475,9 @@ impl LlmRequest {
 
     /// The field capping output tokens for this format, and its value if set:
     /// `max_completion_tokens` or `max_tokens` (chat), `max_tokens` (completions, Anthropic),
-    /// `max_output_tokens` (Responses).
+    /// `max_output_tokens` (Responses). A number written as a float (`1e12`) counts, rounded up.
     pub fn max_output_tokens(&self) -> Option<u64> {
-        let field = |name: &str| self.json.get(name).and_then(Value::as_u64);
+        let field = |name: &str| self.json.get(name).and_then(count);
         match self.format {
             WireFormat::ChatCompletions => {
                 field("max_completion_tokens").or_else(|| field("max_tokens"))
@@ -336,6 +510,11 @@ impl LlmRequest {
     /// The text segments, in document order.
     pub fn segments(&self) -> impl ExactSizeIterator<Item = &Segment> + '_ {
         self.segments.iter()
+    }
+
+    /// Segment `index`.
+    pub fn segment(&self, index: usize) -> Option<&Segment> {
+        self.segments.get(index)
     }
 
     /// How many text segments there are.
@@ -420,352 +599,6 @@ fn walk_mut<'a>(mut value: &'a mut Value, path: &[Step]) -> Option<&'a mut Value
     Some(value)
 }
 
-/// Collects segments while walking a document, keeping the current path on a stack.
-#[derive(Default)]
-struct Collector {
-    path: Vec<Step>,
-    segments: Vec<Segment>,
-    embedded: Vec<Embedded>,
-    in_embedded: Option<usize>,
-}
-
-impl Collector {
-    fn key(&mut self, key: &str) {
-        self.path.push(Step::Key(key.into()));
-    }
-
-    fn index(&mut self, index: usize) {
-        self.path.push(Step::Index(index));
-    }
-
-    fn pop(&mut self) {
-        self.path.pop();
-    }
-
-    /// `value` (at the current path) if it is a string.
-    fn text(&mut self, value: &Value, role: Role, source: Source) {
-        if value.is_string() {
-            self.segments.push(Segment {
-                role,
-                source,
-                path: self.path.clone(),
-                embedded: self.in_embedded,
-            });
-        }
-    }
-
-    /// `object[key]` if it is a string.
-    fn field(&mut self, object: &Map<String, Value>, key: &str, role: Role, source: Source) {
-        if let Some(value) = object.get(key) {
-            self.key(key);
-            self.text(value, role, source);
-            self.pop();
-        }
-    }
-
-    /// Every string value inside `value`, at any depth.
-    fn all_strings(&mut self, value: &Value, role: Role, source: Source) {
-        match value {
-            Value::String(_) => self.text(value, role, source),
-            Value::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    self.index(i);
-                    self.all_strings(item, role, source);
-                    self.pop();
-                }
-            }
-            Value::Object(map) => {
-                for (k, v) in map {
-                    self.key(k);
-                    self.all_strings(v, role, source);
-                    self.pop();
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// A string that holds JSON (tool-call arguments): its string values are the segments. A
-    /// string that is not JSON, or is a bare JSON string, is one segment.
-    fn embedded_json(&mut self, value: &Value, role: Role, source: Source) {
-        let Some(text) = value.as_str() else { return };
-        match serde_json::from_str::<Value>(text) {
-            Ok(parsed @ (Value::Object(_) | Value::Array(_))) if self.in_embedded.is_none() => {
-                let id = self.embedded.len();
-                let outer = std::mem::take(&mut self.path);
-                self.embedded.push(Embedded {
-                    path: outer.clone(),
-                    value: Value::Null,
-                });
-                self.in_embedded = Some(id);
-                self.all_strings(&parsed, role, source);
-                self.in_embedded = None;
-                self.path = outer;
-                self.embedded[id].value = parsed;
-            }
-            _ => self.text(value, role, source),
-        }
-    }
-
-    /// String content, or an array of parts/blocks whose text parts are segments.
-    fn content(&mut self, content: &Value, role: Role, source: Source) {
-        match content {
-            Value::String(_) => self.text(content, role, source),
-            Value::Array(parts) => {
-                for (i, part) in parts.iter().enumerate() {
-                    let Some(part) = part.as_object() else {
-                        continue;
-                    };
-                    self.index(i);
-                    match part.get("type").and_then(Value::as_str) {
-                        Some("text" | "input_text" | "output_text") | None => {
-                            self.field(part, "text", role, source)
-                        }
-                        Some("refusal") => self.field(part, "refusal", role, source),
-                        _ => {}
-                    }
-                    self.pop();
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// `description` strings of tools and of every property in their parameter schemas.
-    fn tools(&mut self, root: &Map<String, Value>) {
-        let Some(Value::Array(tools)) = root.get("tools") else {
-            return;
-        };
-        self.key("tools");
-        for (i, tool) in tools.iter().enumerate() {
-            self.index(i);
-            // OpenAI chat nests under `function`; Responses and Anthropic are flat.
-            if let Some(Value::Object(function)) = tool.get("function") {
-                self.key("function");
-                self.tool_definition(function);
-                self.pop();
-            } else if let Value::Object(tool) = tool {
-                self.tool_definition(tool);
-            }
-            self.pop();
-        }
-        self.pop();
-    }
-
-    fn tool_definition(&mut self, tool: &Map<String, Value>) {
-        self.field(tool, "description", Role::System, Source::ToolDefinition);
-        for schema in ["parameters", "input_schema"] {
-            if let Some(value) = tool.get(schema) {
-                self.key(schema);
-                self.schema_descriptions(value);
-                self.pop();
-            }
-        }
-    }
-
-    fn schema_descriptions(&mut self, value: &Value) {
-        match value {
-            Value::Object(map) => {
-                for (k, v) in map {
-                    self.key(k);
-                    if k == "description" {
-                        self.text(v, Role::System, Source::ToolDefinition);
-                    } else {
-                        self.schema_descriptions(v);
-                    }
-                    self.pop();
-                }
-            }
-            Value::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    self.index(i);
-                    self.schema_descriptions(item);
-                    self.pop();
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn each<'v>(
-        &mut self,
-        root: &'v Map<String, Value>,
-        key: &str,
-        mut f: impl FnMut(&mut Self, &'v Value),
-    ) {
-        match root.get(key) {
-            Some(Value::Array(items)) => {
-                self.key(key);
-                for (i, item) in items.iter().enumerate() {
-                    self.index(i);
-                    f(self, item);
-                    self.pop();
-                }
-                self.pop();
-            }
-            Some(other) => {
-                self.key(key);
-                f(self, other);
-                self.pop();
-            }
-            None => {}
-        }
-    }
-
-    fn chat(&mut self, root: &Map<String, Value>) {
-        if let Some(Value::Array(messages)) = root.get("messages") {
-            self.key("messages");
-            for (i, message) in messages.iter().enumerate() {
-                let Some(message) = message.as_object() else {
-                    continue;
-                };
-                self.index(i);
-                let role = Role::parse(message.get("role").and_then(Value::as_str));
-                let source = match role {
-                    Role::System | Role::Developer => Source::Instructions,
-                    Role::Tool => Source::ToolResult,
-                    _ => Source::Message,
-                };
-                if let Some(content) = message.get("content") {
-                    self.key("content");
-                    self.content(content, role, source);
-                    self.pop();
-                }
-                self.field(message, "name", role, Source::Name);
-                self.each(message, "tool_calls", |c, call| {
-                    if let Some(Value::Object(function)) = call.get("function") {
-                        c.key("function");
-                        if let Some(args) = function.get("arguments") {
-                            c.key("arguments");
-                            c.embedded_json(args, Role::Assistant, Source::ToolCall);
-                            c.pop();
-                        }
-                        c.pop();
-                    }
-                });
-                if let Some(Value::Object(call)) = message.get("function_call") {
-                    self.key("function_call");
-                    if let Some(args) = call.get("arguments") {
-                        self.key("arguments");
-                        self.embedded_json(args, Role::Assistant, Source::ToolCall);
-                        self.pop();
-                    }
-                    self.pop();
-                }
-                self.pop();
-            }
-            self.pop();
-        }
-        self.tools(root);
-    }
-
-    fn completions(&mut self, root: &Map<String, Value>) {
-        self.each(root, "prompt", |c, p| c.text(p, Role::User, Source::Prompt));
-        self.field(root, "suffix", Role::User, Source::Prompt);
-    }
-
-    fn embeddings(&mut self, root: &Map<String, Value>) {
-        self.each(root, "input", |c, p| c.text(p, Role::User, Source::Prompt));
-    }
-
-    fn responses(&mut self, root: &Map<String, Value>) {
-        self.field(root, "instructions", Role::System, Source::Instructions);
-        match root.get("input") {
-            Some(input @ Value::String(_)) => {
-                self.key("input");
-                self.text(input, Role::User, Source::Message);
-                self.pop();
-            }
-            Some(Value::Array(_)) => self.each(root, "input", |c, item| {
-                let Some(item) = item.as_object() else { return };
-                match item.get("type").and_then(Value::as_str) {
-                    Some("message") | None => {
-                        let role = Role::parse(item.get("role").and_then(Value::as_str));
-                        let source = match role {
-                            Role::System | Role::Developer => Source::Instructions,
-                            _ => Source::Message,
-                        };
-                        if let Some(content) = item.get("content") {
-                            c.key("content");
-                            c.content(content, role, source);
-                            c.pop();
-                        }
-                    }
-                    Some("function_call") => {
-                        if let Some(args) = item.get("arguments") {
-                            c.key("arguments");
-                            c.embedded_json(args, Role::Assistant, Source::ToolCall);
-                            c.pop();
-                        }
-                    }
-                    Some("function_call_output") => {
-                        if let Some(output) = item.get("output") {
-                            c.key("output");
-                            c.content(output, Role::Tool, Source::ToolResult);
-                            c.pop();
-                        }
-                    }
-                    _ => {}
-                }
-            }),
-            _ => {}
-        }
-        self.tools(root);
-    }
-
-    fn anthropic(&mut self, root: &Map<String, Value>) {
-        if let Some(system) = root.get("system") {
-            self.key("system");
-            self.content(system, Role::System, Source::Instructions);
-            self.pop();
-        }
-        if let Some(Value::Array(messages)) = root.get("messages") {
-            self.key("messages");
-            for (i, message) in messages.iter().enumerate() {
-                let Some(message) = message.as_object() else {
-                    continue;
-                };
-                self.index(i);
-                let role = Role::parse(message.get("role").and_then(Value::as_str));
-                match message.get("content") {
-                    Some(content @ Value::String(_)) => {
-                        self.key("content");
-                        self.text(content, role, Source::Message);
-                        self.pop();
-                    }
-                    Some(Value::Array(_)) => self.each(message, "content", |c, block| {
-                        let Some(block) = block.as_object() else {
-                            return;
-                        };
-                        match block.get("type").and_then(Value::as_str) {
-                            Some("text") => c.field(block, "text", role, Source::Message),
-                            Some("tool_use") => {
-                                if let Some(input) = block.get("input") {
-                                    c.key("input");
-                                    c.all_strings(input, Role::Assistant, Source::ToolCall);
-                                    c.pop();
-                                }
-                            }
-                            Some("tool_result") => {
-                                if let Some(content) = block.get("content") {
-                                    c.key("content");
-                                    c.content(content, Role::Tool, Source::ToolResult);
-                                    c.pop();
-                                }
-                            }
-                            _ => {}
-                        }
-                    }),
-                    _ => {}
-                }
-                self.pop();
-            }
-            self.pop();
-        }
-        self.tools(root);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -817,13 +650,19 @@ mod tests {
                 "/messages/0/content",
                 "sys",
             ),
+            (Role::User, Source::Name, "/messages/1/name", "bob"),
             (
                 Role::User,
                 Source::Message,
                 "/messages/1/content/0/text",
                 "hello",
             ),
-            (Role::User, Source::Name, "/messages/1/name", "bob"),
+            (
+                Role::User,
+                Source::Attachment,
+                "/messages/1/content/1/image_url/url",
+                "https://x/y.png",
+            ),
             (
                 Role::Assistant,
                 Source::ToolCall,
@@ -1014,15 +853,59 @@ mod tests {
     }
 
     #[test]
-    fn odd_shapes_are_skipped_not_fatal() {
-        for body in [
-            json!({"messages": "nope"}),
-            json!({"messages": [1, "x", null, {"role": 5, "content": {"a": 1}}]}),
-            json!({"messages": [{"content": [1, {"type": "text", "text": 5}]}], "tools": "x"}),
-        ] {
+    fn odd_shapes_are_unknown_and_their_text_is_kept_for_scanning() {
+        let cases = [
+            (json!({"messages": "a@b.co"}), vec!["a@b.co"], "/messages"),
+            (
+                json!({"messages": [1, "x", null, {"role": 5, "content": {"a": "y"}}]}),
+                vec!["x", "y"],
+                "/messages/1",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "u", "caption": "c"}}]}]}),
+                // Every string, the type's name too: an unknown object is not trusted to say
+                // which of its strings are text.
+                vec!["audio_url", "u", "c"],
+                "/messages/0/content/0",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "ok", "secret_field": "z"}]}),
+                vec!["ok", "z"],
+                "/messages/0/secret_field",
+            ),
+            (
+                json!({"model": "m", "messages": [], "extra_body": {"notes": "w"}}),
+                vec!["w"],
+                "/extra_body",
+            ),
+        ];
+        for (body, texts, first_unknown) in cases {
             let r = parse("/v1/chat/completions", &body);
-            assert_eq!(r.segment_count(), 0, "{body}");
+            assert_eq!(
+                r.texts().map(|(_, t)| t).collect::<Vec<_>>(),
+                texts,
+                "{body}"
+            );
+            assert_eq!(r.unknowns()[0].pointer(&r), first_unknown, "{body}");
+            assert!(r
+                .segments()
+                .any(|s| s.source == Source::Unknown && s.role == Role::User));
         }
+        let what = parse(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": "u"}]}]}),
+        );
+        assert_eq!(
+            what.unknowns()[0].what(),
+            "a content part of unknown type \"audio_url\""
+        );
+        // Unknown fields without text, and controls, are not reported.
+        let quiet = parse(
+            "/v1/chat/completions",
+            &json!({"model": "m", "top_k": 40, "min_p": 0.1, "service_tier": "flex", "stream": true, "messages": []}),
+        );
+        assert!(quiet.unknowns().is_empty());
+        assert_eq!(quiet.segment_count(), 0);
         assert!(LlmRequest::parse(Bytes::from_static(b"[1]"), "/v1/chat/completions").is_err());
         assert_eq!(
             WireFormat::detect("/custom", &json!({"prompt": "x"})),
@@ -1031,6 +914,88 @@ mod tests {
         assert_eq!(
             WireFormat::detect("/custom", &json!({"x": 1})),
             WireFormat::Unknown
+        );
+    }
+
+    #[test]
+    fn metadata_and_attachments_are_text_too_but_not_prompt() {
+        let body = json!({"model": "m", "user": "jane@x.co", "metadata": {"ticket": "T-1"}, "stop": ["END"],
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "file", "file": {"filename": "jane-cv.pdf", "file_data": "AAAA"}},
+                {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]});
+        let r = parse("/v1/chat/completions", &body);
+        let got: Vec<_> = r.texts().map(|(s, t)| (s.source, t)).collect();
+        assert_eq!(
+            got,
+            [
+                (Source::Metadata, "jane@x.co"),
+                (Source::Metadata, "T-1"),
+                (Source::Metadata, "END"),
+                (Source::Attachment, "jane-cv.pdf"),
+            ]
+        );
+        assert!(r.unknowns().is_empty());
+        assert!(!Source::Metadata.is_prompt() && Source::Unknown.is_prompt());
+    }
+
+    #[test]
+    fn tool_arguments_with_a_repeated_key_are_one_segment() {
+        // A lenient parse would keep only the last "to"; the string goes out with both.
+        let args = r#"{"to":"jane@x.co","to":"b"}"#;
+        let body = json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": args}}]}]});
+        let r = parse("/v1/chat/completions", &body);
+        assert_eq!(r.texts().map(|(_, t)| t).collect::<Vec<_>>(), [args]);
+    }
+
+    #[test]
+    fn unknown_policy() {
+        let r = parse(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": [{"type": "mystery", "text": "t"}]}]}),
+        );
+        let err = UnknownPolicy::Reject.check(&r).unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert_eq!(err.code(), Some("unsupported_content"));
+        assert!(
+            err.message().contains("/messages/0/content/0"),
+            "{}",
+            err.message()
+        );
+        assert!(UnknownPolicy::ScanAll.check(&r).is_ok());
+        let segment = r.segments().next().unwrap();
+        assert!(UnknownPolicy::ScanAll.scans(segment));
+        assert!(!UnknownPolicy::Pass.scans(segment));
+        let known = parse(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "t"}]}),
+        );
+        assert!(UnknownPolicy::Reject.check(&known).is_ok());
+    }
+
+    #[test]
+    fn float_counts_and_strict_parse_errors() {
+        let r = parse(
+            "/v1/chat/completions",
+            &json!({"messages": [], "max_tokens": 1e12}),
+        );
+        assert_eq!(r.max_output_tokens(), Some(1_000_000_000_000));
+        let r = parse(
+            "/v1/chat/completions",
+            &json!({"messages": [], "max_tokens": -5}),
+        );
+        assert_eq!(r.max_output_tokens(), None);
+        let dup = LlmRequest::parse(
+            Bytes::from_static(br#"{"messages":[{"role":"user","content":"a","content":"b"}]}"#),
+            "/v1/chat/completions",
+        )
+        .unwrap_err();
+        let rejection = Rejection::from(dup);
+        assert_eq!(rejection.code(), Some("duplicate_key"));
+        assert!(
+            rejection.message().contains("\"content\""),
+            "{}",
+            rejection.message()
         );
     }
 
