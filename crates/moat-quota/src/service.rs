@@ -658,8 +658,9 @@ fn refusal_rejection(quota: &Inner, refusal: &Refusal) -> Rejection {
         .cap(refusal.dimension)
         .is_some_and(|cap| refusal.needed > cap)
     {
-        // No amount of waiting helps: the request alone is larger than the whole budget.
-        return Rejection::bad_request(format!(
+        // No amount of waiting helps: the request alone is larger than the whole budget. A 429
+        // as OpenAI answers a request over a whole limit, told not to be retried.
+        return Rejection::new(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", format!(
             "This request needs up to {} (its prompt and max_tokens), more than budget '{}' allows in a whole {} ({}). Lower max_tokens or shorten the prompt.",
             unit(refusal.needed),
             budget.name,

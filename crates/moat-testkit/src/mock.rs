@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -93,10 +93,17 @@ pub struct RecordedRequest {
     pub method: String,
     /// The path and query.
     pub path: String,
+    /// The HTTP version it came in, e.g. `HTTP/1.1`.
+    #[serde(default)]
+    pub version: String,
     /// Headers, names lowercased; repeated headers joined with `, `.
     pub headers: serde_json::Map<String, Value>,
     /// The body as JSON, or as a string when it is not JSON.
     pub body: Value,
+    /// The body exactly as received (in-process only): what a lenient JSON reading of `body`
+    /// would hide, such as a key given twice, is here.
+    #[serde(skip)]
+    pub raw: Bytes,
 }
 
 impl RecordedRequest {
@@ -172,7 +179,8 @@ impl Shared {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn record(&self, method: &Method, path: String, headers: &HeaderMap, body: &[u8]) {
+    fn record(&self, parts: &http::request::Parts, path: String, body: &Bytes) {
+        let (method, headers) = (&parts.method, &parts.headers);
         let mut map = serde_json::Map::new();
         for name in headers.keys() {
             let joined = headers
@@ -183,6 +191,7 @@ impl Shared {
                 .join(", ");
             map.insert(name.as_str().to_owned(), Value::String(joined));
         }
+        let raw = body.clone();
         let body = serde_json::from_slice(body)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
         let mut log = self.lock_log();
@@ -192,8 +201,10 @@ impl Shared {
         log.push_back(RecordedRequest {
             method: method.to_string(),
             path,
+            version: format!("{:?}", parts.version),
             headers: map,
             body,
+            raw,
         });
     }
 }
@@ -347,7 +358,7 @@ async fn record(
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_owned(), ToString::to_string);
-    shared.record(&parts.method, path, &parts.headers, &bytes);
+    shared.record(&parts, path, &bytes);
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
 }

@@ -619,7 +619,9 @@ key_sha256 = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"
         // A quarantine tier counts as a tier.
         let quarantine = format!("{keyed}[ratelimit.spike]\nquarantine = \"tier:restricted\"\n[[ratelimit.rules]]\nname = \"r\"\nkey = \"ip\"\nlimits = [\"1/second\"]\ntiers = [\"restricted\"]\n");
         assert!(Config::resolve(&quarantine, no_env).is_ok());
-        let timeouts = format!("{base}timeout_secs = 30\nconnect_timeout_secs = 0.25\nidle_timeout_secs = 5\n");
+        let timeouts = format!(
+            "{base}timeout_secs = 30\nconnect_timeout_secs = 0.25\nidle_timeout_secs = 5\n"
+        );
         let t = Config::resolve(&timeouts, no_env)
             .unwrap()
             .upstream_timeouts;

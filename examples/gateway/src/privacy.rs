@@ -6,6 +6,7 @@ use std::time::Duration;
 use http::HeaderName;
 use moat::core::decision::Mode;
 use moat::core::identity::Fingerprinter;
+use moat::core::llm::UnknownPolicy;
 use moat::redact::{Cipher, Detector, Entity, Operator, RedactLayer, Redactor, Sessions};
 use serde::Deserialize;
 use toml::Spanned;
@@ -43,6 +44,10 @@ pub struct RedactConfig {
     /// `enforce` (default) or `shadow`: find and count, but send prompts unchanged.
     #[serde(default)]
     pub mode: Mode,
+    /// Text in parts of a request the parser does not know: `scan_all` (default), `reject`
+    /// (400) or `pass` (unscanned).
+    #[serde(default)]
+    pub unknown: UnknownPolicy,
     /// One vault per conversation instead of per request.
     pub sessions: Option<SessionsConfig>,
 }
@@ -151,6 +156,7 @@ pub fn layer(
     }
     let mut layer = RedactLayer::new(redactor)
         .with_mode(config.mode)
+        .with_unknown(config.unknown)
         .with_restore(config.restore.unwrap_or(true))
         .with_reply_side(config.reply_side.unwrap_or(false));
     if let Some(s) = &config.sessions {
