@@ -694,7 +694,7 @@ async fn at_the_connection_cap_half_open_connections_make_way() {
     let mut out = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut out)).await;
     assert!(
-        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        matches!(closed, Ok(Ok(0) | Err(_))),
         "the oldest half-open connection was shed"
     );
     drop(held);
@@ -795,7 +795,7 @@ async fn shutdown_is_not_held_by_a_slow_client_or_a_stalled_stream() {
     let closed =
         tokio::time::timeout(Duration::from_secs(5), half_open.read_to_end(&mut out)).await;
     assert!(
-        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        matches!(closed, Ok(Ok(0) | Err(_))),
         "the half-open connection is closed"
     );
 }
