@@ -75,6 +75,15 @@
 //! (last four kept), keyed hash, AES-256-GCM encryption ([`Cipher`]: restorable by the layer
 //! and by whoever holds the key), and realistic fakes.
 //!
+//! # What is scanned
+//!
+//! Every text segment the shared parse lists (see [`moat_core::llm`]): messages, instructions,
+//! tool calls and results, tool schemas, documents, and the metadata that leaves with a request
+//! (`user`, `metadata`, stop sequences, image and file URLs and names). On an LLM route a body is
+//! parsed whatever its content type says, and one that does not parse, or names a key twice, is
+//! refused ([`moat_core::request`]). Text in places the parser does not know is scanned too, or
+//! refused, or passed, by [`RedactLayer::with_unknown`] (default: scanned).
+//!
 //! # Replies, sessions and other uses
 //!
 //! - [`RedactLayer::with_reply_side`] also scrubs personal data the model writes that was not in
