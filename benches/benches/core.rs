@@ -9,7 +9,8 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use moat_core::identity::{ApiKey, ClientIp, KeyExtractor, PeerAddr};
 use moat_core::llm::LlmRequest;
-use moat_core::sse::{text_deltas, SseDecoder};
+use moat_core::response::EventView;
+use moat_core::sse::SseDecoder;
 
 /// A ~2 KB chat request with nothing to find.
 fn chat_2kb() -> Bytes {
@@ -74,20 +75,31 @@ fn sse(c: &mut Criterion) {
             })
         });
     }
-    group.bench_function("decode + text_deltas", |b| {
+    group.bench_function("decode + typed view (deltas, usage)", |b| {
         b.iter(|| {
             let mut decoder = SseDecoder::new();
+            let mut events = Vec::new();
             let mut text = 0;
-            for event in decoder.decode(&stream).unwrap() {
-                if let Some(json) = event.json() {
-                    text += text_deltas(&json)
-                        .iter()
-                        .map(|d| d.text.len())
-                        .sum::<usize>();
+            for piece in stream.chunks(512) {
+                decoder.decode_into(piece, &mut events).unwrap();
+                for event in events.drain(..) {
+                    if let Some(data) = event.data() {
+                        let view = EventView::read(data);
+                        text += view.deltas().iter().map(|d| d.text.len()).sum::<usize>();
+                    }
                 }
             }
             black_box(text)
         })
+    });
+    group.finish();
+    let chunk = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"tok1 "},"finish_reason":null}]}"#;
+    let mut group = c.benchmark_group("one_chat_chunk");
+    group.bench_function("serde_json_value (baseline)", |b| {
+        b.iter(|| black_box(serde_json::from_str::<serde_json::Value>(black_box(chunk)).unwrap()))
+    });
+    group.bench_function("EventView::read", |b| {
+        b.iter(|| black_box(EventView::read(black_box(chunk)).deltas().len()))
     });
     group.finish();
 }

@@ -15,7 +15,8 @@ use std::sync::OnceLock;
 
 use moat::core::llm::{LlmRequest, UnknownPolicy};
 use moat::core::reject::Rejection;
-use moat::core::sse::{text_deltas, SseDecoder, SseEvent};
+use moat::core::response::EventView;
+use moat::core::sse::{SseDecoder, SseEvent};
 use moat::core::tokens::estimate_input_upper_bound;
 use moat::redact::{Entity, Redactor, StreamRestorer, Vault};
 
@@ -97,8 +98,9 @@ pub fn sse_decoder(data: &[u8]) {
     let raw: Vec<u8> = whole.iter().flat_map(|e| e.raw().iter().copied()).collect();
     assert_eq!(raw, stream, "every byte is in exactly one event");
     for event in &whole {
-        if let Some(json) = event.json() {
-            let _ = text_deltas(&json);
+        if let Some(data) = event.data() {
+            let view = EventView::read(data);
+            let _ = (view.deltas(), view.usage(), view.error(), view.position());
         }
     }
 }

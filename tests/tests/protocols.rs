@@ -16,7 +16,8 @@ use hyper_util::rt::TokioExecutor;
 use moat::core::body::ResponseBody;
 use moat::core::identity::{KeyExtractor, PeerIp};
 use moat::core::reject::{Protocol, Rejection};
-use moat::core::usage::{BodyOutcome, UsageBody, UsageReport};
+use moat::core::response::{Hook, Hooks, Interest, ViewBody};
+use moat::core::usage::{BodyOutcome, UsageReport};
 use moat_testkit::mock::MockUpstream;
 use tower::{Layer, Service};
 
@@ -190,13 +191,25 @@ async fn tonic_server_layer_rejects_with_a_grpc_status_a_real_client_reads() {
     assert_eq!(status.message(), "blocked by test");
 }
 
+/// Sends the report of the response it watches.
+struct Report(tokio::sync::mpsc::UnboundedSender<UsageReport>);
+
+impl Hook for Report {
+    fn interest(&self) -> Interest {
+        Interest::OBSERVE
+    }
+
+    fn on_end(self: Box<Self>, report: &UsageReport) {
+        let _ = self.0.send(report.clone());
+    }
+}
+
 /// A handler that proxies to the mock upstream and watches the streamed response for usage.
 async fn watched_proxy(
     upstream: String,
     reports: tokio::sync::mpsc::UnboundedSender<UsageReport>,
     request: axum::extract::Request,
-) -> Result<Response<UsageBody<hyper::body::Incoming, impl moat::core::usage::OnUsage>>, Infallible>
-{
+) -> Result<Response<ViewBody<hyper::body::Incoming>>, Infallible> {
     let (parts, body) = request.into_parts();
     let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
     let mut outgoing = Request::post(format!("{upstream}/v1/chat/completions"))
@@ -204,9 +217,9 @@ async fn watched_proxy(
         .unwrap();
     *outgoing.headers_mut() = parts.headers;
     let response = http_client().request(outgoing).await.unwrap();
-    Ok(UsageBody::wrap_response(response, move |report| {
-        let _ = reports.send(report);
-    }))
+    let hooks = Hooks::default();
+    hooks.attach(Report(reports));
+    Ok(hooks.view(response))
 }
 
 #[tokio::test]

@@ -10,16 +10,17 @@
 //!   provenance, editable in place; what it does not know is reported, never skipped.
 //! - [`request`]: the request read and parsed once per request and shared by every layer, and
 //!   the policy for which bodies reach the parser (fail closed on LLM routes).
-//! - [`sse`]: an incremental Server-Sent Events decoder and per-choice text deltas.
+//! - [`sse`]: an incremental Server-Sent Events decoder.
+//! - [`response`]: the reply read once per request for every layer: streamed events as typed,
+//!   borrowed views (text deltas, usage, errors), hooks that observe or rewrite them.
 //! - [`tokens`]: prompt token counts before the call (tiktoken for OpenAI models, feature
 //!   `tiktoken`).
-//! - [`usage`]: token usage in every provider's shape, and a body that reports it exactly once.
+//! - [`usage`]: token usage in every provider's shape, and how a response ended.
 //! - [`body`]: capped buffering with typed errors (413, 408, 400), and the bodies layers hand on.
 //! - [`reject`]: [`Rejection`](reject::Rejection), rendered as an OpenAI-style JSON error or a
 //!   gRPC status.
 //! - [`decision`]: the [`Decisions`](decision::Decisions) each layer appends to, for the audit log.
 //! - [`clock`]: injectable time.
-//! - [`future`]: a boxed response future for layers that await before deciding.
 //! - [`store`]: the failure policy of shared stores, and (feature `redis`) their Redis connection.
 //!
 //! # Example
@@ -65,16 +66,27 @@
 pub mod body;
 pub mod clock;
 pub mod decision;
-pub mod future;
 pub mod identity;
 pub mod json;
 pub mod llm;
 pub mod reject;
 pub mod request;
+pub mod response;
 pub mod sse;
 pub mod store;
 pub mod tokens;
 pub mod usage;
+
+mod macros;
+
+/// What the layer macros expand to; not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use bytes::Bytes;
+    pub use http::Response;
+    pub use http_body::{Body, Frame, SizeHint};
+    pub use pin_project_lite::pin_project;
+}
 
 pub use body::{RequestBody, ResponseBody};
 pub use decision::{Decision, Decisions, Mode};

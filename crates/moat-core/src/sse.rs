@@ -5,10 +5,11 @@
 //! byte-for-byte, and the events are the same however the stream is split: LF, CRLF and CR line
 //! ends (a CR at the end of a chunk waits for the next byte), comments, multi-line `data`,
 //! `event`, `id`, `retry` and a leading BOM. An event larger than the decoder's cap is an error
-//! rather than unbounded memory.
+//! rather than unbounded memory. Fields are slices of the event's bytes, not copies, unless a
+//! field spans several lines or is not UTF-8 (then it is decoded lossily).
 //!
-//! [`text_deltas`] pulls the per-choice text out of a streamed event of OpenAI chat and
-//! completions chunks, the Responses API, or Anthropic messages.
+//! What an event says for each provider (text deltas, usage, errors) is read by
+//! [`response`](crate::response).
 //!
 //! ```
 //! use moat_core::sse::SseDecoder;
@@ -22,6 +23,7 @@
 //! ```
 
 use std::fmt;
+use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
@@ -29,25 +31,46 @@ use serde_json::Value;
 /// The default cap on one event's size: 1 MiB.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 
-/// One event: its exact bytes and its parsed fields.
+/// One event: its exact bytes and its fields (UTF-8, as slices of the bytes where they can be).
 #[derive(Clone, PartialEq, Eq)]
 pub struct SseEvent {
     raw: Bytes,
-    event: Option<String>,
-    data: Option<String>,
-    id: Option<String>,
+    event: Option<Bytes>,
+    data: Option<Bytes>,
+    id: Option<Bytes>,
     retry: Option<u64>,
     complete: bool,
+}
+
+/// A field's text: always UTF-8 (checked, or decoded lossily, when the event was read).
+fn text(field: &Option<Bytes>) -> Option<&str> {
+    field
+        .as_deref()
+        .map(|bytes| std::str::from_utf8(bytes).unwrap_or_default())
 }
 
 impl SseEvent {
     /// A new event with this data (split over several `data:` lines if it has newlines) and an
     /// optional event type.
     pub fn new(event: Option<&str>, data: &str) -> Self {
+        Self::build(event, None, data)
+    }
+
+    /// This event with other data: its `event` and `id` kept, `retry` dropped.
+    pub fn with_data(&self, data: &str) -> Self {
+        Self::build(self.event(), self.id(), data)
+    }
+
+    fn build(event: Option<&str>, id: Option<&str>, data: &str) -> Self {
         let mut raw = String::with_capacity(data.len() + 16);
         if let Some(event) = event {
             raw.push_str("event: ");
             raw.push_str(event);
+            raw.push('\n');
+        }
+        if let Some(id) = id {
+            raw.push_str("id: ");
+            raw.push_str(id);
             raw.push('\n');
         }
         for line in data.split('\n') {
@@ -58,9 +81,9 @@ impl SseEvent {
         raw.push('\n');
         Self {
             raw: Bytes::from(raw),
-            event: event.map(str::to_owned),
-            data: Some(data.to_owned()),
-            id: None,
+            event: event.map(|e| Bytes::copy_from_slice(e.as_bytes())),
+            data: Some(Bytes::copy_from_slice(data.as_bytes())),
+            id: id.map(|i| Bytes::copy_from_slice(i.as_bytes())),
             retry: None,
             complete: true,
         }
@@ -73,18 +96,18 @@ impl SseEvent {
 
     /// The `event` field.
     pub fn event(&self) -> Option<&str> {
-        self.event.as_deref()
+        text(&self.event)
     }
 
     /// The data lines joined by `\n`, or `None` when the event had no `data` field (a comment or
     /// keep-alive).
     pub fn data(&self) -> Option<&str> {
-        self.data.as_deref()
+        text(&self.data)
     }
 
     /// The `id` field.
     pub fn id(&self) -> Option<&str> {
-        self.id.as_deref()
+        text(&self.id)
     }
 
     /// The `retry` field.
@@ -94,7 +117,7 @@ impl SseEvent {
 
     /// Whether this is OpenAI's end marker, `data: [DONE]`.
     pub fn is_done(&self) -> bool {
-        self.data.as_deref() == Some("[DONE]")
+        self.data.as_deref() == Some(b"[DONE]")
     }
 
     /// `false` only for bytes left at the end of a stream without a terminating blank line.
@@ -106,16 +129,16 @@ impl SseEvent {
     pub fn json(&self) -> Option<Value> {
         self.data
             .as_deref()
-            .and_then(|d| serde_json::from_str(d).ok())
+            .and_then(|d| serde_json::from_slice(d).ok())
     }
 }
 
 impl fmt::Debug for SseEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SseEvent")
-            .field("event", &self.event)
-            .field("data", &self.data)
-            .field("id", &self.id)
+            .field("event", &self.event())
+            .field("data", &self.data())
+            .field("id", &self.id())
             .field("retry", &self.retry)
             .field("raw_len", &self.raw.len())
             .finish()
@@ -145,12 +168,55 @@ impl fmt::Display for SseError {
 
 impl std::error::Error for SseError {}
 
-#[derive(Default)]
+/// A field value found so far: where it is in the event's bytes, or (several `data` lines, or
+/// bytes that are not UTF-8) a copy.
+#[derive(Debug, Default)]
+enum FieldValue {
+    #[default]
+    None,
+    At(Range<usize>),
+    Owned(Vec<u8>),
+}
+
+impl FieldValue {
+    /// A value at `range` of `buf`, copied (lossily) if it is not UTF-8.
+    fn at(buf: &[u8], range: Range<usize>) -> Self {
+        match std::str::from_utf8(&buf[range.clone()]) {
+            Ok(_) => Self::At(range),
+            Err(_) => Self::Owned(
+                String::from_utf8_lossy(&buf[range])
+                    .into_owned()
+                    .into_bytes(),
+            ),
+        }
+    }
+
+    /// Another `data` line: joined to what came before with `\n`.
+    fn append(&mut self, buf: &[u8], range: Range<usize>) {
+        let mut joined = match std::mem::take(self) {
+            Self::None => return *self = Self::at(buf, range),
+            Self::At(first) => buf[first].to_vec(),
+            Self::Owned(first) => first,
+        };
+        joined.push(b'\n');
+        joined.extend_from_slice(String::from_utf8_lossy(&buf[range]).as_bytes());
+        *self = Self::Owned(joined);
+    }
+
+    fn resolve(self, raw: &Bytes) -> Option<Bytes> {
+        match self {
+            Self::None => None,
+            Self::At(range) => Some(raw.slice(range)),
+            Self::Owned(bytes) => Some(Bytes::from(bytes)),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
 struct Fields {
-    event: Option<String>,
-    data: String,
-    has_data: bool,
-    id: Option<String>,
+    event: FieldValue,
+    data: FieldValue,
+    id: FieldValue,
     retry: Option<u64>,
 }
 
@@ -204,6 +270,15 @@ impl SseDecoder {
         self.buf.len()
     }
 
+    /// Takes the bytes held for an event that has not ended yet (after an
+    /// [`EventTooLarge`](SseError::EventTooLarge), to pass them on undecoded), and starts over.
+    pub fn take_buffered(&mut self) -> Bytes {
+        self.fields = Fields::default();
+        self.line_start = 0;
+        self.scan = 0;
+        self.buf.split().freeze()
+    }
+
     /// Feeds a chunk; returns the events it completed.
     pub fn decode(&mut self, chunk: &[u8]) -> Result<Vec<SseEvent>, SseError> {
         let mut out = Vec::new();
@@ -230,13 +305,14 @@ impl SseDecoder {
         self.run(true, &mut out);
         if !self.buf.is_empty() {
             let fields = std::mem::take(&mut self.fields);
+            let raw = self.buf.split().freeze();
             out.push(SseEvent {
-                raw: self.buf.split().freeze(),
-                event: fields.event,
+                event: fields.event.resolve(&raw),
                 data: None,
-                id: fields.id,
+                id: fields.id.resolve(&raw),
                 retry: fields.retry,
                 complete: false,
+                raw,
             });
         }
         self.line_start = 0;
@@ -260,10 +336,7 @@ impl SseDecoder {
             }
         }
         loop {
-            let Some(offset) = self.buf[self.scan..]
-                .iter()
-                .position(|&b| b == b'\n' || b == b'\r')
-            else {
+            let Some(offset) = memchr::memchr2(b'\n', b'\r', &self.buf[self.scan..]) else {
                 self.scan = self.buf.len();
                 return;
             };
@@ -284,26 +357,20 @@ impl SseDecoder {
             };
             let next = end + terminator;
             if end == self.line_start {
-                let raw = self.buf.split_to(next).freeze();
                 let fields = std::mem::take(&mut self.fields);
-                let data = fields.has_data.then(|| {
-                    let mut data = fields.data;
-                    data.pop();
-                    data
-                });
+                let raw = self.buf.split_to(next).freeze();
                 out.push(SseEvent {
-                    raw,
-                    event: fields.event,
-                    data,
-                    id: fields.id,
+                    event: fields.event.resolve(&raw),
+                    data: fields.data.resolve(&raw),
+                    id: fields.id.resolve(&raw),
                     retry: fields.retry,
                     complete: true,
+                    raw,
                 });
                 self.line_start = 0;
                 self.scan = 0;
             } else {
-                let line = String::from_utf8_lossy(&self.buf[self.line_start..end]);
-                self.fields.parse_line(&line);
+                self.fields.parse_line(&self.buf, self.line_start..end);
                 self.line_start = next;
                 self.scan = next;
             }
@@ -312,154 +379,40 @@ impl SseDecoder {
 }
 
 impl Fields {
-    fn parse_line(&mut self, line: &str) {
-        let (name, value) = match line.find(':') {
+    /// One line, at `line` of `buf`.
+    fn parse_line(&mut self, buf: &[u8], line: Range<usize>) {
+        let bytes = &buf[line.clone()];
+        let (name, value) = match memchr::memchr(b':', bytes) {
             Some(0) => return,
             Some(i) => {
-                let value = &line[i + 1..];
-                (&line[..i], value.strip_prefix(' ').unwrap_or(value))
+                let mut start = line.start + i + 1;
+                if buf.get(start) == Some(&b' ') && start < line.end {
+                    start += 1;
+                }
+                (&bytes[..i], start..line.end)
             }
-            None => (line, ""),
+            None => (bytes, line.end..line.end),
         };
-        let fields = self;
         match name {
-            "data" => {
-                fields.data.push_str(value);
-                fields.data.push('\n');
-                fields.has_data = true;
+            b"data" => self.data.append(buf, value),
+            b"event" => self.event = FieldValue::at(buf, value),
+            b"id" if memchr::memchr(0, &buf[value.clone()]).is_none() => {
+                self.id = FieldValue::at(buf, value)
             }
-            "event" => fields.event = Some(value.to_owned()),
-            "id" if !value.contains('\0') => fields.id = Some(value.to_owned()),
-            "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
-                fields.retry = value.parse().ok();
+            b"retry" if !value.is_empty() && buf[value.clone()].iter().all(u8::is_ascii_digit) => {
+                self.retry = std::str::from_utf8(&buf[value])
+                    .ok()
+                    .and_then(|v| v.parse().ok());
             }
             _ => {}
         }
     }
 }
 
-/// What a streamed piece of text is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum DeltaKind {
-    /// Text for the user.
-    Content,
-    /// A fragment of the JSON arguments of a tool call (OpenAI) or tool use (Anthropic), with the
-    /// call's index.
-    ToolArguments {
-        /// The tool call's (or content block's) index.
-        index: u32,
-    },
-}
-
-/// One piece of streamed text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TextDelta<'a> {
-    /// The choice (OpenAI chat and completions) or output item (Responses); 0 for Anthropic.
-    pub choice: u32,
-    /// What the text is.
-    pub kind: DeltaKind,
-    /// The text.
-    pub text: &'a str,
-}
-
-fn index(value: &Value, key: &str) -> u32 {
-    value
-        .get(key)
-        .and_then(Value::as_u64)
-        .and_then(|i| u32::try_from(i).ok())
-        .unwrap_or(0)
-}
-
-/// The text pieces in one streamed event's JSON data, whatever the provider's format.
-pub fn text_deltas(data: &Value) -> Vec<TextDelta<'_>> {
-    let mut out = Vec::new();
-    if let Some(Value::Array(choices)) = data.get("choices") {
-        for choice in choices {
-            let i = index(choice, "index");
-            fn push<'a>(
-                out: &mut Vec<TextDelta<'a>>,
-                choice: u32,
-                kind: DeltaKind,
-                text: Option<&'a Value>,
-            ) {
-                if let Some(text) = text.and_then(Value::as_str).filter(|t| !t.is_empty()) {
-                    out.push(TextDelta { choice, kind, text });
-                }
-            }
-            if let Some(delta) = choice.get("delta") {
-                push(&mut out, i, DeltaKind::Content, delta.get("content"));
-                push(&mut out, i, DeltaKind::Content, delta.get("refusal"));
-                if let Some(Value::Array(calls)) = delta.get("tool_calls") {
-                    for call in calls {
-                        let kind = DeltaKind::ToolArguments {
-                            index: index(call, "index"),
-                        };
-                        push(&mut out, i, kind, call.pointer("/function/arguments"));
-                    }
-                }
-            } else {
-                push(&mut out, i, DeltaKind::Content, choice.get("text"));
-            }
-        }
-        return out;
-    }
-    let text = |key: &str| {
-        data.get(key)
-            .and_then(Value::as_str)
-            .filter(|t| !t.is_empty())
-    };
-    match data.get("type").and_then(Value::as_str) {
-        Some("response.output_text.delta" | "response.refusal.delta") => {
-            if let Some(delta) = text("delta") {
-                out.push(TextDelta {
-                    choice: index(data, "output_index"),
-                    kind: DeltaKind::Content,
-                    text: delta,
-                });
-            }
-        }
-        Some("response.function_call_arguments.delta") => {
-            if let Some(delta) = text("delta") {
-                out.push(TextDelta {
-                    choice: 0,
-                    kind: DeltaKind::ToolArguments {
-                        index: index(data, "output_index"),
-                    },
-                    text: delta,
-                });
-            }
-        }
-        Some("content_block_delta") => {
-            let delta = data.get("delta");
-            let (kind, text) = match delta.and_then(|d| d.get("type")).and_then(Value::as_str) {
-                Some("text_delta") => (DeltaKind::Content, delta.and_then(|d| d.get("text"))),
-                Some("input_json_delta") => (
-                    DeltaKind::ToolArguments {
-                        index: index(data, "index"),
-                    },
-                    delta.and_then(|d| d.get("partial_json")),
-                ),
-                _ => return out,
-            };
-            if let Some(text) = text.and_then(Value::as_str).filter(|t| !t.is_empty()) {
-                out.push(TextDelta {
-                    choice: 0,
-                    kind,
-                    text,
-                });
-            }
-        }
-        _ => {}
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use serde_json::json;
 
     fn decode_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
         let mut decoder = SseDecoder::new();
@@ -562,62 +515,5 @@ mod tests {
                 "cut at {cut}"
             );
         }
-    }
-
-    #[test]
-    fn openai_chat_and_completion_deltas() {
-        let chunk = json!({"object": "chat.completion.chunk", "choices": [
-            {"index": 0, "delta": {"content": "Hel"}},
-            {"index": 1, "delta": {"tool_calls": [{"index": 2, "function": {"arguments": "{\"a\""}}]}},
-            {"index": 2, "delta": {"content": ""}, "finish_reason": "stop"}
-        ]});
-        assert_eq!(
-            text_deltas(&chunk),
-            vec![
-                TextDelta {
-                    choice: 0,
-                    kind: DeltaKind::Content,
-                    text: "Hel"
-                },
-                TextDelta {
-                    choice: 1,
-                    kind: DeltaKind::ToolArguments { index: 2 },
-                    text: "{\"a\""
-                },
-            ]
-        );
-        let completion = json!({"choices": [{"index": 0, "text": "abc"}]});
-        assert_eq!(text_deltas(&completion)[0].text, "abc");
-    }
-
-    #[test]
-    fn responses_and_anthropic_deltas() {
-        let r = json!({"type": "response.output_text.delta", "output_index": 1, "content_index": 0, "delta": "hi"});
-        assert_eq!(
-            text_deltas(&r),
-            vec![TextDelta {
-                choice: 1,
-                kind: DeltaKind::Content,
-                text: "hi"
-            }]
-        );
-        let f = json!({"type": "response.function_call_arguments.delta", "output_index": 3, "delta": "{}"});
-        assert_eq!(
-            text_deltas(&f)[0].kind,
-            DeltaKind::ToolArguments { index: 3 }
-        );
-        let a = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "yo"}});
-        assert_eq!(text_deltas(&a)[0].text, "yo");
-        let j = json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"c"}});
-        assert_eq!(
-            text_deltas(&j)[0],
-            TextDelta {
-                choice: 0,
-                kind: DeltaKind::ToolArguments { index: 1 },
-                text: "{\"c"
-            }
-        );
-        assert!(text_deltas(&json!({"type": "message_stop"})).is_empty());
-        assert!(text_deltas(&json!("x")).is_empty());
     }
 }

@@ -1,4 +1,4 @@
-//! Token usage: its shapes, and a response body that reports it exactly once.
+//! Token usage: its shapes, and how a response body ended.
 //!
 //! [`Usage::find`] reads `usage` in every shape a provider sends: OpenAI chat and completions
 //! (`prompt_tokens`, `completion_tokens`, cached and reasoning details), the Responses API
@@ -6,42 +6,22 @@
 //! (`message.usage` in `message_start`, cumulative `usage` in `message_delta`, cache reads and
 //! writes). [`Usage::input_tokens`] always counts every prompt token, cached or not.
 //!
-//! [`UsageBody`] wraps a JSON or SSE response body, passes every byte through untouched, and calls
-//! its [`OnUsage`] exactly once: when the body ends, when it fails, or when it is dropped early (a
-//! client that went away), then as [`BodyOutcome::Interrupted`] with what was streamed so far.
-//! Quotas and token rate limits settle through it.
+//! A [`UsageReport`] says what a reply reported and how its body ended; the
+//! [`response`](crate::response) pipeline hands one to every layer, exactly once.
 //!
 //! ```
-//! use bytes::Bytes;
-//! use http_body_util::{BodyExt, Full};
-//! use moat_core::usage::{BodyOutcome, UsageBody, UsageReport};
-//! use std::sync::{Arc, Mutex};
+//! use moat_core::usage::Usage;
 //!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! let seen = Arc::new(Mutex::new(None));
-//! let sink = seen.clone();
-//! let json = r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#;
-//! let body = UsageBody::json(Full::new(Bytes::from(json)), move |report: UsageReport| {
-//!     *sink.lock().unwrap() = Some(report);
-//! });
-//! body.collect().await.unwrap();
-//! let report = seen.lock().unwrap().take().unwrap();
-//! assert_eq!(report.outcome, BodyOutcome::Completed);
-//! assert_eq!(report.usage.unwrap().output_tokens, 5);
-//! # }
+//! let reply = serde_json::json!({"usage": {"prompt_tokens": 12, "completion_tokens": 5}});
+//! let usage = Usage::find(&reply).unwrap();
+//! assert_eq!((usage.input_tokens, usage.output_tokens, usage.total_tokens), (12, 5, 17));
 //! ```
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use bytes::Bytes;
 use http::HeaderMap;
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::sse::{text_deltas, SseDecoder, SseEvent};
+use crate::response::count;
 
 /// Token counts of one response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,8 +41,96 @@ pub struct Usage {
     pub reasoning_tokens: u64,
 }
 
-fn count(value: &Value, pointer: &str) -> Option<u64> {
-    value.pointer(pointer).and_then(Value::as_u64)
+/// A `usage` object as providers send it: every count any of them uses, each read leniently (a
+/// count that is not a non-negative integer is absent).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawUsage {
+    #[serde(default, deserialize_with = "count")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    completion_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    total_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    output_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::response::object")]
+    prompt_tokens_details: Option<Details>,
+    #[serde(default, deserialize_with = "crate::response::object")]
+    completion_tokens_details: Option<Details>,
+    #[serde(default, deserialize_with = "crate::response::object")]
+    input_tokens_details: Option<Details>,
+    #[serde(default, deserialize_with = "crate::response::object")]
+    output_tokens_details: Option<Details>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Details {
+    #[serde(default, deserialize_with = "count")]
+    cached_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    reasoning_tokens: Option<u64>,
+}
+
+fn cached(details: Option<Details>) -> u64 {
+    details.and_then(|d| d.cached_tokens).unwrap_or(0)
+}
+
+fn reasoning(details: Option<Details>) -> u64 {
+    details.and_then(|d| d.reasoning_tokens).unwrap_or(0)
+}
+
+impl RawUsage {
+    /// The usage, `None` if it has no known count.
+    pub(crate) fn into_usage(self) -> Option<Usage> {
+        // OpenAI chat and completions.
+        if let Some(prompt) = self.prompt_tokens {
+            let output = self.completion_tokens.unwrap_or(0);
+            return Some(Usage {
+                input_tokens: prompt,
+                output_tokens: output,
+                total_tokens: self.total_tokens.unwrap_or(prompt + output),
+                cached_input_tokens: cached(self.prompt_tokens_details),
+                cache_creation_input_tokens: 0,
+                reasoning_tokens: reasoning(self.completion_tokens_details),
+            });
+        }
+        if self.input_tokens.is_none() && self.output_tokens.is_none() {
+            return None;
+        }
+        let (input, output) = (
+            self.input_tokens.unwrap_or(0),
+            self.output_tokens.unwrap_or(0),
+        );
+        // Anthropic counts cache reads and writes apart from `input_tokens`.
+        if self.cache_read_input_tokens.is_some() || self.cache_creation_input_tokens.is_some() {
+            let cache_read = self.cache_read_input_tokens.unwrap_or(0);
+            let cache_write = self.cache_creation_input_tokens.unwrap_or(0);
+            let input = input + cache_read + cache_write;
+            return Some(Usage {
+                input_tokens: input,
+                output_tokens: output,
+                total_tokens: input + output,
+                cached_input_tokens: cache_read,
+                cache_creation_input_tokens: cache_write,
+                reasoning_tokens: 0,
+            });
+        }
+        // Responses API (and Anthropic without cache fields).
+        Some(Usage {
+            input_tokens: input,
+            output_tokens: output,
+            total_tokens: self.total_tokens.unwrap_or(input + output),
+            cached_input_tokens: cached(self.input_tokens_details),
+            cache_creation_input_tokens: 0,
+            reasoning_tokens: reasoning(self.output_tokens_details),
+        })
+    }
 }
 
 impl Usage {
@@ -81,50 +149,7 @@ impl Usage {
         if !usage.is_object() {
             return None;
         }
-        // OpenAI chat and completions.
-        if let Some(prompt) = count(usage, "/prompt_tokens") {
-            let output = count(usage, "/completion_tokens").unwrap_or(0);
-            return Some(Self {
-                input_tokens: prompt,
-                output_tokens: output,
-                total_tokens: count(usage, "/total_tokens").unwrap_or(prompt + output),
-                cached_input_tokens: count(usage, "/prompt_tokens_details/cached_tokens")
-                    .unwrap_or(0),
-                cache_creation_input_tokens: 0,
-                reasoning_tokens: count(usage, "/completion_tokens_details/reasoning_tokens")
-                    .unwrap_or(0),
-            });
-        }
-        let input = count(usage, "/input_tokens");
-        let output = count(usage, "/output_tokens");
-        if input.is_none() && output.is_none() {
-            return None;
-        }
-        let (input, output) = (input.unwrap_or(0), output.unwrap_or(0));
-        // Anthropic counts cache reads and writes apart from `input_tokens`.
-        let cache_read = count(usage, "/cache_read_input_tokens");
-        let cache_write = count(usage, "/cache_creation_input_tokens").unwrap_or(0);
-        if cache_read.is_some() || usage.get("cache_creation_input_tokens").is_some() {
-            let cache_read = cache_read.unwrap_or(0);
-            let input = input + cache_read + cache_write;
-            return Some(Self {
-                input_tokens: input,
-                output_tokens: output,
-                total_tokens: input + output,
-                cached_input_tokens: cache_read,
-                cache_creation_input_tokens: cache_write,
-                reasoning_tokens: 0,
-            });
-        }
-        // Responses API (and Anthropic without cache fields).
-        Some(Self {
-            input_tokens: input,
-            output_tokens: output,
-            total_tokens: count(usage, "/total_tokens").unwrap_or(input + output),
-            cached_input_tokens: count(usage, "/input_tokens_details/cached_tokens").unwrap_or(0),
-            cache_creation_input_tokens: 0,
-            reasoning_tokens: count(usage, "/output_tokens_details/reasoning_tokens").unwrap_or(0),
-        })
+        RawUsage::deserialize(usage).ok()?.into_usage()
     }
 
     /// Finds usage in a response body or streamed event: `usage`, `response.usage`
@@ -157,27 +182,33 @@ impl Usage {
     }
 }
 
-/// How a watched body ended.
+/// How a response ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum BodyOutcome {
-    /// Read to the end.
+    /// Its body was read to the end.
     Completed,
-    /// The inner body failed.
+    /// Its body failed.
     Errored,
-    /// Dropped before its end, e.g. the client disconnected.
+    /// Its body was dropped before its end, e.g. the client disconnected.
     Interrupted,
+    /// There was no response: the inner service failed.
+    Failed,
+    /// There was no response: the request was dropped while waiting for one.
+    Abandoned,
 }
 
-/// What a [`UsageBody`] saw.
+/// What a response reported and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct UsageReport {
     /// The usage the provider reported, if it did.
     pub usage: Option<Usage>,
-    /// How the body ended.
+    /// How it ended.
     pub outcome: BodyOutcome,
+    /// The response's status; 0 when there was none.
+    pub status: u16,
     /// Bytes of generated text streamed so far (SSE only): the basis for charging a stream that
     /// was cut short before its usage arrived.
     pub streamed_text_bytes: u64,
@@ -185,22 +216,20 @@ pub struct UsageReport {
     pub body_bytes: u64,
 }
 
-/// Receives a [`UsageReport`], exactly once. Closures implement it.
-pub trait OnUsage: Send + 'static {
-    /// Called once, at the body's end, failure or drop.
-    fn on_usage(self, report: UsageReport);
-}
-
-impl<F> OnUsage for F
-where
-    F: FnOnce(UsageReport) + Send + 'static,
-{
-    fn on_usage(self, report: UsageReport) {
-        self(report)
+impl UsageReport {
+    /// A report for a request that got no response.
+    pub fn no_response(outcome: BodyOutcome) -> Self {
+        Self {
+            usage: None,
+            outcome,
+            status: 0,
+            streamed_text_bytes: 0,
+            body_bytes: 0,
+        }
     }
 }
 
-/// How to read a response body for usage.
+/// How to read a response body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {
     /// One JSON document.
@@ -214,14 +243,26 @@ pub enum BodyFormat {
 impl BodyFormat {
     /// The format named by a response's `content-type`.
     pub fn of(headers: &HeaderMap) -> Self {
-        let ct = headers
+        let Some(ct) = headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        if ct.starts_with("text/event-stream") {
+        else {
+            return Self::Other;
+        };
+        let ct = ct.trim_start();
+        let starts = |prefix: &str| {
+            ct.get(..prefix.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+        };
+        if starts("text/event-stream") {
             Self::Sse
-        } else if ct.starts_with("application/json") || ct.contains("+json") {
+        } else if starts("application/json")
+            || ct
+                .to_ascii_lowercase()
+                .split(';')
+                .next()
+                .is_some_and(|e| e.trim_end().ends_with("+json"))
+        {
             Self::Json
         } else {
             Self::Other
@@ -229,219 +270,14 @@ impl BodyFormat {
     }
 }
 
-/// The cap on a JSON response kept for reading its usage: 8 MiB. Larger bodies pass through
-/// untouched and report no usage.
+/// The cap on a JSON response kept for reading: 8 MiB. Larger bodies pass through untouched
+/// and report no usage.
 pub const MAX_JSON_BYTES: usize = 8 * 1024 * 1024;
-
-enum Reader {
-    Json { buf: Vec<u8>, overflow: bool },
-    Sse(Box<SseDecoder>),
-    Other,
-}
-
-struct Watch<R: OnUsage> {
-    reader: Reader,
-    usage: Option<Usage>,
-    streamed_text_bytes: u64,
-    body_bytes: u64,
-    on_usage: Option<R>,
-}
-
-impl<R: OnUsage> Watch<R> {
-    fn data(&mut self, data: &[u8]) {
-        self.body_bytes += data.len() as u64;
-        match &mut self.reader {
-            Reader::Json { buf, overflow } => {
-                if *overflow || buf.len() + data.len() > MAX_JSON_BYTES {
-                    *overflow = true;
-                    buf.clear();
-                } else {
-                    buf.extend_from_slice(data);
-                }
-            }
-            Reader::Sse(decoder) => match decoder.decode(data) {
-                Ok(events) => events.iter().for_each(|e| self.event(e)),
-                // An oversized event: stop reading, keep passing bytes through.
-                Err(_) => self.reader = Reader::Other,
-            },
-            Reader::Other => {}
-        }
-    }
-
-    fn event(&mut self, event: &SseEvent) {
-        if event.is_done() {
-            return;
-        }
-        let Some(json) = event.json() else { return };
-        if let Some(found) = Usage::find(&json) {
-            self.usage.get_or_insert_with(Usage::default).merge(&found);
-        }
-        self.streamed_text_bytes += text_deltas(&json)
-            .iter()
-            .map(|d| d.text.len() as u64)
-            .sum::<u64>();
-    }
-
-    fn finish(&mut self, outcome: BodyOutcome) {
-        let Some(on_usage) = self.on_usage.take() else {
-            return;
-        };
-        match std::mem::replace(&mut self.reader, Reader::Other) {
-            Reader::Json {
-                buf,
-                overflow: false,
-            } if outcome == BodyOutcome::Completed => {
-                self.usage = serde_json::from_slice::<Value>(&buf)
-                    .ok()
-                    .and_then(|v| Usage::find(&v));
-            }
-            Reader::Sse(mut decoder) => {
-                for event in decoder.finish() {
-                    self.event(&event);
-                }
-            }
-            _ => {}
-        }
-        on_usage.on_usage(UsageReport {
-            usage: self.usage,
-            outcome,
-            streamed_text_bytes: self.streamed_text_bytes,
-            body_bytes: self.body_bytes,
-        });
-    }
-}
-
-impl<R: OnUsage> Drop for Watch<R> {
-    fn drop(&mut self) {
-        self.finish(BodyOutcome::Interrupted);
-    }
-}
-
-pin_project! {
-    /// A response body that reports its usage once; see the [module docs](self).
-    pub struct UsageBody<B, R: OnUsage> {
-        #[pin]
-        inner: B,
-        watch: Watch<R>,
-    }
-}
-
-impl<B, R: OnUsage> UsageBody<B, R> {
-    /// Watches `inner`, read as `format`.
-    pub fn new(inner: B, format: BodyFormat, on_usage: R) -> Self
-    where
-        B: Body,
-    {
-        let reader = match format {
-            BodyFormat::Json => Reader::Json {
-                buf: Vec::new(),
-                overflow: false,
-            },
-            BodyFormat::Sse => Reader::Sse(Box::default()),
-            BodyFormat::Other => Reader::Other,
-        };
-        let mut watch = Watch {
-            reader,
-            usage: None,
-            streamed_text_bytes: 0,
-            body_bytes: 0,
-            on_usage: Some(on_usage),
-        };
-        // An empty body is never polled: it is complete already.
-        if inner.is_end_stream() {
-            watch.finish(BodyOutcome::Completed);
-        }
-        Self { inner, watch }
-    }
-
-    /// Watches a JSON body.
-    pub fn json(inner: B, on_usage: R) -> Self
-    where
-        B: Body,
-    {
-        Self::new(inner, BodyFormat::Json, on_usage)
-    }
-
-    /// Watches an SSE body.
-    pub fn sse(inner: B, on_usage: R) -> Self
-    where
-        B: Body,
-    {
-        Self::new(inner, BodyFormat::Sse, on_usage)
-    }
-
-    /// Watches a response's body, read as its `content-type` says.
-    pub fn wrap_response(response: http::Response<B>, on_usage: R) -> http::Response<Self>
-    where
-        B: Body,
-    {
-        let format = BodyFormat::of(response.headers());
-        response.map(|body| Self::new(body, format, on_usage))
-    }
-}
-
-impl<B: std::fmt::Debug, R: OnUsage> std::fmt::Debug for UsageBody<B, R> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UsageBody")
-            .field("inner", &self.inner)
-            .field("usage", &self.watch.usage)
-            .finish()
-    }
-}
-
-impl<B, R> Body for UsageBody<B, R>
-where
-    B: Body<Data = Bytes>,
-    R: OnUsage,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
-        let polled = std::task::ready!(this.inner.as_mut().poll_frame(cx));
-        match &polled {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    this.watch.data(data);
-                }
-                // Servers stop polling once a body says it has ended, so finish here.
-                if this.inner.is_end_stream() {
-                    this.watch.finish(BodyOutcome::Completed);
-                }
-            }
-            Some(Err(_)) => this.watch.finish(BodyOutcome::Errored),
-            None => this.watch.finish(BodyOutcome::Completed),
-        }
-        Poll::Ready(polled)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, Full, StreamBody};
     use serde_json::json;
-    use std::sync::{Arc, Mutex};
-
-    type Reports = Arc<Mutex<Vec<UsageReport>>>;
-
-    fn sink() -> (Reports, impl OnUsage + Clone) {
-        let reports: Reports = Arc::default();
-        let r = reports.clone();
-        (reports, move |report| r.lock().unwrap().push(report))
-    }
 
     #[test]
     fn every_usage_shape() {
@@ -497,131 +333,6 @@ mod tests {
             (u.input_tokens, u.output_tokens, u.total_tokens),
             (25, 15, 40)
         );
-    }
-
-    type Chunks = StreamBody<
-        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>,
-    >;
-
-    fn chunked(chunks: Vec<&'static str>) -> Chunks {
-        StreamBody::new(futures_util::stream::iter(
-            chunks
-                .into_iter()
-                .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
-                .collect::<Vec<_>>(),
-        ))
-    }
-
-    const OPENAI_STREAM: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}],\"usage\":null}\n\n\
-data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" world\"}}],\"usage\":null}\n\n\
-data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n\
-data: [DONE]\n\n";
-
-    #[tokio::test]
-    async fn streamed_usage_is_reported_once_at_the_end_for_any_split() {
-        for cut in 0..OPENAI_STREAM.len() {
-            let (reports, on_usage) = sink();
-            let body = UsageBody::sse(
-                chunked(vec![&OPENAI_STREAM[..cut], &OPENAI_STREAM[cut..]]),
-                on_usage,
-            );
-            let bytes = body.collect().await.unwrap().to_bytes();
-            assert_eq!(
-                bytes,
-                OPENAI_STREAM.as_bytes(),
-                "bytes pass through untouched"
-            );
-            let reports = reports.lock().unwrap();
-            assert_eq!(reports.len(), 1);
-            assert_eq!(reports[0].outcome, BodyOutcome::Completed);
-            assert_eq!(reports[0].usage, Some(Usage::new(3, 2)));
-            assert_eq!(reports[0].streamed_text_bytes, 11);
-        }
-    }
-
-    #[tokio::test]
-    async fn anthropic_stream_merges_start_and_delta_usage() {
-        let stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
-event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n\
-event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n";
-        let (reports, on_usage) = sink();
-        UsageBody::sse(chunked(vec![stream]), on_usage)
-            .collect()
-            .await
-            .unwrap();
-        let report = reports.lock().unwrap()[0].clone();
-        assert_eq!(
-            report.usage.map(|u| (u.input_tokens, u.output_tokens)),
-            Some((25, 15))
-        );
-        assert_eq!(report.streamed_text_bytes, 2);
-    }
-
-    #[tokio::test]
-    async fn dropped_mid_stream_reports_interrupted_with_partial_text() {
-        let (reports, on_usage) = sink();
-        let mut body = UsageBody::sse(
-            chunked(vec![&OPENAI_STREAM[..80], &OPENAI_STREAM[80..]]),
-            on_usage,
-        );
-        let first = body.frame().await.unwrap().unwrap();
-        assert!(first.is_data());
-        drop(body);
-        let reports = reports.lock().unwrap();
-        assert_eq!(reports.len(), 1);
-        assert_eq!(reports[0].outcome, BodyOutcome::Interrupted);
-        assert_eq!(reports[0].usage, None);
-        assert_eq!(reports[0].streamed_text_bytes, 5);
-    }
-
-    #[tokio::test]
-    async fn body_error_reports_errored_once() {
-        let (reports, on_usage) = sink();
-        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
-            Ok(Frame::data(Bytes::from_static(
-                b"data: {\"choices\":[{\"delta\":{\"content\":\"abc\"}}]}\n\n",
-            ))),
-            Err(std::io::Error::other("reset")),
-        ];
-        let body = UsageBody::sse(
-            StreamBody::new(futures_util::stream::iter(frames)),
-            on_usage,
-        );
-        assert!(body.collect().await.is_err());
-        let reports = reports.lock().unwrap();
-        assert_eq!(reports.len(), 1);
-        assert_eq!(reports[0].outcome, BodyOutcome::Errored);
-        assert_eq!(reports[0].streamed_text_bytes, 3);
-    }
-
-    #[tokio::test]
-    async fn json_body_that_ends_with_its_last_frame_is_completed_not_interrupted() {
-        // `Full` says it has ended right after its one frame; servers then stop polling and drop.
-        let (reports, on_usage) = sink();
-        let json = r#"{"usage":{"input_tokens":1,"output_tokens":2}}"#;
-        let mut body = UsageBody::json(Full::new(Bytes::from(json)), on_usage);
-        let _ = body.frame().await;
-        drop(body);
-        let r = reports.lock().unwrap();
-        assert_eq!((r.len(), r[0].outcome), (1, BodyOutcome::Completed));
-        assert_eq!(r[0].usage, Some(Usage::new(1, 2)));
-    }
-
-    #[tokio::test]
-    async fn empty_and_unknown_bodies_still_report() {
-        let (reports, on_usage) = sink();
-        drop(UsageBody::json(Full::new(Bytes::new()), on_usage.clone()));
-        let response = http::Response::builder()
-            .header("content-type", "text/plain")
-            .body(Full::new(Bytes::from_static(b"x")))
-            .unwrap();
-        let wrapped = UsageBody::wrap_response(response, on_usage);
-        wrapped.into_body().collect().await.unwrap();
-        let r = reports.lock().unwrap();
-        assert_eq!(r.len(), 2);
-        assert!(r
-            .iter()
-            .all(|r| r.outcome == BodyOutcome::Completed && r.usage.is_none()));
     }
 
     #[test]

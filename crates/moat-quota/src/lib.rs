@@ -72,7 +72,6 @@ mod period;
 mod redis;
 mod service;
 mod store;
-mod strip;
 
 pub use alert::{AlertSink, BudgetAlert, TracingAlerts};
 pub use budget::{Amounts, Budget, Limits};
@@ -81,7 +80,4 @@ pub use money::{PerToken, Price, PriceTable, PriceTableError, UnknownModel, Usd}
 pub use period::Period;
 #[cfg(feature = "redis")]
 pub use redis::{OnStoreError, RedisStore};
-pub use service::{
-    BudgetUsage, Quota, QuotaBody, QuotaHandle, QuotaLayer, ResponseFuture, Settlement,
-};
-pub use strip::StripUsageChunk;
+pub use service::{BudgetUsage, Quota, QuotaHandle, QuotaLayer, ResponseBody, ResponseFuture};

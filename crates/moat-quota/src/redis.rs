@@ -67,7 +67,9 @@ end
 redis.call('HSET', KEYS[1], 'r:' .. ARGV[13],
   string.format('%.0f,%.0f,%.0f,%.0f,%.0f', ARGV[9], ARGV[10], ARGV[11], ARGV[12], now + tonumber(ARGV[14])))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {0}
+local out = {0}
+for d = 1, 4 do out[d + 1] = effective[d] + reserved[d] + tonumber(ARGV[8 + d]) end
+return out
 ";
 
 // ARGV: window, carry, rolling, ttl seconds, caps[4], used[4], id, thresholds...
@@ -203,7 +205,8 @@ impl RedisStore {
             .arg(if slot.rolling { "1" } else { "0" });
     }
 
-    /// Reserves `need` if it fits: `Ok(None)`, or the dimension, committed amount and need.
+    /// Reserves `need` if it fits: what is used and reserved with it, or the dimension, the
+    /// committed amount and the need that did not fit.
     pub(crate) async fn reserve(
         &self,
         slot: &Slot<'_>,
@@ -211,7 +214,7 @@ impl RedisStore {
         need: &Amounts,
         id: u64,
         hold: Duration,
-    ) -> Result<Option<(Dimension, u64, u64)>, StoreError> {
+    ) -> Result<Result<Amounts, (Dimension, u64, u64)>, StoreError> {
         let mut inv = self.reserve.key(self.name(slot));
         Self::window_args(&mut inv, slot);
         inv.arg(slot.ttl);
@@ -225,7 +228,7 @@ impl RedisStore {
             .arg(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
         let reply: Vec<i64> = self.conn.run(inv).await?;
         if reply.first() == Some(&0) {
-            return Ok(None);
+            return Ok(Ok(amounts(reply.get(1..).unwrap_or(&[]))));
         }
         let dim = match reply.get(1) {
             Some(1) => Dimension::InputTokens,
@@ -234,7 +237,7 @@ impl RedisStore {
             _ => Dimension::Tokens,
         };
         let g = |i: usize| u64::try_from(reply.get(i).copied().unwrap_or(0)).unwrap_or(0);
-        Ok(Some((dim, g(2), g(3))))
+        Ok(Err((dim, g(2), g(3))))
     }
 
     /// Replaces reservation `id` with `used`: the period's usage after it, and the thresholds

@@ -10,14 +10,15 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use jiff::tz::TimeZone;
-use moat_core::body::{RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
+use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
 use moat_core::clock::{self, SharedClock};
 use moat_core::decision::{Decision, Decisions, Outcome};
 use moat_core::identity::{Caller, CallerResolver, RequestHead};
 use moat_core::llm::WireFormat;
 use moat_core::reject::{Protocol, Rejection};
-use moat_core::request::{read_llm_request, LlmBody};
-use moat_core::usage::{BodyOutcome, OnUsage, UsageBody, UsageReport};
+use moat_core::request::{read_llm_request, LlmBody, SharedLlmRequest};
+use moat_core::response::{Hook, Hooks, Interest, StreamEvent};
+use moat_core::usage::{BodyOutcome, UsageReport};
 use moat_core::{Key, KeyExtractor};
 use serde::Serialize;
 use tower_layer::Layer;
@@ -26,14 +27,10 @@ use tower_service::Service;
 use crate::alert::{AlertSink, BudgetAlert, TracingAlerts};
 use crate::budget::{Amounts, Budget, Limits};
 use crate::money::{Price, PriceTable, Usd};
-use crate::store::{Claim, MemoryStore, Refusal, Ticket};
-use crate::strip::StripUsageChunk;
+use crate::store::{self, Claim, MemoryStore, Refusal, Ticket};
 use moat_core::decision::Mode;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The response body of a service behind [`QuotaLayer`].
-pub type QuotaBody<B> = StripUsageChunk<UsageBody<ResponseBody<B>, Settlement>>;
 
 #[derive(Clone)]
 struct Config {
@@ -63,16 +60,27 @@ struct Inner {
 /// Why a reservation was refused.
 enum Refused {
     Budget(Refusal),
+    /// A new key, and the budget holds as many keys as it may.
+    Full {
+        budget: usize,
+    },
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Unavailable,
+}
+
+impl From<store::Refused> for Refused {
+    fn from(refused: store::Refused) -> Self {
+        match refused {
+            store::Refused::Budget(refusal) => Self::Budget(refusal),
+            store::Refused::Full { budget } => Self::Full { budget },
+        }
+    }
 }
 
 impl Inner {
     /// Settles one ticket with what was used, in memory at once or in Redis in the background.
     fn settle(self: &Arc<Self>, ticket: Ticket, used: Amounts) {
-        let budget = self.store.budget(ticket.budget);
-        metrics::counter!("moat_quota_settled_total", "budget" => budget.name.to_string())
-            .increment(1);
+        self.store.metrics(ticket.budget).settled.increment(1);
         #[cfg(feature = "redis")]
         if ticket.remote {
             if let (Some(redis), Ok(runtime)) = (
@@ -88,7 +96,8 @@ impl Inner {
                             for percent in crossed {
                                 inner.alert(ticket.budget, &ticket.who, percent, total, slot.window.end);
                             }
-                            inner.used_gauge(ticket.budget, &total);
+                            let percent = budget.limits.percent_used(&total);
+                            inner.store.metrics(ticket.budget).used_percent.set(percent as f64);
                         }
                         Err(error) => tracing::warn!(target: "moat::quota", %error, "could not settle in redis"),
                     }
@@ -96,33 +105,21 @@ impl Inner {
             }
             return;
         }
-        let wall = self.wall();
-        for crossed in self
-            .store
-            .settle(&ticket, used, wall, &self.config.thresholds)
-        {
-            self.alert(
-                ticket.budget,
-                &ticket.who,
-                crossed.percent,
-                crossed.used,
-                crossed.resets,
-            );
+        let (crossed, percent) =
+            self.store
+                .settle(&ticket, used, self.wall(), &self.config.thresholds);
+        for c in crossed {
+            self.alert(ticket.budget, &ticket.who, c.percent, c.used, c.resets);
         }
-        let view = self.store.view(ticket.budget, ticket.key, wall, self.now());
-        self.used_gauge(ticket.budget, &view.used);
-    }
-
-    fn used_gauge(&self, budget: usize, used: &Amounts) {
-        let budget = self.store.budget(budget);
-        metrics::gauge!("moat_quota_used_percent", "budget" => budget.name.to_string())
-            .set(budget.limits.percent_used(used) as f64);
+        self.store
+            .metrics(ticket.budget)
+            .used_percent
+            .set(percent as f64);
     }
 
     fn alert(&self, budget: usize, who: &Key, percent: u64, used: Amounts, resets: i64) {
+        self.store.metrics(budget).alerts.increment(1);
         let budget = self.store.budget(budget);
-        metrics::counter!("moat_quota_alerts_total", "budget" => budget.name.to_string())
-            .increment(1);
         self.config.alerts.alert(&BudgetAlert {
             budget: budget.name.to_string(),
             key: who.to_string(),
@@ -186,93 +183,94 @@ impl Inner {
         let ttl = u64::try_from(self.config.reservation_ttl.as_nanos()).unwrap_or(u64::MAX);
         #[cfg(feature = "redis")]
         if let Some(redis) = &self.config.redis {
-            use crate::redis::OnStoreError;
-            let mut tickets: Vec<Ticket> = Vec::with_capacity(claims.len());
-            let mut shadow_refusals = Vec::new();
-            for (claim, &is_shadow) in claims.iter().zip(shadow) {
-                let budget = self.store.budget(claim.budget);
-                let slot = self.slot(claim.budget, &claim.who);
-                let id = self.store.next_id();
-                let hold = self.config.reservation_ttl;
-                let mut outcome = redis
-                    .reserve(&slot, &budget.limits, &claim.amounts, id, hold)
-                    .await;
-                if let (Ok(Some((dimension, committed, needed))), true) = (&outcome, is_shadow) {
-                    shadow_refusals.push(Refusal {
-                        budget: claim.budget,
-                        dimension: *dimension,
-                        committed: *committed,
-                        needed: *needed,
-                        resets: slot.window.end,
-                    });
-                    outcome = redis
-                        .reserve(&slot, &Limits::default(), &claim.amounts, id, hold)
-                        .await;
-                }
-                match outcome {
-                    Ok(None) => tickets.push(Ticket {
-                        budget: claim.budget,
-                        who: claim.who,
-                        key: claim.key,
-                        id,
-                        remote: true,
-                    }),
-                    Ok(Some((dimension, committed, needed))) => {
-                        for t in tickets {
-                            self.release_now(t).await;
-                        }
-                        let refusal = Refusal {
-                            budget: claim.budget,
-                            dimension,
-                            committed,
-                            needed,
-                            resets: slot.window.end,
-                        };
-                        return (Err(Refused::Budget(refusal)), shadow_refusals);
-                    }
-                    Err(error) => {
-                        metrics::counter!("moat_quota_store_errors_total").increment(1);
-                        tracing::warn!(target: "moat::quota", %error, policy = ?redis.on_error, "redis unavailable");
-                        match redis.on_error {
-                            OnStoreError::FailOpen => {}
-                            OnStoreError::Local => {
-                                match self
-                                    .store
-                                    .reserve(
-                                        std::slice::from_ref(claim),
-                                        &[is_shadow],
-                                        self.wall(),
-                                        self.now(),
-                                        ttl,
-                                    )
-                                    .0
-                                {
-                                    Ok(mut local) => tickets.append(&mut local),
-                                    Err(refusal) => {
-                                        for t in tickets {
-                                            self.release_now(t).await;
-                                        }
-                                        return (Err(Refused::Budget(refusal)), shadow_refusals);
-                                    }
-                                }
-                            }
-                            // Fail closed: the safe choice for any policy added later.
-                            _ => {
-                                for t in tickets {
-                                    self.release_now(t).await;
-                                }
-                                return (Err(Refused::Unavailable), shadow_refusals);
-                            }
-                        }
-                    }
-                }
-            }
-            return (Ok(tickets), shadow_refusals);
+            return self.reserve_in_redis(redis, claims, shadow, ttl).await;
         }
         let (result, shadow_refusals) =
             self.store
                 .reserve(claims, shadow, self.wall(), self.now(), ttl);
-        (result.map_err(Refused::Budget), shadow_refusals)
+        (result.map_err(Refused::from), shadow_refusals)
+    }
+
+    /// Reserves in Redis, one budget after the other, giving back what it took when a later
+    /// one refuses; Redis failing applies the store's failure policy to that budget.
+    #[cfg(feature = "redis")]
+    async fn reserve_in_redis(
+        &self,
+        redis: &crate::redis::RedisStore,
+        claims: &[Claim],
+        shadow: &[bool],
+        ttl: u64,
+    ) -> (Result<Vec<Ticket>, Refused>, Vec<Refusal>) {
+        use crate::redis::OnStoreError;
+        let mut tickets: Vec<Ticket> = Vec::with_capacity(claims.len());
+        let mut shadow_refusals = Vec::new();
+        for (claim, &is_shadow) in claims.iter().zip(shadow) {
+            let budget = self.store.budget(claim.budget);
+            let slot = self.slot(claim.budget, &claim.who);
+            let id = self.store.next_id();
+            let hold = self.config.reservation_ttl;
+            let refusal = |(dimension, committed, needed)| Refusal {
+                budget: claim.budget,
+                dimension,
+                committed,
+                needed,
+                resets: slot.window.end,
+            };
+            let mut outcome = redis
+                .reserve(&slot, &budget.limits, &claim.amounts, id, hold)
+                .await;
+            if let (Ok(Err(refused)), true) = (&outcome, is_shadow) {
+                shadow_refusals.push(refusal(*refused));
+                outcome = redis
+                    .reserve(&slot, &Limits::default(), &claim.amounts, id, hold)
+                    .await;
+            }
+            let failed = match outcome {
+                Ok(Ok(committed)) => {
+                    tickets.push(Ticket {
+                        budget: claim.budget,
+                        who: claim.who,
+                        key: claim.key,
+                        id,
+                        committed,
+                        resets: slot.window.end,
+                        remote: true,
+                    });
+                    continue;
+                }
+                Ok(Err(refused)) => Refused::Budget(refusal(refused)),
+                Err(error) => {
+                    metrics::counter!("moat_quota_store_errors_total").increment(1);
+                    tracing::warn!(target: "moat::quota", %error, policy = ?redis.on_error, "redis unavailable");
+                    match redis.on_error {
+                        OnStoreError::FailOpen => continue,
+                        OnStoreError::Local => {
+                            let (local, _) = self.store.reserve(
+                                std::slice::from_ref(claim),
+                                &[is_shadow],
+                                self.wall(),
+                                self.now(),
+                                ttl,
+                            );
+                            match local {
+                                Ok(mut local) => {
+                                    tickets.append(&mut local);
+                                    continue;
+                                }
+                                Err(refused) => refused.into(),
+                            }
+                        }
+                        // Fail closed: the safe choice for any policy added later.
+                        _ => Refused::Unavailable,
+                    }
+                }
+            };
+            for t in tickets {
+                self.release_now(t).await;
+            }
+            return (Err(failed), shadow_refusals);
+        }
+        (Ok(tickets), shadow_refusals)
     }
 
     #[cfg(feature = "redis")]
@@ -289,12 +287,12 @@ impl Inner {
     }
 
     /// A budget's usage and reservations for `who`, wherever they are kept.
-    async fn view(&self, budget: usize, who: &Key) -> crate::store::View {
+    async fn view(&self, budget: usize, who: &Key) -> store::View {
         #[cfg(feature = "redis")]
         if let Some(redis) = &self.config.redis {
             let slot = self.slot(budget, who);
             if let Ok((used, reserved)) = redis.view(&slot, None).await {
-                return crate::store::View {
+                return store::View {
                     used,
                     reserved,
                     resets: slot.window.end,
@@ -512,66 +510,58 @@ impl<S> Quota<S> {
     }
 }
 
-/// The response future of [`Quota`].
-pub type ResponseFuture<B, E> =
-    moat_core::future::BoxResponseFuture<Result<Response<QuotaBody<B>>, E>>;
+moat_core::layer_response_body! {
+    /// The response body of [`Quota`]: the inner body, whose usage settles the request's
+    /// reservations when it ends (and, when moat asked for the usage chunk, without it).
+}
 
-/// What a request reserved, settled from its real usage when its response body ends.
-pub struct Settlement {
+moat_core::layer_response_future! {
+    /// The response future of [`Quota`].
+}
+
+/// What a request reserved, settled from its real usage when its response ends: the [`Hook`]
+/// the layer attaches.
+struct Settlement {
     quota: Arc<Inner>,
     tickets: Vec<Ticket>,
     price: Option<Price>,
     input_estimate: u64,
-    status: u16,
+    /// Remove OpenAI's usage chunk: moat asked for it, the client did not.
+    strip: bool,
     done: bool,
 }
 
-impl std::fmt::Debug for Settlement {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settlement")
-            .field("tickets", &self.tickets.len())
-            .finish()
-    }
-}
-
 impl Settlement {
-    fn none(quota: Arc<Inner>) -> Self {
-        Self {
-            quota,
-            tickets: Vec::new(),
-            price: None,
-            input_estimate: 0,
-            status: 0,
-            done: true,
-        }
-    }
-
     /// Uncached prompt tokens, cached prompt tokens and output tokens that were used.
-    fn used(&self, report: Option<&UsageReport>) -> (u64, u64, u64) {
+    fn used(&self, report: &UsageReport) -> (u64, u64, u64) {
         match report {
-            Some(UsageReport { usage: Some(u), .. }) => {
+            UsageReport { usage: Some(u), .. } => {
                 let cached = u.cached_input_tokens.min(u.input_tokens);
                 (u.input_tokens - cached, cached, u.output_tokens)
             }
-            // No usage: an error answer cost nothing; otherwise the prompt and what was streamed.
-            Some(r)
-                if self.status >= 400
-                    && r.streamed_text_bytes == 0
-                    && r.outcome == BodyOutcome::Completed =>
+            // No usage: an error answer cost nothing; otherwise the prompt and what was streamed
+            // (dropped before any response, the provider may still have read the prompt).
+            r if r.status >= 400
+                && r.streamed_text_bytes == 0
+                && r.outcome == BodyOutcome::Completed =>
             {
                 (0, 0, 0)
             }
-            Some(r) => (self.input_estimate, 0, r.streamed_text_bytes.div_ceil(4)),
-            // Dropped before a response: the provider may have read the prompt.
-            None => (self.input_estimate, 0, 0),
+            r => (self.input_estimate, 0, r.streamed_text_bytes.div_ceil(4)),
         }
     }
 
-    fn settle(&mut self, report: Option<&UsageReport>) {
-        if self.done {
+    fn settle(&mut self, report: &UsageReport) {
+        if std::mem::replace(&mut self.done, true) {
             return;
         }
-        self.done = true;
+        if report.outcome == BodyOutcome::Failed {
+            // The inner service failed: nothing reached the provider.
+            for ticket in &self.tickets {
+                self.quota.release(*ticket);
+            }
+            return;
+        }
         let (uncached, cached, output) = self.used(report);
         let usd = self
             .price
@@ -586,65 +576,39 @@ impl Settlement {
             self.quota.settle(*ticket, Amounts::new(input, output, usd));
         }
     }
-
-    /// The inner service failed: nothing reached the provider.
-    fn release(&mut self) {
-        self.done = true;
-        for ticket in &self.tickets {
-            self.quota.release(*ticket);
-        }
-    }
 }
 
-impl OnUsage for Settlement {
-    fn on_usage(mut self, report: UsageReport) {
-        self.settle(Some(&report));
+impl Hook for Settlement {
+    fn interest(&self) -> Interest {
+        if self.strip {
+            Interest::REWRITE
+        } else {
+            Interest::OBSERVE
+        }
+    }
+
+    fn on_event(&mut self, event: &mut StreamEvent<'_>) {
+        if self.strip && event.view().is_usage_only() {
+            event.remove();
+        }
+    }
+
+    fn on_end(mut self: Box<Self>, report: &UsageReport) {
+        self.settle(report);
     }
 }
 
 impl Drop for Settlement {
     fn drop(&mut self) {
-        self.settle(None);
+        self.settle(&UsageReport::no_response(BodyOutcome::Abandoned));
     }
 }
 
-fn passthrough<B>(response: Response<B>, quota: &Arc<Inner>) -> Response<QuotaBody<B>>
-where
-    B: Body<Data = Bytes>,
-{
-    response.map(|b| {
-        StripUsageChunk::new(
-            UsageBody::new(
-                ResponseBody::inner(b),
-                moat_core::usage::BodyFormat::Other,
-                Settlement::none(quota.clone()),
-            ),
-            false,
-        )
-    })
-}
-
-fn rejected<B>(
-    rejection: Rejection,
-    protocol: Protocol,
-    quota: &Arc<Inner>,
-) -> Response<QuotaBody<B>>
-where
-    B: Body<Data = Bytes>,
-{
+fn rejected<B>(rejection: Rejection, protocol: Protocol) -> Response<ResponseBody<B>> {
     rejection
         .with_layer("quota")
         .into_response(protocol)
-        .map(|b| {
-            StripUsageChunk::new(
-                UsageBody::new(
-                    b,
-                    moat_core::usage::BodyFormat::Other,
-                    Settlement::none(quota.clone()),
-                ),
-                false,
-            )
-        })
+        .map(ResponseBody::plain)
 }
 
 fn refusal_rejection(quota: &Inner, refusal: &Refusal) -> Rejection {
@@ -696,29 +660,21 @@ fn refusal_rejection(quota: &Inner, refusal: &Refusal) -> Rejection {
     .with_header(HeaderName::from_static("x-should-retry"), HeaderValue::from_static("false"))
 }
 
-/// `x-moat-quota-*` headers for the tightest enforced budget after this request's reservation.
-async fn quota_headers(quota: &Inner, tickets: &[Ticket], headers: &mut http::HeaderMap) {
-    let mut tightest: Option<(u64, &Budget, Amounts, i64)> = None;
-    for t in tickets {
-        let budget = quota.store.budget(t.budget);
-        if budget.mode == Mode::Shadow {
-            continue;
-        }
-        let view = quota.view(t.budget, &t.who).await;
-        let committed = view.used.add(view.reserved);
-        let percent = budget.limits.percent_used(&committed);
-        if tightest.as_ref().is_none_or(|(p, ..)| percent > *p) {
-            tightest = Some((
-                percent,
-                budget,
-                budget.limits.remaining(&committed),
-                view.resets,
-            ));
-        }
-    }
-    let Some((_, budget, remaining, resets)) = tightest else {
+/// `x-moat-quota-*` headers for the tightest enforced budget after this request's reservation:
+/// from what the reservation saw, without asking the store again.
+fn quota_headers(quota: &Inner, tickets: &[Ticket], headers: &mut http::HeaderMap) {
+    let tightest = tickets
+        .iter()
+        .filter(|t| quota.store.budget(t.budget).mode != Mode::Shadow)
+        .map(|t| {
+            let budget = quota.store.budget(t.budget);
+            (budget.limits.percent_used(&t.committed), budget, t)
+        })
+        .max_by_key(|(percent, ..)| *percent);
+    let Some((_, budget, ticket)) = tightest else {
         return;
     };
+    let remaining = budget.limits.remaining(&ticket.committed);
     let mut set = |name: &'static str, value: String| {
         if let Ok(v) = HeaderValue::from_str(&value) {
             headers.insert(HeaderName::from_static(name), v);
@@ -737,7 +693,168 @@ async fn quota_headers(quota: &Inner, tickets: &[Ticket], headers: &mut http::He
             remaining.usd.to_string().trim_start_matches('$').to_owned(),
         );
     }
-    set("x-moat-quota-reset", rfc3339(resets));
+    set("x-moat-quota-reset", rfc3339(ticket.resets));
+}
+
+/// A request's claim on the budgets that apply to it, before it is reserved.
+struct Plan {
+    claims: Vec<Claim>,
+    shadow: Vec<bool>,
+    price: Option<Price>,
+    estimate: u64,
+    reserve: u64,
+    /// Write the reserve into a request that sets no `max_tokens`.
+    cap: bool,
+    /// Ask for the usage chunk the client did not (and remove it from the reply).
+    strip: bool,
+}
+
+impl Inner {
+    /// Which budgets apply to a parsed request and what it claims of them: `None` when none
+    /// applies, a rejection when it cannot be priced.
+    fn plan(
+        &self,
+        llm: &SharedLlmRequest,
+        head: &RequestHead<'_>,
+        caller: &Caller,
+    ) -> Result<Option<Plan>, Rejection> {
+        let (model, format, estimate, max_tokens, stream, include_usage) = llm.with(|r| {
+            let estimate = if self.config.exact_counting {
+                moat_core::tokens::estimate_input(r)
+            } else {
+                moat_core::tokens::estimate_input_upper_bound(r)
+            };
+            (
+                r.model().map(str::to_owned),
+                r.format(),
+                estimate.tokens,
+                r.max_output_tokens(),
+                r.stream(),
+                r.include_usage(),
+            )
+        });
+        let applicable: Vec<usize> = self
+            .store
+            .budgets()
+            .enumerate()
+            .filter(|(_, b)| b.applies(model.as_deref(), caller))
+            .map(|(i, _)| i)
+            .collect();
+        if applicable.is_empty() || format == WireFormat::Unknown {
+            return Ok(None);
+        }
+        let spend = applicable
+            .iter()
+            .any(|&i| self.store.budget(i).limits.has_usd());
+        let price = self.config.prices.price(model.as_deref());
+        if spend && price.is_none() {
+            return Err(Rejection::bad_request(format!(
+                "model {:?} has no price, and a spend budget applies",
+                model.as_deref().unwrap_or("")
+            ))
+            .with_code("model_not_priced")
+            .with_param("model"));
+        }
+        let reserve = max_tokens.unwrap_or(self.config.completion_reserve);
+        let usd = price.map_or(Usd::ZERO, |p| p.cost(estimate, 0, reserve));
+        let claims = applicable
+            .iter()
+            .map(|&i| {
+                let key = self.key_of(self.store.budget(i), head, caller);
+                Claim::new(i, key, Amounts::new(estimate, reserve, usd))
+            })
+            .collect();
+        let shadow = applicable
+            .iter()
+            .map(|&i| self.store.budget(i).mode == Mode::Shadow)
+            .collect();
+        Ok(Some(Plan {
+            claims,
+            shadow,
+            price,
+            estimate,
+            reserve,
+            cap: max_tokens.is_none() && self.config.cap_max_tokens,
+            strip: stream
+                && !include_usage
+                && matches!(
+                    format,
+                    WireFormat::ChatCompletions | WireFormat::Completions
+                ),
+        }))
+    }
+
+    /// Reserves a plan, recording every decision: the tickets, or the refusal to send.
+    async fn admit(
+        &self,
+        plan: &Plan,
+        extensions: &http::Extensions,
+    ) -> Result<Vec<Ticket>, Rejection> {
+        let (result, shadow_refusals) = self.reserve(&plan.claims, &plan.shadow).await;
+        for refusal in &shadow_refusals {
+            let budget = self.store.budget(refusal.budget);
+            self.store
+                .metrics(refusal.budget)
+                .shadow_denied
+                .increment(1);
+            Decisions::record(
+                extensions,
+                Decision::new(
+                    "quota",
+                    Outcome::ShadowRejected {
+                        code: "insufficient_quota".into(),
+                    },
+                )
+                .with_rule(budget.name.to_string()),
+            );
+        }
+        match result {
+            Ok(tickets) => {
+                for t in &tickets {
+                    self.store.metrics(t.budget).reserved.increment(1);
+                }
+                Decisions::record(extensions, Decision::new("quota", Outcome::Allowed));
+                Ok(tickets)
+            }
+            Err(Refused::Unavailable) => Err(Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "The budget store is unavailable. Please try again shortly.",
+            )
+            .with_code("quota_unavailable")
+            .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))),
+            Err(Refused::Full { budget }) => {
+                self.store.metrics(budget).denied.increment(1);
+                let name = &self.store.budget(budget).name;
+                tracing::warn!(target: "moat::quota", budget = %name, "budget store full: new caller refused");
+                Err(Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    format!("Budget '{name}' tracks as many callers as it may; new callers are refused until some fall idle."),
+                )
+                .with_code("quota_store_full")
+                .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("60")))
+            }
+            Err(Refused::Budget(refusal)) => {
+                let budget = self.store.budget(refusal.budget);
+                self.store.metrics(refusal.budget).denied.increment(1);
+                tracing::debug!(target: "moat::quota", budget = %budget.name, "insufficient quota");
+                let rejection = refusal_rejection(self, &refusal);
+                Decisions::record(
+                    extensions,
+                    Decision::new(
+                        "quota",
+                        Outcome::Rejected {
+                            status: rejection.status().as_u16(),
+                            code: rejection.code().unwrap_or_default().to_owned().into(),
+                        },
+                    )
+                    .with_rule(budget.name.to_string()),
+                );
+                Err(rejection)
+            }
+        }
+    }
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Quota<S>
@@ -752,7 +869,7 @@ where
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes> + Send + 'static,
 {
-    type Response = Response<QuotaBody<ResBody>>;
+    type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<ResBody, S::Error>;
 
@@ -765,170 +882,64 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let caller = quota.config.resolver.resolve(&mut req);
-        let future = async move {
+        ResponseFuture::new(async move {
             let protocol = Protocol::of(&req);
             let (mut req, llm) = match read_llm_request(req, quota.config.body_limit).await {
                 Ok(LlmBody::Parsed { request, llm }) => (request, llm),
                 Ok(LlmBody::Unparsed(request)) => {
-                    return Ok(passthrough(inner.call(request).await?, &quota))
+                    return Ok(inner.call(request).await?.map(plain));
                 }
-                Err(rejection) => return Ok(rejected(rejection, protocol, &quota)),
+                Err(rejection) => return Ok(rejected(rejection, protocol)),
             };
-            let (model, format, estimate, max_tokens, stream, include_usage) = llm.with(|r| {
-                (
-                    r.model().map(str::to_owned),
-                    r.format(),
-                    if quota.config.exact_counting {
-                        moat_core::tokens::estimate_input(r).tokens
-                    } else {
-                        moat_core::tokens::estimate_input_upper_bound(r).tokens
-                    },
-                    r.max_output_tokens(),
-                    r.stream(),
-                    r.include_usage(),
-                )
-            });
-            let head = RequestHead::of(&req);
-            let applicable: Vec<usize> = quota
-                .store
-                .budgets()
-                .enumerate()
-                .filter(|(_, b)| b.applies(model.as_deref(), &caller))
-                .map(|(i, _)| i)
-                .collect();
-            if applicable.is_empty() || format == WireFormat::Unknown {
-                return Ok(passthrough(inner.call(req).await?, &quota));
-            }
-            let spend = applicable
-                .iter()
-                .any(|&i| quota.store.budget(i).limits.has_usd());
-            let price = quota.config.prices.price(model.as_deref());
-            if spend && price.is_none() {
-                let rejection = Rejection::bad_request(format!(
-                    "model {:?} has no price, and a spend budget applies",
-                    model.as_deref().unwrap_or("")
-                ))
-                .with_code("model_not_priced")
-                .with_param("model");
-                return Ok(rejected(rejection, protocol, &quota));
-            }
-            let reserve = max_tokens.unwrap_or(quota.config.completion_reserve);
-            let usd = price.map_or(Usd::ZERO, |p| p.cost(estimate, 0, reserve));
-            let claims: Vec<Claim> = applicable
-                .iter()
-                .map(|&i| {
-                    let budget = quota.store.budget(i);
-                    Claim::new(
-                        i,
-                        quota.key_of(budget, &head, &caller),
-                        Amounts::new(estimate, reserve, usd),
-                    )
-                })
-                .collect();
-            let shadow: Vec<bool> = applicable
-                .iter()
-                .map(|&i| quota.store.budget(i).mode == Mode::Shadow)
-                .collect();
-            let (result, shadow_refusals) = quota.reserve(&claims, &shadow).await;
-            for refusal in &shadow_refusals {
-                let name = quota.store.budget(refusal.budget).name.to_string();
-                metrics::counter!("moat_quota_shadow_denied_total", "budget" => name.clone())
-                    .increment(1);
-                Decisions::record(
-                    head.extensions,
-                    Decision::new(
-                        "quota",
-                        Outcome::ShadowRejected {
-                            code: "insufficient_quota".into(),
-                        },
-                    )
-                    .with_rule(name),
-                );
-            }
-            let tickets = match result {
+            let plan = match quota.plan(&llm, &RequestHead::of(&req), &caller) {
+                Ok(Some(plan)) => plan,
+                Ok(None) => return Ok(inner.call(req).await?.map(plain)),
+                Err(rejection) => return Ok(rejected(rejection, protocol)),
+            };
+            let tickets = match quota.admit(&plan, req.extensions()).await {
                 Ok(tickets) => tickets,
-                Err(Refused::Unavailable) => {
-                    let rejection = Rejection::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "server_error",
-                        "The budget store is unavailable. Please try again shortly.",
-                    )
-                    .with_code("quota_unavailable")
-                    .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    return Ok(rejected(rejection, protocol, &quota));
-                }
-                Err(Refused::Budget(refusal)) => {
-                    let name = quota.store.budget(refusal.budget).name.to_string();
-                    metrics::counter!("moat_quota_denied_total", "budget" => name.clone())
-                        .increment(1);
-                    tracing::debug!(target: "moat::quota", budget = %name, "insufficient quota");
-                    let rejection = refusal_rejection(&quota, &refusal);
-                    Decisions::record(
-                        head.extensions,
-                        Decision::new(
-                            "quota",
-                            Outcome::Rejected {
-                                status: rejection.status().as_u16(),
-                                code: rejection.code().unwrap_or_default().to_owned().into(),
-                            },
-                        )
-                        .with_rule(name),
-                    );
-                    return Ok(rejected(rejection, protocol, &quota));
-                }
+                Err(rejection) => return Ok(rejected(rejection, protocol)),
             };
-            for t in &tickets {
-                let name = quota.store.budget(t.budget).name.to_string();
-                metrics::counter!("moat_quota_reserved_total", "budget" => name).increment(1);
-            }
             // Make the response report (and stay within) what was reserved.
-            let strip = stream
-                && !include_usage
-                && matches!(
-                    format,
-                    WireFormat::ChatCompletions | WireFormat::Completions
-                );
             llm.with(|r| {
-                if strip {
+                if plan.strip {
                     r.set_include_usage(true);
                 }
-                if max_tokens.is_none() && quota.config.cap_max_tokens {
-                    r.set_max_output_tokens(reserve);
+                if plan.cap {
+                    r.set_max_output_tokens(plan.reserve);
                 }
             });
-            let mut settlement = Settlement {
+            let headed = quota.config.headers.then(|| tickets.clone());
+            let hooks = Hooks::of(req.extensions_mut());
+            hooks.attach(Settlement {
                 quota: quota.clone(),
                 tickets,
-                price,
-                input_estimate: estimate,
-                status: 0,
+                price: plan.price,
+                input_estimate: plan.estimate,
+                strip: plan.strip,
                 done: false,
-            };
-            if let Some(decisions) = req.extensions().get::<Decisions>() {
-                decisions.push(Decision::new("quota", Outcome::Allowed));
-            }
+            });
             req.extensions_mut().insert(caller);
             let response = match inner.call(req).await {
                 Ok(response) => response,
                 Err(e) => {
-                    settlement.release();
+                    hooks.fail();
                     return Err(e);
                 }
             };
             let (mut parts, body) = response.into_parts();
-            if quota.config.headers {
-                quota_headers(&quota, &settlement.tickets, &mut parts.headers).await;
+            if let Some(tickets) = headed {
+                quota_headers(&quota, &tickets, &mut parts.headers);
             }
-            settlement.status = parts.status.as_u16();
-            let format = moat_core::usage::BodyFormat::of(&parts.headers);
-            let body = UsageBody::new(ResponseBody::inner(body), format, settlement);
-            Ok(Response::from_parts(
-                parts,
-                StripUsageChunk::new(body, strip),
-            ))
-        };
-        ResponseFuture::new(future)
+            let response = Response::from_parts(parts, CoreBody::inner(body));
+            Ok(hooks.view(response).map(ResponseBody::new))
+        })
     }
+}
+
+/// The inner service's body, passed through.
+fn plain<B>(body: B) -> ResponseBody<B> {
+    ResponseBody::plain(CoreBody::inner(body))
 }
 
 /// One budget's state for a caller.

@@ -1,9 +1,21 @@
 //! The in-memory budget store: reservations, settlement, periods, alerts.
+//!
+//! Each budget has its own state: 64 shards, each a lock over a map from a key's digest to its
+//! usage and reservations, so requests of different callers rarely wait on one lock. The store
+//! holds at most about `max_keys` keys per budget (the cap split evenly over the shards). When a
+//! shard is full, a new key makes it sweep: only idle entries go (nothing reserved, nothing used
+//! in the current period), because forgetting a live key would hand it a fresh budget; if none
+//! can go, the new key is refused (503, "full") rather than let memory grow. A sweep scans one
+//! shard; when it frees less than a sixteenth of it, the shard does not sweep again before the
+//! period ends (when its entries can next fall idle), so a flood of new keys costs each request
+//! a refusal, not a scan: sweeping stays amortized O(16) per new key.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
+
+use metrics::{Counter, Gauge};
 
 use jiff::tz::TimeZone;
 use moat_core::Key;
@@ -60,15 +72,55 @@ impl Entry {
             .fold(Amounts::default(), |a, r| a.add(r.amounts))
     }
 
-    /// Idle: nothing reserved and nothing used in the current period.
-    fn is_idle(&self, window: Window) -> bool {
+    /// Idle: nothing reserved and nothing used that still counts (in the current period, or,
+    /// for a rolling one, the bucket before it).
+    fn is_idle(&self, window: Window, period: Period) -> bool {
+        let rolling = matches!(period, Period::Rolling(_));
         self.reservations.is_empty()
             && self.window != window.id
-            && (self.window + 1 != window.id || self.used == Amounts::default())
+            && (!rolling || self.window + 1 != window.id || self.used == Amounts::default())
     }
 }
 
-type Shard = HashMap<[u8; 16], Entry>;
+const SHARDS: usize = 64;
+
+#[derive(Debug, Default)]
+struct Shard {
+    entries: HashMap<[u8; 16], Entry>,
+    /// A full shard does not sweep before this period (a window id): nothing new can have
+    /// fallen idle.
+    next_sweep: i64,
+}
+
+/// One budget's counters, registered once.
+pub(crate) struct BudgetMetrics {
+    pub(crate) reserved: Counter,
+    pub(crate) denied: Counter,
+    pub(crate) shadow_denied: Counter,
+    pub(crate) settled: Counter,
+    pub(crate) alerts: Counter,
+    pub(crate) used_percent: Gauge,
+}
+
+impl BudgetMetrics {
+    fn new(budget: &str) -> Self {
+        let b = budget.to_owned();
+        Self {
+            reserved: metrics::counter!("moat_quota_reserved_total", "budget" => b.clone()),
+            denied: metrics::counter!("moat_quota_denied_total", "budget" => b.clone()),
+            shadow_denied: metrics::counter!("moat_quota_shadow_denied_total", "budget" => b.clone()),
+            settled: metrics::counter!("moat_quota_settled_total", "budget" => b.clone()),
+            alerts: metrics::counter!("moat_quota_alerts_total", "budget" => b.clone()),
+            used_percent: metrics::gauge!("moat_quota_used_percent", "budget" => b),
+        }
+    }
+}
+
+struct BudgetState {
+    budget: Budget,
+    metrics: BudgetMetrics,
+    shards: Box<[Mutex<Shard>]>,
+}
 
 /// A request's claim on one budget.
 #[derive(Debug, Clone, Copy)]
@@ -91,13 +143,17 @@ impl Claim {
     }
 }
 
-/// A reservation held by a request.
+/// A reservation held by a request, and the budget's state once it was made (for headers).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ticket {
     pub(crate) budget: usize,
     pub(crate) who: Key,
     pub(crate) key: [u8; 16],
     pub(crate) id: u64,
+    /// Used and reserved, this reservation included.
+    pub(crate) committed: Amounts,
+    /// Seconds since the epoch when the period starts over.
+    pub(crate) resets: i64,
     /// Held in Redis rather than in memory.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) remote: bool,
@@ -112,6 +168,15 @@ pub(crate) struct Refusal {
     pub(crate) needed: u64,
     /// Seconds since the epoch when the budget's period starts over.
     pub(crate) resets: i64,
+}
+
+/// What [`MemoryStore::reserve`] refused.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refused {
+    /// A budget does not fit.
+    Budget(Refusal),
+    /// A new key, and the budget holds as many keys as it may.
+    Full { budget: usize },
 }
 
 /// A budget's state for one key, for headers and the usage endpoint.
@@ -131,10 +196,11 @@ pub(crate) struct Crossed {
 }
 
 pub(crate) struct MemoryStore {
-    budgets: Vec<(Budget, Mutex<Shard>)>,
+    budgets: Vec<BudgetState>,
     tz: TimeZone,
     next_id: AtomicU64,
-    max_keys: usize,
+    per_shard_cap: usize,
+    sweeps: AtomicU64,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -153,7 +219,14 @@ impl MemoryStore {
 
     pub(crate) fn new(budgets: Vec<Budget>, tz: TimeZone, max_keys: usize) -> Self {
         Self {
-            budgets: budgets.into_iter().map(|b| (b, Mutex::default())).collect(),
+            budgets: budgets
+                .into_iter()
+                .map(|budget| BudgetState {
+                    metrics: BudgetMetrics::new(&budget.name),
+                    budget,
+                    shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                })
+                .collect(),
             tz,
             // Shared stores hold reservations from many processes: start each process's ids at a
             // random point, so two never write the same reservation.
@@ -163,23 +236,44 @@ impl MemoryStore {
                     .build_hasher()
                     .finish()
             }),
-            max_keys,
+            per_shard_cap: max_keys.div_ceil(SHARDS).max(1),
+            sweeps: AtomicU64::new(0),
         }
     }
 
-    fn lock(&self, budget: usize) -> MutexGuard<'_, Shard> {
-        self.budgets[budget]
-            .1
+    fn lock(&self, budget: usize, key: &[u8; 16]) -> MutexGuard<'_, Shard> {
+        // Digests are uniform: their first byte picks the shard.
+        self.budgets[budget].shards[usize::from(key[0]) % SHARDS]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn window(&self, budget: usize, wall: SystemTime) -> Window {
-        self.budgets[budget].0.period.window(wall, &self.tz)
+        self.budgets[budget].budget.period.window(wall, &self.tz)
+    }
+
+    /// Makes room for one more key in a full shard, if sweeping may find any; whether there is.
+    fn make_room(&self, shard: &mut Shard, window: Window, period: Period) -> bool {
+        if shard.entries.len() < self.per_shard_cap {
+            return true;
+        }
+        if window.id < shard.next_sweep {
+            return false;
+        }
+        self.sweeps.fetch_add(1, Ordering::Relaxed);
+        let before = shard.entries.len();
+        shard.entries.retain(|_, e| !e.is_idle(window, period));
+        let freed = before - shard.entries.len();
+        if freed < self.per_shard_cap / 16 {
+            // Nothing more falls idle before the period ends.
+            shard.next_sweep = window.id + 1;
+        }
+        shard.entries.len() < self.per_shard_cap
     }
 
     /// Reserves every claim, or none: the first claim that does not fit is the refusal.
-    /// `force` lists claims that are recorded even when they do not fit (shadow budgets).
+    /// Claims of `shadow` budgets are recorded even when they do not fit (their refusals are
+    /// returned apart).
     pub(crate) fn reserve(
         &self,
         claims: &[Claim],
@@ -187,41 +281,48 @@ impl MemoryStore {
         wall: SystemTime,
         now: u64,
         ttl: u64,
-    ) -> (Result<Vec<Ticket>, Refusal>, Vec<Refusal>) {
-        // Lock in budget order, so two requests never wait on each other in a cycle.
+    ) -> (Result<Vec<Ticket>, Refused>, Vec<Refusal>) {
+        // Lock in (budget, shard) order, so two requests never wait on each other in a cycle.
+        let shard_of = |c: &Claim| (c.budget, usize::from(c.key[0]) % SHARDS);
         let mut order: Vec<usize> = (0..claims.len()).collect();
-        order.sort_by_key(|&i| claims[i].budget);
-        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> = Vec::with_capacity(claims.len());
+        order.sort_by_key(|&i| shard_of(&claims[i]));
+        let mut guards: Vec<((usize, usize), MutexGuard<'_, Shard>)> =
+            Vec::with_capacity(claims.len());
         for &i in &order {
-            if guards.last().map(|(b, _)| *b) != Some(claims[i].budget) {
-                guards.push((claims[i].budget, self.lock(claims[i].budget)));
+            let at = shard_of(&claims[i]);
+            if guards.last().map(|(s, _)| *s) != Some(at) {
+                guards.push((at, self.lock(claims[i].budget, &claims[i].key)));
             }
         }
-        let shard_of = |guards: &mut Vec<(usize, MutexGuard<'_, Shard>)>, budget: usize| {
+        let guard = |guards: &[((usize, usize), MutexGuard<'_, Shard>)], c: &Claim| {
             guards
                 .iter()
-                .position(|(b, _)| *b == budget)
+                .position(|(s, _)| *s == shard_of(c))
                 .expect("locked above")
         };
         let mut shadow_refusals = Vec::new();
         for (i, claim) in claims.iter().enumerate() {
-            let (budget, _) = &self.budgets[claim.budget];
+            let budget = &self.budgets[claim.budget].budget;
             let window = self.window(claim.budget, wall);
-            let g = shard_of(&mut guards, claim.budget);
-            let shard = &mut guards[g].1;
-            if !shard.contains_key(&claim.key) && shard.len() >= self.max_keys {
-                shard.retain(|_, e| !e.is_idle(window));
+            let g = guard(&guards, claim);
+            let shard = &mut *guards[g].1;
+            if !shard.entries.contains_key(&claim.key)
+                && !self.make_room(shard, window, budget.period)
+            {
+                return (
+                    Err(Refused::Full {
+                        budget: claim.budget,
+                    }),
+                    shadow_refusals,
+                );
             }
-            let full = !shard.contains_key(&claim.key) && shard.len() >= self.max_keys;
-            let entry = shard.entry(claim.key).or_default();
+            let entry = shard.entries.entry(claim.key).or_default();
             entry.roll(window, budget.period);
             entry.sweep(now);
             let committed = entry.used(window).add(entry.reserved());
-            let breaks = budget
-                .limits
-                .breaks(&committed, &claim.amounts)
-                .or(full.then_some((Dimension::Tokens, 0, 0, 0)));
-            if let Some((dimension, committed, needed, _)) = breaks {
+            if let Some((dimension, committed, needed, _)) =
+                budget.limits.breaks(&committed, &claim.amounts)
+            {
                 let refusal = Refusal {
                     budget: claim.budget,
                     dimension,
@@ -232,15 +333,20 @@ impl MemoryStore {
                 if shadow[i] {
                     shadow_refusals.push(refusal);
                 } else {
-                    return (Err(refusal), shadow_refusals);
+                    return (Err(Refused::Budget(refusal)), shadow_refusals);
                 }
             }
         }
         let mut tickets = Vec::with_capacity(claims.len());
         for claim in claims {
             let id = self.next_id();
-            let g = shard_of(&mut guards, claim.budget);
-            let entry = guards[g].1.get_mut(&claim.key).expect("created above");
+            let window = self.window(claim.budget, wall);
+            let g = guard(&guards, claim);
+            let entry = guards[g]
+                .1
+                .entries
+                .get_mut(&claim.key)
+                .expect("created above");
             entry.reservations.push(Reservation {
                 id,
                 amounts: claim.amounts,
@@ -251,24 +357,27 @@ impl MemoryStore {
                 who: claim.who,
                 key: claim.key,
                 id,
+                committed: entry.used(window).add(entry.reserved()),
+                resets: window.end,
                 remote: false,
             });
         }
         (Ok(tickets), shadow_refusals)
     }
 
-    /// Replaces a reservation with what was used; returns the alert thresholds it crossed.
+    /// Replaces a reservation with what was used; returns the alert thresholds it crossed, and
+    /// the budget's share used now (percent).
     pub(crate) fn settle(
         &self,
         ticket: &Ticket,
         used: Amounts,
         wall: SystemTime,
         thresholds: &[u64],
-    ) -> Vec<Crossed> {
-        let (budget, _) = &self.budgets[ticket.budget];
+    ) -> (Vec<Crossed>, u64) {
+        let budget = &self.budgets[ticket.budget].budget;
         let window = self.window(ticket.budget, wall);
-        let mut shard = self.lock(ticket.budget);
-        let entry = shard.entry(ticket.key).or_default();
+        let mut shard = self.lock(ticket.budget, &ticket.key);
+        let entry = shard.entries.entry(ticket.key).or_default();
         entry.roll(window, budget.period);
         entry.reservations.retain(|r| r.id != ticket.id);
         entry.used = entry.used.add(used);
@@ -284,12 +393,16 @@ impl MemoryStore {
                 });
             }
         }
-        crossed
+        (crossed, percent)
     }
 
     /// Drops a reservation without charging it.
     pub(crate) fn release(&self, ticket: &Ticket) {
-        if let Some(entry) = self.lock(ticket.budget).get_mut(&ticket.key) {
+        if let Some(entry) = self
+            .lock(ticket.budget, &ticket.key)
+            .entries
+            .get_mut(&ticket.key)
+        {
             entry.reservations.retain(|r| r.id != ticket.id);
         }
     }
@@ -297,15 +410,15 @@ impl MemoryStore {
     /// A key's state of one budget.
     pub(crate) fn view(&self, budget: usize, key: [u8; 16], wall: SystemTime, now: u64) -> View {
         let window = self.window(budget, wall);
-        let mut shard = self.lock(budget);
-        let Some(entry) = shard.get_mut(&key) else {
+        let mut shard = self.lock(budget, &key);
+        let Some(entry) = shard.entries.get_mut(&key) else {
             return View {
                 used: Amounts::default(),
                 reserved: Amounts::default(),
                 resets: window.end,
             };
         };
-        entry.roll(window, self.budgets[budget].0.period);
+        entry.roll(window, self.budgets[budget].budget.period);
         entry.sweep(now);
         View {
             used: entry.used(window),
@@ -315,11 +428,30 @@ impl MemoryStore {
     }
 
     pub(crate) fn budget(&self, index: usize) -> &Budget {
-        &self.budgets[index].0
+        &self.budgets[index].budget
+    }
+
+    pub(crate) fn metrics(&self, index: usize) -> &BudgetMetrics {
+        &self.budgets[index].metrics
     }
 
     pub(crate) fn budgets(&self) -> impl Iterator<Item = &Budget> {
-        self.budgets.iter().map(|(b, _)| b)
+        self.budgets.iter().map(|b| &b.budget)
+    }
+
+    /// Keys held by one budget.
+    #[cfg(test)]
+    pub(crate) fn len(&self, budget: usize) -> usize {
+        self.budgets[budget]
+            .shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entries
+                    .len()
+            })
+            .sum()
     }
 }
 
@@ -357,6 +489,7 @@ mod tests {
         );
         assert!(s
             .settle(&t1[0], Amounts::new(10, 0, Usd::ZERO), wall(0), &[])
+            .0
             .is_empty());
         assert!(
             s.reserve(&[claim(0, 60)], &[false], wall(0), 0, 1_000)
@@ -393,7 +526,10 @@ mod tests {
             )
             .0
             .unwrap_err();
-        assert_eq!(refused.budget, 1);
+        assert!(matches!(
+            refused,
+            Refused::Budget(Refusal { budget: 1, .. })
+        ));
         assert_eq!(
             s.view(0, Key::GLOBAL.digest(), wall(0), 0).reserved,
             Amounts::default(),
@@ -454,12 +590,15 @@ mod tests {
                 .reserve(&[claim(0, 0)], &[false], wall(secs), 0, 1)
                 .0
                 .unwrap();
-            for c in s.settle(
-                &t[0],
-                Amounts::new(used, 0, Usd::ZERO),
-                wall(secs),
-                &thresholds,
-            ) {
+            for c in s
+                .settle(
+                    &t[0],
+                    Amounts::new(used, 0, Usd::ZERO),
+                    wall(secs),
+                    &thresholds,
+                )
+                .0
+            {
                 fired.push((secs, c.percent));
             }
         }
@@ -468,5 +607,65 @@ mod tests {
             fired,
             vec![(1, 50), (3, 80), (4, 100), (86_400, 50), (86_400, 80)]
         );
+    }
+
+    #[test]
+    fn a_full_store_refuses_new_keys_without_sweeping_each_time_and_recovers_next_period() {
+        const KEYS: usize = 1_000_000;
+        let s = MemoryStore::new(
+            vec![Budget::new("b", Global, Period::Day).tokens(1_000_000)],
+            TimeZone::UTC,
+            KEYS,
+        );
+        let key = |i: usize| {
+            let mut k = [0u8; 16];
+            k[..8].copy_from_slice(&(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+            k[8..].copy_from_slice(&(i as u64).to_le_bytes());
+            k
+        };
+        let claim_for = |i: usize| Claim {
+            budget: 0,
+            who: Key::GLOBAL,
+            key: key(i),
+            amounts: Amounts::new(1, 0, Usd::ZERO),
+        };
+        // A million callers each use some of the day's budget: every entry is live.
+        let mut admitted = 0;
+        for i in 0..KEYS {
+            if let Ok(t) = s.reserve(&[claim_for(i)], &[false], wall(0), 0, 1).0 {
+                s.settle(&t[0], Amounts::new(1, 0, Usd::ZERO), wall(0), &[]);
+                admitted += 1;
+            }
+        }
+        assert!(admitted > KEYS * 9 / 10, "{admitted}");
+        assert!(s.len(0) <= KEYS.div_ceil(SHARDS) * SHARDS);
+        let sweeps = s.sweeps.load(Ordering::Relaxed);
+        // An attacker's new keys are refused; each full shard swept at most once for them.
+        for i in KEYS..KEYS + 100_000 {
+            if let Err(refused) = s.reserve(&[claim_for(i)], &[false], wall(10), 0, 1).0 {
+                assert!(matches!(refused, Refused::Full { budget: 0 }));
+            }
+        }
+        let swept = s.sweeps.load(Ordering::Relaxed) - sweeps;
+        assert!(
+            swept <= SHARDS as u64,
+            "{swept} sweeps for 100,000 new keys"
+        );
+        // Known callers are still served.
+        assert!(s
+            .reserve(&[claim_for(7)], &[false], wall(20), 0, 1)
+            .0
+            .is_ok());
+        // The next day the old entries are idle: new keys get in.
+        assert!(s
+            .reserve(
+                &[claim_for(KEYS + 200_000)],
+                &[false],
+                wall(86_400 + 1),
+                0,
+                1
+            )
+            .0
+            .is_ok());
     }
 }

@@ -77,10 +77,10 @@ mod spike;
 pub use headers::Headers;
 pub use keyed::{Denied, KeyedLimiter};
 pub use limit::{Limit, ParseLimitError};
-pub use limiter::{Admission, Settle};
+
 pub use moat_core::decision::Mode;
 #[cfg(feature = "redis")]
 pub use redis::{OnStoreError, RedisStore};
 pub use rule::Rule;
-pub use service::{ConfigError, RateLimit, RateLimitBody, RateLimitLayer, ResponseFuture};
+pub use service::{ConfigError, RateLimit, RateLimitLayer, ResponseBody, ResponseFuture};
 pub use spike::{Quarantine, SpikeAlert, SpikeAlerts, SpikeGuard};

@@ -10,7 +10,8 @@ use metrics::Counter;
 use moat_core::clock::SharedClock;
 use moat_core::decision::{Decision, Decisions, Outcome};
 use moat_core::identity::{Caller, CallerResolver, RequestHead};
-use moat_core::usage::{BodyOutcome, OnUsage, UsageReport};
+use moat_core::response::{Hook, Interest};
+use moat_core::usage::{BodyOutcome, UsageReport};
 use moat_core::{Key, Rejection};
 
 use crate::headers::{self, Binding, Headers};
@@ -771,8 +772,8 @@ fn record(head: &RequestHead<'_>, rule: &Rule, outcome: Outcome) {
 }
 
 /// What an admitted request holds until its response body ends: its token charge, to settle
-/// from the real usage, and its in-flight slot, to release.
-pub struct Admission {
+/// from the real usage, and its in-flight slot, to release. The [`Hook`] the layer attaches.
+pub(crate) struct Admission {
     limiter: Arc<Limiter>,
     held: Vec<Held>,
     input_estimate: u64,
@@ -862,14 +863,21 @@ impl Limiter {
     }
 }
 
-/// Settles an [`Admission`] when the response body ends (the `OnUsage` of the response body).
-#[derive(Debug)]
-pub struct Settle(pub(crate) Option<Admission>);
+impl Hook for Admission {
+    fn interest(&self) -> Interest {
+        if self.wants_usage() {
+            Interest::OBSERVE
+        } else {
+            Interest::END
+        }
+    }
 
-impl OnUsage for Settle {
-    fn on_usage(self, report: UsageReport) {
-        if let Some(mut admission) = self.0 {
-            admission.settle(Some(&report));
+    fn on_end(mut self: Box<Self>, report: &UsageReport) {
+        match report.outcome {
+            // No response: keep the estimate (the provider may have done the work), free the
+            // slot.
+            BodyOutcome::Failed | BodyOutcome::Abandoned => self.settle(None),
+            _ => self.settle(Some(report)),
         }
     }
 }

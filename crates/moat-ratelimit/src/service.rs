@@ -8,25 +8,26 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use moat_core::body::{RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
+use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
 use moat_core::clock::{self, SharedClock};
 use moat_core::identity::{CallerResolver, RequestHead};
 use moat_core::reject::Protocol;
 use moat_core::request::{read_llm_request, LlmBody};
-use moat_core::usage::{BodyFormat, UsageBody};
+use moat_core::response::Hooks;
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::headers::{self, Headers};
-use crate::limiter::{Admission, Bindings, BodyFacts, Config, Limiter, Settle, Verdict, MAX_CELLS};
+use crate::limiter::{Bindings, BodyFacts, Config, Denial, Limiter, Verdict, MAX_CELLS};
 use crate::rule::Rule;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The response body of a rate-limited service: the inner body (or a rejection), watched so
-/// token charges settle and in-flight slots free when it ends.
-pub type RateLimitBody<B> = UsageBody<ResponseBody<B>, Settle>;
+moat_core::layer_response_body! {
+    /// The response body of [`RateLimit`]: the inner body (or a rejection), watched so token
+    /// charges settle and in-flight slots free when it ends.
+}
 
 /// Applies rate-limit [`Rule`]s to a service. Clones share one state.
 #[derive(Debug, Clone)]
@@ -235,15 +236,15 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
-        Denied { response: Option<Response<RateLimitBody<B>>> },
+        Denied { response: Option<Response<ResponseBody<B>>> },
         Admitted {
             #[pin]
             future: F,
-            admission: Option<Admission>,
+            hooks: Option<Hooks>,
             bindings: Bindings,
             headers: Headers,
         },
-        Deciding { future: BoxFuture<Result<Response<RateLimitBody<B>>, E>> },
+        Deciding { future: BoxFuture<Result<Response<ResponseBody<B>>, E>> },
     }
 }
 
@@ -253,12 +254,14 @@ impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
     }
 }
 
+/// The admitted response: rate-limit headers on it, its body under the view when this layer
+/// watches it.
 fn finish<B: Body<Data = Bytes>>(
     response: Response<B>,
-    admission: Option<Admission>,
+    hooks: Option<&Hooks>,
     bindings: Bindings,
     which: Headers,
-) -> Response<RateLimitBody<B>> {
+) -> Response<ResponseBody<B>> {
     let (mut parts, body) = response.into_parts();
     headers::write(
         which,
@@ -266,18 +269,54 @@ fn finish<B: Body<Data = Bytes>>(
         bindings.requests,
         bindings.tokens,
     );
-    let format = match &admission {
-        Some(a) if a.wants_usage() => BodyFormat::of(&parts.headers),
-        _ => BodyFormat::Other,
-    };
-    let body = UsageBody::new(ResponseBody::inner(body), format, Settle(admission));
-    Response::from_parts(parts, body)
+    let response = Response::from_parts(parts, CoreBody::inner(body));
+    match hooks {
+        Some(hooks) => hooks.view(response).map(ResponseBody::new),
+        None => response.map(ResponseBody::plain),
+    }
 }
 
-fn denied<B: Body<Data = Bytes>>(
-    response: Response<ResponseBody<B>>,
-) -> Response<RateLimitBody<B>> {
-    response.map(|body| UsageBody::new(body, BodyFormat::Other, Settle(None)))
+fn denied<B>(response: Response<CoreBody<B>>) -> Response<ResponseBody<B>> {
+    response.map(ResponseBody::plain)
+}
+
+/// What came of a verdict: a refusal to render, or the inner service called.
+enum Called<F> {
+    Denied(Denial),
+    Admitted {
+        future: F,
+        hooks: Option<Hooks>,
+        bindings: Bindings,
+    },
+}
+
+/// Calls the inner service with the admission (if any) attached to the request's hooks.
+fn call_admitted<S, ReqBody, ResBody>(
+    inner: &mut S,
+    mut req: Request<RequestBody<ReqBody>>,
+    verdict: Verdict,
+) -> Called<S::Future>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+{
+    match verdict {
+        Verdict::Deny(denial) => Called::Denied(denial),
+        Verdict::Allow {
+            admission,
+            bindings,
+        } => {
+            let hooks = admission.map(|admission| {
+                let hooks = Hooks::of(req.extensions_mut());
+                hooks.attach(admission);
+                hooks
+            });
+            Called::Admitted {
+                future: inner.call(req),
+                hooks,
+                bindings,
+            }
+        }
+    }
 }
 
 impl<F, B, E> Future for ResponseFuture<F, B, E>
@@ -285,7 +324,7 @@ where
     F: Future<Output = Result<Response<B>, E>>,
     B: Body<Data = Bytes>,
 {
-    type Output = Result<Response<RateLimitBody<B>>, E>;
+    type Output = Result<Response<ResponseBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
@@ -294,13 +333,20 @@ where
             }
             KindProj::Admitted {
                 future,
-                admission,
+                hooks,
                 bindings,
                 headers,
-            } => {
-                let response = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(finish(response, admission.take(), *bindings, *headers)))
-            }
+            } => match ready!(future.poll(cx)) {
+                Ok(response) => {
+                    Poll::Ready(Ok(finish(response, hooks.as_ref(), *bindings, *headers)))
+                }
+                Err(e) => {
+                    if let Some(hooks) = hooks {
+                        hooks.fail();
+                    }
+                    Poll::Ready(Err(e))
+                }
+            },
             KindProj::Deciding { future } => future.as_mut().poll(cx),
         }
     }
@@ -318,7 +364,7 @@ where
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes> + Send + 'static,
 {
-    type Response = Response<RateLimitBody<ResBody>>;
+    type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
@@ -337,57 +383,49 @@ where
             let mut inner = std::mem::replace(&mut self.inner, clone);
             let future = async move {
                 let protocol = Protocol::of(&req);
-                if !needs_body {
-                    let req = req.map(RequestBody::original);
-                    return match limiter
-                        .decide_async(&RequestHead::of(&req), &caller, None)
-                        .await
-                    {
-                        Verdict::Deny(denial) => {
-                            Ok(denied(limiter.render(denial).into_response(protocol)))
+                let (req, facts) = if needs_body {
+                    match read_llm_request(req, limiter.config.body_limit).await {
+                        Ok(LlmBody::Parsed { request, llm }) => {
+                            let facts = llm.with(|r| BodyFacts {
+                                model: r.model().map(str::to_owned),
+                                input: moat_core::tokens::estimate_input(r).tokens,
+                                reserve: r
+                                    .max_output_tokens()
+                                    .unwrap_or(limiter.config.completion_reserve),
+                                is_llm: r.format() != moat_core::llm::WireFormat::Unknown,
+                            });
+                            (request, Some(facts))
                         }
-                        Verdict::Allow {
-                            admission,
-                            bindings,
-                        } => {
-                            let response = inner.call(req).await?;
-                            Ok(finish(response, admission, bindings, which))
+                        Ok(LlmBody::Unparsed(request)) => (request, Some(BodyFacts::default())),
+                        Err(rejection) => {
+                            return Ok(denied(
+                                rejection.with_layer("ratelimit").into_response(protocol),
+                            ))
                         }
-                    };
-                }
-                let (req, facts) = match read_llm_request(req, limiter.config.body_limit).await {
-                    Ok(LlmBody::Parsed { request, llm }) => {
-                        let facts = llm.with(|r| BodyFacts {
-                            model: r.model().map(str::to_owned),
-                            input: moat_core::tokens::estimate_input(r).tokens,
-                            reserve: r
-                                .max_output_tokens()
-                                .unwrap_or(limiter.config.completion_reserve),
-                            is_llm: r.format() != moat_core::llm::WireFormat::Unknown,
-                        });
-                        (request, facts)
                     }
-                    Ok(LlmBody::Unparsed(request)) => (request, BodyFacts::default()),
-                    Err(rejection) => {
-                        return Ok(denied(
-                            rejection.with_layer("ratelimit").into_response(protocol),
-                        ))
-                    }
+                } else {
+                    (req.map(RequestBody::original), None)
                 };
-                match limiter
-                    .decide_async(&RequestHead::of(&req), &caller, Some(&facts))
-                    .await
-                {
-                    Verdict::Deny(denial) => {
+                let verdict = limiter
+                    .decide_async(&RequestHead::of(&req), &caller, facts.as_ref())
+                    .await;
+                match call_admitted(&mut inner, req, verdict) {
+                    Called::Denied(denial) => {
                         Ok(denied(limiter.render(denial).into_response(protocol)))
                     }
-                    Verdict::Allow {
-                        admission,
+                    Called::Admitted {
+                        future,
+                        hooks,
                         bindings,
-                    } => {
-                        let response = inner.call(req).await?;
-                        Ok(finish(response, admission, bindings, which))
-                    }
+                    } => match future.await {
+                        Ok(response) => Ok(finish(response, hooks.as_ref(), bindings, which)),
+                        Err(e) => {
+                            if let Some(hooks) = hooks {
+                                hooks.fail();
+                            }
+                            Err(e)
+                        }
+                    },
                 }
             };
             return ResponseFuture {
@@ -396,18 +434,19 @@ where
                 },
             };
         }
-        let kind = match limiter.decide(&RequestHead::of(&req), &caller, None) {
-            Verdict::Deny(denial) => Kind::Denied {
-                response: Some(denied(
-                    limiter.render(denial).into_response(Protocol::of(&req)),
-                )),
+        let protocol = Protocol::of(&req);
+        let verdict = limiter.decide(&RequestHead::of(&req), &caller, None);
+        let kind = match call_admitted(&mut self.inner, req.map(RequestBody::original), verdict) {
+            Called::Denied(denial) => Kind::Denied {
+                response: Some(denied(limiter.render(denial).into_response(protocol))),
             },
-            Verdict::Allow {
-                admission,
+            Called::Admitted {
+                future,
+                hooks,
                 bindings,
             } => Kind::Admitted {
-                future: self.inner.call(req.map(RequestBody::original)),
-                admission,
+                future,
+                hooks,
                 bindings,
                 headers: which,
             },

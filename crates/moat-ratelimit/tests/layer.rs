@@ -79,7 +79,7 @@ async fn status<S>(svc: &mut S, r: Request<Full<Bytes>>) -> (StatusCode, http::H
 where
     S: Service<
         Request<Full<Bytes>>,
-        Response = Response<moat_ratelimit::RateLimitBody<Full<Bytes>>>,
+        Response = Response<moat_ratelimit::ResponseBody<Full<Bytes>>>,
         Error = Infallible,
     >,
 {

@@ -137,5 +137,5 @@ pub use detect::{Detector, Finding, DEFAULT_THRESHOLD};
 pub use entity::Entity;
 pub use redactor::{Operator, Redacted, Redactor, StreamRestorer, Vault, MAX_VAULT_ENTRIES};
 pub use reply::{StreamRedactor, MAX_CARRY};
-pub use service::{Redact, RedactLayer, ResponseFuture, RestoreBody};
+pub use service::{Redact, RedactLayer, ResponseBody, ResponseFuture};
 pub use session::{Sessions, SharedVault, CONVERSATION_HEADER, MAX_CONVERSATION_ID};

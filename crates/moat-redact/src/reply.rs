@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
+use moat_core::response::{DeltaKind, Hook, Interest, JsonReply, StreamEvent, TextDelta};
 use moat_core::sse::SseEvent;
 use serde_json::{json, Value};
 
@@ -147,11 +148,16 @@ enum Dialect {
     Responses,
 }
 
-/// The open text streams of one response: (choice, block or output item, is arguments).
-#[derive(Default)]
-pub(crate) struct Streams {
-    open: HashMap<(u64, bool), TextStream>,
-    dialect: Dialect,
+/// Where a streamed text is: the choice (or output item), the content block (or part), and the
+/// tool call whose arguments it is.
+type StreamKey = (u32, u32, Option<u32>);
+
+fn stream_key(delta: &TextDelta<'_>) -> StreamKey {
+    let tool = match delta.kind {
+        DeltaKind::ToolArguments { index } => Some(index),
+        _ => None,
+    };
+    (delta.choice, delta.part, tool)
 }
 
 impl Rewriter {
@@ -167,247 +173,6 @@ impl Rewriter {
         changed > 0
     }
 
-    fn push(&self, streams: &mut Streams, key: (u64, bool), piece: &str) -> String {
-        let stream = streams.open.entry(key).or_insert_with(|| TextStream {
-            scrub: StreamRedactor::new(),
-            restore: if key.1 {
-                StreamRestorer::json()
-            } else {
-                StreamRestorer::new()
-            },
-        });
-        let scrubbed = match &self.scrub {
-            Some(scrub) => stream.scrub.push(piece, scrub),
-            None => piece.to_owned(),
-        };
-        if self.restore {
-            stream.restore.push(&scrubbed, &lock(&self.vault))
-        } else {
-            scrubbed
-        }
-    }
-
-    fn flush(&self, streams: &mut Streams, key: (u64, bool)) -> String {
-        let Some(mut stream) = streams.open.remove(&key) else {
-            return String::new();
-        };
-        let vault = lock(&self.vault);
-        let mut out = String::new();
-        if let Some(scrub) = &self.scrub {
-            let rest = stream.scrub.finish(scrub);
-            out = if self.restore {
-                stream.restore.push(&rest, &vault)
-            } else {
-                rest
-            };
-        }
-        if self.restore {
-            out.push_str(&stream.restore.finish(&vault));
-        }
-        out
-    }
-
-    /// Rewrites one streamed event; returns the bytes to send.
-    pub(crate) fn event(&self, streams: &mut Streams, event: &SseEvent) -> Bytes {
-        let Some(mut doc) = event.json() else {
-            if event.is_done() {
-                let mut out = self.held(streams);
-                out.extend_from_slice(event.raw());
-                return out.freeze();
-            }
-            return event.raw().clone();
-        };
-        let kind = doc.get("type").and_then(Value::as_str).map(str::to_owned);
-        let mut before = BytesMut::new();
-        let changed = match kind.as_deref() {
-            Some(t) if t.starts_with("response.") => {
-                streams.dialect = Dialect::Responses;
-                self.responses_event(streams, t, &mut doc, &mut before)
-            }
-            Some("content_block_delta" | "content_block_stop") => {
-                streams.dialect = Dialect::Anthropic;
-                self.anthropic_event(streams, &mut doc, &mut before)
-            }
-            _ if doc.get("choices").is_some() => self.openai_chunk(streams, &mut doc),
-            _ => self.json(&mut doc),
-        };
-        if !changed && before.is_empty() {
-            return event.raw().clone();
-        }
-        if changed {
-            before.extend_from_slice(SseEvent::new(event.event(), &doc.to_string()).raw());
-        } else {
-            before.extend_from_slice(event.raw());
-        }
-        before.freeze()
-    }
-
-    /// OpenAI chat and completions chunks: content, text and tool-call argument deltas; what a
-    /// choice held goes out with its `finish_reason`.
-    fn openai_chunk(&self, streams: &mut Streams, doc: &mut Value) -> bool {
-        let mut changed = false;
-        let Some(Value::Array(choices)) = doc.get_mut("choices") else {
-            return false;
-        };
-        for choice in choices.iter_mut() {
-            let i = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
-            let finishing = choice.get("finish_reason").is_some_and(|f| !f.is_null());
-            if let Some(Value::String(text)) = choice.get_mut("text") {
-                *text = self.push(streams, (i, false), text);
-                if finishing {
-                    text.push_str(&self.flush(streams, (i, false)));
-                }
-                changed = true;
-                continue;
-            }
-            let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut) else {
-                continue;
-            };
-            if let Some(Value::String(text)) = delta.get_mut("content") {
-                *text = self.push(streams, (i, false), text);
-                changed = true;
-            }
-            if let Some(Value::Array(calls)) = delta.get_mut("tool_calls") {
-                for call in calls.iter_mut() {
-                    let index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
-                    if let Some(Value::String(args)) = call.pointer_mut("/function/arguments") {
-                        *args = self.push(streams, ((i << 16) | index, true), args);
-                        changed = true;
-                    }
-                }
-            }
-            if finishing {
-                let held = self.flush(streams, (i, false));
-                if !held.is_empty() {
-                    let content = delta
-                        .entry("content")
-                        .or_insert(Value::String(String::new()));
-                    if let Value::String(text) = content {
-                        text.push_str(&held);
-                    }
-                    changed = true;
-                }
-            }
-        }
-        changed
-    }
-
-    /// Anthropic content blocks: text and `partial_json` deltas; what a block held goes out
-    /// before its `content_block_stop`.
-    fn anthropic_event(
-        &self,
-        streams: &mut Streams,
-        doc: &mut Value,
-        before: &mut BytesMut,
-    ) -> bool {
-        let i = doc.get("index").and_then(Value::as_u64).unwrap_or(0);
-        if doc.get("type").and_then(Value::as_str) == Some("content_block_stop") {
-            for args in [false, true] {
-                before.extend_from_slice(&self.held_event(Dialect::Anthropic, (i, args), streams));
-            }
-            return false;
-        }
-        if let Some(Value::String(text)) = doc.pointer_mut("/delta/text") {
-            *text = self.push(streams, (i, false), text);
-            true
-        } else if let Some(Value::String(text)) = doc.pointer_mut("/delta/partial_json") {
-            *text = self.push(streams, (i, true), text);
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Responses API events: text and argument deltas by output item and content part; the
-    /// `.done` events carry the whole text, which is rewritten as a whole; every other event
-    /// (`response.completed`, items and parts done) has each of its strings rewritten.
-    fn responses_event(
-        &self,
-        streams: &mut Streams,
-        kind: &str,
-        doc: &mut Value,
-        before: &mut BytesMut,
-    ) -> bool {
-        let output = doc.get("output_index").and_then(Value::as_u64).unwrap_or(0);
-        let part = doc
-            .get("content_index")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let key = match kind {
-            "response.output_text.delta" | "response.output_text.done" => {
-                ((output << 16) | part, false)
-            }
-            "response.function_call_arguments.delta" | "response.function_call_arguments.done" => {
-                (output << 16, true)
-            }
-            _ => return self.json(doc),
-        };
-        if kind.ends_with(".delta") {
-            if let Some(Value::String(delta)) = doc.get_mut("delta") {
-                *delta = self.push(streams, key, delta);
-                return true;
-            }
-            return false;
-        }
-        before.extend_from_slice(&self.held_event(Dialect::Responses, key, streams));
-        self.json(doc)
-    }
-
-    /// The event that carries what one stream still holds, in the stream's dialect.
-    fn held_event(&self, dialect: Dialect, key: (u64, bool), streams: &mut Streams) -> BytesMut {
-        let held = self.flush(streams, key);
-        let mut out = BytesMut::new();
-        if held.is_empty() {
-            return out;
-        }
-        let (i, args) = key;
-        let (name, data) = match (dialect, args) {
-            (Dialect::OpenAi, false) => (
-                None,
-                json!({"choices": [{"index": i, "delta": {"content": held}}]}),
-            ),
-            (Dialect::OpenAi, true) => (
-                None,
-                json!({"choices": [{"index": i >> 16, "delta": {"tool_calls": [{"index": i & 0xffff, "function": {"arguments": held}}]}}]}),
-            ),
-            (Dialect::Anthropic, false) => (
-                Some("content_block_delta"),
-                json!({"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": held}}),
-            ),
-            (Dialect::Anthropic, true) => (
-                Some("content_block_delta"),
-                json!({"type": "content_block_delta", "index": i, "delta": {"type": "input_json_delta", "partial_json": held}}),
-            ),
-            (Dialect::Responses, false) => (
-                Some("response.output_text.delta"),
-                json!({"type": "response.output_text.delta", "output_index": i >> 16, "content_index": i & 0xffff, "delta": held}),
-            ),
-            (Dialect::Responses, true) => (
-                Some("response.function_call_arguments.delta"),
-                json!({"type": "response.function_call_arguments.delta", "output_index": i >> 16, "delta": held}),
-            ),
-        };
-        out.extend_from_slice(SseEvent::new(name, &data.to_string()).raw());
-        out
-    }
-
-    /// Everything still held (before `[DONE]`, or at the end of a stream without one).
-    pub(crate) fn held(&self, streams: &mut Streams) -> BytesMut {
-        let mut keys: Vec<(u64, bool)> = streams.open.keys().copied().collect();
-        keys.sort_unstable();
-        let mut out = BytesMut::new();
-        for key in keys {
-            out.extend_from_slice(&self.held_event(streams.dialect, key, streams));
-        }
-        out
-    }
-
-    /// A whole JSON reply: rewritten, or `None` when nothing changed.
-    pub(crate) fn json_reply(&self, bytes: &[u8]) -> Option<Bytes> {
-        let mut doc: Value = serde_json::from_slice(bytes).ok()?;
-        self.json(&mut doc).then(|| Bytes::from(doc.to_string()))
-    }
-
     /// Whether replies are scrubbed of new values.
     pub(crate) fn scrubs(&self) -> bool {
         self.scrub.is_some()
@@ -416,6 +181,227 @@ impl Rewriter {
     /// Whether the rewriter would change nothing (no scrubbing, nothing to restore).
     pub(crate) fn is_noop(&self) -> bool {
         self.scrub.is_none() && (!self.restore || lock(&self.vault).is_empty())
+    }
+
+    /// The hook that rewrites a reply through this rewriter.
+    pub(crate) fn hook(self) -> ReplyHook {
+        ReplyHook {
+            rewriter: self,
+            open: HashMap::new(),
+            dialect: Dialect::default(),
+        }
+    }
+}
+
+/// Rewrites one reply, streamed or whole: the [`Hook`] a redacting layer attaches.
+pub(crate) struct ReplyHook {
+    rewriter: Rewriter,
+    open: HashMap<StreamKey, TextStream>,
+    dialect: Dialect,
+}
+
+impl ReplyHook {
+    fn push(&mut self, key: StreamKey, piece: &str) -> String {
+        let rewriter = &self.rewriter;
+        let stream = self.open.entry(key).or_insert_with(|| TextStream {
+            scrub: StreamRedactor::new(),
+            restore: if key.2.is_some() {
+                StreamRestorer::json()
+            } else {
+                StreamRestorer::new()
+            },
+        });
+        let scrubbed = match &rewriter.scrub {
+            Some(scrub) => stream.scrub.push(piece, scrub),
+            None => piece.to_owned(),
+        };
+        if rewriter.restore {
+            stream.restore.push(&scrubbed, &lock(&rewriter.vault))
+        } else {
+            scrubbed
+        }
+    }
+
+    fn flush(&mut self, key: StreamKey) -> String {
+        let Some(mut stream) = self.open.remove(&key) else {
+            return String::new();
+        };
+        let rewriter = &self.rewriter;
+        let vault = lock(&rewriter.vault);
+        let mut out = String::new();
+        if let Some(scrub) = &rewriter.scrub {
+            let rest = stream.scrub.finish(scrub);
+            out = if rewriter.restore {
+                stream.restore.push(&rest, &vault)
+            } else {
+                rest
+            };
+        }
+        if rewriter.restore {
+            out.push_str(&stream.restore.finish(&vault));
+        }
+        out
+    }
+
+    /// The event that carries what one stream still holds, in the stream's dialect.
+    fn held_event(&mut self, key: StreamKey) -> BytesMut {
+        let held = self.flush(key);
+        let mut out = BytesMut::new();
+        if held.is_empty() {
+            return out;
+        }
+        let (choice, part, tool) = key;
+        let (name, data) = match (self.dialect, tool) {
+            (Dialect::OpenAi, None) => (
+                None,
+                json!({"choices": [{"index": choice, "delta": {"content": held}}]}),
+            ),
+            (Dialect::OpenAi, Some(call)) => (
+                None,
+                json!({"choices": [{"index": choice, "delta": {"tool_calls": [{"index": call, "function": {"arguments": held}}]}}]}),
+            ),
+            (Dialect::Anthropic, None) => (
+                Some("content_block_delta"),
+                json!({"type": "content_block_delta", "index": part, "delta": {"type": "text_delta", "text": held}}),
+            ),
+            (Dialect::Anthropic, Some(_)) => (
+                Some("content_block_delta"),
+                json!({"type": "content_block_delta", "index": part, "delta": {"type": "input_json_delta", "partial_json": held}}),
+            ),
+            (Dialect::Responses, None) => (
+                Some("response.output_text.delta"),
+                json!({"type": "response.output_text.delta", "output_index": choice, "content_index": part, "delta": held}),
+            ),
+            (Dialect::Responses, Some(_)) => (
+                Some("response.function_call_arguments.delta"),
+                json!({"type": "response.function_call_arguments.delta", "output_index": choice, "delta": held}),
+            ),
+        };
+        out.extend_from_slice(SseEvent::new(name, &data.to_string()).raw());
+        out
+    }
+
+    /// Everything still held (before `[DONE]`, or at the end of a stream without one).
+    fn held(&mut self) -> BytesMut {
+        let mut keys: Vec<StreamKey> = self.open.keys().copied().collect();
+        keys.sort_unstable();
+        let mut out = BytesMut::new();
+        for key in keys {
+            out.extend_from_slice(&self.held_event(key));
+        }
+        out
+    }
+
+    /// What an OpenAI choice still holds goes out with its `finish_reason`: appended to its
+    /// content in this event (or its `text`, for legacy completions).
+    fn finish_choice(&mut self, event: &mut StreamEvent<'_>, choice: u32) {
+        let held = self.flush((choice, 0, None));
+        if held.is_empty() {
+            return;
+        }
+        let content = event
+            .deltas()
+            .iter()
+            .position(|d| d.choice == choice && d.kind == DeltaKind::Content);
+        if let Some(i) = content {
+            let text = format!("{}{held}", event.deltas()[i].text);
+            return event.set_delta(i, text);
+        }
+        event.edit_json(|doc| {
+            let Some(Value::Array(choices)) = doc.get_mut("choices") else {
+                return false;
+            };
+            let Some(c) = choices
+                .iter_mut()
+                .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == u64::from(choice))
+            else {
+                return false;
+            };
+            if let Some(Value::String(text)) = c.get_mut("text") {
+                text.push_str(&held);
+                return true;
+            }
+            let Some(delta) = c.get_mut("delta").and_then(Value::as_object_mut) else {
+                return false;
+            };
+            match delta.entry("content").or_insert(Value::Null) {
+                Value::String(text) => text.push_str(&held),
+                slot => *slot = Value::String(held),
+            }
+            true
+        });
+    }
+}
+
+impl Hook for ReplyHook {
+    fn interest(&self) -> Interest {
+        if self.rewriter.scrubs() {
+            // Unscrubbed values must not get through a reply too large to read.
+            Interest::REWRITE.fail_closed()
+        } else {
+            Interest::REWRITE
+        }
+    }
+
+    fn on_event(&mut self, event: &mut StreamEvent<'_>) {
+        if event.is_done() {
+            let held = self.held();
+            return event.insert_before(&held);
+        }
+        let kind = event.view().kind().map(str::to_owned);
+        match kind.as_deref() {
+            Some(k) if k.starts_with("response.") => self.dialect = Dialect::Responses,
+            Some(k) if k.starts_with("content_block_") || k.starts_with("message_") => {
+                self.dialect = Dialect::Anthropic
+            }
+            _ => {}
+        }
+        for i in 0..event.deltas().len() {
+            let delta = &event.deltas()[i];
+            let (key, text) = (stream_key(delta), delta.text.clone());
+            let rewritten = self.push(key, &text);
+            event.set_delta(i, rewritten);
+        }
+        let (output, part) = event.view().position();
+        match kind.as_deref() {
+            None => {
+                let finished: Vec<u32> = event.view().finish_reasons().map(|(c, _)| c).collect();
+                for choice in finished {
+                    self.finish_choice(event, choice);
+                }
+                if event.view().error().is_some() {
+                    event.edit_json(|doc| self.rewriter.json(doc));
+                }
+            }
+            Some("content_block_stop") => {
+                for key in [(0, part, None), (0, part, Some(part))] {
+                    let held = self.held_event(key);
+                    event.insert_before(&held);
+                }
+            }
+            Some("response.output_text.done" | "response.function_call_arguments.done") => {
+                let key = match kind.as_deref() {
+                    Some("response.output_text.done") => (output, part, None),
+                    _ => (output, 0, Some(output)),
+                };
+                let held = self.held_event(key);
+                event.insert_before(&held);
+                event.edit_json(|doc| self.rewriter.json(doc));
+            }
+            Some(k) if k.ends_with(".delta") || k == "content_block_delta" => {}
+            // Every other event (items and parts done, `response.completed`, a message or block
+            // started with content): each of its strings.
+            Some(_) => event.edit_json(|doc| self.rewriter.json(doc)),
+        }
+    }
+
+    fn on_stream_end(&mut self, out: &mut BytesMut) {
+        out.extend_from_slice(&self.held());
+    }
+
+    fn on_json(&mut self, reply: &mut JsonReply<'_>) {
+        let rewriter = &self.rewriter;
+        reply.edit(|doc| rewriter.json(doc));
     }
 }
 
@@ -492,15 +478,26 @@ mod stream_tests {
         }
     }
 
-    /// Runs events through a rewriter and decodes what comes out.
-    fn rewrite(rewriter: &Rewriter, events: &[(&str, Value)]) -> Vec<Value> {
-        let mut streams = Streams::default();
-        let mut out = BytesMut::new();
-        for (name, data) in events {
-            let event = SseEvent::new(Some(name), &data.to_string());
-            out.extend_from_slice(&rewriter.event(&mut streams, &event));
-        }
-        out.extend_from_slice(&rewriter.held(&mut streams));
+    /// Runs events through a rewriter's hook (in the response view) and decodes what comes out.
+    async fn rewrite(rewriter: &Rewriter, events: &[(&str, Value)]) -> Vec<Value> {
+        use http_body_util::BodyExt;
+        let stream: Vec<u8> = events
+            .iter()
+            .flat_map(|(name, data)| SseEvent::new(Some(name), &data.to_string()).raw().to_vec())
+            .collect();
+        let hooks = moat_core::response::Hooks::default();
+        hooks.attach(rewriter.clone().hook());
+        let response = http::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(http_body_util::Full::new(bytes::Bytes::from(stream)))
+            .unwrap();
+        let out = hooks
+            .view(response)
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
         let mut decoder = SseDecoder::new();
         decoder
             .decode(&out)
@@ -510,8 +507,8 @@ mod stream_tests {
             .collect()
     }
 
-    #[test]
-    fn responses_function_call_arguments_are_restored_as_json() {
+    #[tokio::test]
+    async fn responses_function_call_arguments_are_restored_as_json() {
         let mut vault = Vault::new();
         let r = Redactor::new(&Entity::ALL);
         let sent = r.redact_str("to \"Jane\" <jane@example.com>", &mut vault);
@@ -531,7 +528,8 @@ mod stream_tests {
                     json!({"type": "response.function_call_arguments.done", "output_index": 1, "arguments": "{\"to\":\"[EMAIL_1]\"}"}),
                 ),
             ],
-        );
+        )
+        .await;
         let streamed: String = events
             .iter()
             .filter(|e| e["type"] == "response.function_call_arguments.delta")
@@ -544,8 +542,8 @@ mod stream_tests {
         assert_eq!(args["to"], "jane@example.com");
     }
 
-    #[test]
-    fn anthropic_text_held_at_a_block_stop_comes_out_before_it() {
+    #[tokio::test]
+    async fn anthropic_text_held_at_a_block_stop_comes_out_before_it() {
         let mut vault = Vault::new();
         let _ = Redactor::new(&Entity::ALL).redact_str("jane@example.com", &mut vault);
         let rw = rewriter(vault);
@@ -561,7 +559,8 @@ mod stream_tests {
                     json!({"type": "content_block_stop", "index": 0}),
                 ),
             ],
-        );
+        )
+        .await;
         let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(
             kinds,

@@ -1,32 +1,25 @@
 //! [`RedactLayer`]: placeholders out, originals back.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use moat_core::body::{RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
+use http_body::Body;
+use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
 use moat_core::decision::{Decision, Decisions, Mode, Outcome};
-use moat_core::llm::UnknownPolicy;
+use moat_core::llm::{LlmRequest, UnknownPolicy};
 use moat_core::reject::{Protocol, Rejection};
 use moat_core::request::{read_llm_request, LlmBody};
-use moat_core::sse::SseDecoder;
-use moat_core::usage::BodyFormat;
-use pin_project_lite::pin_project;
+use moat_core::response::Hooks;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::redactor::Redactor;
-use crate::reply::{Rewriter, Streams};
+use crate::reply::Rewriter;
 use crate::session::{lock, Sessions, SharedVault, MAX_CONVERSATION_ID};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The largest JSON reply restored whole (8 MiB); larger replies pass through unrestored, or,
-/// with reply-side redaction on, are cut off rather than passed unscrubbed.
-const MAX_JSON: usize = 8 * 1024 * 1024;
 
 /// Redacts prompts and restores replies. Clones share one [`Redactor`] and one [`Sessions`].
 #[derive(Debug, Clone)]
@@ -129,9 +122,14 @@ impl<S> Redact<S> {
     }
 }
 
-/// The response future of [`Redact`].
-pub type ResponseFuture<B, E> =
-    moat_core::future::BoxResponseFuture<Result<Response<RestoreBody<B>>, E>>;
+moat_core::layer_response_body! {
+    /// The response body of [`Redact`]: placeholders restored (and, with reply-side redaction,
+    /// new values scrubbed) as the reply passes, streamed or not.
+}
+
+moat_core::layer_response_future! {
+    /// The response future of [`Redact`].
+}
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Redact<S>
 where
@@ -145,7 +143,7 @@ where
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes> + Send + 'static,
 {
-    type Response = Response<RestoreBody<ResBody>>;
+    type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<ResBody, S::Error>;
 
@@ -163,9 +161,9 @@ where
                 let response = rejection
                     .with_layer("redact")
                     .into_response::<ResBody>(protocol);
-                Ok(response.map(RestoreBody::rejection))
+                Ok(response.map(ResponseBody::plain))
             };
-            let (req, vault) = match read_llm_request(req, layer.body_limit).await {
+            let (mut req, vault) = match read_llm_request(req, layer.body_limit).await {
                 Ok(LlmBody::Parsed { request, llm }) => {
                     if let Err(rejection) = llm.with(|r| layer.unknown.check(r)) {
                         return reject(rejection);
@@ -186,29 +184,9 @@ where
                         }
                         None => SharedVault::default(),
                     };
-                    let shadow = layer.mode == Mode::Shadow;
-                    let spans = llm.with(|r| {
-                        let mut vault = lock(&vault);
-                        let mut spans = 0;
-                        for i in 0..r.segment_count() {
-                            if !r.segment(i).is_some_and(|s| layer.unknown.scans(s)) {
-                                continue;
-                            }
-                            let Some(text) = r.text(i) else { continue };
-                            let found = layer.redactor.detector().find(text);
-                            for f in &found {
-                                metrics::counter!("moat_redact_values_total", "entity" => f.entity.name(), "mode" => if shadow { "shadow" } else { "enforce" }).increment(1);
-                            }
-                            spans += found.len();
-                            if shadow || found.is_empty() {
-                                continue;
-                            }
-                            let text = layer.redactor.replace(text, &found, &mut vault).text.into_owned();
-                            r.set_text(i, text);
-                        }
-                        spans
-                    });
+                    let spans = llm.with(|r| layer.redact(r, &vault));
                     if spans > 0 {
+                        let shadow = layer.mode == Mode::Shadow;
                         let spans = u32::try_from(spans).unwrap_or(u32::MAX);
                         tracing::debug!(target: "moat::redact", spans, shadow, "redacted");
                         let decision = if shadow {
@@ -224,226 +202,64 @@ where
                 Ok(LlmBody::Unparsed(request)) => (request, SharedVault::default()),
                 Err(rejection) => return reject(rejection),
             };
-            let response = inner.call(req).await?;
             let rewriter = Rewriter {
                 redactor: layer.redactor.clone(),
                 scrub: layer.scrub.clone().filter(|_| layer.mode == Mode::Enforce),
                 vault,
                 restore: layer.restore,
             };
-            if rewriter.is_noop() {
-                return Ok(response.map(RestoreBody::passthrough));
-            }
-            let (mut parts, body) = response.into_parts();
-            let body = match BodyFormat::of(&parts.headers) {
-                BodyFormat::Json => {
-                    parts.headers.remove(http::header::CONTENT_LENGTH);
-                    RestoreBody::json(body, rewriter)
+            let hooks = (!rewriter.is_noop()).then(|| {
+                let hooks = Hooks::of(req.extensions_mut());
+                hooks.attach(rewriter.hook());
+                hooks
+            });
+            let response = match inner.call(req).await {
+                Ok(response) => response.map(CoreBody::inner),
+                Err(e) => {
+                    hooks.inspect(Hooks::fail);
+                    return Err(e);
                 }
-                BodyFormat::Sse => {
-                    parts.headers.remove(http::header::CONTENT_LENGTH);
-                    RestoreBody::sse(body, rewriter)
-                }
-                BodyFormat::Other => RestoreBody::passthrough(body),
             };
-            Ok(Response::from_parts(parts, body))
+            Ok(match hooks {
+                Some(hooks) => hooks.view(response).map(ResponseBody::new),
+                None => response.map(ResponseBody::plain),
+            })
         };
         ResponseFuture::new(future)
     }
 }
 
-pin_project! {
-    /// The response body of [`Redact`]: passed through, or with placeholders restored.
-    pub struct RestoreBody<B> {
-        #[pin]
-        inner: Option<ResponseBody<B>>,
-        kind: Kind,
-    }
-}
-
-enum Kind {
-    Passthrough,
-    Json {
-        buf: Vec<u8>,
-        rewriter: Rewriter,
-        overflow: bool,
-    },
-    Sse {
-        decoder: Box<SseDecoder>,
-        streams: Streams,
-        rewriter: Rewriter,
-        done: bool,
-    },
-}
-
-impl<B> std::fmt::Debug for RestoreBody<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RestoreBody { .. }")
-    }
-}
-
-impl<B> RestoreBody<B> {
-    fn new(body: ResponseBody<B>, kind: Kind) -> Self {
-        Self {
-            inner: Some(body),
-            kind,
-        }
-    }
-
-    fn passthrough(body: B) -> Self {
-        Self::new(ResponseBody::inner(body), Kind::Passthrough)
-    }
-
-    /// A rejection of the layer's own, passed through as is.
-    fn rejection(body: ResponseBody<B>) -> Self {
-        Self::new(body, Kind::Passthrough)
-    }
-
-    fn json(body: B, rewriter: Rewriter) -> Self {
-        let kind = Kind::Json {
-            buf: Vec::new(),
-            rewriter,
-            overflow: false,
-        };
-        Self::new(ResponseBody::inner(body), kind)
-    }
-
-    fn sse(body: B, rewriter: Rewriter) -> Self {
-        let kind = Kind::Sse {
-            decoder: Box::default(),
-            streams: Streams::default(),
-            rewriter,
-            done: false,
-        };
-        Self::new(ResponseBody::inner(body), kind)
-    }
-}
-
-impl<B> Body for RestoreBody<B>
-where
-    B: Body<Data = Bytes>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
-        loop {
-            let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-                return Poll::Ready(None);
-            };
-            let polled = std::task::ready!(inner.poll_frame(cx));
-            match (&mut *this.kind, polled) {
-                (Kind::Passthrough, polled) => return Poll::Ready(polled),
-                (_, Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                (
-                    Kind::Json {
-                        buf,
-                        overflow,
-                        rewriter,
-                    },
-                    Some(Ok(frame)),
-                ) => match frame.into_data() {
-                    Ok(data) if *overflow => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(data) if buf.len() + data.len() > MAX_JSON && rewriter.scrubs() => {
-                        // Too large to scrub: end the body rather than let unscrubbed values
-                        // through (the client sees a truncated reply).
-                        tracing::warn!(target: "moat::redact", limit = MAX_JSON, "reply too large to scrub; ended");
-                        buf.clear();
-                        this.inner.set(None);
-                        return Poll::Ready(None);
-                    }
-                    Ok(data) if buf.len() + data.len() > MAX_JSON => {
-                        // Too large to restore: send what was held and the rest as it comes.
-                        *overflow = true;
-                        let mut all = std::mem::take(buf);
-                        all.extend_from_slice(&data);
-                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(all)))));
-                    }
-                    Ok(data) => buf.extend_from_slice(&data),
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                },
-                (
-                    Kind::Json {
-                        buf,
-                        rewriter,
-                        overflow,
-                    },
-                    None,
-                ) => {
-                    this.inner.set(None);
-                    if *overflow || buf.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    let bytes = std::mem::take(buf);
-                    let out = rewriter
-                        .json_reply(&bytes)
-                        .unwrap_or_else(|| Bytes::from(bytes));
-                    return Poll::Ready(Some(Ok(Frame::data(out))));
-                }
-                (
-                    Kind::Sse {
-                        decoder,
-                        streams,
-                        rewriter,
-                        ..
-                    },
-                    Some(Ok(frame)),
-                ) => match frame.into_data() {
-                    Ok(data) => {
-                        let Ok(events) = decoder.decode(&data) else {
-                            return Poll::Ready(Some(Ok(Frame::data(data))));
-                        };
-                        let mut out = BytesMut::new();
-                        for event in &events {
-                            out.extend_from_slice(&rewriter.event(streams, event));
-                        }
-                        if !out.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
-                        }
-                    }
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                },
-                (
-                    Kind::Sse {
-                        decoder,
-                        streams,
-                        rewriter,
-                        done,
-                    },
-                    None,
-                ) => {
-                    this.inner.set(None);
-                    if *done {
-                        return Poll::Ready(None);
-                    }
-                    *done = true;
-                    let mut out = BytesMut::new();
-                    for event in decoder.finish() {
-                        out.extend_from_slice(&rewriter.event(streams, &event));
-                    }
-                    // Anything still held (a stream without [DONE]) goes out last.
-                    out.extend_from_slice(&rewriter.held(streams));
-                    return Poll::Ready((!out.is_empty()).then(|| Ok(Frame::data(out.freeze()))));
-                }
+impl RedactLayer {
+    /// Redacts every segment the unknown policy lets it scan, counting what it finds; the number
+    /// of values found.
+    fn redact(&self, request: &mut LlmRequest, vault: &SharedVault) -> usize {
+        let shadow = self.mode == Mode::Shadow;
+        let mode = if shadow { "shadow" } else { "enforce" };
+        let mut vault = lock(vault);
+        let mut spans = 0;
+        for i in 0..request.segment_count() {
+            if !request.segment(i).is_some_and(|s| self.unknown.scans(s)) {
+                continue;
             }
+            let Some(text) = request.text(i) else {
+                continue;
+            };
+            let found = self.redactor.detector().find(text);
+            for f in &found {
+                metrics::counter!("moat_redact_values_total", "entity" => f.entity.name(), "mode" => mode)
+                    .increment(1);
+            }
+            spans += found.len();
+            if shadow || found.is_empty() {
+                continue;
+            }
+            let text = self
+                .redactor
+                .replace(text, &found, &mut vault)
+                .text
+                .into_owned();
+            request.set_text(i, text);
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Passthrough => self.inner.as_ref().is_none_or(Body::is_end_stream),
-            _ => self.inner.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match (&self.kind, &self.inner) {
-            (Kind::Passthrough, Some(inner)) => inner.size_hint(),
-            _ => SizeHint::default(),
-        }
+        spans
     }
 }

@@ -7,7 +7,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use moat_core::body::RequestBody;
 use moat_core::identity::Caller;
-use moat_core::sse::{text_deltas, SseDecoder};
+use moat_core::response::{DeltaKind, EventView};
+use moat_core::sse::SseDecoder;
 use moat_redact::{Entity, RedactLayer, Redactor, Sessions};
 use moat_testkit::mock::MockUpstream;
 use serde_json::{json, Value};
@@ -105,11 +106,11 @@ fn streamed_text(bytes: &[u8]) -> (String, String) {
     let mut events = decoder.decode(bytes).unwrap();
     events.extend(decoder.finish());
     let (mut content, mut args) = (String::new(), String::new());
-    for v in events.iter().filter_map(|e| e.json()) {
-        for d in text_deltas(&v) {
+    for data in events.iter().filter_map(|e| e.data()) {
+        for d in EventView::read(data).deltas() {
             match d.kind {
-                moat_core::sse::DeltaKind::Content => content.push_str(d.text),
-                _ => args.push_str(d.text),
+                DeltaKind::Content => content.push_str(&d.text),
+                _ => args.push_str(&d.text),
             }
         }
     }

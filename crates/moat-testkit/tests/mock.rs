@@ -4,7 +4,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use moat_core::sse::{text_deltas, SseDecoder};
+use moat_core::response::EventView;
+use moat_core::sse::SseDecoder;
 use moat_core::usage::Usage;
 use moat_testkit::mock::{count_tokens, MockConfig, MockUpstream};
 use serde_json::{json, Value};
@@ -73,11 +74,18 @@ fn events(bytes: &[u8]) -> Vec<Value> {
         .collect()
 }
 
-fn streamed_text(events: &[Value]) -> String {
-    events
+/// The text deltas of a streamed event.
+fn deltas(event: &Value) -> Vec<String> {
+    let data = event.to_string();
+    EventView::read(&data)
+        .deltas()
         .iter()
-        .flat_map(|e| text_deltas(e).into_iter().map(|d| d.text.to_owned()))
+        .map(|d| d.text.to_string())
         .collect()
+}
+
+fn streamed_text(events: &[Value]) -> String {
+    events.iter().flat_map(deltas).collect()
 }
 
 fn chat(stream: bool, text: &str) -> Value {
@@ -152,7 +160,7 @@ async fn chat_stream_in_small_chunks_with_the_usage_chunk_when_asked() {
         count_tokens("hello streaming world")
     );
     assert_eq!(
-        evs.iter().filter(|e| !text_deltas(e).is_empty()).count(),
+        evs.iter().filter(|e| !deltas(e).is_empty()).count(),
         "hello streaming world".len()
     );
 }
@@ -304,10 +312,7 @@ async fn faults_status_retry_after_reply_tool_call_and_split() {
     )
     .await;
     let evs = events(&b.unwrap());
-    let args: String = evs
-        .iter()
-        .flat_map(|e| text_deltas(e).into_iter().map(|d| d.text.to_owned()))
-        .collect();
+    let args: String = evs.iter().flat_map(deltas).collect();
     assert_eq!(
         serde_json::from_str::<Value>(&args).unwrap(),
         json!({"city": "Paris"})

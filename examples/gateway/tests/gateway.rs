@@ -9,7 +9,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use moat::core::sse::{text_deltas, SseDecoder};
+use moat::core::response::{DeltaKind, EventView};
+use moat::core::sse::SseDecoder;
 use moat_gateway::config::Config;
 use moat_testkit::mock::MockUpstream;
 use serde_json::{json, Value};
@@ -125,11 +126,12 @@ fn streamed(bytes: &[u8]) -> String {
     let events = decoder.decode(bytes).unwrap();
     events
         .iter()
-        .filter_map(|e| e.json())
-        .flat_map(|v| {
-            text_deltas(&v)
-                .into_iter()
-                .map(|d| d.text.to_owned())
+        .filter_map(|e| e.data())
+        .flat_map(|data| {
+            EventView::read(data)
+                .deltas()
+                .iter()
+                .map(|d| d.text.to_string())
                 .collect::<Vec<_>>()
         })
         .collect()
@@ -970,15 +972,10 @@ async fn personal_data_never_reaches_the_upstream_and_comes_back() {
             let bytes = res.body.unwrap();
             let mut decoder = SseDecoder::new();
             let mut args = String::new();
-            for v in decoder
-                .decode(&bytes)
-                .unwrap()
-                .iter()
-                .filter_map(|e| e.json())
-            {
-                for d in text_deltas(&v) {
-                    if d.kind != moat::core::sse::DeltaKind::Content {
-                        args.push_str(d.text);
+            for event in decoder.decode(&bytes).unwrap() {
+                for d in EventView::read(event.data().unwrap_or_default()).deltas() {
+                    if d.kind != DeltaKind::Content {
+                        args.push_str(&d.text);
                     }
                 }
             }
