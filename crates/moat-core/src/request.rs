@@ -49,7 +49,7 @@
 //! # }
 //! ```
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
@@ -59,6 +59,7 @@ use http_body::Body;
 use crate::body::{buffer, RequestBody};
 use crate::llm::{LlmRequest, WireFormat};
 use crate::reject::Rejection;
+use crate::tokens::{self, Estimate};
 
 /// A parsed LLM request shared by every layer handling one request.
 ///
@@ -66,17 +67,47 @@ use crate::reject::Rejection;
 /// on a body built from it; later layers find it there and edit it instead of reading the body
 /// again. The body is serialized when the inner service first polls it.
 #[derive(Debug, Clone)]
-pub struct SharedLlmRequest(Arc<Mutex<LlmRequest>>);
+pub struct SharedLlmRequest(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    request: Mutex<LlmRequest>,
+    /// The prompt's token count, exact where it can be, then the byte bound: each made once.
+    counted: [OnceLock<Estimate>; 2],
+}
 
 impl SharedLlmRequest {
     /// Wraps a parsed request.
     pub fn new(request: LlmRequest) -> Self {
-        Self(Arc::new(Mutex::new(request)))
+        Self(Arc::new(Shared {
+            request: Mutex::new(request),
+            counted: [OnceLock::new(), OnceLock::new()],
+        }))
     }
 
     /// Runs `f` with the request. Keep `f` short: do not await inside.
     pub fn with<R>(&self, f: impl FnOnce(&mut LlmRequest) -> R) -> R {
-        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
+        f(&mut self
+            .0
+            .request
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The prompt's tokens: counted exactly where the model's tokenizer is known (`exact`), or
+    /// the byte-length upper bound. Counted once per request, by the first layer that asks
+    /// (layers that count sit outside those that edit text, so this is the prompt the client
+    /// sent); every other layer gets the same count.
+    pub fn input_tokens(&self, exact: bool) -> Estimate {
+        *self.0.counted[usize::from(!exact)].get_or_init(|| {
+            self.with(|r| {
+                if exact {
+                    tokens::estimate_input(r)
+                } else {
+                    tokens::estimate_input_upper_bound(r)
+                }
+            })
+        })
     }
 
     fn to_bytes(&self) -> Bytes {
@@ -364,6 +395,25 @@ mod tests {
             read_llm_request(broken, 1024).await.unwrap_err().status(),
             400
         );
+    }
+
+    #[tokio::test]
+    async fn the_prompt_is_counted_once_for_every_layer() {
+        let LlmBody::Parsed { llm, .. } =
+            read_llm_request(post("/v1/chat/completions", None, CHAT), 1024)
+                .await
+                .unwrap()
+        else {
+            panic!("parsed");
+        };
+        let first = llm.input_tokens(false);
+        assert_eq!(
+            first.tokens,
+            "hi there".len() as u64 + tokens::PER_SEGMENT + tokens::PER_REQUEST
+        );
+        // An inner layer rewrites the text; outer layers' count stays the one they made.
+        llm.with(|r| r.set_text(0, "a much longer text than before".into()));
+        assert_eq!(llm.input_tokens(false), first);
     }
 
     #[tokio::test]

@@ -718,16 +718,11 @@ impl Inner {
         head: &RequestHead<'_>,
         caller: &Caller,
     ) -> Result<Option<Plan>, Rejection> {
-        let (model, format, estimate, max_tokens, stream, include_usage) = llm.with(|r| {
-            let estimate = if self.config.exact_counting {
-                moat_core::tokens::estimate_input(r)
-            } else {
-                moat_core::tokens::estimate_input_upper_bound(r)
-            };
+        let estimate = llm.input_tokens(self.config.exact_counting).tokens;
+        let (model, format, max_tokens, stream, include_usage) = llm.with(|r| {
             (
                 r.model().map(str::to_owned),
                 r.format(),
-                estimate.tokens,
                 r.max_output_tokens(),
                 r.stream(),
                 r.include_usage(),

@@ -386,9 +386,10 @@ where
                 let (req, facts) = if needs_body {
                     match read_llm_request(req, limiter.config.body_limit).await {
                         Ok(LlmBody::Parsed { request, llm }) => {
+                            let input = llm.input_tokens(true).tokens;
                             let facts = llm.with(|r| BodyFacts {
                                 model: r.model().map(str::to_owned),
-                                input: moat_core::tokens::estimate_input(r).tokens,
+                                input,
                                 reserve: r
                                     .max_output_tokens()
                                     .unwrap_or(limiter.config.completion_reserve),

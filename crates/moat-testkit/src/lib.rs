@@ -5,6 +5,7 @@
 //!   and not. It echoes the last user message, streams in small chunks, injects faults on request
 //!   headers, and records what it received. Also a binary: `mock-llm --listen ADDR`.
 //! - [`redis`]: starts a private `redis-server` for a test and stops it on drop.
+//! - [`corpus`]: varied text for token counting tests and benchmarks.
 //!
 //! ```no_run
 //! # #[tokio::main] async fn main() {
@@ -20,5 +21,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod corpus;
 pub mod mock;
 pub mod redis;
