@@ -21,6 +21,8 @@
 //!   gRPC status.
 //! - [`decision`]: the [`Decisions`](decision::Decisions) each layer appends to, for the audit log.
 //! - [`clock`]: injectable time.
+//! - [`kit`]: what every layer's configuration shares: a [`Scope`](kit::Scope) per rule, budget
+//!   or policy, the common [`LayerOptions`](kit::LayerOptions), and states kept by name.
 //! - [`store`]: the failure policy of shared stores, and (feature `redis`) their Redis connection.
 //!
 //! # Example
@@ -68,6 +70,7 @@ pub mod clock;
 pub mod decision;
 pub mod identity;
 pub mod json;
+pub mod kit;
 pub mod llm;
 pub mod reject;
 pub mod request;
@@ -83,7 +86,7 @@ mod macros;
 #[doc(hidden)]
 pub mod __private {
     pub use bytes::Bytes;
-    pub use http::Response;
+    pub use http::{Method, Response};
     pub use http_body::{Body, Frame, SizeHint};
     pub use pin_project_lite::pin_project;
 }

@@ -1,11 +1,10 @@
 //! A budget: whose usage, over what period, capped at what.
 
-use std::fmt;
 use std::sync::Arc;
 
 use moat_core::decision::Mode;
-use moat_core::identity::{Caller, KeyExtractor};
-use moat_core::llm::model_matches;
+use moat_core::identity::KeyExtractor;
+use moat_core::kit::Scope;
 use serde::Serialize;
 
 use crate::money::Usd;
@@ -159,7 +158,8 @@ impl Limits {
     }
 }
 
-/// A token or spend budget.
+/// A token or spend budget: a [`Scope`] (name, key, routes, methods, models, tiers, mode), a
+/// period and caps.
 ///
 /// ```
 /// use moat_core::identity::{ApiKey, Tenant};
@@ -167,56 +167,37 @@ impl Limits {
 ///
 /// let per_key = Budget::new("daily-tokens", ApiKey::default(), Period::Day).tokens(200_000);
 /// let per_tenant = Budget::new("monthly-spend", Tenant::default(), Period::Month)
-///     .usd("500.00".parse::<Usd>().unwrap());
+///     .usd("500.00".parse::<Usd>().unwrap())
+///     .model("gpt-4o*");
 /// assert_eq!(per_key.name(), "daily-tokens");
 /// # let _ = per_tenant;
 /// ```
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Budget {
-    pub(crate) name: Arc<str>,
-    pub(crate) key: Arc<dyn KeyExtractor>,
+    pub(crate) scope: Scope,
     pub(crate) period: Period,
     pub(crate) limits: Limits,
     pub(crate) count_cached: bool,
-    pub(crate) models: Vec<String>,
-    pub(crate) tiers: Vec<String>,
-    pub(crate) mode: Mode,
 }
 
-impl fmt::Debug for Budget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Budget")
-            .field("name", &self.name)
-            .field("key", &self.key)
-            .field("period", &self.period)
-            .field("limits", &self.limits)
-            .field("count_cached", &self.count_cached)
-            .field("models", &self.models)
-            .field("tiers", &self.tiers)
-            .field("mode", &self.mode)
-            .finish()
-    }
-}
+moat_core::scoped!(Budget);
 
 impl Budget {
-    /// A budget named `name`, per `key` (API key, tenant, global, model, or a pair), over
-    /// `period`. Cap it with [`tokens`](Self::tokens), [`usd`](Self::usd) and friends.
+    /// A budget named `name` (for refusals, headers, alerts and its state), per `key` (API key,
+    /// tenant, model, global, or a pair), over `period`. Cap it with [`tokens`](Self::tokens),
+    /// [`usd`](Self::usd) and friends.
     pub fn new(name: impl Into<Arc<str>>, key: impl KeyExtractor, period: Period) -> Self {
+        Self::in_scope(Scope::new(name, key), period)
+    }
+
+    /// A budget for requests in `scope`, over `period`.
+    pub fn in_scope(scope: Scope, period: Period) -> Self {
         Self {
-            name: name.into(),
-            key: Arc::new(key),
+            scope,
             period,
             limits: Limits::default(),
             count_cached: true,
-            models: Vec::new(),
-            tiers: Vec::new(),
-            mode: Mode::Enforce,
         }
-    }
-
-    /// The budget's name.
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// Caps total tokens.
@@ -255,36 +236,14 @@ impl Budget {
         self
     }
 
-    /// Applies only to this model (`prefix*` for a family). May be repeated.
-    #[must_use]
-    pub fn model(mut self, model: impl Into<String>) -> Self {
-        self.models.push(model.into());
-        self
+    /// The budget's caps.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
-    /// Applies only to callers of this tier. May be repeated.
-    #[must_use]
-    pub fn tier(mut self, tier: impl Into<String>) -> Self {
-        self.tiers.push(tier.into());
-        self
-    }
-
-    /// Decides and records, but lets everything through.
-    #[must_use]
-    pub fn shadow(mut self) -> Self {
-        self.mode = Mode::Shadow;
-        self
-    }
-
-    /// Sets the mode.
-    #[must_use]
-    pub fn with_mode(mut self, mode: Mode) -> Self {
-        self.mode = mode;
-        self
-    }
-
-    pub(crate) fn applies(&self, model: Option<&str>, caller: &Caller) -> bool {
-        model_matches(&self.models, model) && caller.in_tiers(&self.tiers)
+    /// Whether it is enforced (not in shadow mode).
+    pub(crate) fn enforced(&self) -> bool {
+        self.scope.mode() == Mode::Enforce
     }
 }
 

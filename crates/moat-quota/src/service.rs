@@ -1,7 +1,7 @@
 //! [`QuotaLayer`], [`Quota`], [`QuotaHandle`] and the settlement of reservations.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,16 +10,16 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use jiff::tz::TimeZone;
-use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
-use moat_core::clock::{self, SharedClock};
+use moat_core::body::{RequestBody, ResponseBody as CoreBody};
 use moat_core::decision::{Decision, Decisions, Outcome};
-use moat_core::identity::{Caller, CallerResolver, RequestHead};
+use moat_core::identity::{Caller, RequestHead};
+use moat_core::kit::LayerOptions;
 use moat_core::llm::WireFormat;
 use moat_core::reject::{Protocol, Rejection};
 use moat_core::request::{read_llm_request, LlmBody, SharedLlmRequest};
 use moat_core::response::{Hook, Hooks, Interest, StreamEvent};
 use moat_core::usage::{BodyOutcome, UsageReport};
-use moat_core::{Key, KeyExtractor};
+use moat_core::Key;
 use serde::Serialize;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -27,25 +27,21 @@ use tower_service::Service;
 use crate::alert::{AlertSink, BudgetAlert, TracingAlerts};
 use crate::budget::{Amounts, Budget, Limits};
 use crate::money::{Price, PriceTable, Usd};
-use crate::store::{self, Claim, MemoryStore, Refusal, Ticket};
-use moat_core::decision::Mode;
+use crate::store::{self, Claim, MemoryStore, Refusal, States, Ticket};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Clone)]
 struct Config {
     budgets: Vec<Budget>,
+    options: LayerOptions,
     prices: PriceTable,
-    clock: SharedClock,
     tz: TimeZone,
     completion_reserve: u64,
     cap_max_tokens: bool,
     reservation_ttl: Duration,
     thresholds: Vec<u64>,
     alerts: Arc<dyn AlertSink>,
-    body_limit: usize,
-    resolver: CallerResolver,
-    max_keys: usize,
     headers: bool,
     exact_counting: bool,
     #[cfg(feature = "redis")]
@@ -121,7 +117,7 @@ impl Inner {
         self.store.metrics(budget).alerts.increment(1);
         let budget = self.store.budget(budget);
         self.config.alerts.alert(&BudgetAlert {
-            budget: budget.name.to_string(),
+            budget: budget.name().to_owned(),
             key: who.to_string(),
             percent,
             used,
@@ -166,7 +162,7 @@ impl Inner {
             _ => (false, left + 60),
         };
         crate::redis::Slot {
-            budget: &b.name,
+            budget: b.name(),
             key: who,
             window,
             rolling,
@@ -304,36 +300,33 @@ impl Inner {
     }
 
     fn now(&self) -> u64 {
-        u64::try_from(self.config.clock.now().as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(self.config.options.clock.now().as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn wall(&self) -> SystemTime {
-        self.config.clock.wall()
-    }
-
-    /// Whose budget: the budget's key, else the client IP, else everyone.
-    fn key_of(&self, budget: &Budget, head: &RequestHead<'_>, caller: &Caller) -> Key {
-        budget
-            .key
-            .extract(head)
-            .ok()
-            .or_else(|| caller.ip.map(Key::ip))
-            .unwrap_or(Key::GLOBAL)
+        self.config.options.clock.wall()
     }
 }
 
-/// Token and spend budgets for a service. Clones share one state.
+/// Token and spend budgets for a service.
+///
+/// Every service made from this layer and its clones shares one state, and so do handles taken
+/// from it; builder calls made later, and layers built with
+/// [`with_state_from`](Self::with_state_from), share the state of every budget they keep (by
+/// name).
 #[derive(Clone)]
 #[must_use]
 pub struct QuotaLayer {
-    inner: Arc<Inner>,
+    config: Config,
+    states: States,
+    inner: OnceLock<Arc<Inner>>,
 }
 
 impl std::fmt::Debug for QuotaLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QuotaLayer")
-            .field("budgets", &self.inner.config.budgets)
-            .field("completion_reserve", &self.inner.config.completion_reserve)
+            .field("budgets", &self.config.budgets)
+            .field("completion_reserve", &self.config.completion_reserve)
             .finish()
     }
 }
@@ -342,45 +335,112 @@ fn rfc3339(secs: i64) -> String {
     jiff::Timestamp::from_second(secs).map_or_else(|_| secs.to_string(), |t| t.to_string())
 }
 
+/// Why a quota configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Two budgets have one name (a budget's name keys its state).
+    DuplicateName {
+        /// The name.
+        budget: String,
+    },
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::DuplicateName { budget } => {
+                write!(f, "two budgets are named {budget:?}: names must differ")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
 impl QuotaLayer {
     /// A layer enforcing `budget`.
     pub fn new(budget: Budget) -> Self {
-        Self::from_config(Config {
-            budgets: vec![budget],
-            prices: PriceTable::new(),
-            clock: clock::system(),
-            tz: TimeZone::UTC,
-            completion_reserve: 4096,
-            cap_max_tokens: false,
-            reservation_ttl: Duration::from_secs(600),
-            thresholds: vec![50, 80, 100],
-            alerts: Arc::new(TracingAlerts),
-            body_limit: DEFAULT_BODY_LIMIT,
-            resolver: CallerResolver::default(),
-            max_keys: 1_000_000,
-            headers: true,
-            exact_counting: true,
-            #[cfg(feature = "redis")]
-            redis: None,
-        })
-    }
-
-    fn from_config(config: Config) -> Self {
-        let store = MemoryStore::new(config.budgets.clone(), config.tz.clone(), config.max_keys);
         Self {
-            inner: Arc::new(Inner { config, store }),
+            config: Config {
+                budgets: vec![budget],
+                options: LayerOptions::default(),
+                prices: PriceTable::new(),
+                tz: TimeZone::UTC,
+                completion_reserve: 4096,
+                cap_max_tokens: false,
+                reservation_ttl: Duration::from_secs(600),
+                thresholds: vec![50, 80, 100],
+                alerts: Arc::new(TracingAlerts),
+                headers: true,
+                exact_counting: true,
+                #[cfg(feature = "redis")]
+                redis: None,
+            },
+            states: States::default(),
+            inner: OnceLock::new(),
         }
     }
 
-    fn map(self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut config = self.inner.config.clone();
-        f(&mut config);
-        Self::from_config(config)
+    fn map(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(&mut self.config);
+        self.inner = OnceLock::new();
+        self
+    }
+
+    fn options_mut(&mut self) -> &mut LayerOptions {
+        self.inner = OnceLock::new();
+        &mut self.config.options
+    }
+
+    /// The budgets of this configuration over the layer's states, made on first use.
+    fn inner(&self) -> &Arc<Inner> {
+        self.inner.get_or_init(|| {
+            let config = self.config.clone();
+            let store = MemoryStore::new(
+                config.budgets.clone(),
+                config.tz.clone(),
+                config.options.max_keys,
+                &self.states,
+            );
+            Arc::new(Inner { config, store })
+        })
     }
 
     /// Adds a budget; a request must fit every budget that applies to it, or none is charged.
+    ///
+    /// # Panics
+    ///
+    /// If a budget of that name is there already; use [`try_budget`](Self::try_budget) to get an
+    /// error instead.
     pub fn budget(self, budget: Budget) -> Self {
-        self.map(|c| c.budgets.push(budget))
+        self.try_budget(budget).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Adds a budget, or says why it cannot be added.
+    pub fn try_budget(self, budget: Budget) -> Result<Self, ConfigError> {
+        if self
+            .config
+            .budgets
+            .iter()
+            .any(|b| b.name() == budget.name())
+        {
+            return Err(ConfigError::DuplicateName {
+                budget: budget.name().to_owned(),
+            });
+        }
+        Ok(self.map(|c| c.budgets.push(budget)))
+    }
+
+    /// Takes over the state of `previous` (a layer built from an earlier configuration): each
+    /// budget of this layer keeps its usage and reservations where the budget of the same name
+    /// left them; budgets that are gone are forgotten.
+    pub fn with_state_from(mut self, previous: &QuotaLayer) -> Self {
+        self.states = previous.states.clone();
+        let names: Vec<&str> = self.config.budgets.iter().map(Budget::name).collect();
+        self.states.retain(&names);
+        self.inner = OnceLock::new();
+        self
     }
 
     /// Prices for spend budgets.
@@ -391,11 +451,6 @@ impl QuotaLayer {
     /// Aligns days and months to this time zone (default UTC).
     pub fn with_time_zone(self, tz: TimeZone) -> Self {
         self.map(|c| c.tz = tz)
-    }
-
-    /// Reads time from `clock`.
-    pub fn with_clock(self, clock: SharedClock) -> Self {
-        self.map(|c| c.clock = clock)
     }
 
     /// Tokens reserved for the completion of a request that sets no `max_tokens` (default 4096).
@@ -427,24 +482,9 @@ impl QuotaLayer {
         self.map(|c| c.alerts = sink)
     }
 
-    /// The largest request body read (default 4 MiB; 413 past it).
-    pub fn with_body_limit(self, bytes: usize) -> Self {
-        self.map(|c| c.body_limit = bytes)
-    }
-
-    /// How callers are identified.
-    pub fn with_caller_resolver(self, resolver: CallerResolver) -> Self {
-        self.map(|c| c.resolver = resolver)
-    }
-
-    /// Caps the keys each budget keeps (default 1,000,000); idle keys are evicted first.
-    pub fn with_max_keys(self, max_keys: usize) -> Self {
-        self.map(|c| c.max_keys = max_keys.max(1))
-    }
-
-    /// Count OpenAI prompts exactly with tiktoken (default on, with the `tiktoken` feature), or
-    /// reserve the byte-length upper bound for every model: about 200x cheaper per KB, and
-    /// settled to the real usage all the same.
+    /// Count OpenAI prompts exactly (default on, with the `tiktoken` feature), or reserve the
+    /// byte-length upper bound for every model: cheaper, and settled to the real usage all the
+    /// same.
     pub fn with_exact_counting(self, exact: bool) -> Self {
         self.map(|c| c.exact_counting = exact)
     }
@@ -461,13 +501,15 @@ impl QuotaLayer {
         self.map(|c| c.redis = Some(store))
     }
 
-    /// A handle to read usage, sharing this layer's state.
+    /// A handle to read usage, sharing this layer's state (also after more builder calls).
     pub fn handle(&self) -> QuotaHandle {
         QuotaHandle {
-            inner: self.inner.clone(),
+            inner: self.inner().clone(),
         }
     }
 }
+
+moat_core::layer_options!(QuotaLayer);
 
 impl<S> Layer<S> for QuotaLayer {
     type Service = Quota<S>;
@@ -475,7 +517,7 @@ impl<S> Layer<S> for QuotaLayer {
     fn layer(&self, inner: S) -> Quota<S> {
         Quota {
             inner,
-            quota: self.inner.clone(),
+            quota: self.inner().clone(),
         }
     }
 }
@@ -627,7 +669,7 @@ fn refusal_rejection(quota: &Inner, refusal: &Refusal) -> Rejection {
         return Rejection::new(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", format!(
             "This request needs up to {} (its prompt and max_tokens), more than budget '{}' allows in a whole {} ({}). Lower max_tokens or shorten the prompt.",
             unit(refusal.needed),
-            budget.name,
+            budget.name(),
             budget.period,
             budget.limits.describe(refusal.dimension),
         ))
@@ -647,7 +689,7 @@ fn refusal_rejection(quota: &Inner, refusal: &Refusal) -> Rejection {
         "insufficient_quota",
         format!(
             "Budget '{}' ({} per {}) is used up for this caller: {} used or reserved, this request needs up to {}. It resets at {} (in {}s).",
-            budget.name,
+            budget.name(),
             budget.limits.describe(refusal.dimension),
             budget.period,
             unit(refusal.committed),
@@ -665,7 +707,7 @@ fn refusal_rejection(quota: &Inner, refusal: &Refusal) -> Rejection {
 fn quota_headers(quota: &Inner, tickets: &[Ticket], headers: &mut http::HeaderMap) {
     let tightest = tickets
         .iter()
-        .filter(|t| quota.store.budget(t.budget).mode != Mode::Shadow)
+        .filter(|t| quota.store.budget(t.budget).enforced())
         .map(|t| {
             let budget = quota.store.budget(t.budget);
             (budget.limits.percent_used(&t.committed), budget, t)
@@ -680,7 +722,7 @@ fn quota_headers(quota: &Inner, tickets: &[Ticket], headers: &mut http::HeaderMa
             headers.insert(HeaderName::from_static(name), v);
         }
     };
-    set("x-moat-quota-budget", budget.name.to_string());
+    set("x-moat-quota-budget", budget.name().to_owned());
     if budget.limits.tokens.is_some() {
         set(
             "x-moat-quota-remaining-tokens",
@@ -732,7 +774,7 @@ impl Inner {
             .store
             .budgets()
             .enumerate()
-            .filter(|(_, b)| b.applies(model.as_deref(), caller))
+            .filter(|(_, b)| b.scope().applies(head, caller, model.as_deref()))
             .map(|(i, _)| i)
             .collect();
         if applicable.is_empty() || format == WireFormat::Unknown {
@@ -755,13 +797,13 @@ impl Inner {
         let claims = applicable
             .iter()
             .map(|&i| {
-                let key = self.key_of(self.store.budget(i), head, caller);
+                let key = self.store.budget(i).scope().key_of(head, caller);
                 Claim::new(i, key, Amounts::new(estimate, reserve, usd))
             })
             .collect();
         let shadow = applicable
             .iter()
-            .map(|&i| self.store.budget(i).mode == Mode::Shadow)
+            .map(|&i| !self.store.budget(i).enforced())
             .collect();
         Ok(Some(Plan {
             claims,
@@ -800,7 +842,7 @@ impl Inner {
                         code: "insufficient_quota".into(),
                     },
                 )
-                .with_rule(budget.name.to_string()),
+                .with_rule(budget.name().to_owned()),
             );
         }
         match result {
@@ -820,7 +862,7 @@ impl Inner {
             .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))),
             Err(Refused::Full { budget }) => {
                 self.store.metrics(budget).denied.increment(1);
-                let name = &self.store.budget(budget).name;
+                let name = self.store.budget(budget).name();
                 tracing::warn!(target: "moat::quota", budget = %name, "budget store full: new caller refused");
                 Err(Rejection::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -833,7 +875,7 @@ impl Inner {
             Err(Refused::Budget(refusal)) => {
                 let budget = self.store.budget(refusal.budget);
                 self.store.metrics(refusal.budget).denied.increment(1);
-                tracing::debug!(target: "moat::quota", budget = %budget.name, "insufficient quota");
+                tracing::debug!(target: "moat::quota", budget = %budget.name(), "insufficient quota");
                 let rejection = refusal_rejection(self, &refusal);
                 Decisions::record(
                     extensions,
@@ -844,7 +886,7 @@ impl Inner {
                             code: rejection.code().unwrap_or_default().to_owned().into(),
                         },
                     )
-                    .with_rule(budget.name.to_string()),
+                    .with_rule(budget.name().to_owned()),
                 );
                 Err(rejection)
             }
@@ -876,10 +918,11 @@ where
         let quota = self.quota.clone();
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let caller = quota.config.resolver.resolve(&mut req);
+        let caller = quota.config.options.resolver.resolve(&mut req);
         ResponseFuture::new(async move {
             let protocol = Protocol::of(&req);
-            let (mut req, llm) = match read_llm_request(req, quota.config.body_limit).await {
+            let (mut req, llm) = match read_llm_request(req, quota.config.options.body_limit).await
+            {
                 Ok(LlmBody::Parsed { request, llm }) => (request, llm),
                 Ok(LlmBody::Unparsed(request)) => {
                     return Ok(inner.call(request).await?.map(plain));
@@ -987,8 +1030,13 @@ impl QuotaHandle {
             .store
             .budgets()
             .enumerate()
-            .filter(|(_, b)| b.applies(None, &caller) || !b.models.is_empty())
-            .map(|(i, budget)| (i, self.inner.key_of(budget, &head, &caller)))
+            // Budgets limited to models apply to some of the caller's requests: listed too.
+            .filter(|(_, b)| {
+                b.scope()
+                    .matches_head(head.method, head.uri.path(), &caller)
+                    || !b.scope().models().is_empty()
+            })
+            .map(|(i, budget)| (i, budget.scope().key_of(&head, &caller)))
             .collect();
         let inner = self.inner.clone();
         async move {
@@ -997,13 +1045,13 @@ impl QuotaHandle {
                 let budget = inner.store.budget(i);
                 let view = inner.view(i, &key).await;
                 out.push(BudgetUsage {
-                    budget: budget.name.to_string(),
+                    budget: budget.name().to_owned(),
                     period: budget.period.to_string(),
                     used: view.used,
                     reserved: view.reserved,
                     limits: budget.limits,
                     resets_at: rfc3339(view.resets),
-                    shadow: budget.mode == Mode::Shadow,
+                    shadow: !budget.enforced(),
                 });
             }
             out

@@ -12,12 +12,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use metrics::{Counter, Gauge};
 
 use jiff::tz::TimeZone;
+use moat_core::kit::NamedStates;
 use moat_core::Key;
 
 use crate::budget::{Amounts, Budget, Dimension};
@@ -116,10 +117,54 @@ impl BudgetMetrics {
     }
 }
 
-struct BudgetState {
-    budget: Budget,
+/// One budget's state: every key's usage and reservations, and the budget's counters.
+pub(crate) struct BudgetState {
     metrics: BudgetMetrics,
     shards: Box<[Mutex<Shard>]>,
+    per_shard_cap: usize,
+    sweeps: AtomicU64,
+}
+
+impl BudgetState {
+    fn new(name: &str, max_keys: usize) -> Self {
+        Self {
+            metrics: BudgetMetrics::new(name),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            per_shard_cap: max_keys.div_ceil(SHARDS).max(1),
+            sweeps: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A layer's states: each budget's by name, and the reservation ids they are all handed out
+/// from.
+#[derive(Debug, Clone)]
+pub(crate) struct States {
+    budgets: NamedStates<BudgetState>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Default for States {
+    fn default() -> Self {
+        Self {
+            budgets: NamedStates::new(),
+            // Shared stores hold reservations from many processes: start each process's ids at
+            // a random point, so two never write the same reservation.
+            next_id: Arc::new(AtomicU64::new({
+                use std::hash::{BuildHasher, Hasher};
+                std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish()
+            })),
+        }
+    }
+}
+
+impl States {
+    /// Forgets the budgets not named in `keep`.
+    pub(crate) fn retain(&self, keep: &[&str]) {
+        self.budgets.retain(keep);
+    }
 }
 
 /// A request's claim on one budget.
@@ -195,12 +240,11 @@ pub(crate) struct Crossed {
     pub(crate) resets: i64,
 }
 
+/// The budgets of one configuration, over the states they take from a layer's [`States`].
 pub(crate) struct MemoryStore {
-    budgets: Vec<BudgetState>,
+    budgets: Vec<(Budget, Arc<BudgetState>)>,
     tz: TimeZone,
-    next_id: AtomicU64,
-    per_shard_cap: usize,
-    sweeps: AtomicU64,
+    next_id: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -217,58 +261,58 @@ impl MemoryStore {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub(crate) fn new(budgets: Vec<Budget>, tz: TimeZone, max_keys: usize) -> Self {
+    pub(crate) fn new(
+        budgets: Vec<Budget>,
+        tz: TimeZone,
+        max_keys: usize,
+        states: &States,
+    ) -> Self {
         Self {
             budgets: budgets
                 .into_iter()
-                .map(|budget| BudgetState {
-                    metrics: BudgetMetrics::new(&budget.name),
-                    budget,
-                    shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                .map(|budget| {
+                    let state = states.budgets.get(
+                        budget.scope().shared_name(),
+                        |_| true,
+                        || BudgetState::new(budget.name(), max_keys),
+                    );
+                    (budget, state)
                 })
                 .collect(),
             tz,
-            // Shared stores hold reservations from many processes: start each process's ids at a
-            // random point, so two never write the same reservation.
-            next_id: AtomicU64::new({
-                use std::hash::{BuildHasher, Hasher};
-                std::collections::hash_map::RandomState::new()
-                    .build_hasher()
-                    .finish()
-            }),
-            per_shard_cap: max_keys.div_ceil(SHARDS).max(1),
-            sweeps: AtomicU64::new(0),
+            next_id: states.next_id.clone(),
         }
     }
 
     fn lock(&self, budget: usize, key: &[u8; 16]) -> MutexGuard<'_, Shard> {
         // Digests are uniform: their first byte picks the shard.
-        self.budgets[budget].shards[usize::from(key[0]) % SHARDS]
+        self.budgets[budget].1.shards[usize::from(key[0]) % SHARDS]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn window(&self, budget: usize, wall: SystemTime) -> Window {
-        self.budgets[budget].budget.period.window(wall, &self.tz)
+        self.budgets[budget].0.period.window(wall, &self.tz)
     }
 
     /// Makes room for one more key in a full shard, if sweeping may find any; whether there is.
-    fn make_room(&self, shard: &mut Shard, window: Window, period: Period) -> bool {
-        if shard.entries.len() < self.per_shard_cap {
+    fn make_room(state: &BudgetState, shard: &mut Shard, window: Window, period: Period) -> bool {
+        let cap = state.per_shard_cap;
+        if shard.entries.len() < cap {
             return true;
         }
         if window.id < shard.next_sweep {
             return false;
         }
-        self.sweeps.fetch_add(1, Ordering::Relaxed);
+        state.sweeps.fetch_add(1, Ordering::Relaxed);
         let before = shard.entries.len();
         shard.entries.retain(|_, e| !e.is_idle(window, period));
         let freed = before - shard.entries.len();
-        if freed < self.per_shard_cap / 16 {
+        if freed < cap / 16 {
             // Nothing more falls idle before the period ends.
             shard.next_sweep = window.id + 1;
         }
-        shard.entries.len() < self.per_shard_cap
+        shard.entries.len() < cap
     }
 
     /// Reserves every claim, or none: the first claim that does not fit is the refusal.
@@ -302,12 +346,12 @@ impl MemoryStore {
         };
         let mut shadow_refusals = Vec::new();
         for (i, claim) in claims.iter().enumerate() {
-            let budget = &self.budgets[claim.budget].budget;
+            let (budget, state) = &self.budgets[claim.budget];
             let window = self.window(claim.budget, wall);
             let g = guard(&guards, claim);
             let shard = &mut *guards[g].1;
             if !shard.entries.contains_key(&claim.key)
-                && !self.make_room(shard, window, budget.period)
+                && !Self::make_room(state, shard, window, budget.period)
             {
                 return (
                     Err(Refused::Full {
@@ -374,7 +418,7 @@ impl MemoryStore {
         wall: SystemTime,
         thresholds: &[u64],
     ) -> (Vec<Crossed>, u64) {
-        let budget = &self.budgets[ticket.budget].budget;
+        let budget = &self.budgets[ticket.budget].0;
         let window = self.window(ticket.budget, wall);
         let mut shard = self.lock(ticket.budget, &ticket.key);
         let entry = shard.entries.entry(ticket.key).or_default();
@@ -418,7 +462,7 @@ impl MemoryStore {
                 resets: window.end,
             };
         };
-        entry.roll(window, self.budgets[budget].budget.period);
+        entry.roll(window, self.budgets[budget].0.period);
         entry.sweep(now);
         View {
             used: entry.used(window),
@@ -428,21 +472,22 @@ impl MemoryStore {
     }
 
     pub(crate) fn budget(&self, index: usize) -> &Budget {
-        &self.budgets[index].budget
+        &self.budgets[index].0
     }
 
     pub(crate) fn metrics(&self, index: usize) -> &BudgetMetrics {
-        &self.budgets[index].metrics
+        &self.budgets[index].1.metrics
     }
 
     pub(crate) fn budgets(&self) -> impl Iterator<Item = &Budget> {
-        self.budgets.iter().map(|b| &b.budget)
+        self.budgets.iter().map(|(b, _)| b)
     }
 
     /// Keys held by one budget.
     #[cfg(test)]
     pub(crate) fn len(&self, budget: usize) -> usize {
         self.budgets[budget]
+            .1
             .shards
             .iter()
             .map(|s| {
@@ -473,7 +518,7 @@ mod tests {
     }
 
     fn store(budgets: Vec<Budget>) -> MemoryStore {
-        MemoryStore::new(budgets, TimeZone::UTC, 1000)
+        MemoryStore::new(budgets, TimeZone::UTC, 1000, &States::default())
     }
 
     #[test]
@@ -616,6 +661,7 @@ mod tests {
             vec![Budget::new("b", Global, Period::Day).tokens(1_000_000)],
             TimeZone::UTC,
             KEYS,
+            &States::default(),
         );
         let key = |i: usize| {
             let mut k = [0u8; 16];
@@ -639,14 +685,14 @@ mod tests {
         }
         assert!(admitted > KEYS * 9 / 10, "{admitted}");
         assert!(s.len(0) <= KEYS.div_ceil(SHARDS) * SHARDS);
-        let sweeps = s.sweeps.load(Ordering::Relaxed);
+        let sweeps = s.budgets[0].1.sweeps.load(Ordering::Relaxed);
         // An attacker's new keys are refused; each full shard swept at most once for them.
         for i in KEYS..KEYS + 100_000 {
             if let Err(refused) = s.reserve(&[claim_for(i)], &[false], wall(10), 0, 1).0 {
                 assert!(matches!(refused, Refused::Full { budget: 0 }));
             }
         }
-        let swept = s.sweeps.load(Ordering::Relaxed) - sweeps;
+        let swept = s.budgets[0].1.sweeps.load(Ordering::Relaxed) - sweeps;
         assert!(
             swept <= SHARDS as u64,
             "{swept} sweeps for 100,000 new keys"

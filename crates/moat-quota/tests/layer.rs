@@ -381,3 +381,54 @@ async fn non_llm_requests_pass_untouched() {
         "models"
     );
 }
+
+#[tokio::test]
+async fn handles_and_rebuilt_layers_share_each_budgets_state_by_name() {
+    let seen = Seen::default();
+    let layer = QuotaLayer::new(Budget::new("daily", ApiKey::default(), Period::Day).tokens(1000));
+    let handle = layer.handle();
+    // Builder calls after the handle was taken: the same budgets.
+    let layer = layer.with_completion_reserve(10).with_headers(false);
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(upstream(seen.clone()));
+    let response = svc.oneshot(chat("sk-1", ask(40))).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    let probe = chat("sk-1", ask(1));
+    let usage = handle.usage(&probe).await;
+    assert_eq!(
+        usage[0].used.tokens,
+        10 + 40,
+        "the old handle sees the new layer's charge"
+    );
+
+    // A reload: a new layer with the same budget name takes over its usage.
+    let reloaded = QuotaLayer::new(Budget::new("daily", ApiKey::default(), Period::Day).tokens(60))
+        .budget(Budget::new("new", ApiKey::default(), Period::Day).tokens(1000))
+        .with_state_from(&layer);
+    let svc = ServiceBuilder::new()
+        .layer(reloaded.clone())
+        .service(upstream(seen));
+    let refused = svc.oneshot(chat("sk-1", ask(40))).await.unwrap();
+    assert_eq!(
+        refused.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "50 used + 40 > 60"
+    );
+    let usage = reloaded.handle().usage(&chat("sk-1", ask(1))).await;
+    assert_eq!(
+        usage
+            .iter()
+            .find(|b| b.budget == "daily")
+            .unwrap()
+            .used
+            .tokens,
+        50
+    );
+    // Two budgets of one name are refused: the name keys the state.
+    assert!(
+        QuotaLayer::new(Budget::new("daily", Global, Period::Day).tokens(1))
+            .try_budget(Budget::new("daily", Global, Period::Day).tokens(2))
+            .is_err()
+    );
+}

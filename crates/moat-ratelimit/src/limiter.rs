@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use http::{HeaderValue, StatusCode};
 use metrics::Counter;
-use moat_core::clock::SharedClock;
 use moat_core::decision::{Decision, Decisions, Outcome};
-use moat_core::identity::{Caller, CallerResolver, RequestHead};
+use moat_core::identity::{Caller, RequestHead};
+use moat_core::kit::{LayerOptions, NamedStates};
 use moat_core::response::{Hook, Interest};
 use moat_core::usage::{BodyOutcome, UsageReport};
 use moat_core::{Key, Rejection};
@@ -27,15 +27,63 @@ pub(crate) const MAX_CELLS: usize = 8;
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) rules: Vec<Rule>,
-    pub(crate) clock: SharedClock,
+    pub(crate) options: LayerOptions,
     pub(crate) headers: Headers,
-    pub(crate) max_keys: usize,
     pub(crate) completion_reserve: u64,
-    pub(crate) body_limit: usize,
-    pub(crate) resolver: CallerResolver,
     #[cfg(feature = "redis")]
     pub(crate) redis: Option<Arc<crate::redis::RedisStore>>,
     pub(crate) spike: Option<SpikeGuard>,
+}
+
+/// A layer's states: one store per rule, and the spike guard's table, by name.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct States {
+    rules: NamedStates<RuleStore>,
+    spike: NamedStates<SpikeTable>,
+}
+
+impl States {
+    /// Forgets the rules not named in `keep`.
+    pub(crate) fn retain(&self, keep: &[&str]) {
+        self.rules.retain(keep);
+    }
+}
+
+/// One rule's state: the keys' limits (and in-flight counts), the seeded hashing that indexes
+/// them, and the rule's counters.
+pub(crate) struct RuleStore {
+    memory: MemoryStore,
+    hasher: KeyHasher,
+    metrics: RuleMetrics,
+    cells: usize,
+    concurrency: bool,
+    /// The rule's name hashed: how the Redis store's denied-keys cache knows the rule.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    name_id: u64,
+}
+
+impl RuleStore {
+    fn new(rule: &Rule, cells: usize, max_keys: usize) -> Self {
+        let concurrency = rule.max_in_flight.is_some();
+        Self {
+            memory: MemoryStore::new(cells, concurrency, max_keys),
+            hasher: KeyHasher::random(),
+            metrics: RuleMetrics::new(rule.name()),
+            cells,
+            concurrency,
+            name_id: {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write(rule.name().as_bytes());
+                h.finish()
+            },
+        }
+    }
+
+    /// Whether this state can serve `rule` (a rule with other limits needs a new store).
+    fn fits(&self, rule: &Rule, cells: usize) -> bool {
+        self.cells == cells && self.concurrency == rule.max_in_flight.is_some()
+    }
 }
 
 struct RuleMetrics {
@@ -61,8 +109,7 @@ pub(crate) struct RuleState {
     pub(crate) rule: Rule,
     /// Request limits, then token limits.
     cells: Vec<Cell>,
-    store: MemoryStore,
-    metrics: RuleMetrics,
+    store: Arc<RuleStore>,
 }
 
 impl RuleState {
@@ -71,12 +118,12 @@ impl RuleState {
     }
 }
 
-/// The state every clone of a rate-limited service shares.
+/// A configuration and the states it decides with; every clone of a rate-limited service shares
+/// one.
 pub(crate) struct Limiter {
     pub(crate) config: Config,
     rules: Vec<RuleState>,
-    hasher: KeyHasher,
-    spike: Option<SpikeTable>,
+    spike: Option<(SpikeGuard, Arc<SpikeTable>)>,
     pub(crate) needs_body: bool,
 }
 
@@ -85,7 +132,7 @@ impl fmt::Debug for Limiter {
         f.debug_struct("Limiter")
             .field("rules", &self.config.rules)
             .field("headers", &self.config.headers)
-            .field("max_keys", &self.config.max_keys)
+            .field("max_keys", &self.config.options.max_keys)
             .finish()
     }
 }
@@ -158,8 +205,9 @@ fn code_of(verdict: Acquire) -> &'static str {
 }
 
 impl Limiter {
-    pub(crate) fn new(config: Config) -> Self {
-        let hasher = KeyHasher::random();
+    /// The limiter for `config`, with the states of its rules taken from `states` by name.
+    pub(crate) fn new(config: Config, states: &States) -> Self {
+        let max_keys = config.options.max_keys;
         let rules = config
             .rules
             .iter()
@@ -170,39 +218,45 @@ impl Limiter {
                     .chain(&rule.tokens)
                     .map(Cell::from)
                     .collect();
+                let n = cells.len();
+                let store = states.rules.get(
+                    rule.scope().shared_name(),
+                    |s| s.fits(rule, n),
+                    || RuleStore::new(rule, n, max_keys),
+                );
                 RuleState {
-                    store: MemoryStore::new(
-                        cells.len(),
-                        rule.max_in_flight.is_some(),
-                        config.max_keys,
-                    ),
                     cells,
-                    metrics: RuleMetrics::new(&rule.name),
+                    store,
                     rule: rule.clone(),
                 }
             })
             .collect();
         let needs_body = config.rules.iter().any(Rule::needs_body);
-        let spike = config
-            .spike
-            .clone()
-            .map(|guard| SpikeTable::new(guard, config.max_keys));
+        let spike = config.spike.clone().map(|guard| {
+            let name: Arc<str> = Arc::from("spike");
+            let table = states
+                .spike
+                .get(&name, |_| true, || SpikeTable::new(max_keys));
+            (guard, table)
+        });
         Self {
             config,
             rules,
-            hasher,
             spike,
             needs_body,
         }
     }
 
     fn now(&self) -> u64 {
-        u64::try_from(self.config.clock.now().as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(self.config.options.clock.now().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Keys held by `rule` (by index) in memory.
-    pub(crate) fn keys_held(&self, rule: usize) -> usize {
-        self.rules.get(rule).map_or(0, |r| r.store.len())
+    /// Keys held in memory by the rule named `rule`.
+    pub(crate) fn keys_held(&self, rule: &str) -> usize {
+        self.rules
+            .iter()
+            .find(|r| r.rule.name() == rule)
+            .map_or(0, |r| r.store.memory.len())
     }
 
     /// Whether decisions go to a shared store (and so are asynchronous).
@@ -217,7 +271,10 @@ impl Limiter {
     pub(crate) fn needs_body_for(&self, head: &RequestHead<'_>, caller: &Caller) -> bool {
         self.needs_body
             && self.rules.iter().any(|r| {
-                r.rule.needs_body() && r.rule.matches_head(head.method, head.uri.path(), caller)
+                r.rule.needs_body()
+                    && r.rule
+                        .scope()
+                        .matches_head(head.method, head.uri.path(), caller)
             })
     }
 
@@ -233,26 +290,17 @@ impl Limiter {
             .iter()
             .enumerate()
             .filter_map(move |(index, state)| {
-                let rule = &state.rule;
-                if !rule.matches_head(head.method, head.uri.path(), caller)
-                    || !rule.matches_model(model)
-                {
+                let scope = state.rule.scope();
+                if !scope.applies(head, caller, model) {
                     return None;
                 }
-                // A request without what the rule keys by falls back to its client IP, so leaving
-                // out a header never escapes a limit.
-                let key = rule
-                    .key
-                    .extract(head)
-                    .ok()
-                    .or_else(|| caller.ip.map(Key::ip))
-                    .unwrap_or(Key::GLOBAL);
+                let key = scope.key_of(head, caller);
                 let mut costs = [1u64; MAX_CELLS];
                 costs[state.token_cells()].fill(token_cost);
                 Some(Step {
                     state,
                     index,
-                    id: self.hasher.hash(&key),
+                    id: state.store.hasher.hash(&key),
                     key,
                     costs,
                     token_cost,
@@ -272,9 +320,9 @@ impl Limiter {
     ) -> Option<Denial> {
         let state = step.state;
         let rule = &state.rule;
-        let shadow = rule.mode == Mode::Shadow;
+        let shadow = rule.scope().mode() == Mode::Shadow;
         if verdict == Acquire::Admitted {
-            state.metrics.allowed.increment(1);
+            state.store.metrics.allowed.increment(1);
             let near = rule
                 .limits
                 .iter()
@@ -282,7 +330,7 @@ impl Limiter {
                 .zip(snapshots)
                 .any(|(limit, s)| s.remaining.saturating_mul(5) < limit.burst());
             if near {
-                state.metrics.near_limit.increment(1);
+                state.store.metrics.near_limit.increment(1);
             }
             if !shadow {
                 tally.bindings = self.bindings(state, snapshots, tally.bindings);
@@ -300,13 +348,13 @@ impl Limiter {
         }
         let code = Cow::Borrowed(code_of(verdict));
         if shadow {
-            state.metrics.shadow_denied.increment(1);
-            tracing::debug!(target: "moat::ratelimit", rule = %rule.name, key = %step.key, "shadow rule would deny");
+            state.store.metrics.shadow_denied.increment(1);
+            tracing::debug!(target: "moat::ratelimit", rule = %rule.name(), key = %step.key, "shadow rule would deny");
             record(head, rule, Outcome::ShadowRejected { code });
             return None;
         }
-        state.metrics.denied.increment(1);
-        tracing::debug!(target: "moat::ratelimit", rule = %rule.name, key = %step.key, "denied");
+        state.store.metrics.denied.increment(1);
+        tracing::debug!(target: "moat::ratelimit", rule = %rule.name(), key = %step.key, "denied");
         record(head, rule, Outcome::Rejected { status: 429, code });
         let mut kept = [Snapshot::default(); MAX_CELLS];
         kept[..snapshots.len()].copy_from_slice(snapshots);
@@ -350,7 +398,8 @@ impl Limiter {
             .map(|fp| fp.key())
             .or_else(|| caller.ip.map(Key::ip))
             .unwrap_or(Key::GLOBAL);
-        match spike.observe(&key, self.hasher.hash(&key), now) {
+        let (guard, table) = spike;
+        match table.observe(guard, &key, now) {
             SpikeVerdict::Pass => Some(Cow::Borrowed(caller)),
             SpikeVerdict::Quarantined(Quarantine::Reject) => None,
             SpikeVerdict::Quarantined(Quarantine::Tier(tier)) => {
@@ -379,7 +428,7 @@ impl Limiter {
         for step in self.steps(head, caller, model, token_cost) {
             let n = step.state.cells.len();
             let mut snapshots = [Snapshot::default(); MAX_CELLS];
-            let verdict = step.state.store.acquire(
+            let verdict = step.state.store.memory.acquire(
                 step.id,
                 now,
                 &step.state.cells,
@@ -427,7 +476,7 @@ impl Limiter {
             let max_in_flight = state.rule.max_in_flight;
             let mut snapshots = [Snapshot::default(); MAX_CELLS];
             let local = |snapshots: &mut [Snapshot]| {
-                state.store.acquire(
+                state.store.memory.acquire(
                     step.id,
                     now,
                     &state.cells,
@@ -438,12 +487,12 @@ impl Limiter {
             };
             let (mut verdict, remote) = if n == 0 {
                 (local(&mut snapshots[..n]), false)
-            } else if let Some(cached) = redis.cached_denial(step.index, &step.key, now) {
+            } else if let Some(cached) = redis.cached_denial(state.store.name_id, &step.key, now) {
                 (cached, true)
             } else {
                 match redis
                     .acquire(
-                        (step.index, &state.rule.name),
+                        (state.store.name_id, state.rule.name()),
                         &step.key,
                         now,
                         &state.cells,
@@ -472,7 +521,7 @@ impl Limiter {
             if remote && verdict == Acquire::Admitted && max_in_flight.is_some() {
                 let zero = [0u64; MAX_CELLS];
                 let mut scratch = [Snapshot::default(); MAX_CELLS];
-                if state.store.acquire(
+                if state.store.memory.acquire(
                     step.id,
                     now,
                     &state.cells,
@@ -526,7 +575,7 @@ impl Limiter {
                     let deltas = undo_deltas(state, h.tokens);
                     let n = state.cells.len();
                     if let Err(error) = redis
-                        .adjust(&state.rule.name, &h.key, &state.cells, &deltas[..n])
+                        .adjust(state.rule.name(), &h.key, &state.cells, &deltas[..n])
                         .await
                     {
                         tracing::warn!(target: "moat::ratelimit", %error, "could not undo a charge in redis");
@@ -546,6 +595,7 @@ impl Limiter {
             let zero = [0i64; MAX_CELLS];
             state
                 .store
+                .memory
                 .adjust(held.id, now, &state.cells, &zero[..state.cells.len()], true);
         }
     }
@@ -578,7 +628,7 @@ impl Limiter {
     fn undo_local(&self, held: Held, now: u64) {
         let state = &self.rules[held.rule];
         let deltas = undo_deltas(state, held.tokens);
-        state.store.adjust(
+        state.store.memory.adjust(
             held.id,
             now,
             &state.cells,
@@ -661,7 +711,7 @@ impl Limiter {
                     format!(
                         "Rate limit reached for {} on rule '{}' ({limit}). Please try again in {}.",
                         kind(cell),
-                        rule.name,
+                        rule.name(),
                         headers::duration_string(wait)
                     ),
                     code_of(verdict),
@@ -680,7 +730,7 @@ impl Limiter {
                 too_many(
                     format!(
                         "This request needs about {token_cost} tokens, more than rule '{}' allows at once ({limit}). Reduce the prompt or max_tokens.",
-                        rule.name
+                        rule.name()
                     ),
                     "request_too_large",
                 )
@@ -689,7 +739,7 @@ impl Limiter {
             Acquire::Busy => too_many(
                 format!(
                     "Too many requests in flight for rule '{}' (at most {}). Wait for one to finish.",
-                    rule.name,
+                    rule.name(),
                     rule.max_in_flight.unwrap_or_default()
                 ),
                 "concurrency_limit_exceeded",
@@ -766,7 +816,7 @@ fn record(head: &RequestHead<'_>, rule: &Rule, outcome: Outcome) {
     if Decisions::is_recording(head.extensions) {
         Decisions::record(
             head.extensions,
-            Decision::new("ratelimit", outcome).with_rule(rule.name.to_string()),
+            Decision::new("ratelimit", outcome).with_rule(rule.name().to_owned()),
         );
     }
 }
@@ -824,6 +874,7 @@ impl Admission {
                 let n = state.cells.len();
                 state
                     .store
+                    .memory
                     .adjust(h.id, now, &state.cells, &deltas[..n], h.in_flight);
             }
         }
@@ -856,7 +907,7 @@ impl Limiter {
             let Some(redis) = &limiter.config.redis else { return };
             let state = &limiter.rules[rule];
             let n = state.cells.len();
-            if let Err(error) = redis.adjust(&state.rule.name, &key, &state.cells, &deltas[..n]).await {
+            if let Err(error) = redis.adjust(state.rule.name(), &key, &state.cells, &deltas[..n]).await {
                 tracing::warn!(target: "moat::ratelimit", %error, "could not settle a charge in redis");
             }
         });
@@ -890,18 +941,21 @@ mod tests {
     use moat_core::identity::{ApiKey, PeerAddr};
 
     fn limiter(rules: Vec<Rule>) -> Arc<Limiter> {
-        Arc::new(Limiter::new(Config {
-            rules,
-            clock: Arc::new(ManualClock::new()),
-            headers: Headers::default(),
-            max_keys: 1000,
-            completion_reserve: 1024,
-            body_limit: 1 << 20,
-            resolver: CallerResolver::default(),
-            #[cfg(feature = "redis")]
-            redis: None,
-            spike: None,
-        }))
+        let mut options = LayerOptions::default();
+        options.clock = Arc::new(ManualClock::new());
+        options.max_keys = 1000;
+        Arc::new(Limiter::new(
+            Config {
+                rules,
+                options,
+                headers: Headers::default(),
+                completion_reserve: 1024,
+                #[cfg(feature = "redis")]
+                redis: None,
+                spike: None,
+            },
+            &States::default(),
+        ))
     }
 
     #[test]
@@ -915,7 +969,7 @@ mod tests {
             .unwrap();
         req.extensions_mut()
             .insert(PeerAddr("192.0.2.1:1".parse().unwrap()));
-        let caller = limiter.config.resolver.resolve(&mut req);
+        let caller = limiter.config.options.resolver.resolve(&mut req);
         let head = RequestHead::of(&req);
         assert!(matches!(
             limiter.decide(&head, &caller, None),

@@ -116,8 +116,9 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-/// (rule, key digest) → (limit, local time in ns until which the key is known to be denied).
-type DeniedKeys = HashMap<(usize, [u8; 16]), (usize, u64)>;
+/// (rule name's hash, key digest) → (limit, local time in ns until which the key is known to be
+/// denied).
+type DeniedKeys = HashMap<(u64, [u8; 16]), (usize, u64)>;
 
 /// Bound on the local denied-keys cache.
 const MAX_DENIED: usize = 100_000;
@@ -162,7 +163,7 @@ impl RedisStore {
     }
 
     /// A remembered denial of this key, if it still holds at `now` (local ns).
-    pub(crate) fn cached_denial(&self, rule: usize, key: &Key, now: u64) -> Option<Acquire> {
+    pub(crate) fn cached_denial(&self, rule: u64, key: &Key, now: u64) -> Option<Acquire> {
         let denied = self.denied.lock().unwrap_or_else(PoisonError::into_inner);
         let &(cell, until) = denied.get(&(rule, key.digest()))?;
         (until > now).then_some(Acquire::Wait {
@@ -171,7 +172,7 @@ impl RedisStore {
         })
     }
 
-    fn remember_denial(&self, rule: usize, key: &Key, cell: usize, until: u64, now: u64) {
+    fn remember_denial(&self, rule: u64, key: &Key, cell: usize, until: u64, now: u64) {
         let mut denied = self.denied.lock().unwrap_or_else(PoisonError::into_inner);
         if denied.len() >= MAX_DENIED {
             denied.retain(|_, (_, u)| *u > now);
@@ -185,7 +186,7 @@ impl RedisStore {
     /// The Redis version of [`MemoryStore::acquire`](crate::memory::MemoryStore::acquire).
     pub(crate) async fn acquire(
         &self,
-        (rule, rule_name): (usize, &str),
+        (rule, rule_name): (u64, &str),
         key: &Key,
         now: u64,
         cells: &[Cell],

@@ -2,15 +2,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
-use moat_core::clock::{self, SharedClock};
-use moat_core::identity::{CallerResolver, RequestHead};
+use moat_core::body::{RequestBody, ResponseBody as CoreBody};
+use moat_core::identity::RequestHead;
+use moat_core::kit::LayerOptions;
 use moat_core::reject::Protocol;
 use moat_core::request::{read_llm_request, LlmBody};
 use moat_core::response::Hooks;
@@ -19,7 +19,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::headers::{self, Headers};
-use crate::limiter::{Bindings, BodyFacts, Config, Denial, Limiter, Verdict, MAX_CELLS};
+use crate::limiter::{Bindings, BodyFacts, Config, Denial, Limiter, States, Verdict, MAX_CELLS};
 use crate::rule::Rule;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -29,11 +29,17 @@ moat_core::layer_response_body! {
     /// charges settle and in-flight slots free when it ends.
 }
 
-/// Applies rate-limit [`Rule`]s to a service. Clones share one state.
+/// Applies rate-limit [`Rule`]s to a service.
+///
+/// Every service made from this layer and its clones shares one state; builder calls made
+/// later, and layers built with [`with_state_from`](Self::with_state_from), share the state of
+/// every rule they keep (by name).
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct RateLimitLayer {
-    limiter: Arc<Limiter>,
+    config: Config,
+    states: States,
+    limiter: OnceLock<Arc<Limiter>>,
 }
 
 /// Why a rate-limit configuration was refused.
@@ -50,6 +56,11 @@ pub enum ConfigError {
         /// The rule.
         rule: String,
     },
+    /// Two rules have one name (a rule's name keys its state).
+    DuplicateName {
+        /// The name.
+        rule: String,
+    },
 }
 
 impl std::fmt::Display for ConfigError {
@@ -62,6 +73,9 @@ impl std::fmt::Display for ConfigError {
                 )
             }
             ConfigError::NoLimits { rule } => write!(f, "rule {rule:?} has no limits"),
+            ConfigError::DuplicateName { rule } => {
+                write!(f, "two rules are named {rule:?}: names must differ")
+            }
         }
     }
 }
@@ -97,30 +111,36 @@ impl RateLimitLayer {
     /// A layer enforcing `rule`, or why the rule is unusable.
     pub fn try_new(rule: Rule) -> Result<Self, ConfigError> {
         check(&rule)?;
-        Ok(Self::from_config(Config {
-            rules: vec![rule],
-            clock: clock::system(),
-            headers: Headers::default(),
-            max_keys: 1_000_000,
-            completion_reserve: 1024,
-            body_limit: DEFAULT_BODY_LIMIT,
-            resolver: CallerResolver::default(),
-            #[cfg(feature = "redis")]
-            redis: None,
-            spike: None,
-        }))
+        Ok(Self {
+            config: Config {
+                rules: vec![rule],
+                options: LayerOptions::default(),
+                headers: Headers::default(),
+                completion_reserve: 1024,
+                #[cfg(feature = "redis")]
+                redis: None,
+                spike: None,
+            },
+            states: States::default(),
+            limiter: OnceLock::new(),
+        })
     }
 
-    fn from_config(config: Config) -> Self {
-        Self {
-            limiter: Arc::new(Limiter::new(config)),
-        }
+    fn map(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(&mut self.config);
+        self.limiter = OnceLock::new();
+        self
     }
 
-    fn map(self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut config = self.limiter.config.clone();
-        f(&mut config);
-        Self::from_config(config)
+    fn options_mut(&mut self) -> &mut LayerOptions {
+        self.limiter = OnceLock::new();
+        &mut self.config.options
+    }
+
+    /// The limiter of this configuration, made on first use.
+    fn limiter(&self) -> &Arc<Limiter> {
+        self.limiter
+            .get_or_init(|| Arc::new(Limiter::new(self.config.clone(), &self.states)))
     }
 
     /// Adds a rule; a request must pass every rule that applies to it.
@@ -135,12 +155,23 @@ impl RateLimitLayer {
     /// Adds a rule, or says why it is unusable.
     pub fn try_rule(self, rule: Rule) -> Result<Self, ConfigError> {
         check(&rule)?;
+        if self.config.rules.iter().any(|r| r.name() == rule.name()) {
+            return Err(ConfigError::DuplicateName {
+                rule: rule.name().to_owned(),
+            });
+        }
         Ok(self.map(|c| c.rules.push(rule)))
     }
 
-    /// Reads time from `clock` (tests drive a [`ManualClock`](moat_core::clock::ManualClock)).
-    pub fn with_clock(self, clock: SharedClock) -> Self {
-        self.map(|c| c.clock = clock)
+    /// Takes over the state of `previous` (a layer built from an earlier configuration): each
+    /// rule of this layer keeps counting where the rule of the same name left off, if its limits
+    /// still have the same shape; rules that are gone are forgotten.
+    pub fn with_state_from(mut self, previous: &RateLimitLayer) -> Self {
+        self.states = previous.states.clone();
+        let names: Vec<&str> = self.config.rules.iter().map(Rule::name).collect();
+        self.states.retain(&names);
+        self.limiter = OnceLock::new();
+        self
     }
 
     /// Which rate-limit headers go on responses (default: OpenAI's).
@@ -148,24 +179,9 @@ impl RateLimitLayer {
         self.map(|c| c.headers = headers)
     }
 
-    /// Caps the keys each rule keeps in memory (default 1,000,000).
-    pub fn with_max_keys(self, max_keys: usize) -> Self {
-        self.map(|c| c.max_keys = max_keys.max(1))
-    }
-
     /// Tokens reserved for the completion when a request sets no `max_tokens` (default 1024).
     pub fn with_completion_reserve(self, tokens: u64) -> Self {
         self.map(|c| c.completion_reserve = tokens)
-    }
-
-    /// The largest request body read when a rule needs the body (default 4 MiB; 413 past it).
-    pub fn with_body_limit(self, bytes: usize) -> Self {
-        self.map(|c| c.body_limit = bytes)
-    }
-
-    /// How callers are identified (API key fingerprint secret, trusted proxies).
-    pub fn with_caller_resolver(self, resolver: CallerResolver) -> Self {
-        self.map(|c| c.resolver = resolver)
     }
 
     /// Keeps limits in Redis, shared by every process using the same store and rules.
@@ -182,11 +198,13 @@ impl RateLimitLayer {
         self.map(|c| c.spike = Some(guard))
     }
 
-    /// How many keys rule number `rule` holds in memory now.
-    pub fn keys_held(&self, rule: usize) -> usize {
-        self.limiter.keys_held(rule)
+    /// How many keys the rule named `rule` holds in memory now.
+    pub fn keys_held(&self, rule: &str) -> usize {
+        self.limiter().keys_held(rule)
     }
 }
+
+moat_core::layer_options!(RateLimitLayer);
 
 impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
@@ -194,7 +212,7 @@ impl<S> Layer<S> for RateLimitLayer {
     fn layer(&self, inner: S) -> RateLimit<S> {
         RateLimit {
             inner,
-            limiter: self.limiter.clone(),
+            limiter: self.limiter().clone(),
         }
     }
 }
@@ -374,7 +392,7 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let limiter = self.limiter.clone();
-        let caller = limiter.config.resolver.resolve(&mut req);
+        let caller = limiter.config.options.resolver.resolve(&mut req);
         let which = limiter.config.headers;
         let needs_body = limiter.needs_body_for(&RequestHead::of(&req), &caller);
         if needs_body || limiter.is_shared() {
@@ -384,7 +402,7 @@ where
             let future = async move {
                 let protocol = Protocol::of(&req);
                 let (req, facts) = if needs_body {
-                    match read_llm_request(req, limiter.config.body_limit).await {
+                    match read_llm_request(req, limiter.config.options.body_limit).await {
                         Ok(LlmBody::Parsed { request, llm }) => {
                             let input = llm.input_tokens(true).tokens;
                             let facts = llm.with(|r| BodyFacts {

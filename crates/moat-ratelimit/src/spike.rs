@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use moat_core::Key;
 
-use crate::memory::PassThrough;
+use crate::memory::{KeyHasher, PassThrough};
 
 /// What happens to a key while it is quarantined.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,9 +174,10 @@ const SHARDS: usize = 16;
 
 type Shard = Mutex<HashMap<u64, Entry, BuildHasherDefault<PassThrough>>>;
 
-/// Per-key rates, bounded like the limiter's store.
+/// Per-key rates, bounded like the limiter's store. The guard's settings come with each
+/// observation, so a rebuilt layer keeps the rates it learned.
 pub(crate) struct SpikeTable {
-    guard: SpikeGuard,
+    hasher: KeyHasher,
     shards: Box<[Shard]>,
     per_shard_cap: usize,
     spikes: metrics::Counter,
@@ -185,7 +186,7 @@ pub(crate) struct SpikeTable {
 impl fmt::Debug for SpikeTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpikeTable")
-            .field("guard", &self.guard)
+            .field("per_shard_cap", &self.per_shard_cap)
             .finish()
     }
 }
@@ -202,18 +203,18 @@ fn decay(rate: f64, elapsed: u64, tau: Duration) -> f64 {
 }
 
 impl SpikeTable {
-    pub(crate) fn new(guard: SpikeGuard, max_keys: usize) -> Self {
+    pub(crate) fn new(max_keys: usize) -> Self {
         Self {
-            guard,
+            hasher: KeyHasher::random(),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             per_shard_cap: max_keys.div_ceil(SHARDS).max(1),
             spikes: metrics::counter!("moat_ratelimit_spikes_total"),
         }
     }
 
-    /// Counts one request of `key` (hashed as `id`) at `now` and says whether it may pass.
-    pub(crate) fn observe(&self, key: &Key, id: u64, now: u64) -> SpikeVerdict {
-        let g = &self.guard;
+    /// Counts one request of `key` at `now` and says whether `g` lets it pass.
+    pub(crate) fn observe(&self, g: &SpikeGuard, key: &Key, now: u64) -> SpikeVerdict {
+        let id = self.hasher.hash(key);
         let mut shard = self.shards[(id >> 40) as usize % SHARDS]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -292,24 +293,23 @@ mod tests {
     fn a_key_jumping_from_100_a_day_to_100_a_minute_fires_once() {
         let fired = Arc::new(Mutex::new(Vec::new()));
         let sink = fired.clone();
-        let table = SpikeTable::new(
-            SpikeGuard::new()
-                .with_quarantine(Quarantine::Reject)
-                .with_alerts(move |a: &SpikeAlert| sink.lock().unwrap().push(a.clone())),
-            1000,
-        );
+        let guard = SpikeGuard::new()
+            .with_quarantine(Quarantine::Reject)
+            .with_alerts(move |a: &SpikeAlert| sink.lock().unwrap().push(a.clone()));
+        let table = SpikeTable::new(1000);
         let key = Key::new(KeyKind::ApiKey, [7; 16]);
         let mut now = 0;
         // Three days at 100 a day.
         for _ in 0..300 {
             now += 864 * SEC;
-            assert_eq!(table.observe(&key, 1, now), SpikeVerdict::Pass);
+            assert_eq!(table.observe(&guard, &key, now), SpikeVerdict::Pass);
         }
         // Then 100,000 a day: more than one a second.
         let mut first_quarantined = None;
         for i in 0..600 {
             now += SEC * 3 / 4;
-            if table.observe(&key, 1, now) != SpikeVerdict::Pass && first_quarantined.is_none() {
+            if table.observe(&guard, &key, now) != SpikeVerdict::Pass && first_quarantined.is_none()
+            {
                 first_quarantined = Some(i);
             }
         }
@@ -320,24 +320,25 @@ mod tests {
         assert!(alert.rate > 20.0 * alert.baseline);
         // After the cooldown, a key back to its old pace passes again.
         now += 3600 * SEC;
-        assert_eq!(table.observe(&key, 1, now), SpikeVerdict::Pass);
+        assert_eq!(table.observe(&guard, &key, now), SpikeVerdict::Pass);
     }
 
     #[test]
     fn steady_heavy_keys_and_new_keys_do_not_fire() {
-        let table = SpikeTable::new(SpikeGuard::new().with_quarantine(Quarantine::Reject), 1000);
+        let guard = SpikeGuard::new().with_quarantine(Quarantine::Reject);
+        let table = SpikeTable::new(1000);
         let key = Key::new(KeyKind::ApiKey, [8; 16]);
         let mut now = 0;
         // A key that has always done 2 per second.
         for _ in 0..200_000 {
             now += SEC / 2;
-            assert_eq!(table.observe(&key, 2, now), SpikeVerdict::Pass);
+            assert_eq!(table.observe(&guard, &key, now), SpikeVerdict::Pass);
         }
         // A brand-new key bursting: no history, no verdict (the rate limits handle it).
         let fresh = Key::new(KeyKind::ApiKey, [9; 16]);
         for _ in 0..1000 {
             now += SEC / 100;
-            assert_eq!(table.observe(&fresh, 3, now), SpikeVerdict::Pass);
+            assert_eq!(table.observe(&guard, &fresh, now), SpikeVerdict::Pass);
         }
     }
 }

@@ -469,9 +469,9 @@ async fn the_key_cap_refuses_new_keys_while_every_held_key_is_live() {
     }
     assert!(full > 0, "some keys were refused");
     assert!(
-        layer.keys_held(0) <= 64,
+        layer.keys_held("per-key") <= 64,
         "never past the cap: {}",
-        layer.keys_held(0)
+        layer.keys_held("per-key")
     );
     // Once the held keys have fully reset they make room.
     clock.advance(Duration::from_secs(61));
@@ -540,4 +540,53 @@ async fn a_spiking_key_is_moved_to_the_quarantine_tier() {
     );
     // Another key with the same history is untouched.
     assert_eq!(status(&mut svc, req("sk-other")).await.0, 200);
+}
+
+#[tokio::test]
+async fn builder_calls_and_rebuilt_layers_keep_each_rules_state_by_name() {
+    let clock = ManualClock::new();
+    let first = layer(
+        Rule::new("per-key", ApiKey::default()).limit(Limit::per_minute(3)),
+        &clock,
+    );
+    let mut a = ServiceBuilder::new()
+        .layer(first.clone())
+        .service(ok_service());
+    assert_eq!(status(&mut a, req("sk-1")).await.0, 200);
+    // More builder calls after a service was made: the same counters.
+    let reconfigured = first.clone().with_headers(Headers::IETF);
+    let mut b = ServiceBuilder::new()
+        .layer(reconfigured)
+        .service(ok_service());
+    assert_eq!(status(&mut b, req("sk-1")).await.0, 200);
+    assert_eq!(status(&mut a, req("sk-1")).await.0, 200);
+    assert_eq!(
+        status(&mut b, req("sk-1")).await.0,
+        429,
+        "one limit, three requests"
+    );
+    // A reload: a new layer from a new configuration takes over the rules it keeps, by name.
+    let reloaded = layer(
+        Rule::new("other", ApiKey::default()).limit(Limit::per_minute(100)),
+        &clock,
+    )
+    .rule(Rule::new("per-key", ApiKey::default()).limit(Limit::per_minute(3)))
+    .with_state_from(&first);
+    let mut c = ServiceBuilder::new().layer(reloaded).service(ok_service());
+    assert_eq!(
+        status(&mut c, req("sk-1")).await.0,
+        429,
+        "per-key is still spent"
+    );
+    assert_eq!(status(&mut c, req("sk-2")).await.0, 200);
+    // A rule whose limits changed shape starts over.
+    let reshaped = layer(
+        Rule::new("per-key", ApiKey::default())
+            .limit(Limit::per_minute(3))
+            .limit(Limit::per_hour(100)),
+        &clock,
+    )
+    .with_state_from(&first);
+    let mut d = ServiceBuilder::new().layer(reshaped).service(ok_service());
+    assert_eq!(status(&mut d, req("sk-1")).await.0, 200);
 }

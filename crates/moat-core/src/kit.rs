@@ -1,0 +1,459 @@
+//! The layer kit: what every moat layer's configuration shares.
+//!
+//! - [`Scope`]: which requests a rule, budget or policy applies to, and whose it is: a name,
+//!   a key, routes, methods, models, tiers and a [`Mode`]. Rate-limit rules and budgets hold
+//!   one, and so will the policies of the layers to come.
+//! - [`LayerOptions`]: the options every layer takes: its clock, its request body limit, how it
+//!   identifies callers, and how many keys it keeps per rule.
+//! - [`NamedStates`]: a layer's counters, budgets or vaults, by rule name rather than by
+//!   position, shared by every layer built from one configuration: a builder call after a
+//!   handle was taken does not fork them, and a layer rebuilt from a new configuration (a
+//!   reload) takes over those of the rules it keeps.
+//!
+//! ```
+//! use http::Method;
+//! use moat_core::identity::{ApiKey, Caller, RequestHead};
+//! use moat_core::kit::Scope;
+//!
+//! let scope = Scope::new("free-chat", ApiKey::default())
+//!     .route("/v1/chat/*")
+//!     .method(Method::POST)
+//!     .tier("free")
+//!     .model("gpt-4o*");
+//! let free = Caller::new().with_tier("free");
+//! assert!(scope.matches_head(&Method::POST, "/v1/chat/completions", &free));
+//! assert!(!scope.matches_head(&Method::GET, "/v1/chat/completions", &free));
+//! assert!(scope.matches_model(Some("gpt-4o-mini")));
+//! assert!(scope.needs_body(), "a model filter reads the body");
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use http::Method;
+
+use crate::body::DEFAULT_BODY_LIMIT;
+use crate::clock::{self, SharedClock};
+use crate::decision::Mode;
+use crate::identity::{Caller, CallerResolver, KeyExtractor, RequestHead};
+use crate::llm::model_matches;
+use crate::Key;
+
+/// Which requests something applies to, and whose they are.
+#[derive(Clone)]
+pub struct Scope {
+    name: Arc<str>,
+    key: Arc<dyn KeyExtractor>,
+    routes: Vec<String>,
+    methods: Vec<Method>,
+    models: Vec<String>,
+    tiers: Vec<String>,
+    mode: Mode,
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scope")
+            .field("name", &self.name)
+            .field("key", &self.key)
+            .field("routes", &self.routes)
+            .field("methods", &self.methods)
+            .field("models", &self.models)
+            .field("tiers", &self.tiers)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl Scope {
+    /// Everything, keyed by `key`, named `name` (for headers, metrics, logs and state).
+    pub fn new(name: impl Into<Arc<str>>, key: impl KeyExtractor) -> Self {
+        Self {
+            name: name.into(),
+            key: Arc::new(key),
+            routes: Vec::new(),
+            methods: Vec::new(),
+            models: Vec::new(),
+            tiers: Vec::new(),
+            mode: Mode::Enforce,
+        }
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name, shared.
+    pub fn shared_name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Whose requests: the key extractor.
+    pub fn key(&self) -> &dyn KeyExtractor {
+        &*self.key
+    }
+
+    /// Enforce or shadow.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The tiers it is limited to (empty: every caller).
+    pub fn tiers(&self) -> &[String] {
+        &self.tiers
+    }
+
+    /// The models it is limited to (empty: every model).
+    pub fn models(&self) -> &[String] {
+        &self.models
+    }
+
+    /// Applies only to this path, or to paths under it if it ends with `/*`. May be repeated.
+    #[must_use]
+    pub fn route(mut self, route: impl Into<String>) -> Self {
+        self.routes.push(route.into());
+        self
+    }
+
+    /// Applies only to this method. May be repeated.
+    #[must_use]
+    pub fn method(mut self, method: Method) -> Self {
+        self.methods.push(method);
+        self
+    }
+
+    /// Applies only to requests for this model (the body is parsed); a trailing `*` matches a
+    /// family. May be repeated.
+    #[must_use]
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.models.push(model.into());
+        self
+    }
+
+    /// Applies only to callers of this tier (the [`Caller`]'s). May be repeated.
+    #[must_use]
+    pub fn tier(mut self, tier: impl Into<String>) -> Self {
+        self.tiers.push(tier.into());
+        self
+    }
+
+    /// Decides and records, but lets everything through.
+    #[must_use]
+    pub fn shadow(self) -> Self {
+        self.with_mode(Mode::Shadow)
+    }
+
+    /// Sets the mode.
+    #[must_use]
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Whether deciding needs the parsed body (a model filter or a key that reads it).
+    pub fn needs_body(&self) -> bool {
+        !self.models.is_empty() || self.key.needs_body()
+    }
+
+    /// Whether it applies, judged on what is known without the body.
+    pub fn matches_head(&self, method: &Method, path: &str, caller: &Caller) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method))
+            && (self.routes.is_empty() || self.routes.iter().any(|r| route_matches(r, path)))
+            && caller.in_tiers(&self.tiers)
+    }
+
+    /// Whether its model filter admits `model`.
+    pub fn matches_model(&self, model: Option<&str>) -> bool {
+        model_matches(&self.models, model)
+    }
+
+    /// Whether it applies to a request, the body's model included.
+    pub fn applies(&self, head: &RequestHead<'_>, caller: &Caller, model: Option<&str>) -> bool {
+        self.matches_head(head.method, head.uri.path(), caller) && self.matches_model(model)
+    }
+
+    /// Whose request it is: the key, or, for a request without what the key reads (no API key,
+    /// say), its client IP, so that leaving something out never escapes a limit; with neither,
+    /// everyone's.
+    pub fn key_of(&self, head: &RequestHead<'_>, caller: &Caller) -> Key {
+        self.key
+            .extract(head)
+            .ok()
+            .or_else(|| caller.ip.map(Key::ip))
+            .unwrap_or(Key::GLOBAL)
+    }
+}
+
+fn route_matches(route: &str, path: &str) -> bool {
+    match route.strip_suffix("/*") {
+        Some(prefix) => {
+            path == prefix || path.starts_with(prefix) && path[prefix.len()..].starts_with('/')
+        }
+        None => route == path,
+    }
+}
+
+/// Defines, on a type with a `scope: Scope` field, the builder methods of its [`Scope`]
+/// (`route`, `method`, `model`, `tier`, `shadow`, `with_mode`) and `name`, `scope`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! scoped {
+    ($ty:ty) => {
+        impl $ty {
+            /// Its name.
+            pub fn name(&self) -> &str {
+                self.scope.name()
+            }
+
+            /// Which requests it applies to, and whose they are.
+            pub fn scope(&self) -> &$crate::kit::Scope {
+                &self.scope
+            }
+
+            /// Applies only to this path, or to paths under it if it ends with `/*`. May be
+            /// repeated.
+            #[must_use]
+            pub fn route(mut self, route: impl Into<String>) -> Self {
+                self.scope = self.scope.route(route);
+                self
+            }
+
+            /// Applies only to this method. May be repeated.
+            #[must_use]
+            pub fn method(mut self, method: $crate::__private::Method) -> Self {
+                self.scope = self.scope.method(method);
+                self
+            }
+
+            /// Applies only to requests for this model (the body is parsed); a trailing `*`
+            /// matches a family. May be repeated.
+            #[must_use]
+            pub fn model(mut self, model: impl Into<String>) -> Self {
+                self.scope = self.scope.model(model);
+                self
+            }
+
+            /// Applies only to callers of this tier. May be repeated.
+            #[must_use]
+            pub fn tier(mut self, tier: impl Into<String>) -> Self {
+                self.scope = self.scope.tier(tier);
+                self
+            }
+
+            /// Decides and records, but lets everything through.
+            #[must_use]
+            pub fn shadow(mut self) -> Self {
+                self.scope = self.scope.shadow();
+                self
+            }
+
+            /// Sets the mode.
+            #[must_use]
+            pub fn with_mode(mut self, mode: $crate::decision::Mode) -> Self {
+                self.scope = self.scope.with_mode(mode);
+                self
+            }
+        }
+    };
+}
+
+/// The options every layer takes.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LayerOptions {
+    /// Where time comes from (tests drive a [`ManualClock`](crate::clock::ManualClock)).
+    pub clock: SharedClock,
+    /// The largest request body read (413 past it). Default 4 MiB.
+    pub body_limit: usize,
+    /// How callers are identified (API key fingerprint secret, trusted proxies).
+    pub resolver: CallerResolver,
+    /// The most keys kept in memory per rule or budget. Default 1,000,000.
+    pub max_keys: usize,
+}
+
+impl Default for LayerOptions {
+    fn default() -> Self {
+        Self {
+            clock: clock::system(),
+            body_limit: DEFAULT_BODY_LIMIT,
+            resolver: CallerResolver::default(),
+            max_keys: 1_000_000,
+        }
+    }
+}
+
+/// Defines, on a layer type with a `fn options_mut(&mut self) -> &mut LayerOptions`, the builder
+/// methods of its [`LayerOptions`]: `with_clock`, `with_body_limit`, `with_caller_resolver`,
+/// `with_max_keys`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! layer_options {
+    ($ty:ty) => {
+        impl $ty {
+            /// Reads time from `clock` (tests drive a `ManualClock`).
+            pub fn with_clock(mut self, clock: $crate::clock::SharedClock) -> Self {
+                self.options_mut().clock = clock;
+                self
+            }
+
+            /// The largest request body read (default 4 MiB; 413 past it).
+            pub fn with_body_limit(mut self, bytes: usize) -> Self {
+                self.options_mut().body_limit = bytes;
+                self
+            }
+
+            /// How callers are identified (API key fingerprint secret, trusted proxies).
+            pub fn with_caller_resolver(
+                mut self,
+                resolver: $crate::identity::CallerResolver,
+            ) -> Self {
+                self.options_mut().resolver = resolver;
+                self
+            }
+
+            /// Caps the keys each rule or budget keeps in memory (default 1,000,000).
+            pub fn with_max_keys(mut self, max_keys: usize) -> Self {
+                self.options_mut().max_keys = max_keys.max(1);
+                self
+            }
+        }
+    };
+}
+
+/// A layer's states by name: made once per name, shared by every layer built from the same
+/// configuration and by layers rebuilt from a later one.
+pub struct NamedStates<T> {
+    states: Arc<Mutex<HashMap<Arc<str>, Arc<T>>>>,
+}
+
+impl<T> Clone for NamedStates<T> {
+    fn clone(&self) -> Self {
+        Self {
+            states: self.states.clone(),
+        }
+    }
+}
+
+impl<T> Default for NamedStates<T> {
+    fn default() -> Self {
+        Self {
+            states: Arc::default(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for NamedStates<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_set().entries(states.keys()).finish()
+    }
+}
+
+impl<T> NamedStates<T> {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The state named `name`: the one there is if `fits` says it can serve, else a new one
+    /// made by `make` (which replaces it).
+    pub fn get(
+        &self,
+        name: &Arc<str>,
+        fits: impl FnOnce(&T) -> bool,
+        make: impl FnOnce() -> T,
+    ) -> Arc<T> {
+        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        match states.get(name) {
+            Some(state) if fits(state) => state.clone(),
+            _ => {
+                let state = Arc::new(make());
+                states.insert(name.clone(), state.clone());
+                state
+            }
+        }
+    }
+
+    /// Forgets the states not named in `keep` (after a reload removed their rules).
+    pub fn retain(&self, keep: &[&str]) {
+        self.states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|name, _| keep.contains(&&**name));
+    }
+
+    /// How many states there are.
+    pub fn len(&self) -> usize {
+        self.states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{Global, HeaderKey};
+
+    #[test]
+    fn matching_on_route_method_tier_and_model() {
+        let scope = Scope::new("r", Global)
+            .route("/v1/chat/completions")
+            .route("/v1/beta/*")
+            .method(Method::POST)
+            .tier("free")
+            .model("gpt-4o")
+            .model("claude-*");
+        let free = Caller::new().with_tier("free");
+        let paid = Caller::new().with_tier("paid");
+        assert!(scope.matches_head(&Method::POST, "/v1/chat/completions", &free));
+        assert!(scope.matches_head(&Method::POST, "/v1/beta/x/y", &free));
+        assert!(scope.matches_head(&Method::POST, "/v1/beta", &free));
+        assert!(!scope.matches_head(&Method::POST, "/v1/betamax", &free));
+        assert!(!scope.matches_head(&Method::GET, "/v1/chat/completions", &free));
+        assert!(!scope.matches_head(&Method::POST, "/v1/chat/completions", &paid));
+        assert!(!scope.matches_head(&Method::POST, "/v1/chat/completions", &Caller::new()));
+        assert!(scope.matches_model(Some("gpt-4o")));
+        assert!(scope.matches_model(Some("claude-haiku-4-5")));
+        assert!(!scope.matches_model(Some("gpt-4o-mini")));
+        assert!(!scope.matches_model(None));
+        assert!(scope.needs_body());
+        assert!(!Scope::new("r", Global).needs_body());
+        assert_eq!(Scope::new("r", Global).shadow().mode(), Mode::Shadow);
+    }
+
+    #[test]
+    fn a_request_without_its_key_is_keyed_by_its_ip() {
+        let scope = Scope::new("r", HeaderKey::new(http::HeaderName::from_static("x-user")));
+        let req = http::Request::builder().body(()).unwrap();
+        let ip: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+        let caller = Caller::new().with_ip(ip);
+        assert_eq!(scope.key_of(&RequestHead::of(&req), &caller), Key::ip(ip));
+        assert_eq!(
+            scope.key_of(&RequestHead::of(&req), &Caller::new()),
+            Key::GLOBAL
+        );
+    }
+
+    #[test]
+    fn named_states_are_shared_and_replaced_only_when_they_no_longer_fit() {
+        let states: NamedStates<u32> = NamedStates::new();
+        let name: Arc<str> = Arc::from("a");
+        let first = states.get(&name, |_| true, || 1);
+        let again = states.clone().get(&name, |_| true, || 2);
+        assert!(Arc::ptr_eq(&first, &again));
+        let replaced = states.get(&name, |s| *s == 7, || 7);
+        assert_eq!(*replaced, 7);
+        states.get(&Arc::from("b"), |_| true, || 3);
+        states.retain(&["b"]);
+        assert_eq!(states.len(), 1);
+    }
+}
