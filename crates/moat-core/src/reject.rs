@@ -35,6 +35,7 @@ use crate::body::{BodyError, ResponseBody};
 
 /// The protocol a response must be rendered in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Protocol {
     /// Plain HTTP with a JSON error body.
     Http,

@@ -19,11 +19,35 @@ pub enum OnStoreError {
 
 /// A shared store failed or did not answer in time.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreError(pub String);
+#[non_exhaustive]
+pub enum StoreError {
+    /// No answer within the timeout.
+    TimedOut {
+        /// The timeout.
+        after: std::time::Duration,
+    },
+    /// The store answered with an error, or could not be reached.
+    Failed {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl StoreError {
+    /// A failure, described.
+    pub fn failed(message: impl fmt::Display) -> Self {
+        Self::Failed {
+            message: message.to_string(),
+        }
+    }
+}
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Self::TimedOut { after } => write!(f, "no answer within {after:?}"),
+            Self::Failed { message } => f.write_str(message),
+        }
     }
 }
 
@@ -97,8 +121,10 @@ mod redis_connection {
             };
             match tokio::time::timeout(self.timeout, call).await {
                 Ok(Ok(value)) => Ok(value),
-                Ok(Err(e)) => Err(StoreError(e.to_string())),
-                Err(_) => Err(StoreError(format!("no answer within {:?}", self.timeout))),
+                Ok(Err(e)) => Err(StoreError::failed(e)),
+                Err(_) => Err(StoreError::TimedOut {
+                    after: self.timeout,
+                }),
             }
         }
     }

@@ -231,6 +231,7 @@ impl UsageReport {
 
 /// How to read a response body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BodyFormat {
     /// One JSON document.
     Json,

@@ -76,8 +76,8 @@ mod store;
 pub use alert::{AlertSink, BudgetAlert, TracingAlerts};
 pub use budget::{Amounts, Budget, Limits};
 pub use moat_core::decision::Mode;
-pub use money::{PerToken, Price, PriceTable, PriceTableError, UnknownModel, Usd};
-pub use period::Period;
+pub use money::{ParseUsdError, PerToken, Price, PriceTable, PriceTableError, UnknownModel, Usd};
+pub use period::{ParsePeriodError, Period};
 #[cfg(feature = "redis")]
 pub use redis::{OnStoreError, RedisStore};
 pub use service::{BudgetUsage, Quota, QuotaHandle, QuotaLayer, ResponseBody, ResponseFuture};

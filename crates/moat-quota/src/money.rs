@@ -53,12 +53,29 @@ impl Usd {
     }
 }
 
+/// Text that is not an amount of dollars.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseUsdError {
+    text: String,
+}
+
+impl fmt::Display for ParseUsdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`{}` is not an amount of dollars with at most 6 decimals",
+            self.text
+        )
+    }
+}
+
+impl std::error::Error for ParseUsdError {}
+
 impl FromStr for Usd {
-    type Err = String;
+    type Err = ParseUsdError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse_dollars(s)
-            .ok_or_else(|| format!("`{s}` is not an amount of dollars with at most 6 decimals"))
+        Self::parse_dollars(s).ok_or_else(|| ParseUsdError { text: s.to_owned() })
     }
 }
 

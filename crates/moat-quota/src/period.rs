@@ -24,8 +24,26 @@ pub enum Period {
     Rolling(Duration),
 }
 
+/// A period that is not one moat knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsePeriodError {
+    text: String,
+}
+
+impl fmt::Display for ParsePeriodError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown period `{}`: expected minute, hour, day, month or rolling:24h",
+            self.text
+        )
+    }
+}
+
+impl std::error::Error for ParsePeriodError {}
+
 impl FromStr for Period {
-    type Err = String;
+    type Err = ParsePeriodError;
 
     /// `minute`, `hour`, `day`, `month`, or `rolling:24h` (units `s`, `m`, `h`, `d`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -38,7 +56,9 @@ impl FromStr for Period {
                 let window = other
                     .strip_prefix("rolling:")
                     .and_then(parse_window)
-                    .ok_or_else(|| format!("unknown period `{other}`: expected minute, hour, day, month or rolling:24h"))?;
+                    .ok_or_else(|| ParsePeriodError {
+                        text: other.to_owned(),
+                    })?;
                 Ok(Self::Rolling(window))
             }
         }

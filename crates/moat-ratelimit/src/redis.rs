@@ -204,7 +204,7 @@ impl RedisStore {
         }
         let reply: Vec<i64> = self.conn.run(invocation).await?;
         if reply.len() != 3 + 2 * cells.len() {
-            return Err(StoreError(format!(
+            return Err(StoreError::failed(format_args!(
                 "unexpected script reply of {} values",
                 reply.len()
             )));

@@ -197,15 +197,29 @@ impl fmt::Display for Entity {
     }
 }
 
+/// A name that is not an entity's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownEntity {
+    name: String,
+}
+
+impl fmt::Display for UnknownEntity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown entity `{}`", self.name)
+    }
+}
+
+impl std::error::Error for UnknownEntity {}
+
 impl FromStr for Entity {
-    type Err = String;
+    type Err = UnknownEntity;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Entity::ALL
             .into_iter()
             .chain([Entity::Person, Entity::Custom])
             .find(|e| e.name() == s)
-            .ok_or_else(|| format!("unknown entity `{s}`"))
+            .ok_or_else(|| UnknownEntity { name: s.to_owned() })
     }
 }
 

@@ -134,7 +134,7 @@ mod validate;
 
 pub use cipher::{Cipher, InvalidKey};
 pub use detect::{Detector, Finding, DEFAULT_THRESHOLD};
-pub use entity::Entity;
+pub use entity::{Entity, UnknownEntity};
 pub use redactor::{Operator, Redacted, Redactor, StreamRestorer, Vault, MAX_VAULT_ENTRIES};
 pub use reply::{StreamRedactor, MAX_CARRY};
 pub use service::{Redact, RedactLayer, ResponseBody, ResponseFuture};

@@ -257,9 +257,11 @@ pub fn layer(
                 format!("quota.budgets (name = {:?}): {m}", bc.name),
             )
         };
-        let period: Period = bc.period.get_ref().parse().map_err(|e: String| {
-            at(Some(bc.period.span()), format!("quota.budgets.period: {e}"))
-        })?;
+        let period: Period = bc
+            .period
+            .get_ref()
+            .parse()
+            .map_err(|e| at(Some(bc.period.span()), format!("quota.budgets.period: {e}")))?;
         let mut budget = match bc.per {
             Per::ApiKey => {
                 Budget::new(bc.name.as_str(), ApiKey::new(fingerprinter.clone()), period)

@@ -76,7 +76,7 @@ fn at(span: std::ops::Range<usize>, message: String) -> LimitsError {
 fn entity(name: &Spanned<String>, key: &str) -> Result<Entity, LimitsError> {
     name.get_ref()
         .parse()
-        .map_err(|e: String| at(name.span(), format!("{key}: {e}")))
+        .map_err(|e| at(name.span(), format!("{key}: {e}")))
 }
 
 fn score(value: &Spanned<f32>, key: &str) -> Result<f32, LimitsError> {
@@ -105,9 +105,11 @@ pub fn layer(
         match name.as_str() {
             "all" => entities.extend(Entity::ALL),
             "secrets" => entities.extend(Entity::SECRETS),
-            other => entities.push(other.parse().map_err(|e: String| {
-                at(config.entities.span(), format!("redact.entities: {e}"))
-            })?),
+            other => entities.push(
+                other
+                    .parse()
+                    .map_err(|e| at(config.entities.span(), format!("redact.entities: {e}")))?,
+            ),
         }
     }
     if entities.is_empty() {
@@ -143,7 +145,7 @@ pub fn layer(
     for (name, value) in &config.thresholds {
         let e = name
             .parse()
-            .map_err(|e: String| at(value.span(), format!("redact.thresholds: {e}")))?;
+            .map_err(|e| at(value.span(), format!("redact.thresholds: {e}")))?;
         detector = detector.with_threshold(e, score(value, "redact.thresholds")?);
     }
     let mut redactor = Redactor::from(detector);
