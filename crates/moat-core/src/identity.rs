@@ -787,6 +787,16 @@ impl CallerResolver {
         }
     }
 
+    /// How API keys are fingerprinted.
+    pub fn fingerprinter(&self) -> &Fingerprinter {
+        &self.fingerprinter
+    }
+
+    /// How the client IP is found.
+    pub fn client_ip(&self) -> &ClientIp {
+        &self.client_ip
+    }
+
     /// The request's [`Caller`]: the stored one, or a new one (then stored). Missing fields of a
     /// stored caller (API key, IP) are filled in.
     pub fn resolve<B>(&self, req: &mut Request<B>) -> Caller {

@@ -5,6 +5,10 @@
 //!   one, and so will the policies of the layers to come.
 //! - [`LayerOptions`]: the options every layer takes: its clock, its request body limit, how it
 //!   identifies callers, and how many keys it keeps per rule.
+//! - [`KeySpec`] and [`HttpMethod`]: how a configuration file names whose requests (`api_key`,
+//!   `ip`, `tenant`, `model`, `global`, `header:NAME`) and which methods, the same in every
+//!   layer's configuration; each layer crate's `spec` module (feature `serde`) builds its rules
+//!   from them.
 //! - [`NamedStates`]: a layer's counters, budgets or vaults, by rule name rather than by
 //!   position, shared by every layer built from one configuration: a builder call after a
 //!   handle was taken does not fork them, and a layer rebuilt from a new configuration (a
@@ -31,12 +35,17 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use http::Method;
+use std::str::FromStr;
+
+use http::{HeaderName, Method};
+use serde::de::{self, Deserialize, Deserializer};
 
 use crate::body::DEFAULT_BODY_LIMIT;
 use crate::clock::{self, SharedClock};
 use crate::decision::Mode;
-use crate::identity::{Caller, CallerResolver, KeyExtractor, RequestHead};
+use crate::identity::{
+    ApiKey, Caller, CallerResolver, Global, HeaderKey, KeyExtractor, Model, RequestHead, Tenant,
+};
 use crate::llm::model_matches;
 use crate::Key;
 
@@ -69,9 +78,14 @@ impl fmt::Debug for Scope {
 impl Scope {
     /// Everything, keyed by `key`, named `name` (for headers, metrics, logs and state).
     pub fn new(name: impl Into<Arc<str>>, key: impl KeyExtractor) -> Self {
+        Self::keyed_by(name, Arc::new(key))
+    }
+
+    /// As [`new`](Self::new), with a shared key extractor.
+    pub fn keyed_by(name: impl Into<Arc<str>>, key: Arc<dyn KeyExtractor>) -> Self {
         Self {
             name: name.into(),
-            key: Arc::new(key),
+            key,
             routes: Vec::new(),
             methods: Vec::new(),
             models: Vec::new(),
@@ -192,6 +206,135 @@ fn route_matches(route: &str, path: &str) -> bool {
             path == prefix || path.starts_with(prefix) && path[prefix.len()..].starts_with('/')
         }
         None => route == path,
+    }
+}
+
+/// Whose requests, as a configuration file says it: `api_key`, `ip`, `tenant`, `model`,
+/// `global` or `header:NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeySpec {
+    /// The API key's fingerprint.
+    ApiKey,
+    /// The client IP (behind the trusted proxies).
+    Ip,
+    /// The caller's tenant.
+    Tenant,
+    /// Everyone together.
+    Global,
+    /// The requested model.
+    Model,
+    /// A header's value.
+    Header(HeaderName),
+}
+
+/// A key spec that is not one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseKeySpecError {
+    text: String,
+}
+
+impl fmt::Display for ParseKeySpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.text.strip_prefix("header:") {
+            Some(name) => write!(f, "`{name}` is not a valid header name"),
+            None => write!(
+                f,
+                "unknown key `{}`: expected api_key, ip, tenant, global, model or header:NAME",
+                self.text
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ParseKeySpecError {}
+
+impl FromStr for KeySpec {
+    type Err = ParseKeySpecError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseKeySpecError { text: s.to_owned() };
+        Ok(match s {
+            "api_key" => Self::ApiKey,
+            "ip" => Self::Ip,
+            "tenant" => Self::Tenant,
+            "global" => Self::Global,
+            "model" => Self::Model,
+            other => {
+                let name = other.strip_prefix("header:").ok_or_else(err)?;
+                Self::Header(HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| err())?)
+            }
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for KeySpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        text.parse().map_err(de::Error::custom)
+    }
+}
+
+impl KeySpec {
+    /// The extractor, fingerprinting and finding IPs as `resolver` does.
+    pub fn extractor(&self, resolver: &CallerResolver) -> Arc<dyn KeyExtractor> {
+        match self {
+            Self::ApiKey => Arc::new(ApiKey::new(resolver.fingerprinter().clone())),
+            Self::Ip => Arc::new(resolver.client_ip().clone()),
+            Self::Tenant => Arc::new(Tenant::default()),
+            Self::Global => Arc::new(Global),
+            Self::Model => Arc::new(Model::default()),
+            Self::Header(name) => Arc::new(HeaderKey::new(name.clone())),
+        }
+    }
+}
+
+/// An HTTP method, as a configuration file says it (`"POST"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpMethod(pub Method);
+
+impl<'de> Deserialize<'de> for HttpMethod {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        Method::from_bytes(text.as_bytes())
+            .map(Self)
+            .map_err(|_| de::Error::custom(format!("`{text}` is not an HTTP method")))
+    }
+}
+
+/// What a configuration file says of a [`Scope`], for a layer's spec to build it.
+#[derive(Debug, Clone, Copy)]
+pub struct ScopeSpec<'a> {
+    /// The name.
+    pub name: &'a str,
+    /// Whose requests.
+    pub key: &'a KeySpec,
+    /// Only these paths.
+    pub routes: &'a [String],
+    /// Only these methods.
+    pub methods: &'a [HttpMethod],
+    /// Only these models.
+    pub models: &'a [String],
+    /// Only these tiers.
+    pub tiers: &'a [String],
+    /// Enforce or shadow.
+    pub mode: Mode,
+}
+
+impl ScopeSpec<'_> {
+    /// The scope, keyed as `resolver` identifies callers.
+    pub fn scope(&self, resolver: &CallerResolver) -> Scope {
+        let mut scope = Scope {
+            name: Arc::from(self.name),
+            key: self.key.extractor(resolver),
+            routes: self.routes.to_vec(),
+            methods: self.methods.iter().map(|m| m.0.clone()).collect(),
+            models: self.models.to_vec(),
+            tiers: self.tiers.to_vec(),
+            mode: self.mode,
+        };
+        scope.routes.dedup();
+        scope
     }
 }
 
@@ -432,7 +575,7 @@ mod tests {
 
     #[test]
     fn a_request_without_its_key_is_keyed_by_its_ip() {
-        let scope = Scope::new("r", HeaderKey::new(http::HeaderName::from_static("x-user")));
+        let scope = Scope::new("r", HeaderKey::new(HeaderName::from_static("x-user")));
         let req = http::Request::builder().body(()).unwrap();
         let ip: std::net::IpAddr = "203.0.113.7".parse().unwrap();
         let caller = Caller::new().with_ip(ip);
@@ -441,6 +584,48 @@ mod tests {
             scope.key_of(&RequestHead::of(&req), &Caller::new()),
             Key::GLOBAL
         );
+    }
+
+    #[test]
+    fn key_specs_from_configuration_text() {
+        for (text, spec) in [
+            ("api_key", KeySpec::ApiKey),
+            ("ip", KeySpec::Ip),
+            ("tenant", KeySpec::Tenant),
+            ("global", KeySpec::Global),
+            ("model", KeySpec::Model),
+            (
+                "header:x-user",
+                KeySpec::Header(HeaderName::from_static("x-user")),
+            ),
+        ] {
+            assert_eq!(text.parse::<KeySpec>().unwrap(), spec);
+        }
+        assert!("user"
+            .parse::<KeySpec>()
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key `user`"));
+        assert!("header:bad name"
+            .parse::<KeySpec>()
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid header name"));
+        let resolver = CallerResolver::default();
+        let spec = ScopeSpec {
+            name: "r",
+            key: &KeySpec::Tenant,
+            routes: &["/v1/*".to_owned()],
+            methods: &[HttpMethod(Method::POST)],
+            models: &[],
+            tiers: &["free".to_owned()],
+            mode: Mode::Shadow,
+        };
+        let scope = spec.scope(&resolver);
+        assert_eq!((scope.name(), scope.mode()), ("r", Mode::Shadow));
+        let free = Caller::new().with_tier("free");
+        assert!(scope.matches_head(&Method::POST, "/v1/chat/completions", &free));
+        assert!(!scope.matches_head(&Method::GET, "/v1/chat/completions", &free));
     }
 
     #[test]

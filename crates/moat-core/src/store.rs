@@ -64,51 +64,42 @@ mod redis_connection {
 
     use super::StoreError;
 
-    /// A multiplexed Redis connection, made on first use, that reconnects by itself; every call
-    /// gives up after the timeout.
+    /// A multiplexed Redis connection, made on first use, that reconnects by itself. One is
+    /// meant to be shared (in an `Arc`) by every store talking to the same server; each call
+    /// gives up after the timeout its store passes.
     pub struct RedisConnection {
         client: redis::Client,
         conn: tokio::sync::OnceCell<ConnectionManager>,
-        timeout: Duration,
+        connect_timeout: Duration,
     }
 
     impl std::fmt::Debug for RedisConnection {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("RedisConnection")
-                .field("timeout", &self.timeout)
+                .field("connect_timeout", &self.connect_timeout)
                 .finish()
         }
     }
 
     impl RedisConnection {
         /// A connection to `url` (`redis://HOST:PORT/DB`, `rediss://` for TLS).
-        pub fn open(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+        pub fn open(url: &str) -> Result<Self, redis::RedisError> {
             Ok(Self {
                 client: redis::Client::open(url)?,
                 conn: tokio::sync::OnceCell::new(),
-                timeout,
+                connect_timeout: Duration::from_secs(1),
             })
         }
 
-        /// The per-call timeout.
-        pub fn timeout(&self) -> Duration {
-            self.timeout
-        }
-
-        /// Sets the per-call timeout.
-        pub fn set_timeout(&mut self, timeout: Duration) {
-            self.timeout = timeout;
-        }
-
-        /// Runs a script (`EVALSHA`, falling back to `EVAL` on `NOSCRIPT`) within the timeout.
+        /// Runs a script (`EVALSHA`, falling back to `EVAL` on `NOSCRIPT`) within `timeout`.
         pub async fn run<T: redis::FromRedisValue>(
             &self,
             invocation: redis::ScriptInvocation<'_>,
+            timeout: Duration,
         ) -> Result<T, StoreError> {
             let call = async {
                 let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(self.timeout)
-                    .set_response_timeout(self.timeout)
+                    .set_connection_timeout(self.connect_timeout)
                     .set_number_of_retries(1);
                 let mut conn = self
                     .conn
@@ -119,12 +110,10 @@ mod redis_connection {
                     .clone();
                 invocation.invoke_async::<T>(&mut conn).await
             };
-            match tokio::time::timeout(self.timeout, call).await {
+            match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(value)) => Ok(value),
                 Ok(Err(e)) => Err(StoreError::failed(e)),
-                Err(_) => Err(StoreError::TimedOut {
-                    after: self.timeout,
-                }),
+                Err(_) => Err(StoreError::TimedOut { after: timeout }),
             }
         }
     }

@@ -71,6 +71,8 @@ mod period;
 #[cfg(feature = "redis")]
 mod redis;
 mod service;
+#[cfg(feature = "serde")]
+pub mod spec;
 mod store;
 
 pub use alert::{AlertSink, BudgetAlert, TracingAlerts};

@@ -9,6 +9,7 @@
 //! refuses, so budgets are never overrun (a refused request may briefly hold another budget).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use moat_core::store::{RedisConnection, StoreError};
@@ -108,7 +109,8 @@ return {effective[1], effective[2], effective[3], effective[4], reserved[1], res
 
 /// A Redis connection for [`QuotaLayer::with_redis`](crate::QuotaLayer::with_redis).
 pub struct RedisStore {
-    conn: RedisConnection,
+    conn: Arc<RedisConnection>,
+    timeout: Duration,
     prefix: String,
     pub(crate) on_error: OnStoreError,
     reserve: redis::Script,
@@ -120,7 +122,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
-            .field("timeout", &self.conn.timeout())
+            .field("timeout", &self.timeout)
             .field("on_error", &self.on_error)
             .finish()
     }
@@ -161,16 +163,22 @@ fn amounts(v: &[i64]) -> Amounts {
 }
 
 impl RedisStore {
-    /// A store at `url`. Connects on first use.
-    pub fn open(url: &str) -> Result<Self, redis::RedisError> {
-        Ok(Self {
-            conn: RedisConnection::open(url, Duration::from_millis(200))?,
+    /// A store on a shared connection (one per server, for every store that uses it).
+    pub fn with_connection(conn: Arc<RedisConnection>) -> Self {
+        Self {
+            conn,
+            timeout: Duration::from_millis(200),
             prefix: "moat:q:".to_owned(),
             on_error: OnStoreError::default(),
             reserve: redis::Script::new(&format!("{PRELUDE}{RESERVE}")),
             settle: redis::Script::new(&format!("{PRELUDE}{SETTLE}")),
             view: redis::Script::new(&format!("{PRELUDE}{VIEW}")),
-        })
+        }
+    }
+
+    /// A store at `url`, on a connection of its own. Connects on first use.
+    pub fn open(url: &str) -> Result<Self, redis::RedisError> {
+        Ok(Self::with_connection(Arc::new(RedisConnection::open(url)?)))
     }
 
     /// Prefixes every key (default `moat:q:`).
@@ -183,7 +191,7 @@ impl RedisStore {
     /// Gives up on a call after this long (default 200 ms) and applies the failure policy.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.conn.set_timeout(timeout);
+        self.timeout = timeout;
         self
     }
 
@@ -226,7 +234,7 @@ impl RedisStore {
         }
         inv.arg(id)
             .arg(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
-        let reply: Vec<i64> = self.conn.run(inv).await?;
+        let reply: Vec<i64> = self.conn.run(inv, self.timeout).await?;
         if reply.first() == Some(&0) {
             return Ok(Ok(amounts(reply.get(1..).unwrap_or(&[]))));
         }
@@ -263,7 +271,7 @@ impl RedisStore {
         for t in thresholds.iter().take(32) {
             inv.arg(*t);
         }
-        let reply: Vec<i64> = self.conn.run(inv).await?;
+        let reply: Vec<i64> = self.conn.run(inv, self.timeout).await?;
         let crossed = reply
             .iter()
             .skip(4)
@@ -281,7 +289,7 @@ impl RedisStore {
         let mut inv = self.view.key(self.name(slot));
         Self::window_args(&mut inv, slot);
         inv.arg(release.map(|id| id.to_string()).unwrap_or_default());
-        let reply: Vec<i64> = self.conn.run(inv).await?;
+        let reply: Vec<i64> = self.conn.run(inv, self.timeout).await?;
         Ok((
             amounts(&reply[..reply.len().min(4)]),
             amounts(reply.get(4..).unwrap_or(&[])),

@@ -72,6 +72,8 @@ mod memory;
 mod redis;
 mod rule;
 mod service;
+#[cfg(feature = "serde")]
+pub mod spec;
 mod spike;
 
 pub use headers::Headers;

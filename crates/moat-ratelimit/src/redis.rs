@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use moat_core::store::{RedisConnection, StoreError};
@@ -98,7 +98,8 @@ return 1
 
 /// A Redis connection for [`RateLimitLayer::with_redis`](crate::RateLimitLayer::with_redis).
 pub struct RedisStore {
-    conn: RedisConnection,
+    conn: Arc<RedisConnection>,
+    timeout: Duration,
     prefix: String,
     pub(crate) on_error: OnStoreError,
     acquire: redis::Script,
@@ -110,7 +111,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
-            .field("timeout", &self.conn.timeout())
+            .field("timeout", &self.timeout)
             .field("on_error", &self.on_error)
             .finish()
     }
@@ -124,16 +125,23 @@ type DeniedKeys = HashMap<(u64, [u8; 16]), (usize, u64)>;
 const MAX_DENIED: usize = 100_000;
 
 impl RedisStore {
-    /// A store at `url` (`redis://HOST:PORT/DB`, `rediss://` for TLS). Connects on first use.
-    pub fn open(url: &str) -> Result<Self, redis::RedisError> {
-        Ok(Self {
-            conn: RedisConnection::open(url, Duration::from_millis(100))?,
+    /// A store on a shared connection (one per server, for every store that uses it).
+    pub fn with_connection(conn: Arc<RedisConnection>) -> Self {
+        Self {
+            conn,
+            timeout: Duration::from_millis(100),
             prefix: "moat:rl:".to_owned(),
             on_error: OnStoreError::default(),
             acquire: redis::Script::new(ACQUIRE),
             adjust: redis::Script::new(ADJUST),
             denied: Mutex::default(),
-        })
+        }
+    }
+
+    /// A store at `url` (`redis://HOST:PORT/DB`, `rediss://` for TLS), on a connection of its
+    /// own. Connects on first use.
+    pub fn open(url: &str) -> Result<Self, redis::RedisError> {
+        Ok(Self::with_connection(Arc::new(RedisConnection::open(url)?)))
     }
 
     /// Prefixes every key (default `moat:rl:`).
@@ -146,7 +154,7 @@ impl RedisStore {
     /// Gives up on a call after this long (default 100 ms) and applies the failure policy.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.conn.set_timeout(timeout);
+        self.timeout = timeout;
         self
     }
 
@@ -202,7 +210,7 @@ impl RedisStore {
                 .arg(micros(cell.tolerance))
                 .arg(*cost);
         }
-        let reply: Vec<i64> = self.conn.run(invocation).await?;
+        let reply: Vec<i64> = self.conn.run(invocation, self.timeout).await?;
         if reply.len() != 3 + 2 * cells.len() {
             return Err(StoreError::failed(format_args!(
                 "unexpected script reply of {} values",
@@ -249,7 +257,10 @@ impl RedisStore {
         for (cell, delta) in cells.iter().zip(deltas) {
             invocation.arg(micros(cell.emission)).arg(*delta);
         }
-        self.conn.run::<i64>(invocation).await.map(drop)
+        self.conn
+            .run::<i64>(invocation, self.timeout)
+            .await
+            .map(drop)
     }
 }
 

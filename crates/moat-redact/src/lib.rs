@@ -130,6 +130,8 @@ mod redactor;
 mod reply;
 mod service;
 mod session;
+#[cfg(feature = "serde")]
+pub mod spec;
 mod validate;
 
 pub use cipher::{Cipher, InvalidKey};

@@ -1,4 +1,6 @@
-//! The gateway's TOML configuration.
+//! The gateway's TOML configuration: the top level, `[server]`, `[upstream]` and `[[keys]]`
+//! here; each layer's section in its own module (`identity`, `ratelimit`, `quota`, `redact`),
+//! built from the specs the layer crates define.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -10,14 +12,16 @@ use std::time::Duration;
 use moat::core::identity::{CallerResolver, Fingerprinter};
 use moat::quota::QuotaLayer;
 use moat::ratelimit::RateLimitLayer;
+use moat::redact::spec::RedactSpec;
 use moat::redact::RedactLayer;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use crate::budgets::{self, QuotaConfig};
-use crate::limits::{self, IdentityConfig, RateLimitConfig};
-use crate::privacy::{self, RedactConfig};
+use crate::context::Context;
+use crate::identity::IdentityConfig;
+use crate::quota::QuotaConfig;
+use crate::ratelimit::RateLimitConfig;
 use crate::server::{ServerConfig, ServerLimits};
 
 /// The whole configuration file.
@@ -34,6 +38,9 @@ pub struct Config {
     pub keys: Vec<Spanned<KeyConfig>>,
     /// Largest request body accepted, in bytes (default 4 MiB); every layer reads up to this.
     pub max_body_bytes: Option<Spanned<usize>>,
+    /// The Redis server of every section with `store = "redis"` that names none of its own; one
+    /// connection serves them all.
+    pub redis_url: Option<Spanned<String>>,
     /// Deadlines and caps for clients.
     #[serde(default)]
     pub server: ServerConfig,
@@ -41,17 +48,26 @@ pub struct Config {
     #[serde(default)]
     pub identity: IdentityConfig,
     /// Request, token and concurrency limits.
-    #[serde(default)]
-    pub ratelimit: RateLimitConfig,
+    pub ratelimit: Option<Spanned<RateLimitConfig>>,
     /// Token and spend budgets.
-    #[serde(default)]
-    pub quota: QuotaConfig,
+    pub quota: Option<Spanned<QuotaConfig>>,
     /// PII and secret redaction.
-    pub redact: Option<RedactConfig>,
+    pub redact: Option<Spanned<RedactSpec>>,
 }
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// Where a layer's state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In this process.
+    #[default]
+    Memory,
+    /// In Redis, shared by every gateway pointed at it.
+    Redis,
 }
 
 /// A duration in seconds, written as a whole or a decimal number (`30`, `0.5`).
@@ -156,7 +172,7 @@ pub struct KeyConfig {
     pub tier: Option<String>,
 }
 
-/// A bad configuration: what is wrong, with the key and line where it can say.
+/// A bad configuration: what is wrong, naming the key path, and the line where it can say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConfigError {
@@ -164,6 +180,16 @@ pub struct ConfigError {
     pub message: String,
     /// The 1-based line, when known.
     pub line: Option<usize>,
+}
+
+impl ConfigError {
+    /// An error at `span` of `source`.
+    pub(crate) fn at(source: &str, span: Range<usize>, message: String) -> Self {
+        Self {
+            message,
+            line: Some(line_of(source, span)),
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -213,6 +239,31 @@ pub struct Resolved {
     pub quota: Option<QuotaLayer>,
     /// The redaction layer, when `[redact]` is configured.
     pub redact: Option<RedactLayer>,
+    /// Redis connections the stores share (one per server).
+    pub redis_connections: usize,
+}
+
+/// The path as a user writes it: `ratelimit.rules[0].limits[1]`, without the segments
+/// `toml::Spanned` adds.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if key.starts_with("$__serde_spanned") {
+                    continue;
+                }
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    out
 }
 
 fn line_of(source: &str, span: Range<usize>) -> usize {
@@ -220,11 +271,22 @@ fn line_of(source: &str, span: Range<usize>) -> usize {
 }
 
 impl Config {
-    /// Parses TOML text; the error names the key and line.
+    /// Parses TOML text; the error names the key path and the line.
     pub fn parse(source: &str) -> Result<Self, ConfigError> {
-        toml::from_str(source).map_err(|e| ConfigError {
-            line: e.span().map(|span| line_of(source, span)),
-            message: e.message().to_owned(),
+        let error = |message: &str, span: Option<Range<usize>>, path: String| ConfigError {
+            line: span.map(|span| line_of(source, span)),
+            message: if path.is_empty() {
+                message.to_owned()
+            } else {
+                format!("{path}: {message}")
+            },
+        };
+        let deserializer = toml::Deserializer::parse(source)
+            .map_err(|e| error(e.message(), e.span(), String::new()))?;
+        serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = key_path(e.path());
+            let inner = e.into_inner();
+            error(inner.message(), inner.span(), path)
         })
     }
 
@@ -269,10 +331,7 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Resolved, ConfigError> {
         let config = Self::parse(source)?;
-        let at = |span: Range<usize>, message: String| ConfigError {
-            message,
-            line: Some(line_of(source, span)),
-        };
+        let at = |span: Range<usize>, message: String| ConfigError::at(source, span, message);
         let base = &config.upstream.base_url;
         match base.get_ref().parse::<http::Uri>() {
             Ok(uri)
@@ -333,11 +392,67 @@ impl Config {
             })?),
             None => None,
         };
-        let mut keys: Vec<ResolvedKey> = Vec::with_capacity(config.keys.len());
-        for spanned in &config.keys {
+        let keys = config.keys(source, env)?;
+        config.check_tiers(&keys).map_err(|(span, m)| at(span, m))?;
+        let (resolver, fingerprinter) = config
+            .identity
+            .resolver(env)
+            .map_err(|(span, m)| at(span, m))?;
+        let default_redis = config
+            .redis_url
+            .as_ref()
+            .map(|u| (u.get_ref().clone(), u.span()));
+        let ctx = Context::new(
+            source,
+            resolver.clone(),
+            fingerprinter.clone(),
+            max_body_bytes,
+            env,
+            default_redis,
+        );
+        let ratelimit = match &config.ratelimit {
+            Some(section) => section.get_ref().layer(&ctx, section.span())?,
+            None => None,
+        };
+        let quota = match &config.quota {
+            Some(section) => section.get_ref().layer(&ctx, section.span())?,
+            None => None,
+        };
+        let redact = config
+            .redact
+            .as_ref()
+            .map(|spec| crate::redact::layer(spec, &ctx))
+            .transpose()?;
+        let redis_connections = ctx.redis_connections();
+        Ok(Resolved {
+            config,
+            max_body_bytes,
+            server,
+            upstream_timeouts,
+            warnings: Vec::new(),
+            upstream_api_key,
+            keys,
+            resolver,
+            fingerprinter,
+            ratelimit,
+            quota,
+            redact,
+            redis_connections,
+        })
+    }
+
+    /// The virtual keys, each checked.
+    fn keys(
+        &self,
+        source: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<ResolvedKey>, ConfigError> {
+        let mut keys: Vec<ResolvedKey> = Vec::with_capacity(self.keys.len());
+        for spanned in &self.keys {
             let entry = spanned.get_ref();
             let err = |what: String| {
-                at(
+                ConfigError::at(
+                    source,
                     spanned.span(),
                     format!("keys (id = {:?}): {what}", entry.id),
                 )
@@ -377,41 +492,7 @@ impl Config {
                 entry: entry.clone(),
             });
         }
-        config.check_tiers(&keys).map_err(|(span, m)| at(span, m))?;
-        let limits_error = |e: limits::LimitsError| ConfigError {
-            line: e.span.map(|span| line_of(source, span)),
-            message: e.message,
-        };
-        let (resolver, fingerprinter) =
-            limits::resolver(&config.identity, env).map_err(limits_error)?;
-        let ratelimit = limits::layer(
-            &config.ratelimit,
-            &config.identity,
-            resolver.clone(),
-            &fingerprinter,
-        )
-        .map_err(limits_error)?
-        .map(|layer| layer.with_body_limit(max_body_bytes));
-        let quota = budgets::layer(&config.quota, resolver.clone(), &fingerprinter)
-            .map_err(limits_error)?
-            .map(|layer| layer.with_body_limit(max_body_bytes));
-        let redact = privacy::layer(config.redact.as_ref(), &fingerprinter, env)
-            .map_err(limits_error)?
-            .map(|layer| layer.with_body_limit(max_body_bytes));
-        Ok(Resolved {
-            config,
-            max_body_bytes,
-            server,
-            upstream_timeouts,
-            warnings: Vec::new(),
-            upstream_api_key,
-            keys,
-            resolver,
-            fingerprinter,
-            ratelimit,
-            quota,
-            redact,
-        })
+        Ok(keys)
     }
 
     /// Every tier a rule or budget is limited to must be some key's tier (or the spike guard's
@@ -421,13 +502,12 @@ impl Config {
             .iter()
             .filter_map(|k| k.entry.tier.as_deref())
             .collect();
-        let quarantine = self
-            .ratelimit
-            .spike
-            .as_ref()
-            .and_then(|s| s.quarantine.as_deref())
-            .and_then(|q| q.strip_prefix("tier:"));
-        known.extend(quarantine);
+        let ratelimit = self.ratelimit.as_ref().map(Spanned::get_ref);
+        known.extend(
+            ratelimit
+                .and_then(|r| r.spike.as_ref())
+                .and_then(|s| s.quarantine_tier()),
+        );
         let named = |tiers: &[String]| tiers.iter().find(|t| !known.contains(t.as_str())).cloned();
         let say = |what: String, tier: String| {
             let have = if known.is_empty() {
@@ -444,13 +524,14 @@ impl Config {
             };
             format!("{what}: tier `{tier}` is not the tier of any key ({have}), so it would apply to nobody")
         };
-        for rule in &self.ratelimit.rules {
+        for rule in ratelimit.map_or(&[][..], |r| &r.rules) {
             if let Some(tier) = named(&rule.get_ref().tiers) {
                 let what = format!("ratelimit.rules (name = {:?})", rule.get_ref().name);
                 return Err((rule.span(), say(what, tier)));
             }
         }
-        for budget in &self.quota.budgets {
+        let quota = self.quota.as_ref().map(Spanned::get_ref);
+        for budget in quota.map_or(&[][..], |q| &q.budgets) {
             if let Some(tier) = named(&budget.get_ref().tiers) {
                 let what = format!("quota.budgets (name = {:?})", budget.get_ref().name);
                 return Err((budget.span(), say(what, tier)));
@@ -666,6 +747,36 @@ key_sha256 = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"
         let e =
             Config::parse("listen = \"nope\"\n[upstream]\nbase_url = \"http://x\"\n").unwrap_err();
         assert_eq!(e.line, Some(1));
+        let e = Config::parse("listen = 5\n[upstream]\nbase_url = \"http://x\"\n").unwrap_err();
+        assert_eq!(e.line, Some(1));
+        assert!(e.message.starts_with("listen: "), "{e}");
+
+        // Deep keys are named by their path, as written.
+        let base = "[upstream]\nbase_url = \"http://x/v1\"\n";
+        let deep = format!("{base}[[ratelimit.rules]]\nname = \"r\"\nkey = \"ip\"\nlimits = [\"1/second\", \"5/fortnight\"]\n");
+        let e = Config::parse(&deep).unwrap_err();
+        assert_eq!(e.line, Some(6));
+        assert!(
+            e.message.starts_with("ratelimit.rules[0].limits[1]: "),
+            "{e}"
+        );
+        let entity = format!("{base}[redact]\nentities = [\"email\", \"passport\"]\n");
+        let e = Config::parse(&entity).unwrap_err();
+        assert_eq!(e.line, Some(4));
+        assert!(
+            e.message
+                .starts_with("redact.entities[1]: unknown entity `passport`"),
+            "{e}"
+        );
+        let one = format!("{base}[redact]\nentities = \"all\"\n");
+        let all = format!("{base}[redact]\nentities = [\"all\"]\n");
+        for source in [one, all] {
+            let spec = Config::parse(&source).unwrap().redact.unwrap().into_inner();
+            assert_eq!(
+                spec.entities().unwrap().len(),
+                moat::redact::Entity::ALL.len()
+            );
+        }
 
         let e = Config::resolve(GOOD, no_env).unwrap_err();
         assert_eq!(e.line, Some(5));

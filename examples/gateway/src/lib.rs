@@ -4,101 +4,51 @@
 //! layers, swaps in the provider key (which never leaves the server) and streams the provider's
 //! answer back without buffering.
 //!
-//! - [`config`]: the TOML file (`listen`, `[server]`, `[upstream]`, `[[keys]]`, the layers).
+//! - [`config`]: the TOML file (`listen`, `[server]`, `[upstream]`, `[[keys]]`), with one module
+//!   per layer section ([`identity`], [`ratelimit`], [`quota`], redact) reading the specs the
+//!   layer crates define, and one build context (one Redis connection per server, the body
+//!   limit, the caller resolver) every section is built with.
+//! - [`Stack`]: the layers in the recommended order around any upstream tower service;
+//!   [`Upstream`] is the provider client, [`AuthenticateLayer`] the virtual keys.
 //! - [`app`]: the axum router for a resolved configuration.
 //! - [`server`]: serves it: HTTP/1.1 and HTTP/2, deadlines, a connection cap, graceful shutdown.
 //! - [`demo`]: the no-argument demo, in front of the built-in mock upstream.
 
 #![forbid(unsafe_code)]
 
-pub mod budgets;
+pub mod auth;
 pub mod config;
+mod context;
 mod deadline;
-pub mod limits;
-pub mod privacy;
+pub mod identity;
 mod proxy;
+pub mod quota;
+pub mod ratelimit;
+mod redact;
 pub mod server;
+pub mod stack;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::convert::Infallible;
 
-use axum::extract::{Request, State};
-use axum::middleware::{self, Next};
-use axum::response::Response;
-use axum::routing::{get, post};
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, get_service, on_service, MethodFilter};
 use axum::Router;
-use moat::core::identity::{presented_api_key, CallerResolver, Fingerprinter};
 use moat::core::reject::{Protocol, Rejection};
-use moat::Caller;
-use sha2::{Digest, Sha256};
+use moat::quota::QuotaLayer;
+use tower::service_fn;
 
-use crate::config::{Resolved, ResolvedKey};
+pub use crate::auth::AuthenticateLayer;
+use crate::config::Resolved;
 pub use crate::proxy::Upstream;
 pub use crate::server::serve;
+pub use crate::stack::{GatewayService, Stack};
 
 /// Renders a rejection as an axum response.
 pub(crate) fn reject(rejection: Rejection, protocol: Protocol) -> Response {
     rejection
         .into_response::<axum::body::Body>(protocol)
         .map(axum::body::Body::new)
-}
-
-/// Virtual keys by SHA-256, and how to describe callers.
-#[derive(Debug)]
-struct Auth {
-    keys: HashMap<[u8; 32], Caller>,
-    fingerprinter: Fingerprinter,
-    resolver: CallerResolver,
-}
-
-impl Auth {
-    fn new(keys: &[ResolvedKey], resolver: CallerResolver, fingerprinter: Fingerprinter) -> Self {
-        let keys = keys
-            .iter()
-            .map(|k| {
-                let mut caller = Caller::new().with_id(k.entry.id.as_str());
-                if let Some(tenant) = &k.entry.tenant {
-                    caller = caller.with_tenant(tenant.as_str());
-                }
-                if let Some(tier) = &k.entry.tier {
-                    caller = caller.with_tier(tier.as_str());
-                }
-                (k.sha256, caller)
-            })
-            .collect();
-        Self {
-            keys,
-            resolver,
-            fingerprinter,
-        }
-    }
-}
-
-/// With `[[keys]]`, only known keys pass (401 otherwise) and their `Caller` is stored; without,
-/// every caller is anonymous and known by IP.
-async fn authenticate(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
-    if !auth.keys.is_empty() {
-        let Some(presented) = presented_api_key(request.headers()) else {
-            let message = if proxy::has_query_credential(request.uri()) {
-                "An API key in the URL is not accepted (URLs end up in logs). Send it as `Authorization: Bearer KEY` or `x-api-key: KEY`."
-            } else {
-                "You didn't provide an API key. Send it as `Authorization: Bearer KEY` or `x-api-key: KEY`."
-            };
-            let rejection = Rejection::unauthorized(message).with_code("missing_api_key");
-            return reject(rejection, Protocol::of(&request));
-        };
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let Some(caller) = auth.keys.get(&digest) else {
-            let rejection = Rejection::unauthorized("Incorrect API key provided.");
-            return reject(rejection, Protocol::of(&request));
-        };
-        let caller = caller
-            .clone()
-            .with_api_key(auth.fingerprinter.fingerprint(presented.as_bytes()));
-        request.extensions_mut().insert(caller);
-    }
-    auth.resolver.resolve(&mut request);
-    next.run(request).await
 }
 
 async fn method_not_allowed(request: Request) -> Response {
@@ -131,52 +81,41 @@ async fn not_found(request: Request) -> Response {
     reject(rejection, Protocol::of(&request))
 }
 
-/// The gateway's router for a resolved configuration.
+/// The gateway's router for a resolved configuration: the OpenAI and Anthropic routes through
+/// the [`Stack`] to the configured [`Upstream`], `/v1/moat/usage` behind authentication only,
+/// and `/healthz`.
 pub fn app(resolved: &Resolved) -> Router {
-    let upstream = Arc::new(Upstream::new(resolved));
-    let auth = Arc::new(Auth::new(
-        &resolved.keys,
-        resolved.resolver.clone(),
-        resolved.fingerprinter.clone(),
-    ));
-    let mut api = Router::new()
-        .route("/v1/chat/completions", post(proxy::forward))
-        .route("/v1/completions", post(proxy::forward))
-        .route("/v1/responses", post(proxy::forward))
-        .route("/v1/embeddings", post(proxy::forward))
-        .route("/v1/messages", post(proxy::forward))
-        .route("/v1/models", get(proxy::forward))
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(upstream);
-    // Layers added last run first: authentication, rate limits, budgets, then redaction
-    // (nearest the upstream, so budgets count the prompt the user sent).
-    let quota = resolved.quota.as_ref().map(moat::quota::QuotaLayer::handle);
-    if let Some(layer) = &resolved.redact {
-        api = api.layer(layer.clone());
-    }
-    if let Some(layer) = &resolved.quota {
-        api = api.layer(layer.clone());
-    }
-    if let Some(ratelimit) = &resolved.ratelimit {
-        api = api.layer(ratelimit.clone());
-    }
-    let usage = Router::new().route(
-        "/v1/moat/usage",
-        get(move |request: Request| {
-            let budgets = quota.as_ref().map(|q| q.usage(&request));
-            async move {
-                let budgets = match budgets {
-                    Some(usage) => usage.await,
-                    None => Vec::new(),
-                };
-                axum::Json(serde_json::json!({"object": "moat.usage", "budgets": budgets}))
-            }
-        }),
-    );
-    let api = api
-        .merge(usage)
-        .method_not_allowed_fallback(method_not_allowed);
-    let api = api.layer(middleware::from_fn_with_state(auth, authenticate));
+    let stack = Stack::new(resolved);
+    router(
+        &stack,
+        stack.around(Upstream::new(resolved)),
+        resolved.quota.as_ref(),
+    )
+}
+
+/// The gateway's routes around `guarded`, the stack with its upstream.
+fn router(stack: &Stack, guarded: GatewayService, quota: Option<&QuotaLayer>) -> Router {
+    let quota = quota.map(QuotaLayer::handle);
+    let usage = service_fn(move |request: Request| {
+        let budgets = quota.as_ref().map(|q| q.usage(&request));
+        async move {
+            let budgets = match budgets {
+                Some(usage) => usage.await,
+                None => Vec::new(),
+            };
+            let body = serde_json::json!({"object": "moat.usage", "budgets": budgets});
+            Ok::<_, Infallible>(axum::Json(body).into_response())
+        }
+    });
+    let post = || on_service(MethodFilter::POST, guarded.clone());
+    let api = Router::new()
+        .route("/v1/chat/completions", post())
+        .route("/v1/completions", post())
+        .route("/v1/responses", post())
+        .route("/v1/embeddings", post())
+        .route("/v1/messages", post())
+        .route("/v1/models", get_service(guarded.clone()))
+        .route("/v1/moat/usage", get_service(stack.authenticated(usage)));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .merge(api)

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use moat_gateway::config::{Config, Resolved};
-use moat_testkit::mock::{MockConfig, MockUpstream};
 
 /// An OpenAI-compatible guarded proxy built from the moat layers.
 #[derive(Debug, Parser)]
@@ -34,6 +33,35 @@ fn load(path: &PathBuf, check: bool) -> Result<Resolved, String> {
         Config::resolve(&source, env)
     };
     resolved.map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The demo's mock upstream, serving while the gateway does.
+struct Demo {
+    url: String,
+    #[cfg(feature = "demo")]
+    _mock: moat_testkit::mock::MockUpstream,
+}
+
+/// The demo's configuration, in front of a mock upstream started for it.
+#[cfg(feature = "demo")]
+async fn start_demo() -> Result<(Resolved, Demo), String> {
+    use moat_testkit::mock::{MockConfig, MockUpstream};
+    let mock =
+        MockUpstream::start_with(MockConfig::default(), "127.0.0.1:0".parse().expect("valid"))
+            .await
+            .map_err(|e| format!("cannot start the mock upstream: {e}"))?;
+    let listen = "127.0.0.1:8080".parse().expect("valid");
+    let demo = Demo {
+        url: mock.url(),
+        _mock: mock,
+    };
+    Ok((moat_gateway::demo::config(&demo.url, listen), demo))
+}
+
+/// Without the `demo` feature there is no mock upstream to run in front of.
+#[cfg(not(feature = "demo"))]
+async fn start_demo() -> Result<(Resolved, Demo), String> {
+    Err("built without the demo (feature `demo`): pass --config FILE".into())
 }
 
 #[tokio::main]
@@ -70,22 +98,13 @@ async fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        None => {
-            let mock = match MockUpstream::start_with(
-                MockConfig::default(),
-                "127.0.0.1:0".parse().expect("valid"),
-            )
-            .await
-            {
-                Ok(mock) => mock,
-                Err(e) => {
-                    eprintln!("moat-gateway: cannot start the mock upstream: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let listen = "127.0.0.1:8080".parse().expect("valid");
-            (moat_gateway::demo::config(&mock.url(), listen), Some(mock))
-        }
+        None => match start_demo().await {
+            Ok((resolved, demo)) => (resolved, Some(demo)),
+            Err(e) => {
+                eprintln!("moat-gateway: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
     if let Some(listen) = args.listen {
         resolved.config.listen = listen;
@@ -103,10 +122,10 @@ async fn main() -> ExitCode {
     let addr = listener
         .local_addr()
         .expect("bound listener has an address");
-    if let Some(mock) = &demo {
+    if let Some(demo) = &demo {
         println!(
             "moat-gateway demo: in-memory state, built-in mock upstream at {}/v1",
-            mock.url()
+            demo.url
         );
     } else {
         println!(

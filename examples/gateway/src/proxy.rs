@@ -8,12 +8,17 @@
 use std::error::Error as _;
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::response::Response;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Request;
 use http::{StatusCode, Uri, Version};
+use http_body::Body;
 use http_body_util::Full;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -21,6 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use moat::core::body::buffer;
 use moat::core::reject::{Protocol, Rejection};
+use tower::{BoxError, Service};
 
 use crate::config::{Resolved, UpstreamKind, UpstreamTimeouts};
 use crate::deadline::DeadlineBody;
@@ -53,9 +59,18 @@ const CREDENTIAL_PARAMS: [&str; 11] = [
     "password",
 ];
 
-/// The provider behind the gateway, and the client that reaches it.
-#[derive(Debug)]
+/// The provider behind the gateway, as a tower [`Service`]: any request body in (read whole,
+/// under the body limit), the provider's response out, streamed, under the idle deadline.
+/// Failures are answered as OpenAI errors: 502 when the provider cannot be reached, 504 past a
+/// deadline. Cheap to clone: clones share one connection pool.
+#[derive(Debug, Clone)]
 pub struct Upstream {
+    provider: Arc<Provider>,
+}
+
+/// What every clone of an [`Upstream`] shares.
+#[derive(Debug)]
+struct Provider {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
@@ -69,6 +84,35 @@ pub struct Upstream {
 impl Upstream {
     /// The upstream of a resolved configuration.
     pub fn new(resolved: &Resolved) -> Self {
+        Self {
+            provider: Arc::new(Provider::new(resolved)),
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for Upstream
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The pool opens connections on demand.
+        let _ = cx;
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let provider = self.provider.clone();
+        Box::pin(async move { Ok(provider.forward(request).await) })
+    }
+}
+
+impl Provider {
+    fn new(resolved: &Resolved) -> Self {
         let base: Uri = resolved
             .config
             .upstream
@@ -148,6 +192,79 @@ impl Upstream {
             headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
         }
     }
+
+    /// Sends `request` on and answers with the provider's response, or why there is none.
+    async fn forward<B>(&self, request: Request<B>) -> Response
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let protocol = Protocol::of(&request);
+        let (mut parts, body) = request.into_parts();
+        let body = match buffer(body, self.max_body_bytes).await {
+            Ok(buffered) => buffered.data,
+            Err(e) => return reject(e.into(), protocol),
+        };
+        parts.uri = match self.uri_for(&parts.uri) {
+            Ok(uri) => uri,
+            Err(e) => {
+                return reject(
+                    Rejection::bad_request(format!("bad request path: {e}")),
+                    protocol,
+                )
+            }
+        };
+        // The client's HTTP version is its own business; the connection to the upstream decides.
+        parts.version = Version::HTTP_11;
+        self.outgoing_headers(&mut parts.headers);
+        if !body.is_empty() || !matches!(parts.method, http::Method::GET | http::Method::HEAD) {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        let sent = self
+            .client
+            .request(Request::from_parts(parts, Full::new(body)));
+        let response = match tokio::time::timeout(self.timeouts.first_byte, sent).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) if error.is_connect() && timed_out(&error) => {
+                let rejection = upstream_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "could not connect to the upstream provider within {:?}",
+                        self.timeouts.connect
+                    ),
+                );
+                return reject(rejection, protocol);
+            }
+            Ok(Err(error)) => {
+                let cause = error.source().map(ToString::to_string).unwrap_or_default();
+                tracing::warn!(target: "moat::gateway", %error, %cause, "upstream request failed");
+                let rejection = upstream_error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unreachable",
+                    "the upstream provider could not be reached".into(),
+                );
+                return reject(rejection, protocol);
+            }
+            Err(_) => {
+                let rejection = upstream_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "the upstream provider did not answer within {:?}",
+                        self.timeouts.first_byte
+                    ),
+                );
+                return reject(rejection, protocol);
+            }
+        };
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = DeadlineBody::new(body, self.timeouts.idle, None, "the upstream's reply");
+        Response::from_parts(parts, axum::body::Body::new(body))
+    }
 }
 
 /// A query parameter's name, percent-decoded (`+` as a space), for comparison.
@@ -224,84 +341,15 @@ fn upstream_error(status: StatusCode, code: &'static str, message: String) -> Re
     Rejection::new(status, "upstream_error", message).with_code(code)
 }
 
-/// The proxy handler.
-pub(crate) async fn forward(State(upstream): State<Arc<Upstream>>, request: Request) -> Response {
-    let protocol = Protocol::of(&request);
-    let (mut parts, body) = request.into_parts();
-    let body = match buffer(body, upstream.max_body_bytes).await {
-        Ok(buffered) => buffered.data,
-        Err(e) => return reject(e.into(), protocol),
-    };
-    parts.uri = match upstream.uri_for(&parts.uri) {
-        Ok(uri) => uri,
-        Err(e) => {
-            return reject(
-                Rejection::bad_request(format!("bad request path: {e}")),
-                protocol,
-            )
-        }
-    };
-    // The client's HTTP version is its own business; the connection to the upstream decides.
-    parts.version = Version::HTTP_11;
-    upstream.outgoing_headers(&mut parts.headers);
-    if !body.is_empty() || !matches!(parts.method, http::Method::GET | http::Method::HEAD) {
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    }
-    let sent = upstream
-        .client
-        .request(http::Request::from_parts(parts, Full::new(body)));
-    let response = match tokio::time::timeout(upstream.timeouts.first_byte, sent).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(error)) if error.is_connect() && timed_out(&error) => {
-            let rejection = upstream_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_timeout",
-                format!(
-                    "could not connect to the upstream provider within {:?}",
-                    upstream.timeouts.connect
-                ),
-            );
-            return reject(rejection, protocol);
-        }
-        Ok(Err(error)) => {
-            let cause = error.source().map(ToString::to_string).unwrap_or_default();
-            tracing::warn!(target: "moat::gateway", %error, %cause, "upstream request failed");
-            let rejection = upstream_error(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unreachable",
-                "the upstream provider could not be reached".into(),
-            );
-            return reject(rejection, protocol);
-        }
-        Err(_) => {
-            let rejection = upstream_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_timeout",
-                format!(
-                    "the upstream provider did not answer within {:?}",
-                    upstream.timeouts.first_byte
-                ),
-            );
-            return reject(rejection, protocol);
-        }
-    };
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    let body = DeadlineBody::new(body, upstream.timeouts.idle, None, "the upstream's reply");
-    Response::from_parts(parts, Body::new(body))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn upstream(base: &str, kind: &str) -> Upstream {
+    fn upstream(base: &str, kind: &str) -> Provider {
         let source =
             format!("[upstream]\nbase_url = \"{base}\"\nkind = \"{kind}\"\napi_key_env = \"K\"\n");
-        Upstream::new(&Config::resolve(&source, |_| Some("sk-provider".into())).unwrap())
+        Provider::new(&Config::resolve(&source, |_| Some("sk-provider".into())).unwrap())
     }
 
     #[test]

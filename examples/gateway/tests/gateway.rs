@@ -1164,3 +1164,165 @@ async fn redaction_in_shadow_mode_sends_prompts_unchanged() {
     );
     assert!(Config::resolve(&bad, |_| None).is_err());
 }
+
+/// Every layer reads up to the gateway's `max_body_bytes`, not its own default (4 MiB).
+#[tokio::test]
+async fn a_raised_body_limit_reaches_every_layer() {
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "max_body_bytes = 8388608\n[upstream]\nbase_url = \"{}/v1\"\n[[ratelimit.rules]]\nname = \"tokens\"\nkey = \"ip\"\ntokens = [\"100000000/minute\"]\n[[quota.budgets]]\nname = \"daily\"\nper = \"ip\"\nperiod = \"day\"\ntokens = 100000000\n[redact]\nentities = \"all\"\n",
+        mock.url()
+    );
+    let gw = start(&config, &[]).await;
+    // 5 MiB of words with an email at the end, so redaction has read all of it.
+    let text = format!(
+        "{} write to jane@example.com",
+        "lorem ipsum ".repeat(5 << 17)
+    );
+    let reply = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat(&text, false)),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let sent = &mock.requests()[0];
+    let content = sent.body["messages"][0]["content"].as_str().unwrap();
+    assert!(content.len() > 5 << 20 && content.ends_with("write to [EMAIL_1]"));
+    let too_big = "x".repeat(9 << 20);
+    let refused = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat(&too_big, false)),
+    )
+    .await;
+    assert_eq!(refused.status, 413);
+}
+
+/// Rate limits and budgets in one Redis: one connection for both stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_redis_connection_serves_every_store() {
+    let redis = moat_testkit::redis::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "redis_url = \"{}\"\n[upstream]\nbase_url = \"{}/v1\"\n[ratelimit]\nstore = \"redis\"\n[[ratelimit.rules]]\nname = \"three\"\nkey = \"ip\"\nlimits = [\"3/hour\"]\n[quota]\nstore = \"redis\"\n[[quota.budgets]]\nname = \"daily\"\nper = \"ip\"\nperiod = \"day\"\ntokens = 1000000\n",
+        redis.url(),
+        mock.url()
+    );
+    let resolved = Config::resolve(&config, |_| None).unwrap();
+    assert_eq!(resolved.redis_connections, 1);
+    let gw = start(&config, &[]).await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let reply = call(
+            &gw.url,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            Some(chat("hello", false)),
+        )
+        .await;
+        statuses.push(reply.status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        keys.iter().any(|k| k.starts_with("moat:rl:{three:")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.starts_with("moat:q:{daily:")),
+        "{keys:?}"
+    );
+}
+
+/// The stack wraps any tower service as its upstream (a breaker or a fallback can go there),
+/// in the documented order: authentication first, then rates, budgets, redaction.
+#[tokio::test]
+async fn the_stack_wraps_any_upstream_service() {
+    use std::sync::Mutex;
+    use tower::ServiceExt;
+
+    let config = "[upstream]\nbase_url = \"http://127.0.0.1:9/v1\"\n[[keys]]\nid = \"alice\"\nkey = \"sk-moat-alice\"\n[[ratelimit.rules]]\nname = \"two\"\nkey = \"api_key\"\nlimits = [\"2/hour\"]\n[[quota.budgets]]\nname = \"daily\"\nper = \"api_key\"\nperiod = \"day\"\ntokens = 100000\n[redact]\nentities = \"all\"\n";
+    let resolved = Config::resolve(config, |_| None).unwrap();
+    let stack = moat_gateway::Stack::new(&resolved);
+    assert_eq!(
+        stack.stages(),
+        ["authenticate", "ratelimit", "quota", "redact", "upstream"]
+    );
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let upstream = {
+        let seen = seen.clone();
+        tower::service_fn(move |request: axum::extract::Request| {
+            let seen = seen.clone();
+            async move {
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let body: Value = serde_json::from_slice(&body).unwrap();
+                let prompt = body["messages"][0]["content"].as_str().unwrap().to_owned();
+                seen.lock().unwrap().push(prompt.clone());
+                let reply = json!({"id": "x", "object": "chat.completion", "model": "m",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("you said: {prompt}")}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}});
+                let response = http::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(reply.to_string())))
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        })
+    };
+    let service = stack.around(upstream);
+    let request = |key: Option<&str>| {
+        let mut builder =
+            http::Request::post("/v1/chat/completions").header("content-type", "application/json");
+        if let Some(key) = key {
+            builder = builder.header("authorization", format!("Bearer {key}"));
+        }
+        builder
+            .body(axum::body::Body::from(
+                chat("mail jane@example.com", false).to_string(),
+            ))
+            .unwrap()
+    };
+    let anonymous = service.clone().oneshot(request(None)).await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "refused before the upstream"
+    );
+    for _ in 0..2 {
+        let reply = service
+            .clone()
+            .oneshot(request(Some("sk-moat-alice")))
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+        assert!(reply
+            .headers()
+            .contains_key("x-ratelimit-remaining-requests"));
+        let body = reply.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            "you said: mail jane@example.com"
+        );
+    }
+    assert_eq!(*seen.lock().unwrap(), ["mail [EMAIL_1]", "mail [EMAIL_1]"]);
+    let limited = service
+        .clone()
+        .oneshot(request(Some("sk-moat-alice")))
+        .await
+        .unwrap();
+    assert_eq!(limited.status(), 429);
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}

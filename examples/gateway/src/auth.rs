@@ -1,0 +1,181 @@
+//! Authentication: virtual keys in, a [`Caller`] out.
+//!
+//! With `[[keys]]`, only known keys pass (401 otherwise) and the key's `Caller` (id, tenant,
+//! tier, the key's fingerprint) goes into the request extensions for every layer inside; without,
+//! every caller is anonymous and known by IP. Either way the caller resolver runs here, once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::response::Response;
+use http::Request;
+use moat::core::identity::{presented_api_key, CallerResolver, Fingerprinter};
+use moat::core::reject::{Protocol, Rejection};
+use moat::Caller;
+use pin_project_lite::pin_project;
+use sha2::{Digest, Sha256};
+use tower::{Layer, Service};
+
+use crate::config::ResolvedKey;
+
+/// Virtual keys by SHA-256, and how to describe callers.
+#[derive(Debug)]
+struct Keys {
+    by_digest: HashMap<[u8; 32], Caller>,
+    fingerprinter: Fingerprinter,
+    resolver: CallerResolver,
+}
+
+/// Checks virtual keys; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct AuthenticateLayer {
+    keys: Arc<Keys>,
+}
+
+impl AuthenticateLayer {
+    /// Accepts `keys` (none: everyone, anonymously) and describes callers with `resolver`.
+    pub fn new(
+        keys: &[ResolvedKey],
+        resolver: CallerResolver,
+        fingerprinter: Fingerprinter,
+    ) -> Self {
+        let by_digest = keys
+            .iter()
+            .map(|k| {
+                let mut caller = Caller::new().with_id(k.entry.id.as_str());
+                if let Some(tenant) = &k.entry.tenant {
+                    caller = caller.with_tenant(tenant.as_str());
+                }
+                if let Some(tier) = &k.entry.tier {
+                    caller = caller.with_tier(tier.as_str());
+                }
+                (k.sha256, caller)
+            })
+            .collect();
+        Self {
+            keys: Arc::new(Keys {
+                by_digest,
+                fingerprinter,
+                resolver,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthenticateLayer {
+    type Service = Authenticate<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticate {
+            inner,
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+/// The service of [`AuthenticateLayer`].
+#[derive(Debug, Clone)]
+pub struct Authenticate<S> {
+    inner: S,
+    keys: Arc<Keys>,
+}
+
+impl Keys {
+    /// The caller a request's key belongs to, or why it is refused.
+    fn caller<B>(&self, request: &Request<B>) -> Result<Caller, Rejection> {
+        let Some(presented) = presented_api_key(request.headers()) else {
+            let message = if crate::proxy::has_query_credential(request.uri()) {
+                "An API key in the URL is not accepted (URLs end up in logs). Send it as `Authorization: Bearer KEY` or `x-api-key: KEY`."
+            } else {
+                "You didn't provide an API key. Send it as `Authorization: Bearer KEY` or `x-api-key: KEY`."
+            };
+            return Err(Rejection::unauthorized(message).with_code("missing_api_key"));
+        };
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let caller = self
+            .by_digest
+            .get(&digest)
+            .ok_or_else(|| Rejection::unauthorized("Incorrect API key provided."))?;
+        Ok(caller
+            .clone()
+            .with_api_key(self.fingerprinter.fingerprint(presented.as_bytes())))
+    }
+}
+
+impl<S, B> Service<Request<B>> for Authenticate<S>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if !self.keys.by_digest.is_empty() {
+            match self.keys.caller(&request) {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                }
+                Err(rejection) => {
+                    let response = crate::reject(rejection, Protocol::of(&request));
+                    return ResponseFuture {
+                        kind: Kind::Rejected {
+                            response: Some(response),
+                        },
+                    };
+                }
+            }
+        }
+        self.keys.resolver.resolve(&mut request);
+        ResponseFuture {
+            kind: Kind::Inner {
+                future: self.inner.call(request),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Authenticate`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F> {
+        Inner { #[pin] future: F },
+        Rejected { response: Option<Response> },
+    }
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Inner { future } => future.poll(cx),
+            KindProj::Rejected { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+        }
+    }
+}
