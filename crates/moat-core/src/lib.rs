@@ -71,6 +71,7 @@ pub mod decision;
 pub mod identity;
 pub mod json;
 pub mod kit;
+mod lenient;
 pub mod llm;
 pub mod reject;
 pub mod request;

@@ -21,7 +21,7 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::response::count;
+use crate::lenient::count;
 
 /// Token counts of one response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,13 +59,13 @@ pub(crate) struct RawUsage {
     cache_read_input_tokens: Option<u64>,
     #[serde(default, deserialize_with = "count")]
     cache_creation_input_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "crate::response::object")]
+    #[serde(default, deserialize_with = "crate::lenient::object")]
     prompt_tokens_details: Option<Details>,
-    #[serde(default, deserialize_with = "crate::response::object")]
+    #[serde(default, deserialize_with = "crate::lenient::object")]
     completion_tokens_details: Option<Details>,
-    #[serde(default, deserialize_with = "crate::response::object")]
+    #[serde(default, deserialize_with = "crate::lenient::object")]
     input_tokens_details: Option<Details>,
-    #[serde(default, deserialize_with = "crate::response::object")]
+    #[serde(default, deserialize_with = "crate::lenient::object")]
     output_tokens_details: Option<Details>,
 }
 

@@ -65,6 +65,5 @@
 mod event;
 mod pipeline;
 
-pub(crate) use event::{count, object};
 pub use event::{DeltaKind, EventView, TextDelta};
 pub use pipeline::{Hook, Hooks, Interest, JsonReply, StreamEvent, ViewBody};
