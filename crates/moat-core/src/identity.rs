@@ -705,7 +705,7 @@ impl KeyExtractor for Global {
 }
 
 /// Who called, as every layer and the audit log see it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct Caller {
     /// A name given by the authenticating layer, e.g. the gateway's virtual key id.
@@ -718,7 +718,31 @@ pub struct Caller {
     pub tier: Option<Arc<str>>,
     /// The client IP.
     pub ip: Option<IpAddr>,
+    /// Whether a [`CallerResolver`] has looked for the key and the IP already (either may be
+    /// absent), so later layers only read what is stored.
+    resolved: bool,
 }
+
+/// Callers are equal when what they say is: whether a resolver has run does not count.
+impl PartialEq for Caller {
+    fn eq(&self, other: &Self) -> bool {
+        let Self {
+            id,
+            api_key,
+            tenant,
+            tier,
+            ip,
+            resolved: _,
+        } = self;
+        *id == other.id
+            && *api_key == other.api_key
+            && *tenant == other.tenant
+            && *tier == other.tier
+            && *ip == other.ip
+    }
+}
+
+impl Eq for Caller {}
 
 impl Caller {
     /// An empty caller; fill the fields with the `with_*` methods.
@@ -802,11 +826,12 @@ impl CallerResolver {
     pub fn resolve<B>(&self, req: &mut Request<B>) -> Caller {
         let stored = req.extensions().get::<Caller>();
         if let Some(caller) = stored {
-            if caller.api_key.is_some() && caller.ip.is_some() {
+            if caller.resolved || (caller.api_key.is_some() && caller.ip.is_some()) {
                 return caller.clone();
             }
         }
         let mut caller = stored.cloned().unwrap_or_default();
+        caller.resolved = true;
         if caller.api_key.is_none() {
             caller.api_key = presented_api_key(req.headers())
                 .map(|key| self.fingerprinter.fingerprint(key.as_bytes()));

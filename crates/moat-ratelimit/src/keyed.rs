@@ -8,7 +8,7 @@ use moat_core::Key;
 
 use crate::limit::Limit;
 use crate::limiter::MAX_CELLS;
-use crate::memory::{Acquire, Cell, KeyHasher, MemoryStore, Snapshot};
+use crate::memory::{Acquire, Cell, KeyHasher, MemoryStore};
 
 /// Keyed GCRA limits in memory: the store behind [`RateLimitLayer`](crate::RateLimitLayer),
 /// usable on its own (jobs, WebSocket messages, tool calls).
@@ -116,15 +116,14 @@ impl KeyedLimiter {
     pub fn check_n(&self, key: &Key, n: u64) -> Result<(), Denied> {
         let now = u64::try_from(self.clock.now().as_nanos()).unwrap_or(u64::MAX);
         let costs = [n; MAX_CELLS];
-        let mut out = [Snapshot::default(); MAX_CELLS];
-        let k = self.cells.len();
+        // No headers to fill: no snapshots asked for.
         match self.store.acquire(
             self.hasher.hash(key),
             now,
             &self.cells,
-            &costs[..k],
+            &costs[..self.cells.len()],
             None,
-            &mut out[..k],
+            &mut [],
         ) {
             Acquire::Admitted => Ok(()),
             Acquire::Wait { retry_after, .. } => Err(Denied {

@@ -109,6 +109,8 @@ pub(crate) struct RuleState {
     pub(crate) rule: Rule,
     /// Request limits, then token limits.
     cells: Vec<Cell>,
+    /// Each limit's burst as a header value, formatted once.
+    limit_values: Vec<HeaderValue>,
     store: Arc<RuleStore>,
 }
 
@@ -163,7 +165,7 @@ struct Held {
 }
 
 /// The tightest request and token limits, for headers.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Bindings {
     pub(crate) requests: Option<Binding>,
     pub(crate) tokens: Option<Binding>,
@@ -226,6 +228,12 @@ impl Limiter {
                 );
                 RuleState {
                     cells,
+                    limit_values: rule
+                        .limits
+                        .iter()
+                        .chain(&rule.tokens)
+                        .map(|limit| HeaderValue::from(limit.burst()))
+                        .collect(),
                     store,
                     rule: rule.clone(),
                 }
@@ -332,8 +340,9 @@ impl Limiter {
             if near {
                 state.store.metrics.near_limit.increment(1);
             }
-            if !shadow {
-                tally.bindings = self.bindings(state, snapshots, tally.bindings);
+            if !shadow && self.config.headers != Headers::NONE {
+                tally.bindings =
+                    self.bindings(state, snapshots, std::mem::take(&mut tally.bindings));
             }
             tally.held.push(Held {
                 rule: step.index,
@@ -343,19 +352,29 @@ impl Limiter {
                 in_flight: rule.max_in_flight.is_some(),
                 remote,
             });
-            record(head, rule, Outcome::Allowed);
+            record(head, tally.recording, rule, Outcome::Allowed);
             return None;
         }
         let code = Cow::Borrowed(code_of(verdict));
         if shadow {
             state.store.metrics.shadow_denied.increment(1);
             tracing::debug!(target: "moat::ratelimit", rule = %rule.name(), key = %step.key, "shadow rule would deny");
-            record(head, rule, Outcome::ShadowRejected { code });
+            record(
+                head,
+                tally.recording,
+                rule,
+                Outcome::ShadowRejected { code },
+            );
             return None;
         }
         state.store.metrics.denied.increment(1);
         tracing::debug!(target: "moat::ratelimit", rule = %rule.name(), key = %step.key, "denied");
-        record(head, rule, Outcome::Rejected { status: 429, code });
+        record(
+            head,
+            tally.recording,
+            rule,
+            Outcome::Rejected { status: 429, code },
+        );
         let mut kept = [Snapshot::default(); MAX_CELLS];
         kept[..snapshots.len()].copy_from_slice(snapshots);
         Some(Denial::Limit {
@@ -367,20 +386,21 @@ impl Limiter {
     }
 
     fn admit(self: &Arc<Self>, tally: Tally, facts: Option<&BodyFacts>) -> Verdict {
-        let Tally { held, bindings } = tally;
+        let Tally { held, bindings, .. } = tally;
         // Keep only what needs settling when the body ends.
-        let held: Vec<Held> = held
-            .into_iter()
-            .filter(|h| {
-                h.in_flight || (h.tokens > 0 && !self.rules[h.rule].token_cells().is_empty())
+        let settles = |h: &Held| {
+            h.in_flight || (h.tokens > 0 && !self.rules[h.rule].token_cells().is_empty())
+        };
+        let admission = if held.iter().any(settles) {
+            Some(Admission {
+                limiter: self.clone(),
+                held: held.into_iter().filter(settles).collect(),
+                input_estimate: facts.map_or(0, |f| f.input),
+                settled: false,
             })
-            .collect();
-        let admission = (!held.is_empty()).then(|| Admission {
-            limiter: self.clone(),
-            held,
-            input_estimate: facts.map_or(0, |f| f.input),
-            settled: false,
-        });
+        } else {
+            None
+        };
         Verdict::Allow {
             admission,
             bindings,
@@ -424,7 +444,7 @@ impl Limiter {
         let token_cost = facts
             .filter(|f| f.is_llm)
             .map_or(0, |f| f.input + f.reserve);
-        let mut tally = Tally::default();
+        let mut tally = Tally::for_request(head);
         for step in self.steps(head, caller, model, token_cost) {
             let n = step.state.cells.len();
             let mut snapshots = [Snapshot::default(); MAX_CELLS];
@@ -469,7 +489,7 @@ impl Limiter {
         let token_cost = facts
             .filter(|f| f.is_llm)
             .map_or(0, |f| f.input + f.reserve);
-        let mut tally = Tally::default();
+        let mut tally = Tally::for_request(head);
         for step in self.steps(head, caller, model, token_cost) {
             let state = step.state;
             let n = state.cells.len();
@@ -602,15 +622,17 @@ impl Limiter {
 
     fn bindings(&self, state: &RuleState, snapshots: &[Snapshot], mut b: Bindings) -> Bindings {
         let rule = &state.rule;
-        for (i, (limit, s)) in rule
+        for (i, ((limit, s), value)) in rule
             .limits
             .iter()
             .chain(&rule.tokens)
             .zip(snapshots)
+            .zip(&state.limit_values)
             .enumerate()
         {
             let binding = Binding {
                 limit: limit.burst(),
+                limit_value: value.clone(),
                 remaining: s.remaining,
                 reset: Duration::from_nanos(s.reset),
                 window: limit.period(),
@@ -773,6 +795,17 @@ impl Limiter {
 struct Tally {
     held: HeldList,
     bindings: Bindings,
+    /// Whether the request records its decisions (looked up once, not per rule).
+    recording: bool,
+}
+
+impl Tally {
+    fn for_request(head: &RequestHead<'_>) -> Self {
+        Self {
+            recording: Decisions::is_recording(head.extensions),
+            ..Self::default()
+        }
+    }
 }
 
 /// Charges held by a request: the first few inline, so a typical admission allocates nothing.
@@ -788,6 +821,10 @@ impl HeldList {
             Some(slot) => *slot = Some(held),
             None => self.spill.push(held),
         }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Held> {
+        self.inline.iter().flatten().chain(&self.spill)
     }
 
     fn into_iter(self) -> impl Iterator<Item = Held> {
@@ -812,8 +849,8 @@ fn undo_deltas(state: &RuleState, tokens: u64) -> [i64; MAX_CELLS] {
     deltas
 }
 
-fn record(head: &RequestHead<'_>, rule: &Rule, outcome: Outcome) {
-    if Decisions::is_recording(head.extensions) {
+fn record(head: &RequestHead<'_>, recording: bool, rule: &Rule, outcome: Outcome) {
+    if recording {
         Decisions::record(
             head.extensions,
             Decision::new("ratelimit", outcome).with_rule(rule.name().to_owned()),

@@ -161,7 +161,7 @@ impl MemoryStore {
     }
 
     /// Checks `costs` against every limit and, only if all fit, charges them (and counts one
-    /// more in flight when `max_in_flight` is set). `out` gets each limit's state.
+    /// more in flight when `max_in_flight` is set). `out` gets each limit's state (as many as it has room for: none when empty).
     pub(crate) fn acquire(
         &self,
         id: u64,

@@ -19,7 +19,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::headers::{self, Headers};
-use crate::limiter::{Bindings, BodyFacts, Config, Denial, Limiter, States, Verdict, MAX_CELLS};
+use crate::limiter::{Admission, Bindings, BodyFacts, Config, Limiter, States, Verdict, MAX_CELLS};
 use crate::rule::Rule;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -254,7 +254,9 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
-        Denied { response: Option<Response<ResponseBody<B>>> },
+        // Boxed: a refusal is rare and its response large, and the future moves on every poll
+        // chain.
+        Denied { response: Option<Box<Response<ResponseBody<B>>>> },
         Admitted {
             #[pin]
             future: F,
@@ -275,22 +277,22 @@ impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
 /// The admitted response: rate-limit headers on it, its body under the view when this layer
 /// watches it.
 fn finish<B: Body<Data = Bytes>>(
-    response: Response<B>,
+    mut response: Response<B>,
     hooks: Option<&Hooks>,
     bindings: Bindings,
     which: Headers,
 ) -> Response<ResponseBody<B>> {
-    let (mut parts, body) = response.into_parts();
     headers::write(
         which,
-        &mut parts.headers,
+        response.headers_mut(),
         bindings.requests,
         bindings.tokens,
     );
-    let response = Response::from_parts(parts, CoreBody::inner(body));
     match hooks {
-        Some(hooks) => hooks.view(response).map(ResponseBody::new),
-        None => response.map(ResponseBody::plain),
+        Some(hooks) => hooks
+            .view(response.map(CoreBody::inner))
+            .map(ResponseBody::new),
+        None => response.map(|body| ResponseBody::plain(CoreBody::inner(body))),
     }
 }
 
@@ -298,43 +300,14 @@ fn denied<B>(response: Response<CoreBody<B>>) -> Response<ResponseBody<B>> {
     response.map(ResponseBody::plain)
 }
 
-/// What came of a verdict: a refusal to render, or the inner service called.
-enum Called<F> {
-    Denied(Denial),
-    Admitted {
-        future: F,
-        hooks: Option<Hooks>,
-        bindings: Bindings,
-    },
-}
-
-/// Calls the inner service with the admission (if any) attached to the request's hooks.
-fn call_admitted<S, ReqBody, ResBody>(
-    inner: &mut S,
-    mut req: Request<RequestBody<ReqBody>>,
-    verdict: Verdict,
-) -> Called<S::Future>
-where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
-{
-    match verdict {
-        Verdict::Deny(denial) => Called::Denied(denial),
-        Verdict::Allow {
-            admission,
-            bindings,
-        } => {
-            let hooks = admission.map(|admission| {
-                let hooks = Hooks::of(req.extensions_mut());
-                hooks.attach(admission);
-                hooks
-            });
-            Called::Admitted {
-                future: inner.call(req),
-                hooks,
-                bindings,
-            }
-        }
-    }
+/// Puts the admission (if any) on the request's response hooks, so it settles when the
+/// response ends.
+fn attach<B>(req: &mut Request<B>, admission: Option<Admission>) -> Option<Hooks> {
+    admission.map(|admission| {
+        let hooks = Hooks::of(req.extensions_mut());
+        hooks.attach(admission);
+        hooks
+    })
 }
 
 impl<F, B, E> Future for ResponseFuture<F, B, E>
@@ -347,7 +320,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Denied { response } => {
-                Poll::Ready(Ok(response.take().expect("polled after completion")))
+                Poll::Ready(Ok(*response.take().expect("polled after completion")))
             }
             KindProj::Admitted {
                 future,
@@ -355,9 +328,12 @@ where
                 bindings,
                 headers,
             } => match ready!(future.poll(cx)) {
-                Ok(response) => {
-                    Poll::Ready(Ok(finish(response, hooks.as_ref(), *bindings, *headers)))
-                }
+                Ok(response) => Poll::Ready(Ok(finish(
+                    response,
+                    hooks.as_ref(),
+                    std::mem::take(bindings),
+                    *headers,
+                ))),
                 Err(e) => {
                     if let Some(hooks) = hooks {
                         hooks.fail();
@@ -391,11 +367,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let limiter = self.limiter.clone();
+        let limiter = &self.limiter;
         let caller = limiter.config.options.resolver.resolve(&mut req);
         let which = limiter.config.headers;
         let needs_body = limiter.needs_body_for(&RequestHead::of(&req), &caller);
         if needs_body || limiter.is_shared() {
+            let limiter = limiter.clone();
             // Move the ready inner service into the future; keep a fresh clone here.
             let clone = self.inner.clone();
             let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -428,23 +405,25 @@ where
                 let verdict = limiter
                     .decide_async(&RequestHead::of(&req), &caller, facts.as_ref())
                     .await;
-                match call_admitted(&mut inner, req, verdict) {
-                    Called::Denied(denial) => {
-                        Ok(denied(limiter.render(denial).into_response(protocol)))
+                let (admission, bindings) = match verdict {
+                    Verdict::Deny(denial) => {
+                        return Ok(denied(limiter.render(denial).into_response(protocol)))
                     }
-                    Called::Admitted {
-                        future,
-                        hooks,
+                    Verdict::Allow {
+                        admission,
                         bindings,
-                    } => match future.await {
-                        Ok(response) => Ok(finish(response, hooks.as_ref(), bindings, which)),
-                        Err(e) => {
-                            if let Some(hooks) = hooks {
-                                hooks.fail();
-                            }
-                            Err(e)
+                    } => (admission, bindings),
+                };
+                let mut req = req;
+                let hooks = attach(&mut req, admission);
+                match inner.call(req).await {
+                    Ok(response) => Ok(finish(response, hooks.as_ref(), bindings, which)),
+                    Err(e) => {
+                        if let Some(hooks) = hooks {
+                            hooks.fail();
                         }
-                    },
+                        Err(e)
+                    }
                 }
             };
             return ResponseFuture {
@@ -453,22 +432,26 @@ where
                 },
             };
         }
-        let protocol = Protocol::of(&req);
-        let verdict = limiter.decide(&RequestHead::of(&req), &caller, None);
-        let kind = match call_admitted(&mut self.inner, req.map(RequestBody::original), verdict) {
-            Called::Denied(denial) => Kind::Denied {
-                response: Some(denied(limiter.render(denial).into_response(protocol))),
-            },
-            Called::Admitted {
-                future,
-                hooks,
+        let kind = match limiter.decide(&RequestHead::of(&req), &caller, None) {
+            Verdict::Deny(denial) => {
+                let response = limiter.render(denial).into_response(Protocol::of(&req));
+                Kind::Denied {
+                    response: Some(Box::new(denied(response))),
+                }
+            }
+            Verdict::Allow {
+                admission,
                 bindings,
-            } => Kind::Admitted {
-                future,
-                hooks,
-                bindings,
-                headers: which,
-            },
+            } => {
+                let mut req = req.map(RequestBody::original);
+                let hooks = attach(&mut req, admission);
+                Kind::Admitted {
+                    future: self.inner.call(req),
+                    hooks,
+                    bindings,
+                    headers: which,
+                }
+            }
         };
         ResponseFuture { kind }
     }
