@@ -1,10 +1,11 @@
 //! moat-quota: counting a prompt's tokens, and a whole request reserved and settled in memory.
 //!
-//! - `token_estimate_1kb`: 1 KB of English prose counted with tiktoken (o200k, as for `gpt-4o`)
+//! - `token_estimate_1kb`: 1 KB of English prose counted exactly (o200k, as for `gpt-4o`)
 //!   and with the byte-length upper bound used for models without a tokenizer.
 //! - `request_2kb`: a 2 KB chat request through a bare service that reads the body and answers
-//!   with usage (the baseline), and through `QuotaLayer` (parse, count, reserve, call, settle from
-//!   the response's usage when its body has been read).
+//!   with usage (the baseline); through the shared parse alone (`read_llm_request`, which every
+//!   content layer of a stack shares); and through `QuotaLayer` (parse, count, reserve, call,
+//!   settle from the response's usage when its body has been read).
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -14,8 +15,9 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use moat_core::body::RequestBody;
+use moat_core::body::{RequestBody, DEFAULT_BODY_LIMIT};
 use moat_core::identity::{Global, PeerAddr};
+use moat_core::request::{read_llm_request, LlmBody};
 use moat_quota::{Budget, Period, QuotaLayer};
 use tower::{Layer, Service};
 
@@ -28,7 +30,7 @@ fn token_estimate(c: &mut Criterion) {
     let text = prose(1024);
     let mut group = c.benchmark_group("token_estimate_1kb");
     group.throughput(Throughput::Bytes(1024));
-    group.bench_function("tiktoken o200k (gpt-4o)", |b| {
+    group.bench_function("exact o200k (gpt-4o)", |b| {
         b.iter(|| black_box(moat_core::tokens::count(Some("gpt-4o"), black_box(&text))))
     });
     group.bench_function("byte upper bound (unknown model)", |b| {
@@ -105,9 +107,18 @@ fn requests(c: &mut Criterion) {
         tower::service_fn(upstream::<Full<Bytes>>),
     );
     let inner = tower::service_fn(upstream::<RequestBody<Full<Bytes>>>);
+    let parse_only = tower::service_fn(|req: Request<Full<Bytes>>| async move {
+        match read_llm_request(req, DEFAULT_BODY_LIMIT).await {
+            Ok(LlmBody::Parsed { request, .. } | LlmBody::Unparsed(request)) => {
+                upstream(request).await
+            }
+            Err(_) => unreachable!("the benchmark's request parses"),
+        }
+    });
+    bench(&mut group, "shared parse only", &body, parse_only);
     bench(
         &mut group,
-        "QuotaLayer, tiktoken: reserve + settle in memory",
+        "QuotaLayer, exact count: reserve + settle in memory",
         &body,
         QuotaLayer::new(budget()).layer(inner),
     );

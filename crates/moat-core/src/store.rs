@@ -1,7 +1,12 @@
-//! What shared stores have in common: the policy when they fail, and (feature `redis`) a Redis
+//! What stores have in common: seeded key ids for in-memory maps, the policy when a shared store
+//! fails, and (feature `redis`) a Redis
 //! connection that connects on first use, reconnects by itself and answers within a timeout.
 
+use std::collections::hash_map::RandomState;
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+
+use crate::identity::Key;
 
 /// What to do when a shared store cannot be reached in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -15,6 +20,68 @@ pub enum OnStoreError {
     FailOpen,
     /// Decide with this process's memory instead.
     Local,
+}
+
+/// A [`Hasher`] for maps keyed by [`KeyHasher`] ids: the id is already a seeded hash, so it
+/// passes straight through (`HashMap<u64, V, BuildHasherDefault<PassThrough>>`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Seeded hashing of [`Key`]s into the 64-bit ids in-memory stores index by: a few ns, where
+/// [`Key::digest`] (for shared stores, the same in every process) costs a SHA-256. The seed is
+/// random per hasher, so ids cannot be aimed at one shard. Two keys share an id with
+/// probability 2⁻⁶⁴.
+///
+/// Hashbrown indexes by an id's low bits and tags by its top 7: shard by the bits in between
+/// (`(id >> 32) % shards`).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyHasher {
+    seed: [u64; 3],
+}
+
+fn fold(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    (product as u64) ^ ((product >> 64) as u64)
+}
+
+impl KeyHasher {
+    /// A hasher with a random per-process seed, so ids cannot be aimed at one shard.
+    pub fn random() -> Self {
+        let state = RandomState::new();
+        let mut seed = [0; 3];
+        for (i, s) in seed.iter_mut().enumerate() {
+            let mut h = state.build_hasher();
+            h.write_usize(i);
+            *s = h.finish() | 1;
+        }
+        Self { seed }
+    }
+
+    /// The id of `key`.
+    pub fn hash(&self, key: &Key) -> u64 {
+        let id = key.id();
+        let lo = u64::from_le_bytes(id[..8].try_into().expect("8 bytes"));
+        let hi = u64::from_le_bytes(id[8..].try_into().expect("8 bytes"));
+        let kind = key.kind() as u64;
+        let h = fold(lo ^ self.seed[0], hi ^ self.seed[1].rotate_left(17) ^ kind);
+        fold(h ^ self.seed[2], 0x9E37_79B9_7F4A_7C15)
+    }
 }
 
 /// A shared store failed or did not answer in time.
@@ -116,5 +183,29 @@ mod redis_connection {
                 Err(_) => Err(StoreError::TimedOut { after: timeout }),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::KeyKind;
+
+    #[test]
+    fn key_hashes_separate_kinds_and_spread_over_shards() {
+        let h = KeyHasher::random();
+        let a = Key::new(KeyKind::ApiKey, [1; 16]);
+        let b = Key::new(KeyKind::Header, [1; 16]);
+        assert_ne!(h.hash(&a), h.hash(&b));
+        const SHARDS: usize = 64;
+        let mut seen = [0usize; SHARDS];
+        for i in 0..6400u32 {
+            let ip = std::net::Ipv4Addr::from(0x0A00_0000 + i);
+            seen[(h.hash(&Key::ip(ip.into())) >> 32) as usize % SHARDS] += 1;
+        }
+        assert!(
+            seen.iter().all(|&n| n > 50),
+            "sequential IPs spread evenly: {seen:?}"
+        );
     }
 }

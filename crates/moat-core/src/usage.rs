@@ -165,6 +165,34 @@ impl Usage {
         })
     }
 
+    /// The usage of a whole JSON reply, as [`find`](Self::find) finds it, read from its bytes
+    /// without building a document (everything else is skipped).
+    pub fn of_reply(bytes: &[u8]) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Holder {
+            #[serde(default, deserialize_with = "crate::lenient::object")]
+            usage: Option<RawUsage>,
+        }
+        #[derive(Deserialize)]
+        struct Reply {
+            #[serde(default, deserialize_with = "crate::lenient::object")]
+            usage: Option<RawUsage>,
+            #[serde(default, deserialize_with = "crate::lenient::object")]
+            response: Option<Holder>,
+            #[serde(default, deserialize_with = "crate::lenient::object")]
+            message: Option<Holder>,
+        }
+        let reply: Reply = serde_json::from_slice(bytes).ok()?;
+        [
+            reply.usage,
+            reply.response.and_then(|h| h.usage),
+            reply.message.and_then(|h| h.usage),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(RawUsage::into_usage)
+    }
+
     /// Folds a later report of the same response in: streams report counts cumulatively, so each
     /// field keeps its largest value.
     pub fn merge(&mut self, later: &Usage) {
@@ -324,6 +352,20 @@ mod tests {
         assert_eq!(Usage::find(&start).unwrap().input_tokens, 9);
         assert_eq!(Usage::find(&json!({"usage": null})), None);
         assert_eq!(Usage::find(&json!({"usage": {"foo": 1}})), None);
+        // Read from bytes, without a document, every shape reads the same.
+        let odd = [
+            json!({"usage": {"foo": 1}, "response": {"usage": {"input_tokens": 3, "output_tokens": 1}}}),
+            json!({"usage": "n/a", "message": {"usage": {"input_tokens": 2}}}),
+            json!({"usage": {"prompt_tokens": 1.0, "completion_tokens": -1}}),
+            json!({"choices": [{"message": {"content": "ok"}}], "usage": [1, 2]}),
+            json!([1, 2, 3]),
+            json!({"usage": null}),
+        ];
+        for doc in [chat, responses, anthropic, start].iter().chain(&odd) {
+            let bytes = serde_json::to_vec(doc).unwrap();
+            assert_eq!(Usage::of_reply(&bytes), Usage::find(doc), "{doc}");
+        }
+        assert_eq!(Usage::of_reply(b"not json"), None);
     }
 
     #[test]

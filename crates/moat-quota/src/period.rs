@@ -2,7 +2,8 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jiff::tz::TimeZone;
 use jiff::{Span, Timestamp, ToSpan, Zoned};
@@ -101,6 +102,33 @@ pub(crate) struct Window {
     pub(crate) carry_ppm: u64,
 }
 
+/// The last calendar window worked out, reused until it ends: finding where a day or a month
+/// starts in a time zone costs more than the rest of a reservation, and changes once a period.
+#[derive(Debug, Default)]
+pub(crate) struct WindowCache(Mutex<Option<Window>>);
+
+impl WindowCache {
+    /// [`Period::window`], from the cache while `wall` is inside the last window.
+    pub(crate) fn window(&self, period: &Period, wall: SystemTime, tz: &TimeZone) -> Window {
+        if matches!(period, Period::Rolling(_)) {
+            // Arithmetic only: nothing to save.
+            return period.window(wall, tz);
+        }
+        let secs = wall
+            .duration_since(UNIX_EPOCH)
+            .map_or(i64::MIN, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match *last {
+            Some(window) if window.id <= secs && secs < window.end => window,
+            _ => {
+                let window = period.window(wall, tz);
+                *last = Some(window);
+                window
+            }
+        }
+    }
+}
+
 impl Period {
     /// The window `wall` falls in, in time zone `tz`.
     pub(crate) fn window(&self, wall: SystemTime, tz: &TimeZone) -> Window {
@@ -165,6 +193,23 @@ mod tests {
 
     fn ts(secs: i64) -> String {
         Timestamp::from_second(secs).unwrap().to_string()
+    }
+
+    #[test]
+    fn the_window_cache_answers_as_the_period_does() {
+        let paris = TimeZone::get("Europe/Paris").unwrap();
+        for period in [Period::Minute, Period::Hour, Period::Day, Period::Month] {
+            let cache = WindowCache::default();
+            // Across a DST change and a month end, a step at a time, back and forth.
+            let start = at("2026-03-28T22:00:00Z");
+            for step in (0..400).chain((0..50).rev()) {
+                let wall = start + Duration::from_secs(step * 997);
+                assert_eq!(
+                    cache.window(&period, wall, &paris),
+                    period.window(wall, &paris)
+                );
+            }
+        }
     }
 
     #[test]

@@ -295,8 +295,12 @@ impl Inner {
                 };
             }
         }
-        self.store
-            .view(budget, who.digest(), self.wall(), self.now())
+        self.store.view(
+            budget,
+            self.store.id_of(budget, &who),
+            self.wall(),
+            self.now(),
+        )
     }
 
     fn now(&self) -> u64 {
@@ -703,8 +707,9 @@ fn refusal_rejection(quota: &Inner, refusal: &Refusal) -> Rejection {
 }
 
 /// `x-moat-quota-*` headers for the tightest enforced budget after this request's reservation:
-/// from what the reservation saw, without asking the store again.
-fn quota_headers(quota: &Inner, tickets: &[Ticket], headers: &mut http::HeaderMap) {
+/// from what the reservation saw, without asking the store again. Worked out before the call,
+/// so the tickets can go to the settlement as they are.
+fn quota_headers(quota: &Inner, tickets: &[Ticket]) -> Vec<(HeaderName, HeaderValue)> {
     let tightest = tickets
         .iter()
         .filter(|t| quota.store.budget(t.budget).enforced())
@@ -714,28 +719,45 @@ fn quota_headers(quota: &Inner, tickets: &[Ticket], headers: &mut http::HeaderMa
         })
         .max_by_key(|(percent, ..)| *percent);
     let Some((_, budget, ticket)) = tightest else {
-        return;
+        return Vec::new();
     };
     let remaining = budget.limits.remaining(&ticket.committed);
-    let mut set = |name: &'static str, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert(HeaderName::from_static(name), v);
-        }
-    };
-    set("x-moat-quota-budget", budget.name().to_owned());
+    let mut headers = Vec::with_capacity(4);
+    headers.push((BUDGET, quota.store.name_value(ticket.budget).clone()));
     if budget.limits.tokens.is_some() {
-        set(
-            "x-moat-quota-remaining-tokens",
-            remaining.tokens.to_string(),
-        );
+        headers.push((REMAINING_TOKENS, HeaderValue::from(remaining.tokens)));
     }
     if budget.limits.has_usd() {
-        set(
-            "x-moat-quota-remaining-usd",
-            remaining.usd.to_string().trim_start_matches('$').to_owned(),
-        );
+        let usd = remaining.usd.to_string();
+        if let Ok(value) = HeaderValue::from_str(usd.trim_start_matches('$')) {
+            headers.push((REMAINING_USD, value));
+        }
     }
-    set("x-moat-quota-reset", rfc3339(ticket.resets));
+    headers.push((RESET, reset_value(ticket.resets)));
+    headers
+}
+
+const BUDGET: HeaderName = HeaderName::from_static("x-moat-quota-budget");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-moat-quota-remaining-tokens");
+const REMAINING_USD: HeaderName = HeaderName::from_static("x-moat-quota-remaining-usd");
+const RESET: HeaderName = HeaderName::from_static("x-moat-quota-reset");
+
+/// `resets` (seconds since the epoch) in RFC 3339, formatted once per thread and period: every
+/// request of a period resets at the same moment.
+fn reset_value(resets: i64) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(i64, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((at, value)) if *at == resets => value.clone(),
+        _ => {
+            let value = HeaderValue::from_str(&rfc3339(resets))
+                .unwrap_or_else(|_| HeaderValue::from(resets));
+            *last = Some((resets, value.clone()));
+            value
+        }
+    })
 }
 
 /// A request's claim on the budgets that apply to it, before it is reserved.
@@ -762,12 +784,14 @@ impl Inner {
     ) -> Result<Option<Plan>, Rejection> {
         let estimate = llm.input_tokens(self.config.exact_counting).tokens;
         let (model, format, max_tokens, stream, include_usage) = llm.with(|r| {
+            let stream = r.stream();
             (
                 r.model().map(str::to_owned),
                 r.format(),
                 r.max_output_tokens(),
-                r.stream(),
-                r.include_usage(),
+                stream,
+                // Only a stream has a usage chunk to ask for.
+                stream && r.include_usage(),
             )
         });
         let applicable: Vec<usize> = self
@@ -798,7 +822,8 @@ impl Inner {
             .iter()
             .map(|&i| {
                 let key = self.store.budget(i).scope().key_of(head, caller);
-                Claim::new(i, key, Amounts::new(estimate, reserve, usd))
+                self.store
+                    .claim(i, key, Amounts::new(estimate, reserve, usd))
             })
             .collect();
         let shadow = applicable
@@ -947,7 +972,11 @@ where
                     r.set_max_output_tokens(plan.reserve);
                 }
             });
-            let headed = quota.config.headers.then(|| tickets.clone());
+            let headers = if quota.config.headers {
+                quota_headers(&quota, &tickets)
+            } else {
+                Vec::new()
+            };
             let hooks = Hooks::of(req.extensions_mut());
             hooks.attach(Settlement {
                 quota: quota.clone(),
@@ -957,7 +986,6 @@ where
                 strip: plan.strip,
                 done: false,
             });
-            req.extensions_mut().insert(caller);
             let response = match inner.call(req).await {
                 Ok(response) => response,
                 Err(e) => {
@@ -965,11 +993,11 @@ where
                     return Err(e);
                 }
             };
-            let (mut parts, body) = response.into_parts();
-            if let Some(tickets) = headed {
-                quota_headers(&quota, &tickets, &mut parts.headers);
+            let mut response = response.map(CoreBody::inner);
+            for (name, value) in headers {
+                // Replacing whatever the upstream said under these names.
+                response.headers_mut().insert(name, value);
             }
-            let response = Response::from_parts(parts, CoreBody::inner(body));
             Ok(hooks.view(response).map(ResponseBody::new))
         })
     }

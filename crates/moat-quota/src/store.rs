@@ -1,6 +1,6 @@
 //! The in-memory budget store: reservations, settlement, periods, alerts.
 //!
-//! Each budget has its own state: 64 shards, each a lock over a map from a key's digest to its
+//! Each budget has its own state: 64 shards, each a lock over a map from a key's seeded id to its
 //! usage and reservations, so requests of different callers rarely wait on one lock. The store
 //! holds at most about `max_keys` keys per budget (the cap split evenly over the shards). When a
 //! shard is full, a new key makes it sweep: only idle entries go (nothing reserved, nothing used
@@ -11,18 +11,22 @@
 //! a refusal, not a scan: sweeping stays amortized O(16) per new key.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
+use http::HeaderValue;
 use metrics::{Counter, Gauge};
 
 use jiff::tz::TimeZone;
 use moat_core::kit::NamedStates;
+use moat_core::store::{KeyHasher, PassThrough};
 use moat_core::Key;
 
 use crate::budget::{Amounts, Budget, Dimension};
-use crate::period::{Period, Window};
+
+use crate::period::{Period, Window, WindowCache};
 
 /// One key's usage of one budget.
 #[derive(Debug, Clone, Default)]
@@ -85,9 +89,14 @@ impl Entry {
 
 const SHARDS: usize = 64;
 
+/// The shard of an id: by bits hashbrown does not index or tag by.
+fn shard_of(id: u64) -> usize {
+    (id >> 32) as usize % SHARDS
+}
+
 #[derive(Debug, Default)]
 struct Shard {
-    entries: HashMap<[u8; 16], Entry>,
+    entries: HashMap<u64, Entry, BuildHasherDefault<PassThrough>>,
     /// A full shard does not sweep before this period (a window id): nothing new can have
     /// fallen idle.
     next_sweep: i64,
@@ -120,6 +129,8 @@ impl BudgetMetrics {
 /// One budget's state: every key's usage and reservations, and the budget's counters.
 pub(crate) struct BudgetState {
     metrics: BudgetMetrics,
+    /// Ids of keys in `shards`, seeded per budget.
+    hasher: KeyHasher,
     shards: Box<[Mutex<Shard>]>,
     per_shard_cap: usize,
     sweeps: AtomicU64,
@@ -129,6 +140,7 @@ impl BudgetState {
     fn new(name: &str, max_keys: usize) -> Self {
         Self {
             metrics: BudgetMetrics::new(name),
+            hasher: KeyHasher::random(),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             per_shard_cap: max_keys.div_ceil(SHARDS).max(1),
             sweeps: AtomicU64::new(0),
@@ -171,21 +183,11 @@ impl States {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Claim {
     pub(crate) budget: usize,
-    /// Who is charged (for alerts); stored under its digest.
+    /// Who is charged (for alerts, and the name of its state in Redis).
     pub(crate) who: Key,
-    pub(crate) key: [u8; 16],
+    /// Its id in memory.
+    pub(crate) key: u64,
     pub(crate) amounts: Amounts,
-}
-
-impl Claim {
-    pub(crate) fn new(budget: usize, who: Key, amounts: Amounts) -> Self {
-        Self {
-            budget,
-            who,
-            key: who.digest(),
-            amounts,
-        }
-    }
 }
 
 /// A reservation held by a request, and the budget's state once it was made (for headers).
@@ -193,7 +195,7 @@ impl Claim {
 pub(crate) struct Ticket {
     pub(crate) budget: usize,
     pub(crate) who: Key,
-    pub(crate) key: [u8; 16],
+    pub(crate) key: u64,
     pub(crate) id: u64,
     /// Used and reserved, this reservation included.
     pub(crate) committed: Amounts,
@@ -242,9 +244,18 @@ pub(crate) struct Crossed {
 
 /// The budgets of one configuration, over the states they take from a layer's [`States`].
 pub(crate) struct MemoryStore {
-    budgets: Vec<(Budget, Arc<BudgetState>)>,
+    budgets: Vec<Slot>,
     tz: TimeZone,
     next_id: Arc<AtomicU64>,
+}
+
+/// A budget, its state, and what is worked out once for it.
+struct Slot {
+    budget: Budget,
+    state: Arc<BudgetState>,
+    window: WindowCache,
+    /// The budget's name as a header value.
+    name_value: HeaderValue,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -276,7 +287,13 @@ impl MemoryStore {
                         |_| true,
                         || BudgetState::new(budget.name(), max_keys),
                     );
-                    (budget, state)
+                    Slot {
+                        name_value: HeaderValue::from_str(budget.name())
+                            .unwrap_or_else(|_| HeaderValue::from_static("budget")),
+                        budget,
+                        state,
+                        window: WindowCache::default(),
+                    }
                 })
                 .collect(),
             tz,
@@ -284,15 +301,31 @@ impl MemoryStore {
         }
     }
 
-    fn lock(&self, budget: usize, key: &[u8; 16]) -> MutexGuard<'_, Shard> {
+    /// `who`'s claim of `amounts` on budget `budget`.
+    pub(crate) fn claim(&self, budget: usize, who: Key, amounts: Amounts) -> Claim {
+        Claim {
+            budget,
+            who,
+            key: self.id_of(budget, &who),
+            amounts,
+        }
+    }
+
+    /// `who`'s id in a budget's maps.
+    pub(crate) fn id_of(&self, budget: usize, who: &Key) -> u64 {
+        self.budgets[budget].state.hasher.hash(who)
+    }
+
+    fn lock(&self, budget: usize, key: &u64) -> MutexGuard<'_, Shard> {
         // Digests are uniform: their first byte picks the shard.
-        self.budgets[budget].1.shards[usize::from(key[0]) % SHARDS]
+        self.budgets[budget].state.shards[shard_of(*key)]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn window(&self, budget: usize, wall: SystemTime) -> Window {
-        self.budgets[budget].0.period.window(wall, &self.tz)
+        let slot = &self.budgets[budget];
+        slot.window.window(&slot.budget.period, wall, &self.tz)
     }
 
     /// Makes room for one more key in a full shard, if sweeping may find any; whether there is.
@@ -327,7 +360,7 @@ impl MemoryStore {
         ttl: u64,
     ) -> (Result<Vec<Ticket>, Refused>, Vec<Refusal>) {
         // Lock in (budget, shard) order, so two requests never wait on each other in a cycle.
-        let shard_of = |c: &Claim| (c.budget, usize::from(c.key[0]) % SHARDS);
+        let shard_of = |c: &Claim| (c.budget, shard_of(c.key));
         let mut order: Vec<usize> = (0..claims.len()).collect();
         order.sort_by_key(|&i| shard_of(&claims[i]));
         let mut guards: Vec<((usize, usize), MutexGuard<'_, Shard>)> =
@@ -346,7 +379,7 @@ impl MemoryStore {
         };
         let mut shadow_refusals = Vec::new();
         for (i, claim) in claims.iter().enumerate() {
-            let (budget, state) = &self.budgets[claim.budget];
+            let Slot { budget, state, .. } = &self.budgets[claim.budget];
             let window = self.window(claim.budget, wall);
             let g = guard(&guards, claim);
             let shard = &mut *guards[g].1;
@@ -418,7 +451,7 @@ impl MemoryStore {
         wall: SystemTime,
         thresholds: &[u64],
     ) -> (Vec<Crossed>, u64) {
-        let budget = &self.budgets[ticket.budget].0;
+        let budget = &self.budgets[ticket.budget].budget;
         let window = self.window(ticket.budget, wall);
         let mut shard = self.lock(ticket.budget, &ticket.key);
         let entry = shard.entries.entry(ticket.key).or_default();
@@ -452,7 +485,7 @@ impl MemoryStore {
     }
 
     /// A key's state of one budget.
-    pub(crate) fn view(&self, budget: usize, key: [u8; 16], wall: SystemTime, now: u64) -> View {
+    pub(crate) fn view(&self, budget: usize, key: u64, wall: SystemTime, now: u64) -> View {
         let window = self.window(budget, wall);
         let mut shard = self.lock(budget, &key);
         let Some(entry) = shard.entries.get_mut(&key) else {
@@ -462,7 +495,7 @@ impl MemoryStore {
                 resets: window.end,
             };
         };
-        entry.roll(window, self.budgets[budget].0.period);
+        entry.roll(window, self.budgets[budget].budget.period);
         entry.sweep(now);
         View {
             used: entry.used(window),
@@ -472,22 +505,27 @@ impl MemoryStore {
     }
 
     pub(crate) fn budget(&self, index: usize) -> &Budget {
-        &self.budgets[index].0
+        &self.budgets[index].budget
+    }
+
+    /// The budget's name, as a header value.
+    pub(crate) fn name_value(&self, index: usize) -> &HeaderValue {
+        &self.budgets[index].name_value
     }
 
     pub(crate) fn metrics(&self, index: usize) -> &BudgetMetrics {
-        &self.budgets[index].1.metrics
+        &self.budgets[index].state.metrics
     }
 
     pub(crate) fn budgets(&self) -> impl Iterator<Item = &Budget> {
-        self.budgets.iter().map(|(b, _)| b)
+        self.budgets.iter().map(|slot| &slot.budget)
     }
 
     /// Keys held by one budget.
     #[cfg(test)]
     pub(crate) fn len(&self, budget: usize) -> usize {
         self.budgets[budget]
-            .1
+            .state
             .shards
             .iter()
             .map(|s| {
@@ -513,8 +551,16 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(T0 + secs)
     }
 
+    /// The id the tests' global caller has in every budget.
+    const GLOBAL_ID: u64 = 7;
+
     fn claim(budget: usize, tokens: u64) -> Claim {
-        Claim::new(budget, Key::GLOBAL, Amounts::new(tokens, 0, Usd::ZERO))
+        Claim {
+            budget,
+            who: Key::GLOBAL,
+            key: GLOBAL_ID,
+            amounts: Amounts::new(tokens, 0, Usd::ZERO),
+        }
     }
 
     fn store(budgets: Vec<Budget>) -> MemoryStore {
@@ -576,7 +622,7 @@ mod tests {
             Refused::Budget(Refusal { budget: 1, .. })
         ));
         assert_eq!(
-            s.view(0, Key::GLOBAL.digest(), wall(0), 0).reserved,
+            s.view(0, GLOBAL_ID, wall(0), 0).reserved,
             Amounts::default(),
             "the key budget was not charged"
         );
@@ -663,17 +709,11 @@ mod tests {
             KEYS,
             &States::default(),
         );
-        let key = |i: usize| {
-            let mut k = [0u8; 16];
-            k[..8].copy_from_slice(&(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
-            k[8..].copy_from_slice(&(i as u64).to_le_bytes());
-            k
-        };
-        let claim_for = |i: usize| Claim {
-            budget: 0,
-            who: Key::GLOBAL,
-            key: key(i),
-            amounts: Amounts::new(1, 0, Usd::ZERO),
+        let claim_for = |i: usize| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let who = Key::new(moat_core::identity::KeyKind::ApiKey, id);
+            s.claim(0, who, Amounts::new(1, 0, Usd::ZERO))
         };
         // A million callers each use some of the day's budget: every entry is live.
         let mut admitted = 0;
@@ -685,14 +725,14 @@ mod tests {
         }
         assert!(admitted > KEYS * 9 / 10, "{admitted}");
         assert!(s.len(0) <= KEYS.div_ceil(SHARDS) * SHARDS);
-        let sweeps = s.budgets[0].1.sweeps.load(Ordering::Relaxed);
+        let sweeps = s.budgets[0].state.sweeps.load(Ordering::Relaxed);
         // An attacker's new keys are refused; each full shard swept at most once for them.
         for i in KEYS..KEYS + 100_000 {
             if let Err(refused) = s.reserve(&[claim_for(i)], &[false], wall(10), 0, 1).0 {
                 assert!(matches!(refused, Refused::Full { budget: 0 }));
             }
         }
-        let swept = s.budgets[0].1.sweeps.load(Ordering::Relaxed) - sweeps;
+        let swept = s.budgets[0].state.sweeps.load(Ordering::Relaxed) - sweeps;
         assert!(
             swept <= SHARDS as u64,
             "{swept} sweeps for 100,000 new keys"

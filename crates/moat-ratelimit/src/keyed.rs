@@ -8,7 +8,8 @@ use moat_core::Key;
 
 use crate::limit::Limit;
 use crate::limiter::MAX_CELLS;
-use crate::memory::{Acquire, Cell, KeyHasher, MemoryStore};
+use crate::memory::{Acquire, Cell, MemoryStore};
+use moat_core::store::KeyHasher;
 
 /// Keyed GCRA limits in memory: the store behind [`RateLimitLayer`](crate::RateLimitLayer),
 /// usable on its own (jobs, WebSocket messages, tool calls).

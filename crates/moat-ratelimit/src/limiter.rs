@@ -15,10 +15,11 @@ use moat_core::usage::{BodyOutcome, UsageReport};
 use moat_core::{Key, Rejection};
 
 use crate::headers::{self, Binding, Headers};
-use crate::memory::{Acquire, Cell, KeyHasher, MemoryStore, Snapshot};
+use crate::memory::{Acquire, Cell, MemoryStore, Snapshot};
 use crate::rule::Rule;
 use crate::spike::{Quarantine, SpikeGuard, SpikeTable, SpikeVerdict};
 use moat_core::decision::Mode;
+use moat_core::store::KeyHasher;
 
 /// At most this many limits (request plus token) in one rule.
 pub(crate) const MAX_CELLS: usize = 8;

@@ -8,12 +8,11 @@
 //! a fresh burst. If nothing can go, the new key is refused. Sweeps touch one shard at a time and
 //! are skipped until the earliest time an entry can have reset.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::sync::{Mutex, PoisonError};
 
-use moat_core::Key;
+use moat_core::store::PassThrough;
 
 use crate::limit::{gcra, remaining, Gcra, Limit};
 
@@ -55,60 +54,6 @@ pub(crate) enum Acquire {
     Busy,
     /// The store is at its key cap with nothing it may evict.
     Full,
-}
-
-/// Passes a precomputed 64-bit hash straight through.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-/// Seeded hashing of keys into the 64-bit ids the stores index by.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct KeyHasher {
-    seed: [u64; 3],
-}
-
-fn fold(a: u64, b: u64) -> u64 {
-    let product = u128::from(a) * u128::from(b);
-    (product as u64) ^ ((product >> 64) as u64)
-}
-
-impl KeyHasher {
-    /// A hasher with a random per-process seed, so ids cannot be aimed at one shard.
-    pub(crate) fn random() -> Self {
-        let state = RandomState::new();
-        let mut seed = [0; 3];
-        for (i, s) in seed.iter_mut().enumerate() {
-            let mut h = state.build_hasher();
-            h.write_usize(i);
-            *s = h.finish() | 1;
-        }
-        Self { seed }
-    }
-
-    pub(crate) fn hash(&self, key: &Key) -> u64 {
-        let id = key.id();
-        let lo = u64::from_le_bytes(id[..8].try_into().expect("8 bytes"));
-        let hi = u64::from_le_bytes(id[8..].try_into().expect("8 bytes"));
-        let kind = key.kind() as u64;
-        let h = fold(lo ^ self.seed[0], hi ^ self.seed[1].rotate_left(17) ^ kind);
-        fold(h ^ self.seed[2], 0x9E37_79B9_7F4A_7C15)
-    }
 }
 
 #[derive(Debug, Default)]
@@ -446,22 +391,5 @@ mod tests {
             Acquire::Admitted
         );
         assert_eq!(store.len(), 1);
-    }
-
-    #[test]
-    fn key_hashes_separate_kinds_and_spread_over_shards() {
-        let h = KeyHasher::random();
-        let a = Key::new(KeyKind::ApiKey, [1; 16]);
-        let b = Key::new(KeyKind::Header, [1; 16]);
-        assert_ne!(h.hash(&a), h.hash(&b));
-        let mut seen = [0usize; SHARDS];
-        for i in 0..6400u32 {
-            let ip = std::net::Ipv4Addr::from(0x0A00_0000 + i);
-            seen[(h.hash(&Key::ip(ip.into())) >> 32) as usize % SHARDS] += 1;
-        }
-        assert!(
-            seen.iter().all(|&n| n > 50),
-            "sequential IPs spread evenly: {seen:?}"
-        );
     }
 }

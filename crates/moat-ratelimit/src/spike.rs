@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use moat_core::Key;
 
-use crate::memory::{KeyHasher, PassThrough};
+use moat_core::store::{KeyHasher, PassThrough};
 
 /// What happens to a key while it is quarantined.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -342,7 +342,8 @@ fn write_slot(doc: &mut Value, slot: Slot, text: &str) {
 /// A whole JSON reply as a hook sees it.
 pub struct JsonReply<'a> {
     bytes: &'a [u8],
-    doc: &'a mut Option<Value>,
+    /// Parsed on first use: observers only read the usage, which is read without it.
+    doc: &'a mut Option<Option<Value>>,
     usage: Option<Usage>,
     modified: &'a mut bool,
     rewritable: bool,
@@ -363,9 +364,16 @@ impl JsonReply<'_> {
         self.bytes
     }
 
-    /// The reply, parsed (`None` when it is not JSON).
-    pub fn value(&self) -> Option<&Value> {
-        self.doc.as_ref()
+    fn doc(&mut self) -> Option<&mut Value> {
+        let bytes = self.bytes;
+        self.doc
+            .get_or_insert_with(|| serde_json::from_slice(bytes).ok())
+            .as_mut()
+    }
+
+    /// The reply, parsed once for every hook that asks (`None` when it is not JSON).
+    pub fn value(&mut self) -> Option<&Value> {
+        self.doc().map(|doc| &*doc)
     }
 
     /// Changes the reply (`f` is not called when it is not JSON). `f` says whether it changed
@@ -375,7 +383,10 @@ impl JsonReply<'_> {
             self.rewritable,
             "a hook that changes replies must declare Interest::REWRITE"
         );
-        if let (true, Some(doc)) = (self.rewritable, self.doc.as_mut()) {
+        if !self.rewritable {
+            return;
+        }
+        if let Some(doc) = self.doc() {
             *self.modified |= f(doc);
         }
     }
@@ -537,8 +548,8 @@ impl Pipeline {
 
     /// A whole JSON reply: parsed once, shown to every hook, sent (re-encoded if changed).
     fn json(&mut self, buf: Vec<u8>) {
-        let mut doc = serde_json::from_slice::<Value>(&buf).ok();
-        self.usage = doc.as_ref().and_then(Usage::find);
+        let mut doc = None;
+        self.usage = Usage::of_reply(&buf);
         let mut modified = false;
         for hook in &mut self.hooks {
             hook.on_json(&mut JsonReply {
@@ -550,7 +561,7 @@ impl Pipeline {
             });
         }
         if self.interest.rewrite {
-            match doc.filter(|_| modified) {
+            match doc.flatten().filter(|_| modified) {
                 // Serializing a `Value` cannot fail.
                 Some(doc) => self
                     .out
