@@ -297,7 +297,7 @@ impl Inner {
         }
         self.store.view(
             budget,
-            self.store.id_of(budget, &who),
+            self.store.id_of(budget, who),
             self.wall(),
             self.now(),
         )
