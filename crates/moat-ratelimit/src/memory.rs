@@ -252,7 +252,6 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moat_core::identity::KeyKind;
 
     const SEC: u64 = 1_000_000_000;
 
