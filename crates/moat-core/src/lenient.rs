@@ -125,6 +125,71 @@ impl<'de, T: Deserialize<'de>> de::DeserializeSeed<'de> for ObjectVisitor<T> {
     }
 }
 
+/// Folds the items of an array into `init` as they are read, each object read as `T` and any
+/// other item as `None`, with its position: no vector of items in between. Nothing when it is
+/// not an array.
+pub(crate) fn fold_objects<'de, D, T, A, F>(d: D, init: A, fold: F) -> Result<Option<A>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+    F: FnMut(&mut A, usize, Option<T>),
+{
+    struct FoldVisitor<T, A, F>(A, F, std::marker::PhantomData<T>);
+    impl<'de, T, A, F> Visitor<'de> for FoldVisitor<T, A, F>
+    where
+        T: Deserialize<'de>,
+        F: FnMut(&mut A, usize, Option<T>),
+    {
+        type Value = Option<A>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+
+        fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+            let FoldVisitor(mut acc, mut fold, _) = self;
+            let mut position = 0;
+            while let Some(item) =
+                seq.next_element_seed(ObjectVisitor::<T>(std::marker::PhantomData))?
+            {
+                fold(&mut acc, position, item);
+                position += 1;
+            }
+            Ok(Some(acc))
+        }
+
+        fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(FoldVisitor(init, fold, std::marker::PhantomData))
+}
+
 /// The items of an array, each object read as `T` and any other item as `None` (so positions
 /// stay those of the array), or nothing when it is not an array.
 pub(crate) fn objects<'de, D, T>(d: D) -> Result<Option<Vec<Option<T>>>, D::Error>

@@ -400,6 +400,10 @@ impl QuotaLayer {
     /// The budgets of this configuration over the layer's states, made on first use.
     fn inner(&self) -> &Arc<Inner> {
         self.inner.get_or_init(|| {
+            if self.config.exact_counting {
+                // Not on the first request.
+                moat_core::tokens::preload();
+            }
             let config = self.config.clone();
             let store = MemoryStore::new(
                 config.budgets.clone(),

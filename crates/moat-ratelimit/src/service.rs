@@ -139,8 +139,13 @@ impl RateLimitLayer {
 
     /// The limiter of this configuration, made on first use.
     fn limiter(&self) -> &Arc<Limiter> {
-        self.limiter
-            .get_or_init(|| Arc::new(Limiter::new(self.config.clone(), &self.states)))
+        self.limiter.get_or_init(|| {
+            if self.config.rules.iter().any(|r| !r.tokens.is_empty()) {
+                // Token rules count exactly: load the tables now, not on the first request.
+                moat_core::tokens::preload();
+            }
+            Arc::new(Limiter::new(self.config.clone(), &self.states))
+        })
     }
 
     /// Adds a rule; a request must pass every rule that applies to it.

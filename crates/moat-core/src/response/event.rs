@@ -6,7 +6,7 @@ use std::fmt;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use crate::lenient::{count, object, objects, text, TextSeed};
+use crate::lenient::{count, fold_objects, object, objects, text, TextSeed};
 use crate::usage::{RawUsage, Usage};
 
 /// What a streamed piece of text is.
@@ -135,8 +135,8 @@ impl<'a> EventView<'a> {
 struct RawEvent<'a> {
     #[serde(rename = "type", default, borrow, deserialize_with = "text")]
     kind: Option<Cow<'a, str>>,
-    #[serde(default, borrow, deserialize_with = "objects")]
-    choices: Option<Vec<Option<RawChoice<'a>>>>,
+    #[serde(default, borrow, deserialize_with = "choices")]
+    choices: Option<Choices<'a>>,
     // Boxed: a usage object is rare, and large, and events are moved while they are read.
     #[serde(default, deserialize_with = "object")]
     usage: Option<Box<RawUsage>>,
@@ -156,6 +156,57 @@ struct RawEvent<'a> {
     response: Option<Box<Holder>>,
     #[serde(default, borrow)]
     error: Option<Box<RawError<'a>>>,
+}
+
+/// `choices`, read straight into text deltas and finish reasons as each choice is read.
+#[derive(Default)]
+struct Choices<'a> {
+    count: usize,
+    deltas: Vec<TextDelta<'a>>,
+    finishes: Vec<(u32, Cow<'a, str>)>,
+}
+
+impl<'a> Choices<'a> {
+    /// Takes in the choice at `pos` of the array.
+    fn push(&mut self, pos: usize, choice: Option<RawChoice<'a>>) {
+        self.count += 1;
+        let Some(choice) = choice else { return };
+        let i = index(choice.index);
+        let deltas = &mut self.deltas;
+        let mut push = |kind, text: Option<Cow<'a, str>>, slot| {
+            if let Some(text) = text.filter(|t| !t.is_empty()) {
+                deltas.push(TextDelta {
+                    choice: i,
+                    part: 0,
+                    kind,
+                    text,
+                    slot,
+                    edited: false,
+                });
+            }
+        };
+        if let Some(delta) = choice.delta {
+            push(DeltaKind::Content, delta.content, Slot::Content(pos));
+            push(DeltaKind::Content, delta.refusal, Slot::Refusal(pos));
+            let calls = delta.tool_calls.into_iter().flatten().enumerate();
+            for (call, tool) in calls.filter_map(|(c, t)| Some((c, t?))) {
+                let kind = DeltaKind::ToolArguments {
+                    index: index(tool.index),
+                };
+                let args = tool.function.and_then(|f| f.arguments);
+                push(kind, args, Slot::Arguments(pos, call));
+            }
+        } else {
+            push(DeltaKind::Content, choice.text, Slot::Text(pos));
+        }
+        if let Some(reason) = choice.finish_reason {
+            self.finishes.push((i, reason));
+        }
+    }
+}
+
+fn choices<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Choices<'de>>, D::Error> {
+    fold_objects(d, Choices::default(), Choices::push)
 }
 
 #[derive(Deserialize)]
@@ -231,40 +282,9 @@ impl<'a> RawEvent<'a> {
         view.usage = usage.and_then(|u| u.into_usage());
         view.error = self.error.and_then(|e| e.0);
         if let Some(choices) = self.choices {
-            view.usage_only = choices.is_empty() && view.usage.is_some();
-            for (pos, choice) in choices.into_iter().enumerate() {
-                let Some(choice) = choice else { continue };
-                let i = index(choice.index);
-                let mut push = |kind, text: Option<Cow<'a, str>>, slot| {
-                    if let Some(text) = text.filter(|t| !t.is_empty()) {
-                        view.deltas.push(TextDelta {
-                            choice: i,
-                            part: 0,
-                            kind,
-                            text,
-                            slot,
-                            edited: false,
-                        });
-                    }
-                };
-                if let Some(delta) = choice.delta {
-                    push(DeltaKind::Content, delta.content, Slot::Content(pos));
-                    push(DeltaKind::Content, delta.refusal, Slot::Refusal(pos));
-                    let calls = delta.tool_calls.into_iter().flatten().enumerate();
-                    for (call, tool) in calls.filter_map(|(c, t)| Some((c, t?))) {
-                        let kind = DeltaKind::ToolArguments {
-                            index: index(tool.index),
-                        };
-                        let args = tool.function.and_then(|f| f.arguments);
-                        push(kind, args, Slot::Arguments(pos, call));
-                    }
-                } else {
-                    push(DeltaKind::Content, choice.text, Slot::Text(pos));
-                }
-                if let Some(reason) = choice.finish_reason {
-                    view.finishes.push((i, reason));
-                }
-            }
+            view.usage_only = choices.count == 0 && view.usage.is_some();
+            view.deltas = choices.deltas;
+            view.finishes = choices.finishes;
             view.kind = self.kind;
             return view;
         }

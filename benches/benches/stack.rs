@@ -1,0 +1,229 @@
+//! The three landed layers stacked as the gateway stacks them (rate limits, then budgets, then
+//! redaction), in memory, with exact token counting, on a 2 KB chat request with nothing to
+//! find; and a streamed reply of 200 events through all three.
+//!
+//! - `request_2kb`: a bare service that reads the body and answers with usage (the baseline);
+//!   the shared parse alone; each layer alone; the three together. Each request's response body
+//!   is read to its end (where usage settles).
+//! - `stream_200_events`: the same request with `stream: true`, answered by 200 chat chunks and a
+//!   usage chunk in 512-byte frames, through a bare service and through the three layers. The
+//!   per-event cost is (stack − bare − the request's own cost) ÷ 200.
+
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use futures_util::FutureExt;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use moat_core::body::{RequestBody, DEFAULT_BODY_LIMIT};
+use moat_core::identity::{ClientIp, Global, PeerAddr};
+use moat_core::request::{read_llm_request, LlmBody};
+use moat_quota::{Budget, Period, QuotaLayer};
+use moat_ratelimit::{Limit, RateLimitLayer, Rule};
+use moat_redact::{Entity, RedactLayer, Redactor};
+use tower::{Layer, Service, ServiceBuilder};
+
+const USAGE: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":500,"completion_tokens":20,"total_tokens":520}}"#;
+
+fn body_2kb(stream: bool) -> Bytes {
+    let filler =
+        "Please summarise the attached notes about the quarterly plan and the open items. ";
+    let text = filler.repeat(2000 / filler.len() + 1)[..2000].to_owned();
+    Bytes::from(
+        serde_json::json!({"model": "gpt-4o", "stream": stream, "max_tokens": 100,
+            "messages": [{"role": "user", "content": text}]})
+        .to_string(),
+    )
+}
+
+/// 200 chat chunks and a usage chunk, cut in 512-byte frames.
+fn stream_frames() -> Vec<Bytes> {
+    let mut sse = String::new();
+    for i in 0..200 {
+        sse.push_str(&format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}]}}\n\n"
+        ));
+    }
+    sse.push_str("data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":500,\"completion_tokens\":200,\"total_tokens\":700}}\n\ndata: [DONE]\n\n");
+    sse.as_bytes()
+        .chunks(512)
+        .map(Bytes::copy_from_slice)
+        .collect()
+}
+
+type Frames = StreamBody<
+    futures_util::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>,
+>;
+
+/// An upstream that reads the body and answers: JSON with usage, or the stream when asked.
+async fn upstream<B: http_body::Body<Data = Bytes>>(
+    req: Request<B>,
+    frames: Option<Vec<Bytes>>,
+) -> Result<Response<http_body_util::Either<Full<Bytes>, Frames>>, Infallible> {
+    let _ = req.into_body().collect().await;
+    Ok(match frames {
+        None => Response::builder()
+            .header("content-type", "application/json")
+            .body(http_body_util::Either::Left(Full::new(Bytes::from_static(
+                USAGE.as_bytes(),
+            ))))
+            .unwrap(),
+        Some(frames) => {
+            let frames: Vec<_> = frames
+                .into_iter()
+                .map(|f| Ok(http_body::Frame::data(f)))
+                .collect();
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(http_body_util::Either::Right(StreamBody::new(
+                    futures_util::stream::iter(frames),
+                )))
+                .unwrap()
+        }
+    })
+}
+
+fn request(body: &Bytes) -> Request<Full<Bytes>> {
+    let mut r = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header(
+            "authorization",
+            "Bearer sk-proj-0123456789abcdefghijklmnopqrstuvwxyz",
+        )
+        .body(Full::new(body.clone()))
+        .unwrap();
+    r.extensions_mut()
+        .insert(PeerAddr("192.0.2.1:1".parse().unwrap()));
+    r
+}
+
+fn ratelimit() -> RateLimitLayer {
+    RateLimitLayer::new(
+        Rule::new("per-ip", ClientIp::default())
+            .limit(Limit::new(1 << 40, Duration::from_secs(1)).unwrap())
+            .tokens(Limit::new(1 << 50, Duration::from_secs(60)).unwrap()),
+    )
+}
+
+fn quota() -> QuotaLayer {
+    QuotaLayer::new(Budget::new("daily", Global, Period::Day).tokens(u64::MAX / 4))
+}
+
+fn redact() -> RedactLayer {
+    RedactLayer::new(Redactor::new(&Entity::ALL))
+}
+
+/// Times one request through `svc`, reading the response body to its end.
+fn bench<S, B>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    body: &Bytes,
+    mut svc: S,
+) where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    group.bench_function(name, |b| {
+        b.iter_batched(
+            || request(body),
+            |req| {
+                let res = svc.call(req).now_or_never().unwrap().unwrap();
+                black_box(res.into_body().collect().now_or_never().unwrap().unwrap())
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+macro_rules! upstream_for {
+    ($body:ty, $frames:expr) => {{
+        let frames: Option<Vec<Bytes>> = $frames;
+        tower::service_fn(move |req: Request<$body>| upstream(req, frames.clone()))
+    }};
+}
+
+fn requests(c: &mut Criterion) {
+    let body = body_2kb(false);
+    let mut group = c.benchmark_group("stack_request_2kb");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    bench(
+        &mut group,
+        "bare service (baseline)",
+        &body,
+        upstream_for!(Full<Bytes>, None),
+    );
+    let parse_only = tower::service_fn(|req: Request<Full<Bytes>>| async move {
+        match read_llm_request(req, DEFAULT_BODY_LIMIT).await {
+            Ok(LlmBody::Parsed { request, .. } | LlmBody::Unparsed(request)) => {
+                upstream(request, None).await
+            }
+            Err(_) => unreachable!("the benchmark's request parses"),
+        }
+    });
+    bench(&mut group, "shared parse only", &body, parse_only);
+    let inner = upstream_for!(RequestBody<Full<Bytes>>, None);
+    bench(
+        &mut group,
+        "ratelimit alone",
+        &body,
+        ratelimit().layer(inner.clone()),
+    );
+    bench(
+        &mut group,
+        "quota alone",
+        &body,
+        quota().layer(inner.clone()),
+    );
+    bench(
+        &mut group,
+        "redact alone",
+        &body,
+        redact().layer(inner.clone()),
+    );
+    let stack = ServiceBuilder::new()
+        .layer(ratelimit())
+        .layer(quota())
+        .layer(redact())
+        .service(upstream_for!(
+            RequestBody<RequestBody<RequestBody<Full<Bytes>>>>,
+            None
+        ));
+    bench(&mut group, "ratelimit + quota + redact", &body, stack);
+    group.finish();
+}
+
+fn streams(c: &mut Criterion) {
+    let body = body_2kb(true);
+    let frames = stream_frames();
+    let mut group = c.benchmark_group("stack_stream_200_events");
+    group.throughput(Throughput::Elements(200));
+    bench(
+        &mut group,
+        "bare service (baseline)",
+        &body,
+        upstream_for!(Full<Bytes>, Some(frames.clone())),
+    );
+    let stack = ServiceBuilder::new()
+        .layer(ratelimit())
+        .layer(quota())
+        .layer(redact())
+        .service(upstream_for!(
+            RequestBody<RequestBody<RequestBody<Full<Bytes>>>>,
+            Some(frames.clone())
+        ));
+    bench(&mut group, "ratelimit + quota + redact", &body, stack);
+    group.finish();
+}
+
+#[allow(missing_docs)] // generated by the macro
+mod group {
+    use super::*;
+    criterion_group!(benches, requests, streams);
+}
+use group::benches;
+criterion_main!(benches);
