@@ -1,5 +1,8 @@
 //! Requests reserved and settled in Redis through `QuotaLayer`: throughput and latency with
-//! concurrent clients against a private redis-server on loopback.
+//! concurrent clients against a private redis-server on loopback; and, in the same run, what
+//! `redis-benchmark` gets running the same two scripts (reserve, settle) with the same arguments
+//! (captured with `MONITOR`) and as many clients, combined as one request: 1 ÷ (1/reserve +
+//! 1/settle).
 //!
 //! Run: `cargo bench -p moat-benches --bench quota_redis`
 
@@ -25,8 +28,9 @@ fn main() {
         .build()
         .unwrap();
     println!("QuotaLayer with Redis: reserve before, settle after ({PER_ROW} requests per row, 1,000 keys)");
-    println!("| concurrent clients | requests/s | p50 | p99 |");
-    println!("|---|---|---|---|");
+    println!("| concurrent clients | requests/s | p50 | p99 | redis-benchmark, same scripts/s | moat ÷ redis-benchmark |");
+    println!("|---|---|---|---|---|---|");
+    let mut scripts = None;
     for clients in [1usize, 8, 32] {
         let store = RedisStore::open(&redis.url())
             .unwrap()
@@ -48,6 +52,22 @@ fn main() {
             )
         });
         let service = ServiceBuilder::new().layer(layer).service(inner);
+        let scripts = scripts.get_or_insert_with(|| {
+            // Once before capturing: the first call loads the scripts.
+            let (warm, one) = (service.clone(), service.clone());
+            runtime.block_on(async move {
+                let res = warm.oneshot(request(0)).await.unwrap();
+                let _ = res.into_body().collect().await;
+            });
+            let commands = moat_benches::capture_evalsha(redis.port(), || {
+                runtime.block_on(async move {
+                    let res = one.oneshot(request(0)).await.unwrap();
+                    let _ = res.into_body().collect().await;
+                });
+            });
+            assert_eq!(commands.len(), 2, "one reserve, one settle: {commands:?}");
+            commands
+        });
         let (elapsed, mut latencies) = runtime.block_on(async move {
             for i in 0..50 {
                 let _ = service.clone().oneshot(request(i)).await;
@@ -62,10 +82,14 @@ fn main() {
             })
             .await
         });
-        println!(
-            "{}",
-            moat_benches::latency_row(clients, &mut latencies, elapsed)
-        );
+        let moat = latencies.len() as f64 / elapsed.as_secs_f64();
+        let row = moat_benches::latency_row(clients, &mut latencies, elapsed);
+        let per_request: f64 = scripts
+            .iter()
+            .map(|s| 1.0 / moat_benches::redis_benchmark(redis.port(), s, clients, PER_ROW))
+            .sum();
+        let peer = 1.0 / per_request;
+        println!("{row} {peer:.0} | {:.0}% |", 100.0 * moat / peer);
     }
 }
 

@@ -1,5 +1,7 @@
 //! Redis-backed decisions per second and latency percentiles with concurrent clients, against
-//! a private redis-server on loopback, through `RateLimitLayer`.
+//! a private redis-server on loopback, through `RateLimitLayer`; and, in the same run, what
+//! `redis-benchmark` gets from the same server running the same script with the same arguments
+//! (captured with `MONITOR`) and as many clients: the ceiling a client library could reach.
 //!
 //! Run: `cargo bench -p moat-benches --bench ratelimit_redis`
 
@@ -26,8 +28,9 @@ fn main() {
         .build()
         .unwrap();
     println!("redis decisions through RateLimitLayer ({PER_LEVEL} requests per row, 1,000 keys)");
-    println!("| concurrent clients | decisions/s | p50 | p99 |");
-    println!("|---|---|---|---|");
+    println!("| concurrent clients | decisions/s | p50 | p99 | redis-benchmark, same script/s | moat ÷ redis-benchmark |");
+    println!("|---|---|---|---|---|---|");
+    let mut script = None;
     for clients in [1usize, 8, 32, 128] {
         let store = RedisStore::open(&redis.url())
             .unwrap()
@@ -43,6 +46,22 @@ fn main() {
             Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
         });
         let service = ServiceBuilder::new().layer(layer).service(inner);
+        let script = script.get_or_insert_with(|| {
+            // Once before capturing: the first call loads the scripts.
+            let (warm, one) = (service.clone(), service.clone());
+            runtime.block_on(async move {
+                let _ = warm.oneshot(request(0)).await;
+            });
+            let commands = moat_benches::capture_evalsha(redis.port(), || {
+                runtime.block_on(async move {
+                    let _ = one.oneshot(request(0)).await;
+                });
+            });
+            commands
+                .into_iter()
+                .next()
+                .expect("a decision runs the script")
+        });
         let (elapsed, mut latencies) = runtime.block_on(async move {
             // Warm up the connection and script cache.
             for i in 0..100u32 {
@@ -58,10 +77,10 @@ fn main() {
             })
             .await
         });
-        println!(
-            "{}",
-            moat_benches::latency_row(clients, &mut latencies, elapsed)
-        );
+        let moat = latencies.len() as f64 / elapsed.as_secs_f64();
+        let row = moat_benches::latency_row(clients, &mut latencies, elapsed);
+        let peer = moat_benches::redis_benchmark(redis.port(), script, clients, PER_LEVEL);
+        println!("{row} {peer:.0} | {:.0}% |", 100.0 * moat / peer);
     }
 }
 
