@@ -5,18 +5,20 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use moat::core::clock::SharedClock;
 use moat::core::identity::{CallerResolver, Fingerprinter};
 use moat::core::store::RedisConnection;
 
 use crate::config::ConfigError;
 
 /// The build context: the caller resolver and fingerprinter every layer identifies callers
-/// with, the body limit every layer reads up to, environment lookups, and one Redis connection
-/// per server, shared by every store that uses it.
+/// with, the clock they read, the body limit every layer reads up to, environment lookups, and
+/// one Redis connection per server, shared by every store that uses it.
 pub(crate) struct Context<'a> {
     pub(crate) source: &'a str,
     pub(crate) resolver: CallerResolver,
     pub(crate) fingerprinter: Fingerprinter,
+    pub(crate) clock: SharedClock,
     pub(crate) max_body_bytes: usize,
     pub(crate) env: &'a dyn Fn(&str) -> Option<String>,
     /// The URL of `redis_url` at the top level, for sections that name none of their own.
@@ -46,6 +48,7 @@ impl<'a> Context<'a> {
             source,
             resolver,
             fingerprinter,
+            clock: moat::core::clock::system(),
             max_body_bytes,
             env,
             default_redis,

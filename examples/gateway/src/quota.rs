@@ -174,6 +174,7 @@ impl QuotaConfig {
         layer = layer
             .with_prices(self.prices(ctx, span.clone())?)
             .with_caller_resolver(ctx.resolver.clone())
+            .with_clock(ctx.clock.clone())
             .with_body_limit(ctx.max_body_bytes)
             .with_max_tokens_cap(self.cap_max_tokens);
         if let Some(max) = self.max_keys {

@@ -61,6 +61,7 @@ impl RateLimitConfig {
         };
         layer = layer
             .with_caller_resolver(ctx.resolver.clone())
+            .with_clock(ctx.clock.clone())
             .with_body_limit(ctx.max_body_bytes)
             .with_headers(self.headers.into());
         if let Some(max) = self.max_keys {
