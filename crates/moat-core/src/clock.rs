@@ -123,6 +123,9 @@ pub type SharedClock = Arc<dyn Clock>;
 
 /// The default clock as a [`SharedClock`].
 pub fn system() -> SharedClock {
+    // The first reading calibrates the time-stamp counter (up to 200 ms): when a layer is
+    // built, not on its first request.
+    let _ = SystemClock.now();
     Arc::new(SystemClock)
 }
 

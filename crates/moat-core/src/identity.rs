@@ -718,8 +718,8 @@ pub struct Caller {
     pub tier: Option<Arc<str>>,
     /// The client IP.
     pub ip: Option<IpAddr>,
-    /// Whether a [`CallerResolver`] has looked for the key and the IP already (either may be
-    /// absent), so later layers only read what is stored.
+    /// Whether a [`CallerResolver`] has looked for the key and found the IP already (the key
+    /// may be absent), so later layers only read what is stored.
     resolved: bool,
 }
 
@@ -822,7 +822,10 @@ impl CallerResolver {
     }
 
     /// The request's [`Caller`]: the stored one, or a new one (then stored). Missing fields of a
-    /// stored caller (API key, IP) are filled in.
+    /// stored caller (API key, IP) are filled in, once: when a resolver has found the client's
+    /// IP, later layers read the stored caller as it is (a request without an API key is not
+    /// searched for one again), so every layer of a stack should share one resolver, as the
+    /// layers' `with_caller_resolver` and the gateway arrange.
     pub fn resolve<B>(&self, req: &mut Request<B>) -> Caller {
         let stored = req.extensions().get::<Caller>();
         if let Some(caller) = stored {
@@ -831,7 +834,6 @@ impl CallerResolver {
             }
         }
         let mut caller = stored.cloned().unwrap_or_default();
-        caller.resolved = true;
         if caller.api_key.is_none() {
             caller.api_key = presented_api_key(req.headers())
                 .map(|key| self.fingerprinter.fingerprint(key.as_bytes()));
@@ -839,6 +841,8 @@ impl CallerResolver {
         if caller.ip.is_none() {
             caller.ip = self.client_ip.client_ip(req);
         }
+        // Without an IP (no peer address yet), a later layer may still find one.
+        caller.resolved = caller.ip.is_some();
         req.extensions_mut().insert(caller.clone());
         caller
     }
@@ -1060,5 +1064,23 @@ mod tests {
         assert_eq!(caller.id.as_deref(), Some("alice"));
         assert_eq!(caller.tier.as_deref(), Some("free"));
         assert!(caller.api_key.is_some() && caller.ip.is_some());
+        // Without an API key, a second layer does not look for one again...
+        let mut anonymous = request(&[], "203.0.113.1:9");
+        let first = resolver.resolve(&mut anonymous);
+        anonymous
+            .headers_mut()
+            .insert("x-api-key", http::HeaderValue::from_static("k2"));
+        assert_eq!(resolver.resolve(&mut anonymous), first);
+        assert!(first.api_key.is_none());
+        // ...but without an IP, it looks again.
+        let mut no_peer = Request::builder().body(()).unwrap();
+        assert_eq!(resolver.resolve(&mut no_peer).ip, None);
+        no_peer
+            .extensions_mut()
+            .insert(PeerAddr("198.51.100.7:1".parse().unwrap()));
+        assert_eq!(
+            resolver.resolve(&mut no_peer).ip,
+            Some("198.51.100.7".parse().unwrap())
+        );
     }
 }

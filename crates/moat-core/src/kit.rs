@@ -324,7 +324,7 @@ pub struct ScopeSpec<'a> {
 impl ScopeSpec<'_> {
     /// The scope, keyed as `resolver` identifies callers.
     pub fn scope(&self, resolver: &CallerResolver) -> Scope {
-        let mut scope = Scope {
+        Scope {
             name: Arc::from(self.name),
             key: self.key.extractor(resolver),
             routes: self.routes.to_vec(),
@@ -332,9 +332,7 @@ impl ScopeSpec<'_> {
             models: self.models.to_vec(),
             tiers: self.tiers.to_vec(),
             mode: self.mode,
-        };
-        scope.routes.dedup();
-        scope
+        }
     }
 }
 

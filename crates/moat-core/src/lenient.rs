@@ -197,54 +197,9 @@ where
     D: Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    struct ArrayVisitor<T>(std::marker::PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> Visitor<'de> for ArrayVisitor<T> {
-        type Value = Option<Vec<Option<T>>>;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("any JSON value")
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(16));
-            while let Some(item) =
-                seq.next_element_seed(ObjectVisitor::<T>(std::marker::PhantomData))?
-            {
-                out.push(item);
-            }
-            Ok(Some(out))
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-    }
-    d.deserialize_any(ArrayVisitor(std::marker::PhantomData))
+    fold_objects(d, Vec::new(), |items: &mut Vec<Option<T>>, _, item| {
+        items.push(item)
+    })
 }
 
 /// A non-negative integer (or an integral float), or nothing: any other value reads as nothing.

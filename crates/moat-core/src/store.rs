@@ -133,7 +133,8 @@ mod redis_connection {
 
     /// A multiplexed Redis connection, made on first use, that reconnects by itself. One is
     /// meant to be shared (in an `Arc`) by every store talking to the same server; each call
-    /// gives up after the timeout its store passes.
+    /// gives up after the timeout its store passes, whatever happens inside it (connecting
+    /// included: a connection attempt itself waits at most a second, retried once).
     pub struct RedisConnection {
         client: redis::Client,
         conn: tokio::sync::OnceCell<ConnectionManager>,

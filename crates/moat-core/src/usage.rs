@@ -166,7 +166,8 @@ impl Usage {
     }
 
     /// The usage of a whole JSON reply, as [`find`](Self::find) finds it, read from its bytes
-    /// without building a document (everything else is skipped).
+    /// without building a document (everything else is skipped). A reply the typed read refuses
+    /// (a key given twice, say) is read as a document, as `find` would.
     pub fn of_reply(bytes: &[u8]) -> Option<Self> {
         #[derive(Deserialize)]
         struct Holder {
@@ -182,7 +183,14 @@ impl Usage {
             #[serde(default, deserialize_with = "crate::lenient::object")]
             message: Option<Holder>,
         }
-        let reply: Reply = serde_json::from_slice(bytes).ok()?;
+        // A derived struct would also read an array.
+        if !bytes.trim_ascii_start().starts_with(b"{") {
+            return None;
+        }
+        let Ok(reply) = serde_json::from_slice::<Reply>(bytes) else {
+            let document = serde_json::from_slice::<Value>(bytes).ok()?;
+            return Self::find(&document);
+        };
         [
             reply.usage,
             reply.response.and_then(|h| h.usage),
@@ -359,6 +367,7 @@ mod tests {
             json!({"usage": {"prompt_tokens": 1.0, "completion_tokens": -1}}),
             json!({"choices": [{"message": {"content": "ok"}}], "usage": [1, 2]}),
             json!([1, 2, 3]),
+            json!([{"prompt_tokens": 5, "completion_tokens": 3}]),
             json!({"usage": null}),
         ];
         for doc in [chat, responses, anthropic, start].iter().chain(&odd) {
@@ -366,6 +375,11 @@ mod tests {
             assert_eq!(Usage::of_reply(&bytes), Usage::find(doc), "{doc}");
         }
         assert_eq!(Usage::of_reply(b"not json"), None);
+        // A key given twice: the last one counts, as in a document.
+        let twice = br#"{"usage": {"prompt_tokens": 1}, "usage": {"prompt_tokens": 7, "completion_tokens": 2}}"#;
+        let document: Value = serde_json::from_slice(twice).unwrap();
+        assert_eq!(Usage::of_reply(twice), Usage::find(&document));
+        assert_eq!(Usage::of_reply(twice).unwrap().input_tokens, 7);
     }
 
     #[test]

@@ -727,7 +727,9 @@ fn quota_headers(quota: &Inner, tickets: &[Ticket]) -> Vec<(HeaderName, HeaderVa
     };
     let remaining = budget.limits.remaining(&ticket.committed);
     let mut headers = Vec::with_capacity(4);
-    headers.push((BUDGET, quota.store.name_value(ticket.budget).clone()));
+    if let Some(name) = quota.store.name_value(ticket.budget) {
+        headers.push((BUDGET, name.clone()));
+    }
     if budget.limits.tokens.is_some() {
         headers.push((REMAINING_TOKENS, HeaderValue::from(remaining.tokens)));
     }

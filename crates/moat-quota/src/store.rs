@@ -254,8 +254,8 @@ struct Slot {
     budget: Budget,
     state: Arc<BudgetState>,
     window: WindowCache,
-    /// The budget's name as a header value.
-    name_value: HeaderValue,
+    /// The budget's name as a header value (none for a name no header can carry).
+    name_value: Option<HeaderValue>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -288,8 +288,7 @@ impl MemoryStore {
                         || BudgetState::new(budget.name(), max_keys),
                     );
                     Slot {
-                        name_value: HeaderValue::from_str(budget.name())
-                            .unwrap_or_else(|_| HeaderValue::from_static("budget")),
+                        name_value: HeaderValue::from_bytes(budget.name().as_bytes()).ok(),
                         budget,
                         state,
                         window: WindowCache::default(),
@@ -317,7 +316,6 @@ impl MemoryStore {
     }
 
     fn lock(&self, budget: usize, key: &u64) -> MutexGuard<'_, Shard> {
-        // Digests are uniform: their first byte picks the shard.
         self.budgets[budget].state.shards[shard_of(*key)]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -509,8 +507,8 @@ impl MemoryStore {
     }
 
     /// The budget's name, as a header value.
-    pub(crate) fn name_value(&self, index: usize) -> &HeaderValue {
-        &self.budgets[index].name_value
+    pub(crate) fn name_value(&self, index: usize) -> Option<&HeaderValue> {
+        self.budgets[index].name_value.as_ref()
     }
 
     pub(crate) fn metrics(&self, index: usize) -> &BudgetMetrics {

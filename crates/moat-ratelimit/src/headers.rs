@@ -175,7 +175,7 @@ fn formatted_once(
     })
 }
 
-fn number(n: u64) -> HeaderValue {
+pub(crate) fn number(n: u64) -> HeaderValue {
     static SMALL: OnceLock<Vec<HeaderValue>> = OnceLock::new();
     match usize::try_from(n) {
         Ok(small) if n < FORMATTED_ONCE => formatted_once(&SMALL, "")[small].clone(),

@@ -233,7 +233,7 @@ impl Limiter {
                         .limits
                         .iter()
                         .chain(&rule.tokens)
-                        .map(|limit| HeaderValue::from(limit.burst()))
+                        .map(|limit| headers::number(limit.burst()))
                         .collect(),
                     store,
                     rule: rule.clone(),

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use axum::response::Response;
 use http::Request;
-use moat::core::identity::{presented_api_key, CallerResolver, Fingerprinter};
+use moat::core::identity::{presented_api_key, CallerResolver};
 use moat::core::reject::{Protocol, Rejection};
 use moat::Caller;
 use pin_project_lite::pin_project;
@@ -25,7 +25,6 @@ use crate::config::ResolvedKey;
 #[derive(Debug)]
 struct Keys {
     by_digest: HashMap<[u8; 32], Caller>,
-    fingerprinter: Fingerprinter,
     resolver: CallerResolver,
 }
 
@@ -37,11 +36,7 @@ pub struct AuthenticateLayer {
 
 impl AuthenticateLayer {
     /// Accepts `keys` (none: everyone, anonymously) and describes callers with `resolver`.
-    pub fn new(
-        keys: &[ResolvedKey],
-        resolver: CallerResolver,
-        fingerprinter: Fingerprinter,
-    ) -> Self {
+    pub fn new(keys: &[ResolvedKey], resolver: CallerResolver) -> Self {
         let by_digest = keys
             .iter()
             .map(|k| {
@@ -58,7 +53,6 @@ impl AuthenticateLayer {
         Self {
             keys: Arc::new(Keys {
                 by_digest,
-                fingerprinter,
                 resolver,
             }),
         }
@@ -99,9 +93,11 @@ impl Keys {
             .by_digest
             .get(&digest)
             .ok_or_else(|| Rejection::unauthorized("Incorrect API key provided."))?;
-        Ok(caller
-            .clone()
-            .with_api_key(self.fingerprinter.fingerprint(presented.as_bytes())))
+        Ok(caller.clone().with_api_key(
+            self.resolver
+                .fingerprinter()
+                .fingerprint(presented.as_bytes()),
+        ))
     }
 }
 

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Duration;
 
-use moat::core::identity::{CallerResolver, Fingerprinter};
+use moat::core::identity::CallerResolver;
 use moat::quota::QuotaLayer;
 use moat::ratelimit::RateLimitLayer;
 use moat::redact::spec::RedactSpec;
@@ -229,10 +229,8 @@ pub struct Resolved {
     pub upstream_api_key: Option<String>,
     /// The virtual keys.
     pub keys: Vec<ResolvedKey>,
-    /// Identifies callers for every layer.
+    /// Identifies callers for every layer (and fingerprints their API keys).
     pub resolver: CallerResolver,
-    /// Fingerprints API keys.
-    pub fingerprinter: Fingerprinter,
     /// The rate-limit layer, when rules are configured.
     pub ratelimit: Option<RateLimitLayer>,
     /// The quota layer, when budgets are configured.
@@ -394,7 +392,7 @@ impl Config {
         };
         let keys = config.keys(source, env)?;
         config.check_tiers(&keys).map_err(|(span, m)| at(span, m))?;
-        let (resolver, fingerprinter) = config
+        let resolver = config
             .identity
             .resolver(env)
             .map_err(|(span, m)| at(span, m))?;
@@ -402,14 +400,7 @@ impl Config {
             .redis_url
             .as_ref()
             .map(|u| (u.get_ref().clone(), u.span()));
-        let ctx = Context::new(
-            source,
-            resolver.clone(),
-            fingerprinter.clone(),
-            max_body_bytes,
-            env,
-            default_redis,
-        );
+        let ctx = Context::new(source, resolver.clone(), max_body_bytes, env, default_redis);
         let ratelimit = match &config.ratelimit {
             Some(section) => section.get_ref().layer(&ctx, section.span())?,
             None => None,
@@ -433,7 +424,6 @@ impl Config {
             upstream_api_key,
             keys,
             resolver,
-            fingerprinter,
             ratelimit,
             quota,
             redact,

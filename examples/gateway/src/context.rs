@@ -6,18 +6,17 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use moat::core::clock::SharedClock;
-use moat::core::identity::{CallerResolver, Fingerprinter};
+use moat::core::identity::CallerResolver;
 use moat::core::store::RedisConnection;
 
 use crate::config::ConfigError;
 
-/// The build context: the caller resolver and fingerprinter every layer identifies callers
-/// with, the clock they read, the body limit every layer reads up to, environment lookups, and
+/// The build context: the caller resolver (and its fingerprinter) every layer identifies
+/// callers with, the clock they read, the body limit every layer reads up to, environment lookups, and
 /// one Redis connection per server, shared by every store that uses it.
 pub(crate) struct Context<'a> {
     pub(crate) source: &'a str,
     pub(crate) resolver: CallerResolver,
-    pub(crate) fingerprinter: Fingerprinter,
     pub(crate) clock: SharedClock,
     pub(crate) max_body_bytes: usize,
     pub(crate) env: &'a dyn Fn(&str) -> Option<String>,
@@ -39,7 +38,6 @@ impl<'a> Context<'a> {
     pub(crate) fn new(
         source: &'a str,
         resolver: CallerResolver,
-        fingerprinter: Fingerprinter,
         max_body_bytes: usize,
         env: &'a dyn Fn(&str) -> Option<String>,
         default_redis: Option<(String, Range<usize>)>,
@@ -47,7 +45,6 @@ impl<'a> Context<'a> {
         Self {
             source,
             resolver,
-            fingerprinter,
             clock: moat::core::clock::system(),
             max_body_bytes,
             env,

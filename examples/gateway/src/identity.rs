@@ -18,11 +18,11 @@ pub struct IdentityConfig {
 }
 
 impl IdentityConfig {
-    /// The fingerprinter and the resolver built on it; `Err` names the unset variable.
+    /// The caller resolver (with its fingerprinter); `Err` names the unset variable.
     pub(crate) fn resolver(
         &self,
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<(CallerResolver, Fingerprinter), (std::ops::Range<usize>, String)> {
+    ) -> Result<CallerResolver, (std::ops::Range<usize>, String)> {
         let fingerprinter = match &self.fingerprint_secret_env {
             Some(name) => {
                 let secret = env(name.get_ref()).ok_or_else(|| {
@@ -39,9 +39,6 @@ impl IdentityConfig {
             None => Fingerprinter::default(),
         };
         let client_ip = ClientIp::new(self.trusted_proxies.iter().copied());
-        Ok((
-            CallerResolver::new(fingerprinter.clone(), client_ip),
-            fingerprinter,
-        ))
+        Ok(CallerResolver::new(fingerprinter, client_ip))
     }
 }

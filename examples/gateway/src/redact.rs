@@ -13,7 +13,7 @@ pub(crate) fn layer(
     ctx: &Context<'_>,
 ) -> Result<RedactLayer, ConfigError> {
     spec.get_ref()
-        .layer(&ctx.fingerprinter, ctx.env)
+        .layer(ctx.resolver.fingerprinter(), ctx.env)
         .map(|layer| layer.with_body_limit(ctx.max_body_bytes))
         .map_err(|e| ctx.error(spec.span(), e))
 }

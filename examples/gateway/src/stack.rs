@@ -7,8 +7,14 @@
 //! ratelimit      cheap, before any body is read
 //! quota          reserves estimated tokens and spend; settles from the reply's usage
 //! redact         PII and secrets replaced before the prompt leaves, restored in the reply
-//! upstream       any tower Service: the provider client, or a breaker and fallback around it
+//! upstream       a tower Service: the provider client, or a breaker and fallback around it
 //! ```
+//!
+//! The upstream takes axum requests and answers `http` responses with any `Bytes` body, never
+//! an error (`Error = Infallible`: a failure is an error response, as [`Upstream`]'s 502 and
+//! 504), and is `Clone + Send + Sync`; a breaker that errors is wrapped to answer instead.
+//!
+//! [`Upstream`]: crate::Upstream
 //!
 //! Each stage is boxed on its own, so a configuration turns stages on and off without a type
 //! per combination; a stage costs one boxed future per request. Layers that must see what
@@ -45,11 +51,7 @@ impl Stack {
     /// The stack a configuration describes.
     pub fn new(resolved: &Resolved) -> Self {
         Self {
-            authenticate: AuthenticateLayer::new(
-                &resolved.keys,
-                resolved.resolver.clone(),
-                resolved.fingerprinter.clone(),
-            ),
+            authenticate: AuthenticateLayer::new(&resolved.keys, resolved.resolver.clone()),
             ratelimit: resolved.ratelimit.clone(),
             quota: resolved.quota.clone(),
             redact: resolved.redact.clone(),
