@@ -29,9 +29,14 @@ use tower::{Layer, Service, ServiceBuilder};
 const USAGE: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":500,"completion_tokens":20,"total_tokens":520}}"#;
 
 fn body_2kb(stream: bool) -> Bytes {
+    body_of(2000, stream)
+}
+
+/// A chat request whose prompt is `bytes` long.
+fn body_of(bytes: usize, stream: bool) -> Bytes {
     let filler =
         "Please summarise the attached notes about the quarterly plan and the open items. ";
-    let text = filler.repeat(2000 / filler.len() + 1)[..2000].to_owned();
+    let text = filler.repeat(bytes / filler.len() + 1)[..bytes].to_owned();
     Bytes::from(
         serde_json::json!({"model": "gpt-4o", "stream": stream, "max_tokens": 100,
             "messages": [{"role": "user", "content": text}]})
@@ -184,6 +189,26 @@ fn requests(c: &mut Criterion) {
         "redact alone",
         &body,
         redact().layer(inner.clone()),
+    );
+    let stack = ServiceBuilder::new()
+        .layer(ratelimit())
+        .layer(quota())
+        .layer(redact())
+        .service(upstream_for!(
+            RequestBody<RequestBody<RequestBody<Full<Bytes>>>>,
+            None
+        ));
+    bench(&mut group, "ratelimit + quota + redact", &body, stack);
+    group.finish();
+
+    // The gateway benchmark's size (scripts/bench-gateway): a 300-byte request.
+    let body = body_of(160, false);
+    let mut group = c.benchmark_group("stack_request_300b");
+    bench(
+        &mut group,
+        "bare service (baseline)",
+        &body,
+        upstream_for!(Full<Bytes>, None),
     );
     let stack = ServiceBuilder::new()
         .layer(ratelimit())

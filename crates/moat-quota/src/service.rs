@@ -179,7 +179,9 @@ impl Inner {
         let ttl = u64::try_from(self.config.reservation_ttl.as_nanos()).unwrap_or(u64::MAX);
         #[cfg(feature = "redis")]
         if let Some(redis) = &self.config.redis {
-            return self.reserve_in_redis(redis, claims, shadow, ttl).await;
+            // Boxed: the Redis path's state would otherwise make every request's future
+            // (memory-only ones included) kilobytes larger.
+            return Box::pin(self.reserve_in_redis(redis, claims, shadow, ttl)).await;
         }
         let (result, shadow_refusals) =
             self.store

@@ -582,8 +582,11 @@ impl Limiter {
         facts: Option<&BodyFacts>,
     ) -> Verdict {
         #[cfg(feature = "redis")]
-        return self.decide_shared(head, caller, facts).await;
-        #[cfg(not(feature = "redis"))]
+        if self.is_shared() {
+            // Boxed: the Redis path's state would otherwise make every request's future
+            // (memory-only ones included) kilobytes larger.
+            return Box::pin(self.decide_shared(head, caller, facts)).await;
+        }
         self.decide(head, caller, facts)
     }
 
