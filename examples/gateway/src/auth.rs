@@ -17,7 +17,7 @@ use moat::core::reject::{Protocol, Rejection};
 use moat::Caller;
 use pin_project_lite::pin_project;
 use sha2::{Digest, Sha256};
-use tower::{Layer, Service};
+use tower::{BoxError, Layer, Service};
 
 use crate::config::ResolvedKey;
 
@@ -101,9 +101,11 @@ impl Keys {
     }
 }
 
-impl<S, B> Service<Request<B>> for Authenticate<S>
+impl<S, B, ResBody> Service<Request<B>> for Authenticate<S>
 where
-    S: Service<Request<B>, Response = Response>,
+    S: Service<Request<B>, Response = http::Response<ResBody>>,
+    ResBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
     type Response = Response;
     type Error = S::Error;
@@ -160,15 +162,20 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
     }
 }
 
-impl<F, E> Future for ResponseFuture<F>
+impl<F, E, ResBody> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<Response, E>>,
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+    ResBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
     type Output = Result<Response, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner { future } => future.poll(cx),
+            // axum's body: the one box a response gets (none if it is one already).
+            KindProj::Inner { future } => future
+                .poll(cx)
+                .map(|result| result.map(|response| response.map(axum::body::Body::new))),
             KindProj::Rejected { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }

@@ -16,20 +16,25 @@
 //!
 //! [`Upstream`]: crate::Upstream
 //!
-//! Each stage is boxed on its own, so a configuration turns stages on and off without a type
-//! per combination; a stage costs one boxed future per request. Layers that must see what
-//! authentication refuses (audit) go outside it.
+//! Stages are composed statically: a stage a configuration leaves out passes requests straight
+//! on, so there is no box per stage. Layers that must see what authentication refuses (audit)
+//! go outside it.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
+use http_body_util::Either;
+use pin_project_lite::pin_project;
 use moat::quota::QuotaLayer;
 use moat::ratelimit::RateLimitLayer;
 use moat::redact::RedactLayer;
 use tower::util::BoxCloneSyncService;
-use tower::{BoxError, Layer, Service, ServiceExt};
+use tower::{BoxError, Layer, Service};
 
 use crate::auth::AuthenticateLayer;
 use crate::config::Resolved;
@@ -76,7 +81,9 @@ impl Stack {
             .collect()
     }
 
-    /// `upstream` behind every stage.
+    /// `upstream` behind every stage. The stages are composed statically (a stage that is not
+    /// configured passes requests straight on), so a request allocates no box per stage: its
+    /// body is boxed once before the upstream, its response once for axum.
     pub fn around<S, B>(&self, upstream: S) -> GatewayService
     where
         S: Service<Request, Response = http::Response<B>, Error = Infallible>
@@ -88,17 +95,10 @@ impl Stack {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let mut service = boxed(upstream);
-        if let Some(redact) = &self.redact {
-            service = boxed(redact.layer(accepting_any_body(service)));
-        }
-        if let Some(quota) = &self.quota {
-            service = boxed(quota.layer(accepting_any_body(service)));
-        }
-        if let Some(ratelimit) = &self.ratelimit {
-            service = boxed(ratelimit.layer(accepting_any_body(service)));
-        }
-        self.authenticated(service)
+        let service = stage(self.redact.as_ref(), AnyBody(upstream));
+        let service = stage(self.quota.as_ref(), service);
+        let service = stage(self.ratelimit.as_ref(), service);
+        BoxCloneSyncService::new(self.authenticate.layer(service))
     }
 
     /// `service` behind authentication only: the gateway's own endpoints, which no rate or
@@ -114,36 +114,100 @@ impl Stack {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        boxed(self.authenticate.layer(boxed(service)))
+        BoxCloneSyncService::new(self.authenticate.layer(service))
     }
 }
 
-/// One stage, boxed: its response body becomes axum's.
-fn boxed<S, B>(service: S) -> GatewayService
-where
-    S: Service<Request, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    BoxCloneSyncService::new(service.map_response(|response| response.map(Body::new)))
+/// `inner` behind `layer` when there is one.
+fn stage<L: Layer<S>, S>(layer: Option<&L>, inner: S) -> Stage<L::Service, S> {
+    match layer {
+        Some(layer) => Stage::On(layer.layer(inner)),
+        None => Stage::Off(inner),
+    }
 }
 
-/// `service`, taking whatever body the layer outside it hands on.
-fn accepting_any_body<B>(
-    service: GatewayService,
-) -> impl Service<http::Request<B>, Response = Response, Error = Infallible, Future: Send>
-       + Clone
-       + Send
-       + Sync
-       + 'static
+/// A configured layer's service, or the service inside it when the layer is not configured.
+#[derive(Debug, Clone)]
+enum Stage<On, Off> {
+    On(On),
+    Off(Off),
+}
+
+impl<On, Off, B, OnBody, OffBody> Service<http::Request<B>> for Stage<On, Off>
 where
+    On: Service<http::Request<B>, Response = http::Response<OnBody>, Error = Infallible>,
+    Off: Service<http::Request<B>, Response = http::Response<OffBody>, Error = Infallible>,
+{
+    type Response = http::Response<Either<OnBody, OffBody>>;
+    type Error = Infallible;
+    type Future = StageFuture<On::Future, Off::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self {
+            Stage::On(service) => service.poll_ready(cx),
+            Stage::Off(service) => service.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        match self {
+            Stage::On(service) => StageFuture::On {
+                future: service.call(request),
+            },
+            Stage::Off(service) => StageFuture::Off {
+                future: service.call(request),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of a [`Stage`].
+    #[project = StageProj]
+    enum StageFuture<On, Off> {
+        On { #[pin] future: On },
+        Off { #[pin] future: Off },
+    }
+}
+
+impl<On, Off, OnBody, OffBody> Future for StageFuture<On, Off>
+where
+    On: Future<Output = Result<http::Response<OnBody>, Infallible>>,
+    Off: Future<Output = Result<http::Response<OffBody>, Infallible>>,
+{
+    type Output = Result<http::Response<Either<OnBody, OffBody>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            StageProj::On { future } => future
+                .poll(cx)
+                .map(|result| result.map(|response| response.map(Either::Left))),
+            StageProj::Off { future } => future
+                .poll(cx)
+                .map(|result| result.map(|response| response.map(Either::Right))),
+        }
+    }
+}
+
+/// The upstream, taking whatever body the stage outside it hands on (boxed into axum's).
+#[derive(Debug, Clone)]
+struct AnyBody<S>(S);
+
+impl<S, B> Service<http::Request<B>> for AnyBody<S>
+where
+    S: Service<Request>,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    service.map_request(|request: http::Request<B>| request.map(Body::new))
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> S::Future {
+        self.0.call(request.map(Body::new))
+    }
 }
