@@ -8,6 +8,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use moat_gateway::config::{Config, Resolved};
 
+/// mimalloc: a request's buffers are allocated on one worker thread and often freed on another,
+/// which glibc's allocator handles slowly.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// An OpenAI-compatible guarded proxy built from the moat layers.
 #[derive(Debug, Parser)]
 #[command(name = "moat-gateway", version, about)]
