@@ -29,10 +29,10 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
 use http_body_util::Either;
-use pin_project_lite::pin_project;
 use moat::quota::QuotaLayer;
 use moat::ratelimit::RateLimitLayer;
 use moat::redact::RedactLayer;
+use pin_project_lite::pin_project;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service};
 
