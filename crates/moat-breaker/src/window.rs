@@ -1,0 +1,223 @@
+//! Sliding windows of call outcomes, written without locks.
+//!
+//! Every slot or bucket is stamped with the breaker's generation (it changes on every state
+//! transition), so a window is emptied by moving to a new generation, not by clearing it under
+//! a lock; a call admitted before a transition writes under its own, stale stamp and is never
+//! counted. A success is one or two relaxed atomic writes. The window is only summed when a
+//! failure or a slow call could trip the breaker, and when a snapshot is taken.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::config::Window;
+
+/// What the window holds for one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) calls: u32,
+    pub(crate) failures: u32,
+    pub(crate) slow: u32,
+}
+
+impl Counts {
+    pub(crate) fn failure_rate(self) -> f64 {
+        ratio(self.failures, self.calls)
+    }
+
+    pub(crate) fn slow_rate(self) -> f64 {
+        ratio(self.slow, self.calls)
+    }
+}
+
+fn ratio(part: u32, whole: u32) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        f64::from(part) / f64::from(whole)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Outcomes {
+    /// The last `slots.len()` calls: slot `i` holds `generation << 3 | slow << 2 | failure << 1
+    /// | 1`, zero when never written.
+    Count {
+        slots: Box<[AtomicU64]>,
+        next: AtomicU64,
+    },
+    /// One bucket per second, `epoch % buckets.len()`.
+    Time { buckets: Box<[Bucket]> },
+}
+
+/// One second of a time window.
+#[derive(Debug, Default)]
+pub(crate) struct Bucket {
+    /// `generation << 32 | second`.
+    stamp: AtomicU64,
+    /// `calls << 42 | failures << 21 | slow`: 21 bits each (2 million calls per second).
+    counts: AtomicU64,
+}
+
+const FIELD: u32 = 21;
+const FIELD_MASK: u64 = (1 << FIELD) - 1;
+
+impl Outcomes {
+    pub(crate) fn new(window: Window) -> Self {
+        match window {
+            Window::Count(n) => Self::Count {
+                slots: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                next: AtomicU64::new(0),
+            },
+            Window::Time(d) => Self::Time {
+                buckets: (0..d.as_secs().max(1)).map(|_| Bucket::default()).collect(),
+            },
+        }
+    }
+
+    /// How many calls a count window has recorded since it was made (0 for a time window).
+    pub(crate) fn position(&self) -> u64 {
+        match self {
+            Self::Count { next, .. } => next.load(Relaxed),
+            Self::Time { .. } => 0,
+        }
+    }
+
+    /// Records one call of generation `generation` that ended at `now`; for a count window,
+    /// returns its position (see [`position`](Self::position)).
+    pub(crate) fn record(
+        &self,
+        generation: u32,
+        now: Duration,
+        failure: bool,
+        slow: bool,
+    ) -> Option<u64> {
+        match self {
+            Self::Count { slots, next } => {
+                let position = next.fetch_add(1, Relaxed);
+                let i = position % slots.len() as u64;
+                let value =
+                    u64::from(generation) << 3 | u64::from(slow) << 2 | u64::from(failure) << 1 | 1;
+                slots[i as usize].store(value, Relaxed);
+                Some(position)
+            }
+            Self::Time { buckets } => {
+                let second = now.as_secs();
+                let bucket = &buckets[(second % buckets.len() as u64) as usize];
+                let stamp = u64::from(generation) << 32 | (second & 0xFFFF_FFFF);
+                let seen = bucket.stamp.load(Relaxed);
+                // The first call of a new second (or generation) takes the bucket over and
+                // empties it. A call that adds between the takeover and the reset is lost: a
+                // few calls at most, at a second's boundary, which a rate does not notice.
+                if seen != stamp
+                    && bucket
+                        .stamp
+                        .compare_exchange(seen, stamp, Relaxed, Relaxed)
+                        .is_ok()
+                {
+                    bucket.counts.store(0, Relaxed);
+                }
+                let delta = 1 << (2 * FIELD) | u64::from(failure) << FIELD | u64::from(slow);
+                bucket.counts.fetch_add(delta, Relaxed);
+                None
+            }
+        }
+    }
+
+    /// What generation `generation` recorded, as of `now`.
+    pub(crate) fn counts(&self, generation: u32, now: Duration) -> Counts {
+        let mut counts = Counts::default();
+        match self {
+            Self::Count { slots, .. } => {
+                for slot in slots.iter() {
+                    let value = slot.load(Relaxed);
+                    if value & 1 == 1 && (value >> 3) as u32 == generation {
+                        counts.calls += 1;
+                        counts.failures += (value >> 1 & 1) as u32;
+                        counts.slow += (value >> 2 & 1) as u32;
+                    }
+                }
+            }
+            Self::Time { buckets } => {
+                let second = now.as_secs();
+                let oldest = second.saturating_sub(buckets.len() as u64 - 1);
+                for bucket in buckets.iter() {
+                    let stamp = bucket.stamp.load(Relaxed);
+                    let at = stamp & 0xFFFF_FFFF;
+                    if (stamp >> 32) as u32 != generation
+                        || at < oldest & 0xFFFF_FFFF
+                        || at > second & 0xFFFF_FFFF
+                    {
+                        continue;
+                    }
+                    let value = bucket.counts.load(Relaxed);
+                    counts.calls += (value >> (2 * FIELD) & FIELD_MASK) as u32;
+                    counts.failures += (value >> FIELD & FIELD_MASK) as u32;
+                    counts.slow += (value & FIELD_MASK) as u32;
+                }
+            }
+        }
+        counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_count_window_holds_only_the_last_n_calls() {
+        let w = Outcomes::new(Window::Count(4));
+        for _ in 0..4 {
+            w.record(7, S, true, false);
+        }
+        assert_eq!(
+            w.counts(7, S),
+            Counts {
+                calls: 4,
+                failures: 4,
+                slow: 0
+            }
+        );
+        for _ in 0..3 {
+            w.record(7, S, false, true);
+        }
+        assert_eq!(
+            w.counts(7, S),
+            Counts {
+                calls: 4,
+                failures: 1,
+                slow: 3
+            }
+        );
+        assert_eq!(
+            w.counts(8, S),
+            Counts::default(),
+            "a new generation is empty"
+        );
+    }
+
+    #[test]
+    fn a_time_window_forgets_what_left_it() {
+        let w = Outcomes::new(Window::Time(Duration::from_secs(3)));
+        w.record(1, 10 * S, true, false);
+        w.record(1, 11 * S, false, false);
+        w.record(1, 12 * S, false, true);
+        assert_eq!(w.counts(1, 12 * S).calls, 3);
+        assert_eq!(w.counts(1, 13 * S).calls, 2, "second 10 left the window");
+        assert_eq!(w.counts(1, 13 * S).failures, 0);
+        // Second 13 reuses second 10's bucket and starts it empty.
+        w.record(1, 13 * S, false, false);
+        assert_eq!(
+            w.counts(1, 13 * S),
+            Counts {
+                calls: 3,
+                failures: 0,
+                slow: 1
+            }
+        );
+        assert_eq!(w.counts(1, 100 * S).calls, 0, "long idle: nothing is left");
+        assert_eq!(w.counts(2, 13 * S).calls, 0);
+    }
+}
