@@ -18,6 +18,7 @@
 //! | `x-mock-ttft-ms: 200` | wait before the first streamed frame |
 //! | `x-mock-chunk-delay-ms: 5` | wait between streamed frames |
 //! | `x-mock-cut-after: 3` | drop the connection after this many streamed frames |
+//! | `x-mock-stream-error: text` | stream only an error event (OpenAI's shape) with this message |
 //! | `x-mock-reply: text` | reply with this text instead of the echo |
 //! | `x-mock-chunk-chars: 1` | characters per streamed delta for this request |
 //! | `x-mock-split-bytes: 7` | also cut the streamed bytes into frames of this many bytes |
@@ -291,6 +292,7 @@ struct Faults {
     ttft: Duration,
     chunk_delay: Duration,
     cut_after: Option<usize>,
+    stream_error: Option<String>,
     reply: Option<String>,
     chunk_chars: usize,
     split_bytes: Option<usize>,
@@ -318,6 +320,7 @@ impl Faults {
                 .map(Duration::from_millis)
                 .unwrap_or(config.chunk_delay),
             cut_after: num("x-mock-cut-after").and_then(|n| usize::try_from(n).ok()),
+            stream_error: text("x-mock-stream-error"),
             reply: text("x-mock-reply"),
             chunk_chars: num("x-mock-chunk-chars")
                 .and_then(|n| usize::try_from(n).ok())
@@ -533,6 +536,13 @@ fn sse(event: Option<&str>, data: &Value) -> Bytes {
 
 /// Streams `frames` with the request's timing and cut faults.
 fn stream(frames: Vec<Bytes>, faults: Faults) -> Response {
+    let frames = match &faults.stream_error {
+        Some(message) => {
+            let error = json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
+            vec![Bytes::from(format!("data: {error}\n\n"))]
+        }
+        None => frames,
+    };
     let frames = match faults.split_bytes {
         Some(n) => {
             let all: Vec<u8> = frames.iter().flat_map(|f| f.to_vec()).collect();
