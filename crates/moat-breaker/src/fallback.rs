@@ -158,7 +158,8 @@ impl<S> Fallback<S> {
     }
 
     /// Adds a target for the requests whose `model` matches one of `models` (`gpt-4o*`
-    /// matches by prefix); empty matches every request.
+    /// matches by prefix); empty matches every request, and so does a request without a
+    /// model. A request whose model no target serves is answered 404 `model_not_found`.
     pub fn target_for_models(
         self,
         name: impl Into<Arc<str>>,
@@ -262,10 +263,12 @@ where
     let mut shortest_wait: Option<Duration> = None;
     let mut last: Option<Response<ResBody>> = None;
     let mut last_error = None;
+    let mut matched = false;
     for target in this.targets.iter() {
-        if !model_matches(&target.models, model.as_deref()) {
+        if model.is_some() && !model_matches(&target.models, model.as_deref()) {
             continue;
         }
+        matched = true;
         let mut attempt = 0;
         loop {
             let request = Request::from_parts(
@@ -311,6 +314,18 @@ where
             last = Some(response);
             break;
         }
+    }
+    if !matched {
+        let model = model.unwrap_or_default();
+        return Ok(Rejection::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("no upstream serves the model {model:?}"),
+        )
+        .with_code("model_not_found")
+        .with_param("model")
+        .with_layer("fallback")
+        .into_response(protocol));
     }
     if let Some((from, reason)) = &skipped {
         Decisions::record(

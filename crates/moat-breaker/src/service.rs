@@ -658,22 +658,29 @@ where
         if let Some(prefix) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
-        let frame = ready!(match this.body.project() {
-            InnerProj::Core { body } => body.poll_frame(cx),
-            InnerProj::Boxed { body } => body.as_mut().poll_frame(cx),
-        });
-        match &frame {
-            None => {
-                if let Some(guard) = this.guard.take() {
-                    guard.finish(true);
-                }
+        let (frame, ended) = match this.body.project() {
+            InnerProj::Core { mut body } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                (frame, body.is_end_stream())
             }
+            InnerProj::Boxed { body } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                (frame, body.is_end_stream())
+            }
+        };
+        match &frame {
             Some(Err(_)) => {
                 if let Some(guard) = this.guard.take() {
                     guard.finish(false);
                 }
             }
-            Some(Ok(_)) => {}
+            // The end, or the last frame: a server that knows the length stops polling there.
+            None | Some(Ok(_)) if frame.is_none() || ended => {
+                if let Some(guard) = this.guard.take() {
+                    guard.finish(true);
+                }
+            }
+            _ => {}
         }
         Poll::Ready(frame)
     }

@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `ratelimit` | `moat::ratelimit` | keyed request, token and concurrency limits ([`moat_ratelimit`]) |
 //! | `quota` | `moat::quota` | token and spend budgets, reserved and settled ([`moat_quota`]) |
+//! | `breaker` | `moat::breaker` | circuit breaker, fallback ladder and retry policy for upstream calls ([`moat_breaker`]) |
 //! | `redact` | `moat::redact` | PII and secrets replaced before the prompt leaves, restored in replies ([`moat_redact`]) |
 //! | `redis` | | limiter state in Redis |
 //! | `serde` | | configuration types deserialize with serde |
@@ -22,6 +23,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "breaker")]
+pub use moat_breaker as breaker;
 pub use moat_core as core;
 pub use moat_core::{
     Caller, Decision, Decisions, Key, KeyExtractor, Rejection, RequestBody, ResponseBody,

@@ -31,8 +31,15 @@ pub struct Config {
     /// Where to listen.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// The provider behind the gateway.
-    pub upstream: UpstreamConfig,
+    /// The provider behind the gateway (or `[[upstreams]]`).
+    pub upstream: Option<Spanned<UpstreamConfig>>,
+    /// Providers tried in order, each behind its own circuit breaker.
+    #[serde(default)]
+    pub upstreams: Vec<Spanned<UpstreamConfig>>,
+    /// When an upstream's circuit breaker opens.
+    pub breaker: Option<Spanned<moat::breaker::BreakerConfig>>,
+    /// How often a failing upstream is tried again before the next.
+    pub retry: Option<Spanned<crate::upstreams::RetryConfig>>,
     /// Virtual keys handed to clients; none means every caller is anonymous, keyed by IP.
     #[serde(default)]
     pub keys: Vec<Spanned<KeyConfig>>,
@@ -111,10 +118,16 @@ pub enum UpstreamKind {
     Anthropic,
 }
 
-/// `[upstream]`.
+/// `[upstream]`, or one `[[upstreams]]` entry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
+    /// Its name (needed when there are several), in `x-moat-fallback`, metrics and
+    /// `/v1/moat/upstreams`.
+    pub name: Option<String>,
+    /// The models it serves (`gpt-4o*` matches by prefix); all when empty.
+    #[serde(default)]
+    pub models: Vec<String>,
     /// The provider's base URL including `/v1`, e.g. `https://api.openai.com/v1`.
     pub base_url: Spanned<String>,
     /// How the provider key is sent.
@@ -221,12 +234,14 @@ pub struct Resolved {
     pub max_body_bytes: usize,
     /// Deadlines and caps for clients.
     pub server: ServerLimits,
-    /// Deadlines for the upstream.
-    pub upstream_timeouts: UpstreamTimeouts,
     /// What [`Config::check`] found worth saying but not fatal (variables that are not set).
     pub warnings: Vec<String>,
-    /// The provider key, if configured.
-    pub upstream_api_key: Option<String>,
+    /// The providers, in the order they are tried.
+    pub upstreams: Vec<crate::upstreams::ResolvedUpstream>,
+    /// When requests go down a ladder of upstreams: the wait between retries of one.
+    pub retry_backoff: Option<moat::breaker::Backoff>,
+    /// Retries per upstream of a ladder.
+    pub retry_attempts: u32,
     /// The virtual keys.
     pub keys: Vec<ResolvedKey>,
     /// Identifies callers for every layer (and fingerprints their API keys).
@@ -330,65 +345,15 @@ impl Config {
     ) -> Result<Resolved, ConfigError> {
         let config = Self::parse(source)?;
         let at = |span: Range<usize>, message: String| ConfigError::at(source, span, message);
-        let base = &config.upstream.base_url;
-        match base.get_ref().parse::<http::Uri>() {
-            Ok(uri)
-                if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
-            _ => {
-                return Err(at(
-                    base.span(),
-                    format!(
-                        "upstream.base_url: `{}` is not an http(s) URL",
-                        base.get_ref()
-                    ),
-                ))
-            }
-        }
         let server = config.server.limits().map_err(|(span, m)| at(span, m))?;
-        let defaults = UpstreamTimeouts::default();
-        let secs = |value: &Option<Spanned<Seconds>>, key: &str, default: Duration| {
-            value.as_ref().map_or(Ok(default), |v| {
-                v.get_ref()
-                    .duration()
-                    .ok_or_else(|| at(v.span(), format!("upstream.{key}: {}", Seconds::RULE)))
-            })
-        };
-        let upstream = &config.upstream;
-        let upstream_timeouts = UpstreamTimeouts {
-            connect: secs(
-                &upstream.connect_timeout_secs,
-                "connect_timeout_secs",
-                defaults.connect,
-            )?,
-            first_byte: secs(
-                &upstream.first_byte_timeout_secs,
-                "first_byte_timeout_secs",
-                defaults.first_byte,
-            )?,
-            idle: secs(
-                &upstream.idle_timeout_secs,
-                "idle_timeout_secs",
-                defaults.idle,
-            )?,
-        };
+        let (upstreams, retry_backoff, retry_attempts) =
+            crate::upstreams::resolve(&config, source, env)?;
         let max_body_bytes = match &config.max_body_bytes {
             None => moat::core::body::DEFAULT_BODY_LIMIT,
             Some(v) if *v.get_ref() == 0 => {
                 return Err(at(v.span(), "max_body_bytes: must be at least 1".into()))
             }
             Some(v) => *v.get_ref(),
-        };
-        let upstream_api_key = match &config.upstream.api_key_env {
-            Some(name) => Some(env(name.get_ref()).ok_or_else(|| {
-                at(
-                    name.span(),
-                    format!(
-                        "upstream.api_key_env: environment variable {} is not set",
-                        name.get_ref()
-                    ),
-                )
-            })?),
-            None => None,
         };
         let keys = config.keys(source, env)?;
         config.check_tiers(&keys).map_err(|(span, m)| at(span, m))?;
@@ -419,9 +384,10 @@ impl Config {
             config,
             max_body_bytes,
             server,
-            upstream_timeouts,
             warnings: Vec::new(),
-            upstream_api_key,
+            upstreams,
+            retry_backoff,
+            retry_attempts,
             keys,
             resolver,
             ratelimit,
@@ -580,7 +546,7 @@ key_sha256 = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"
         let env = |name: &str| (name == "OPENAI_API_KEY").then(|| "sk-real".to_owned());
         let resolved = Config::resolve(GOOD, env).unwrap();
         assert_eq!(resolved.config.listen.port(), 9000);
-        assert_eq!(resolved.upstream_api_key.as_deref(), Some("sk-real"));
+        assert_eq!(resolved.upstreams[0].api_key.as_deref(), Some("sk-real"));
         assert_eq!(resolved.keys.len(), 2);
         assert_eq!(
             resolved.keys[0].sha256,
@@ -693,9 +659,7 @@ key_sha256 = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"
         let timeouts = format!(
             "{base}timeout_secs = 30\nconnect_timeout_secs = 0.25\nidle_timeout_secs = 5\n"
         );
-        let t = Config::resolve(&timeouts, no_env)
-            .unwrap()
-            .upstream_timeouts;
+        let t = Config::resolve(&timeouts, no_env).unwrap().upstreams[0].timeouts;
         assert_eq!(
             (t.first_byte, t.connect, t.idle),
             (
@@ -794,5 +758,41 @@ key_sha256 = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"
             .unwrap_err()
             .message
             .contains("64 hex"));
+    }
+
+    #[test]
+    fn upstreams_breaker_and_retry_resolve_and_mistakes_are_named() {
+        let ladder = "[[upstreams]]\nname = \"primary\"\nbase_url = \"http://a/v1\"\nmodels = [\"gpt-4o*\"]\n[[upstreams]]\nname = \"backup\"\nbase_url = \"http://b/v1\"\n[breaker]\nfailure_rate = 0.5\nminimum_calls = 10\nwindow = \"count:20\"\nopen_for = \"10s\"\nhalf_open_calls = 2\nslow_call = \"30s\"\n[retry]\nattempts = 2\n";
+        let resolved = Config::resolve(ladder, no_env).unwrap();
+        let names: Vec<&str> = resolved.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["primary", "backup"]);
+        assert_eq!(resolved.upstreams[0].models, ["gpt-4o*"]);
+        let breaker = resolved.upstreams[1].breaker.as_ref().unwrap();
+        assert_eq!(breaker.config().open_for, Duration::from_secs(10));
+        assert_eq!(breaker.config().window, moat::breaker::Window::Count(20));
+        assert_eq!(resolved.retry_attempts, 2);
+
+        let single = Config::resolve("[upstream]\nbase_url = \"http://a/v1\"\n", no_env).unwrap();
+        assert!(
+            single.upstreams[0].breaker.is_none() && single.retry_backoff.is_none(),
+            "straight through"
+        );
+
+        for (source, says, line) in [
+            ("[upstream]\nbase_url = \"http://a/v1\"\n[[upstreams]]\nname = \"b\"\nbase_url = \"http://b/v1\"\n", "not both", Some(1)),
+            ("listen = \"127.0.0.1:1\"\n", "no upstream", None),
+            ("[[upstreams]]\nbase_url = \"http://a/v1\"\n[[upstreams]]\nname = \"b\"\nbase_url = \"http://b/v1\"\n", "upstreams[0].name", Some(1)),
+            ("[[upstreams]]\nname = \"a\"\nbase_url = \"http://a/v1\"\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://b/v1\"\n", "two upstreams are named", Some(4)),
+            ("[[upstreams]]\nname = \"a\"\nbase_url = \"ftp://a\"\n", "upstreams[0].base_url", Some(3)),
+            ("[upstream]\nbase_url = \"http://a/v1\"\n[breaker]\nwindow = \"sliding:5\"\n", "breaker.window", Some(4)),
+            ("[upstream]\nbase_url = \"http://a/v1\"\n[breaker]\nopen_for = \"soon\"\n", "breaker.open_for", Some(4)),
+            ("[upstream]\nbase_url = \"http://a/v1\"\n[breaker]\nfailure_rate = 2.0\n", "failure_rate must be", Some(3)),
+            ("[upstream]\nbase_url = \"http://a/v1\"\n[breaker]\nbogus = 1\n", "unknown field `bogus`", Some(4)),
+            ("[upstream]\nbase_url = \"http://a/v1\"\n[retry]\nattempts = 1\nbackoff = \"10s\"\nmax_backoff = \"1s\"\n", "retry: backoff", Some(3)),
+        ] {
+            let e = Config::resolve(source, no_env).unwrap_err();
+            assert!(e.message.contains(says), "{source}: {e}");
+            assert_eq!(e.line, line, "{source}: {e}");
+        }
     }
 }

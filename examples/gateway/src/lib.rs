@@ -27,6 +27,7 @@ pub mod ratelimit;
 mod redact;
 pub mod server;
 pub mod stack;
+pub mod upstreams;
 
 use std::convert::Infallible;
 
@@ -86,16 +87,28 @@ async fn not_found(request: Request) -> Response {
 /// and `/healthz`.
 pub fn app(resolved: &Resolved) -> Router {
     let stack = Stack::new(resolved);
-    router(
-        &stack,
-        stack.around(Upstream::new(resolved)),
-        resolved.quota.as_ref(),
-    )
+    let guarded = match upstreams::ladder(resolved) {
+        Some(ladder) => stack.around(ladder),
+        None => stack.around(Upstream::new(resolved)),
+    };
+    router(&stack, guarded, resolved)
 }
 
 /// The gateway's routes around `guarded`, the stack with its upstream.
-fn router(stack: &Stack, guarded: GatewayService, quota: Option<&QuotaLayer>) -> Router {
-    let quota = quota.map(QuotaLayer::handle);
+fn router(stack: &Stack, guarded: GatewayService, resolved: &Resolved) -> Router {
+    let quota = resolved.quota.as_ref().map(QuotaLayer::handle);
+    let listed = std::sync::Arc::new(resolved.upstreams.clone());
+    let report = service_fn(move |_: Request| {
+        let body = upstreams::report(&listed);
+        async move {
+            let mut response = Response::new(axum::body::Body::from(body));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            Ok::<_, Infallible>(response)
+        }
+    });
     let usage = service_fn(move |request: Request| {
         let budgets = quota.as_ref().map(|q| q.usage(&request));
         async move {
@@ -115,7 +128,11 @@ fn router(stack: &Stack, guarded: GatewayService, quota: Option<&QuotaLayer>) ->
         .route("/v1/embeddings", post())
         .route("/v1/messages", post())
         .route("/v1/models", get_service(guarded.clone()))
-        .route("/v1/moat/usage", get_service(stack.authenticated(usage)));
+        .route("/v1/moat/usage", get_service(stack.authenticated(usage)))
+        .route(
+            "/v1/moat/upstreams",
+            get_service(stack.authenticated(report)),
+        );
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .merge(api)

@@ -133,10 +133,12 @@ async fn main() -> ExitCode {
             demo.url
         );
     } else {
-        println!(
-            "moat-gateway: upstream {}",
-            resolved.config.upstream.base_url.get_ref()
-        );
+        for upstream in &resolved.upstreams {
+            println!(
+                "moat-gateway: upstream {} at {}",
+                upstream.name, upstream.base_url
+            );
+        }
     }
     println!("listening on http://{addr}");
     if demo.is_some() {

@@ -31,6 +31,7 @@ use tower::{BoxError, Service};
 use crate::config::{Resolved, UpstreamKind, UpstreamTimeouts};
 use crate::deadline::DeadlineBody;
 use crate::reject;
+use crate::upstreams::ResolvedUpstream;
 
 /// Headers that describe one connection, never forwarded (RFC 9110, section 7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -82,10 +83,15 @@ struct Provider {
 }
 
 impl Upstream {
-    /// The upstream of a resolved configuration.
+    /// The (first) upstream of a resolved configuration.
     pub fn new(resolved: &Resolved) -> Self {
+        Self::to(&resolved.upstreams[0], resolved.max_body_bytes)
+    }
+
+    /// A client of `upstream`, reading request bodies up to `max_body_bytes`.
+    pub fn to(upstream: &ResolvedUpstream, max_body_bytes: usize) -> Self {
         Self {
-            provider: Arc::new(Provider::new(resolved)),
+            provider: Arc::new(Provider::new(upstream, max_body_bytes)),
         }
     }
 }
@@ -112,15 +118,9 @@ where
 }
 
 impl Provider {
-    fn new(resolved: &Resolved) -> Self {
-        let base: Uri = resolved
-            .config
-            .upstream
-            .base_url
-            .get_ref()
-            .parse()
-            .expect("validated by Config::resolve");
-        let timeouts = resolved.upstream_timeouts;
+    fn new(upstream: &ResolvedUpstream, max_body_bytes: usize) -> Self {
+        let base = &upstream.base_url;
+        let timeouts = upstream.timeouts;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(timeouts.connect));
@@ -131,8 +131,8 @@ impl Provider {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let kind = resolved.config.upstream.kind;
-        let api_key = resolved.upstream_api_key.as_deref().and_then(|key| {
+        let kind = upstream.kind;
+        let api_key = upstream.api_key.as_deref().and_then(|key| {
             let value = match kind {
                 UpstreamKind::Openai => format!("Bearer {key}"),
                 UpstreamKind::Anthropic => key.to_owned(),
@@ -152,7 +152,7 @@ impl Provider {
             kind,
             api_key,
             timeouts,
-            max_body_bytes: resolved.max_body_bytes,
+            max_body_bytes,
         }
     }
 
@@ -349,7 +349,8 @@ mod tests {
     fn upstream(base: &str, kind: &str) -> Provider {
         let source =
             format!("[upstream]\nbase_url = \"{base}\"\nkind = \"{kind}\"\napi_key_env = \"K\"\n");
-        Provider::new(&Config::resolve(&source, |_| Some("sk-provider".into())).unwrap())
+        let resolved = Config::resolve(&source, |_| Some("sk-provider".into())).unwrap();
+        Provider::new(&resolved.upstreams[0], resolved.max_body_bytes)
     }
 
     #[test]

@@ -1326,3 +1326,165 @@ async fn the_stack_wraps_any_upstream_service() {
     assert_eq!(limited.status(), 429);
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
+
+/// Two upstreams tried in order, each behind its breaker.
+fn ladder_config(primary: &str, backup: &str) -> String {
+    format!(
+        "[[upstreams]]\nname = \"primary\"\nbase_url = \"{primary}/v1\"\n\n[[upstreams]]\nname = \"backup\"\nbase_url = \"{backup}/v1\"\n\n[breaker]\nminimum_calls = 2\nwindow = \"count:4\"\nopen_for = \"2s\"\njitter = 0.0\nhalf_open_calls = 1\n\n[retry]\nattempts = 0\n"
+    )
+}
+
+/// Binds a mock again on `addr`, which its earlier incarnation may still hold for a moment.
+async fn revive(addr: SocketAddr) -> MockUpstream {
+    for _ in 0..100 {
+        if let Ok(mock) =
+            MockUpstream::start_with(moat_testkit::mock::MockConfig::default(), addr).await
+        {
+            return mock;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("could not listen on {addr} again");
+}
+
+fn served_by(reply: &Reply) -> &str {
+    reply
+        .headers
+        .get("x-moat-fallback")
+        .map_or("primary", |v| v.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn a_dead_upstream_falls_back_opens_its_breaker_and_is_used_again_once_revived() {
+    let primary = MockUpstream::start().await.unwrap();
+    let primary_addr = primary.addr();
+    let backup = MockUpstream::start().await.unwrap();
+    let gateway = start(&ladder_config(&primary.url(), &backup.url()), &[]).await;
+    let url = &gateway.url;
+
+    let reply = call(
+        url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("hi", false)),
+    )
+    .await;
+    assert_eq!((reply.status, served_by(&reply)), (200, "primary"));
+
+    drop(primary);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for stream in [false, true, false, true] {
+        let reply = call(
+            url,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            Some(chat("hello there", stream)),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_eq!(served_by(&reply), "backup");
+        let body = reply.body.unwrap();
+        let text = if stream {
+            streamed(&body)
+        } else {
+            String::from_utf8_lossy(&body).into_owned()
+        };
+        assert!(text.contains("hello there"), "{text}");
+    }
+    let report = call(url, "GET", "/v1/moat/upstreams", &[], None)
+        .await
+        .json();
+    assert_eq!(report["upstreams"][0]["name"], "primary");
+    assert_eq!(
+        report["upstreams"][0]["breaker"]["state"], "open",
+        "{report}"
+    );
+    assert_eq!(report["upstreams"][1]["breaker"]["state"], "closed");
+    let health = call(url, "GET", "/healthz", &[], None).await;
+    assert_eq!(
+        health.status, 200,
+        "the gateway stays healthy while an upstream fails"
+    );
+
+    let primary = revive(primary_addr).await;
+    let mut back = false;
+    for _ in 0..100 {
+        let reply = call(
+            url,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            Some(chat("hi", false)),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+        if served_by(&reply) == "primary" {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        back,
+        "the primary serves again once its breaker lets a trial through"
+    );
+    assert!(!primary.requests().is_empty());
+    let report = call(url, "GET", "/v1/moat/upstreams", &[], None)
+        .await
+        .json();
+    assert_eq!(
+        report["upstreams"][0]["breaker"]["state"], "closed",
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn upstreams_route_by_model_and_an_unserved_model_is_refused() {
+    let mini = MockUpstream::start().await.unwrap();
+    let rest = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "[[upstreams]]\nname = \"mini\"\nbase_url = \"{}/v1\"\nmodels = [\"gpt-4o-mini*\"]\n\n[[upstreams]]\nname = \"claude\"\nbase_url = \"{}/v1\"\nmodels = [\"claude-*\"]\n",
+        mini.url(),
+        rest.url()
+    );
+    let gateway = start(&config, &[]).await;
+    let reply = call(
+        &gateway.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("hi", false)),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!((mini.requests().len(), rest.requests().len()), (1, 0));
+    let other =
+        json!({"model": "claude-3-5-haiku", "messages": [{"role": "user", "content": "hi"}]});
+    let reply = call(
+        &gateway.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(other),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply.headers.get("x-moat-fallback").is_none(),
+        "the first upstream for its model is no fallback"
+    );
+    assert_eq!((mini.requests().len(), rest.requests().len()), (1, 1));
+    let unknown = json!({"model": "llama-3", "messages": [{"role": "user", "content": "hi"}]});
+    let reply = call(
+        &gateway.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(unknown),
+    )
+    .await;
+    assert_eq!(reply.status, 404, "{:?}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "model_not_found");
+}

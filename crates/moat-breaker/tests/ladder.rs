@@ -1,0 +1,209 @@
+//! Retries and the ladder's last resorts, with upstreams written as functions.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full};
+use moat_breaker::{
+    Backoff, Breaker, BreakerConfig, CircuitBreakerLayer, Fallback, RetryPolicy, State,
+};
+use moat_core::body::RequestBody;
+use moat_core::clock::ManualClock;
+use tower::retry::RetryLayer;
+use tower::{service_fn, Layer, ServiceExt};
+
+/// An upstream that answers `statuses` in turn (the last one from then on), counting calls.
+fn scripted<B: Send + 'static>(
+    statuses: &'static [u16],
+) -> (
+    impl tower::Service<
+            Request<B>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + Sync,
+    Arc<AtomicUsize>,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let service = service_fn(move |_req: Request<B>| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        let status = statuses[n.min(statuses.len() - 1)];
+        async move {
+            let mut response = Response::new(Full::new(Bytes::from(format!("answer {n}"))));
+            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+            if status == 429 {
+                response
+                    .headers_mut()
+                    .insert("retry-after-ms", HeaderValue::from_static("10"));
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    (service, calls)
+}
+
+fn breaker(name: &str) -> Breaker {
+    Breaker::builder(name)
+        .config(BreakerConfig::default())
+        .clock(Arc::new(ManualClock::new()))
+        .build()
+        .unwrap()
+}
+
+fn fast() -> Backoff {
+    Backoff::new(Duration::from_millis(1), Duration::from_millis(50))
+}
+
+#[tokio::test]
+async fn a_target_is_retried_before_the_ladder_moves_on() {
+    let (flaky, flaky_calls) = scripted::<RequestBody<Full<Bytes>>>(&[503, 200]);
+    let (backup, backup_calls) = scripted::<RequestBody<Full<Bytes>>>(&[200]);
+    let primary = breaker("primary");
+    let ladder = Fallback::new()
+        .target(
+            "primary",
+            CircuitBreakerLayer::new(primary.clone()).layer(flaky),
+        )
+        .target(
+            "backup",
+            CircuitBreakerLayer::new(breaker("backup")).layer(backup),
+        )
+        .with_retries(1, fast());
+    let response = ladder
+        .oneshot(Request::new(Full::new(Bytes::from("{}"))))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers().get("x-moat-fallback").is_none(),
+        "the primary served on its retry"
+    );
+    assert_eq!(
+        (
+            flaky_calls.load(Ordering::SeqCst),
+            backup_calls.load(Ordering::SeqCst)
+        ),
+        (2, 0)
+    );
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "answer 1");
+    assert_eq!(
+        (primary.snapshot().calls, primary.snapshot().failures),
+        (2, 1)
+    );
+}
+
+#[tokio::test]
+async fn the_ladder_ends_in_a_static_response_or_the_last_answer() {
+    let (down, _) = scripted::<RequestBody<Full<Bytes>>>(&[503]);
+    let ladder = Fallback::new().target(
+        "only",
+        CircuitBreakerLayer::new(breaker("only")).layer(down.clone()),
+    );
+    let response = ladder
+        .oneshot(Request::new(Full::new(Bytes::from("{}"))))
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        503,
+        "the upstream's own answer says most"
+    );
+
+    let ladder = Fallback::new()
+        .target(
+            "only",
+            CircuitBreakerLayer::new(breaker("only")).layer(down),
+        )
+        .with_last_resort(
+            StatusCode::OK,
+            HeaderValue::from_static("application/json"),
+            Bytes::from_static(br#"{"choices":[{"message":{"content":"busy, try later"}}]}"#),
+        );
+    let response = ladder
+        .oneshot(Request::new(Full::new(Bytes::from("{}"))))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-moat-fallback"], "static");
+}
+
+#[tokio::test]
+async fn every_breaker_open_is_a_503_with_the_soonest_retry_after() {
+    let (up, calls) = scripted::<RequestBody<Full<Bytes>>>(&[200]);
+    let a = breaker("a");
+    let b = breaker("b");
+    a.force_open();
+    b.rate_limited(Duration::from_secs(7));
+    let ladder = Fallback::new()
+        .target("a", CircuitBreakerLayer::new(a).layer(up.clone()))
+        .target("b", CircuitBreakerLayer::new(b).layer(up));
+    let response = ladder
+        .oneshot(Request::new(Full::new(Bytes::from("{}"))))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429, "the last target's refusal");
+    assert_eq!(response.headers()["retry-after"], "7");
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "no upstream was called");
+}
+
+#[tokio::test]
+async fn the_retry_policy_honours_retry_after_and_its_attempts() {
+    let (limited, calls) = scripted::<Full<Bytes>>(&[429, 429, 200]);
+    let service = RetryLayer::new(RetryPolicy::new(2).with_backoff(fast())).layer(limited.clone());
+    let response = service
+        .oneshot(Request::new(Full::new(Bytes::new())))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    let (limited, calls) = scripted::<Full<Bytes>>(&[429]);
+    let service = RetryLayer::new(RetryPolicy::new(2).with_backoff(fast())).layer(limited);
+    let response = service
+        .oneshot(Request::new(Full::new(Bytes::new())))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429, "out of attempts");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    let (bad, calls) = scripted::<Full<Bytes>>(&[400]);
+    let service = RetryLayer::new(RetryPolicy::new(2).with_backoff(fast())).layer(bad);
+    let response = service
+        .oneshot(Request::new(Full::new(Bytes::new())))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "a client error is not retried"
+    );
+}
+
+#[tokio::test]
+async fn a_body_read_to_its_length_counts_though_not_polled_to_its_end() {
+    let (up, _) = scripted::<Full<Bytes>>(&[200]);
+    let b = breaker("length");
+    let response = CircuitBreakerLayer::new(b.clone())
+        .layer(up)
+        .oneshot(Request::new(Full::new(Bytes::new())))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    // What a server does with a body of known length: read until it says it is done.
+    while !body.is_end_stream() {
+        body.frame().await.unwrap().unwrap();
+    }
+    drop(body);
+    assert_eq!(b.snapshot().calls, 1);
+    assert_eq!(b.state(), State::Closed);
+}
