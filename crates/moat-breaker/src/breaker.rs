@@ -267,7 +267,7 @@ struct Shared {
     consecutive_failures: AtomicU32,
     /// The count window's position when the breaker last closed: the call that brings the
     /// window to `minimum_calls` is evaluated even if it succeeded.
-    window_base: AtomicU64,
+    window_base: AtomicU32,
     /// Trips since the breaker last closed: open periods grow with it.
     trips: AtomicU32,
     outcomes: Outcomes,
@@ -350,7 +350,7 @@ impl BreakerBuilder {
                 deadline: AtomicU64::new(0),
                 throttled_until: AtomicU64::new(0),
                 consecutive_failures: AtomicU32::new(0),
-                window_base: AtomicU64::new(0),
+                window_base: AtomicU32::new(0),
                 trips: AtomicU32::new(0),
                 listeners: self.listeners,
                 metrics,
@@ -398,25 +398,37 @@ impl Breaker {
     }
 
     /// Asks to make one call: a [`Permit`] to report its outcome with, or why not.
-    pub fn try_acquire(&self) -> Result<Permit, Refusal> {
-        let shared = &self.shared;
-        let now = shared.clock.now();
-        let result = shared.admit(now);
-        match result {
-            Ok((generation, kind)) => Ok(Permit {
-                breaker: self.clone(),
+    #[inline]
+    pub fn try_acquire(&self) -> Result<Permit<'_>, Refusal> {
+        self.admit().map(|ticket| Permit {
+            breaker: self,
+            ticket,
+        })
+    }
+
+    /// [`try_acquire`](Self::try_acquire) for a permit that outlives this borrow (held by a
+    /// response future or body), at the cost of a reference count.
+    #[inline]
+    pub fn try_acquire_owned(&self) -> Result<OwnedPermit, Refusal> {
+        self.admit().map(|ticket| OwnedPermit {
+            breaker: self.clone(),
+            ticket,
+        })
+    }
+
+    #[inline]
+    fn admit(&self) -> Result<Ticket, Refusal> {
+        let shared = &*self.shared;
+        // The clock is read only when something needs the time: a slow-call threshold or the
+        // open period (read inside `admit` when open), never for a plain closed count window.
+        let started = shared.config.slow_call.map(|_| shared.clock.now());
+        match shared.admit(started) {
+            Ok((generation, kind)) => Ok(Ticket {
                 generation,
                 kind,
-                started: now,
+                started,
             }),
-            Err(refusal) => {
-                shared.metrics.refused(refusal);
-                shared.emit(|| BreakerEvent::Refused {
-                    breaker: shared.name.clone(),
-                    refusal,
-                });
-                Err(refusal)
-            }
+            Err(refusal) => Err(shared.refused(refusal)),
         }
     }
 
@@ -502,79 +514,164 @@ enum PermitKind {
     Uncounted,
 }
 
-/// Leave to make one call. Report how it ended with [`record`](Permit::record); dropping it
-/// instead says the outcome does not count (and gives a half-open trial slot back).
-#[must_use = "a permit reports the call's outcome; dropping it discards the call"]
-pub struct Permit {
-    breaker: Breaker,
+/// What a permit carries: when and under which state it was given.
+#[derive(Debug, Clone, Copy)]
+struct Ticket {
     generation: u32,
     kind: PermitKind,
-    started: Duration,
+    /// When the call started, if slow calls are measured.
+    started: Option<Duration>,
 }
 
-impl fmt::Debug for Permit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Permit")
-            .field("breaker", &self.breaker.shared.name)
-            .field("generation", &self.generation)
-            .field("kind", &self.kind)
-            .finish()
-    }
-}
-
-impl Permit {
-    /// The breaker that gave this permit.
-    pub fn breaker(&self) -> &Breaker {
-        &self.breaker
+impl Ticket {
+    #[inline]
+    fn elapsed(&self, shared: &Shared) -> Option<Duration> {
+        self.started
+            .map(|started| shared.clock.now().saturating_sub(started))
     }
 
-    /// Whether this call is one of a half-open breaker's trials.
-    pub fn is_trial(&self) -> bool {
-        self.kind == PermitKind::Trial
+    #[inline]
+    fn is_slow(&self, shared: &Shared) -> bool {
+        match (shared.config.slow_call, self.elapsed(shared)) {
+            (Some(threshold), Some(elapsed)) => elapsed > threshold,
+            _ => false,
+        }
     }
 
-    /// How long since the permit was given, on the breaker's clock.
-    pub fn elapsed(&self) -> Duration {
-        self.breaker.shared.clock.now().saturating_sub(self.started)
-    }
-
-    /// Reports the call's outcome; it is slow when it took longer than the configured
-    /// `slow_call` since the permit was given.
-    pub fn record(self, outcome: CallOutcome) {
-        let slow = self.elapsed() > self.breaker.shared.config.slow_call;
-        self.record_as(outcome, slow, None);
-    }
-
-    /// Reports the call's outcome, saying whether it was slow (time to first token, for a
-    /// stream) and how long the upstream asked to be left alone, if it said.
-    pub fn record_as(mut self, outcome: CallOutcome, slow: bool, retry_after: Option<Duration>) {
+    /// Records the outcome and spends the ticket.
+    #[inline]
+    fn record(
+        &mut self,
+        shared: &Shared,
+        outcome: CallOutcome,
+        slow: bool,
+        retry_after: Option<Duration>,
+    ) {
         let failure = outcome == CallOutcome::Failure;
         let kind = std::mem::replace(&mut self.kind, PermitKind::Uncounted);
-        let shared = &self.breaker.shared;
         shared.metrics.call(failure, slow);
-        let now = shared.clock.now();
         match kind {
             PermitKind::Counted => {
-                shared.record_counted(self.generation, now, failure, slow, retry_after)
+                shared.record_counted(self.generation, failure, slow, retry_after)
             }
             PermitKind::Trial => {
-                let bad = failure || slow && shared.config.slow_call_rate < 1.0;
-                shared.record_trial(self.generation, now, bad, retry_after);
+                let bad = failure || slow;
+                shared.record_trial(self.generation, bad, retry_after);
             }
             PermitKind::Uncounted => {}
         }
     }
-}
 
-impl Drop for Permit {
-    fn drop(&mut self) {
-        if self.kind == PermitKind::Trial {
-            self.breaker.shared.give_back(self.generation);
+    /// An unspent trial ticket gives its slot back.
+    #[inline]
+    fn release(&mut self, shared: &Shared) {
+        if std::mem::replace(&mut self.kind, PermitKind::Uncounted) == PermitKind::Trial {
+            shared.give_back(self.generation);
         }
     }
 }
 
+macro_rules! permit_methods {
+    () => {
+        /// The breaker that gave this permit.
+        pub fn breaker(&self) -> &Breaker {
+            &self.breaker
+        }
+
+        /// Whether this call is one of a half-open breaker's trials.
+        pub fn is_trial(&self) -> bool {
+            self.ticket.kind == PermitKind::Trial
+        }
+
+        /// How long since the permit was given, on the breaker's clock; `None` unless the
+        /// breaker measures slow calls (`slow_call` is set).
+        pub fn elapsed(&self) -> Option<Duration> {
+            self.ticket.elapsed(&self.breaker.shared)
+        }
+
+        /// Whether the call has taken longer than `slow_call` so far.
+        pub fn is_slow(&self) -> bool {
+            self.ticket.is_slow(&self.breaker.shared)
+        }
+
+        /// Reports the call's outcome; it is slow when it took longer than `slow_call` since
+        /// the permit was given.
+        #[inline]
+        pub fn record(mut self, outcome: CallOutcome) {
+            let shared = &self.breaker.shared;
+            let slow = self.ticket.is_slow(shared);
+            self.ticket.record(shared, outcome, slow, None);
+        }
+
+        /// Reports the call's outcome, saying whether it was slow (time to first token, for
+        /// a stream) and how long the upstream asked to be left alone, if it said.
+        pub fn record_as(
+            mut self,
+            outcome: CallOutcome,
+            slow: bool,
+            retry_after: Option<Duration>,
+        ) {
+            let shared = &self.breaker.shared;
+            self.ticket.record(shared, outcome, slow, retry_after);
+        }
+    };
+}
+
+/// Leave to make one call. Report how it ended with [`record`](Permit::record); dropping it
+/// instead says the outcome does not count (and gives a half-open trial slot back).
+#[must_use = "a permit reports the call's outcome; dropping it discards the call"]
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
+    ticket: Ticket,
+}
+
+/// A [`Permit`] that owns a handle to its breaker, for futures and bodies.
+#[must_use = "a permit reports the call's outcome; dropping it discards the call"]
+pub struct OwnedPermit {
+    breaker: Breaker,
+    ticket: Ticket,
+}
+
+impl Permit<'_> {
+    permit_methods!();
+}
+
+impl OwnedPermit {
+    permit_methods!();
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.ticket.release(&self.breaker.shared);
+    }
+}
+
+impl Drop for OwnedPermit {
+    fn drop(&mut self) {
+        self.ticket.release(&self.breaker.shared);
+    }
+}
+
+impl fmt::Debug for Permit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("breaker", &self.breaker.shared.name)
+            .field("ticket", &self.ticket)
+            .finish()
+    }
+}
+
+impl fmt::Debug for OwnedPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnedPermit")
+            .field("breaker", &self.breaker.shared.name)
+            .field("ticket", &self.ticket)
+            .finish()
+    }
+}
+
 impl Shared {
+    #[inline]
     fn load(&self) -> Word {
         Word(self.word.load(Ordering::Acquire))
     }
@@ -583,6 +680,16 @@ impl Shared {
         self.word
             .compare_exchange(from.0, to.0, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    #[cold]
+    fn refused(&self, refusal: Refusal) -> Refusal {
+        self.metrics.refused(refusal);
+        self.emit(|| BreakerEvent::Refused {
+            breaker: self.name.clone(),
+            refusal,
+        });
+        refusal
     }
 
     fn emit(&self, event: impl FnOnce() -> BreakerEvent) {
@@ -604,15 +711,36 @@ impl Shared {
         });
     }
 
-    fn admit(&self, now: Duration) -> Result<(u32, PermitKind), Refusal> {
+    #[inline]
+    fn admit(&self, started: Option<Duration>) -> Result<(u32, PermitKind), Refusal> {
+        if self.throttled_until.load(Ordering::Relaxed) == 0 {
+            let word = self.load();
+            if matches!(word.state(), State::Closed | State::MetricsOnly) {
+                return Ok((word.generation(), PermitKind::Counted));
+            }
+        }
+        self.admit_slowly(started)
+    }
+
+    /// Everything but a closed breaker with no 429 pending.
+    #[cold]
+    fn admit_slowly(&self, started: Option<Duration>) -> Result<(u32, PermitKind), Refusal> {
+        let now = || started.unwrap_or_else(|| self.clock.now());
         let throttled = self.throttled_until.load(Ordering::Relaxed);
         if throttled != 0 {
-            let now_ms = millis(now);
+            let now_ms = millis(now());
             if throttled > now_ms {
                 return Err(Refusal::RateLimited {
                     retry_after: Duration::from_millis(throttled - now_ms),
                 });
             }
+            // Over: back on the fast path (unless a newer 429 moved the mark meanwhile).
+            let _ = self.throttled_until.compare_exchange(
+                throttled,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
         loop {
             let word = self.load();
@@ -623,6 +751,7 @@ impl Shared {
                 State::Disabled => return Ok((word.generation(), PermitKind::Uncounted)),
                 State::ForcedOpen => return Err(Refusal::Open { retry_after: None }),
                 State::Open => {
+                    let now = now();
                     if let Some(retry_after) = self.open_remaining(word, now) {
                         return Err(Refusal::Open {
                             retry_after: Some(retry_after),
@@ -646,6 +775,7 @@ impl Shared {
                         }
                         continue;
                     }
+                    let now = now();
                     let deadline = self.deadline.load(Ordering::Acquire);
                     let waited = (deadline >> TAG_SHIFT == tag(word.generation()))
                         .then(|| millis(now).saturating_sub(deadline & MS_MASK));
@@ -674,10 +804,10 @@ impl Shared {
         (until > now).then(|| Duration::from_millis(until - now))
     }
 
+    #[inline]
     fn record_counted(
         &self,
         generation: u32,
-        now: Duration,
         failure: bool,
         slow: bool,
         retry_after: Option<Duration>,
@@ -686,7 +816,9 @@ impl Shared {
         if word.generation() != generation {
             return;
         }
-        let position = self.outcomes.record(generation, now, failure, slow);
+        let position = self
+            .outcomes
+            .record(generation, || self.clock.now(), failure, slow);
         let consecutive = if failure {
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
         } else {
@@ -700,8 +832,7 @@ impl Shared {
         // A success lowers the rates: only the call that reaches the minimum is evaluated.
         // (In a time window, old successes also leave; the next failure sees that.)
         let reached_minimum = position.is_some_and(|p| {
-            p.wrapping_sub(self.window_base.load(Ordering::Relaxed)) + 1
-                == u64::from(config.minimum_calls)
+            p.wrapping_sub(self.window_base.load(Ordering::Relaxed)) + 1 == config.minimum_calls
         });
         if word.state() != State::Closed || !(failure || slow || reached_minimum) {
             return;
@@ -710,23 +841,17 @@ impl Shared {
             .consecutive_failures
             .is_some_and(|n| consecutive >= n)
             || {
-                let counts = self.outcomes.counts(generation, now);
+                let counts = self.outcomes.counts(generation, self.clock.now());
                 counts.calls >= config.minimum_calls
                     && (counts.failure_rate() >= config.failure_rate
                         || counts.slow_rate() >= config.slow_call_rate)
             };
         if trip {
-            self.trip(word, now, retry_after);
+            self.trip(word, self.clock.now(), retry_after);
         }
     }
 
-    fn record_trial(
-        &self,
-        generation: u32,
-        now: Duration,
-        bad: bool,
-        retry_after: Option<Duration>,
-    ) {
+    fn record_trial(&self, generation: u32, bad: bool, retry_after: Option<Duration>) {
         loop {
             let word = self.load();
             if word.generation() != generation || word.state() != State::HalfOpen {
@@ -746,7 +871,7 @@ impl Shared {
             }
             let rate = f64::from(next.failures()) / f64::from(ended);
             if rate >= self.config.failure_rate {
-                if self.trip(word, now, retry_after) {
+                if self.trip(word, self.clock.now(), retry_after) {
                     return;
                 }
             } else if self.cas(word, word.next(State::Closed)) {

@@ -117,13 +117,13 @@ fn parse_duration(s: &str) -> Option<Duration> {
 pub struct BreakerConfig {
     /// Trip when at least this share of the window's calls failed (0 < rate ≤ 1).
     pub failure_rate: f64,
-    /// Trip when at least this share of the window's calls were slow (0 < rate ≤ 1; 1 trips
-    /// only when every call is slow).
+    /// With `slow_call` set: trip when at least this share of the window's calls were slow
+    /// (0 < rate ≤ 1; the default 1 trips only when every call is slow).
     pub slow_call_rate: f64,
     /// A call slower than this is slow: time to the response head, or to the first streamed
-    /// event.
-    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
-    pub slow_call: Duration,
+    /// event. Unset (the default), calls are not timed, and the closed path reads no clock.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde::option"))]
+    pub slow_call: Option<Duration>,
     /// No rate trips the breaker before the window holds this many calls.
     pub minimum_calls: u32,
     /// The calls the rates are computed over.
@@ -161,7 +161,7 @@ impl Default for BreakerConfig {
         Self {
             failure_rate: 0.5,
             slow_call_rate: 1.0,
-            slow_call: Duration::from_secs(60),
+            slow_call: None,
             minimum_calls: 10,
             window: Window::default(),
             consecutive_failures: None,
@@ -198,8 +198,6 @@ impl BreakerConfig {
         with_failure_rate: failure_rate: f64;
         /// Sets [`slow_call_rate`](Self::slow_call_rate).
         with_slow_call_rate: slow_call_rate: f64;
-        /// Sets [`slow_call`](Self::slow_call).
-        with_slow_call: slow_call: Duration;
         /// Sets [`minimum_calls`](Self::minimum_calls).
         with_minimum_calls: minimum_calls: u32;
         /// Sets [`window`](Self::window).
@@ -223,6 +221,12 @@ impl BreakerConfig {
     /// Sets [`consecutive_failures`](Self::consecutive_failures).
     pub fn with_consecutive_failures(mut self, failures: u32) -> Self {
         self.consecutive_failures = Some(failures);
+        self
+    }
+
+    /// Sets [`slow_call`](Self::slow_call): calls are timed.
+    pub fn with_slow_call(mut self, threshold: Duration) -> Self {
+        self.slow_call = Some(threshold);
         self
     }
 
@@ -276,6 +280,9 @@ impl BreakerConfig {
         }
         if self.half_open_max_wait.is_zero() {
             return out("half_open_max_wait", "over zero");
+        }
+        if self.slow_call.is_some_and(|d| d.is_zero()) {
+            return out("slow_call", "over zero");
         }
         if self.first_token_timeout.is_some_and(|d| d.is_zero()) {
             return out("first_token_timeout", "over zero");

@@ -143,7 +143,8 @@ mod service;
 mod window;
 
 pub use breaker::{
-    Breaker, BreakerBuilder, BreakerEvent, CallOutcome, Permit, Refusal, Snapshot, State,
+    Breaker, BreakerBuilder, BreakerEvent, CallOutcome, OwnedPermit, Permit, Refusal, Snapshot,
+    State,
 };
 pub use classify::{retry_after, Classify, LlmClassifier, Verdict};
 pub use config::{

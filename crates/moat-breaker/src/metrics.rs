@@ -45,6 +45,7 @@ impl Metrics {
         }
     }
 
+    #[inline]
     pub(crate) fn call(&self, failure: bool, slow: bool) {
         self.calls[usize::from(failure) + 2 * usize::from(slow)].increment(1);
     }

@@ -19,7 +19,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::breaker::{Breaker, CallOutcome, Permit, Refusal};
+use crate::breaker::{Breaker, CallOutcome, OwnedPermit, Refusal};
 use crate::classify::{retry_after, Classify, LlmClassifier, SharedClassifier, Verdict};
 use crate::keyed::Breakers;
 
@@ -161,7 +161,6 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let protocol = Protocol::of(&req);
         let keyed;
         let breaker = match &self.target {
             Target::One(breaker) => breaker,
@@ -170,7 +169,7 @@ where
                 &keyed
             }
         };
-        match breaker.try_acquire() {
+        match breaker.try_acquire_owned() {
             Ok(permit) => {
                 if Decisions::is_recording(req.extensions()) {
                     Decisions::record(
@@ -190,7 +189,6 @@ where
                         call: Some(Call {
                             permit,
                             classifier: self.classifier.clone(),
-                            protocol,
                         }),
                     },
                 }
@@ -213,14 +211,16 @@ where
                     _ => Reason::Open,
                 };
                 let response = unavailable(
-                    rejection.into_response(protocol).map(ResponseBody::plain),
+                    rejection
+                        .into_response(Protocol::of(&req))
+                        .map(ResponseBody::plain),
                     breaker,
                     reason,
                     refusal.retry_after(),
                 );
                 ResponseFuture {
                     kind: Kind::Refused {
-                        response: Some(response),
+                        response: Some(Box::new(response)),
                     },
                 }
             }
@@ -281,9 +281,8 @@ fn unavailable<B>(
 
 /// What a call in flight carries until its response head is judged.
 struct Call {
-    permit: Permit,
+    permit: OwnedPermit,
     classifier: Arc<SharedClassifier>,
-    protocol: Protocol,
 }
 
 pin_project! {
@@ -297,9 +296,10 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, B> {
-        Refused { response: Option<Response<ResponseBody<B>>> },
+        // The rare variants are boxed, so the common one is not moved around at their size.
+        Refused { response: Option<Box<Response<ResponseBody<B>>>> },
         Calling { #[pin] future: F, call: Option<Call> },
-        FirstEvent { peek: Peek<B> },
+        FirstEvent { peek: Box<Peek<B>> },
     }
 }
 
@@ -321,7 +321,7 @@ where
         loop {
             let peek = match kind.as_mut().project() {
                 KindProj::Refused { response } => {
-                    return Poll::Ready(Ok(response.take().expect("polled after completion")))
+                    return Poll::Ready(Ok(*response.take().expect("polled after completion")))
                 }
                 KindProj::Calling { future, call } => {
                     let result = ready!(future.poll(cx));
@@ -346,29 +346,28 @@ where
 
 enum Judged<B> {
     Done(Response<ResponseBody<B>>),
-    Peek(Peek<B>),
+    Peek(Box<Peek<B>>),
 }
 
 /// Judges a response head: records what it can, and wraps the body to record the rest.
 fn judge<B: Body<Data = Bytes>>(response: Response<B>, call: Call) -> Judged<B> {
-    let Call {
-        permit,
-        classifier,
-        protocol,
-    } = call;
+    let Call { permit, classifier } = call;
     let breaker = permit.breaker().clone();
     let status = response.status();
     let verdict = classifier.0.classify(status, response.headers());
-    let after = retry_after(response.headers());
-    let slow = permit.elapsed() > breaker.config().slow_call;
+    // Read only from the answers that can carry it.
+    let after = match verdict {
+        Verdict::Success | Verdict::Ignored => None,
+        _ => retry_after(response.headers()),
+    };
+    let slow = permit.is_slow();
     match verdict {
         Verdict::Success if is_event_stream(&response) => {
             let (parts, body) = response.into_parts();
-            let timer = breaker
-                .config()
-                .first_token_timeout
-                .map(|d| tokio::time::sleep(d.saturating_sub(permit.elapsed())));
-            Judged::Peek(Peek {
+            let timer = breaker.config().first_token_timeout.map(|d| {
+                tokio::time::sleep(d.saturating_sub(permit.elapsed().unwrap_or_default()))
+            });
+            Judged::Peek(Box::new(Peek {
                 body: Some(Box::pin(body)),
                 head: Some(parts),
                 held: Vec::new(),
@@ -376,8 +375,7 @@ fn judge<B: Body<Data = Bytes>>(response: Response<B>, call: Call) -> Judged<B> 
                 decoder: SseDecoder::new(),
                 timer: timer.map(Box::pin),
                 permit: Some(permit),
-                protocol,
-            })
+            }))
         }
         Verdict::Success | Verdict::Failure => {
             let failure = verdict == Verdict::Failure;
@@ -424,7 +422,8 @@ fn is_event_stream<B>(response: &Response<B>) -> bool {
 const MAX_HELD: usize = 64 * 1024;
 
 /// A streamed reply held back until its first event says whether the upstream works. The
-/// body is boxed so it can move on into the response once the event is in.
+/// body is boxed so it can move on into the response once the event is in. Event streams are
+/// HTTP (gRPC is not served as `text/event-stream`), so rejections here are HTTP ones.
 struct Peek<B> {
     body: Option<Pin<Box<B>>>,
     head: Option<http::response::Parts>,
@@ -432,8 +431,7 @@ struct Peek<B> {
     held_bytes: usize,
     decoder: SseDecoder,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    permit: Option<Permit>,
-    protocol: Protocol,
+    permit: Option<OwnedPermit>,
 }
 
 impl<B: Body<Data = Bytes>> Peek<B> {
@@ -454,7 +452,7 @@ impl<B: Body<Data = Bytes>> Peek<B> {
                     .with_code("upstream_timeout")
                     .with_layer("breaker");
                     let response = rejection
-                        .into_response(self.protocol)
+                        .into_response(Protocol::Http)
                         .map(ResponseBody::plain);
                     return Poll::Ready(unavailable(response, &breaker, Reason::Stalled, None));
                 }
@@ -475,7 +473,7 @@ impl<B: Body<Data = Bytes>> Peek<B> {
             let Some(first) = first else { continue };
             let permit = self.permit.take().expect("polled after completion");
             let breaker = permit.breaker().clone();
-            let slow = permit.elapsed() > breaker.config().slow_call;
+            let slow = permit.is_slow();
             if first == FirstEvent::Missing {
                 permit.record_as(CallOutcome::Failure, slow, None);
                 let rejection = Rejection::new(
@@ -486,7 +484,7 @@ impl<B: Body<Data = Bytes>> Peek<B> {
                 .with_code("upstream_stream_broken")
                 .with_layer("breaker");
                 let response = rejection
-                    .into_response(self.protocol)
+                    .into_response(Protocol::Http)
                     .map(ResponseBody::plain);
                 return Poll::Ready(unavailable(response, &breaker, Reason::Failed, None));
             }
@@ -562,7 +560,7 @@ fn concat(mut held: Vec<Bytes>) -> Option<Bytes> {
 /// the body broke. Dropped first (the client went away), a known failure is still recorded
 /// and anything else is not counted.
 struct Guard {
-    permit: Option<Permit>,
+    permit: Option<OwnedPermit>,
     failure: bool,
     slow: bool,
     retry_after: Option<Duration>,

@@ -6,7 +6,7 @@
 //! counted. A success is one or two relaxed atomic writes. The window is only summed when a
 //! failure or a slow call could trip the breaker, and when a snapshot is taken.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::config::Window;
@@ -43,7 +43,11 @@ pub(crate) enum Outcomes {
     /// | 1`, zero when never written.
     Count {
         slots: Box<[AtomicU64]>,
-        next: AtomicU64,
+        /// Calls recorded so far, wrapping at 2³² (where one slot is reused early, once in
+        /// four billion calls).
+        next: AtomicU32,
+        /// `position % slots.len()` by multiplication: a division would be a third of a call.
+        modulo: FastMod,
     },
     /// One bucket per second, `epoch % buckets.len()`.
     Time { buckets: Box<[Bucket]> },
@@ -66,7 +70,8 @@ impl Outcomes {
         match window {
             Window::Count(n) => Self::Count {
                 slots: (0..n).map(|_| AtomicU64::new(0)).collect(),
-                next: AtomicU64::new(0),
+                next: AtomicU32::new(0),
+                modulo: FastMod::new(n),
             },
             Window::Time(d) => Self::Time {
                 buckets: (0..d.as_secs().max(1)).map(|_| Bucket::default()).collect(),
@@ -75,7 +80,7 @@ impl Outcomes {
     }
 
     /// How many calls a count window has recorded since it was made (0 for a time window).
-    pub(crate) fn position(&self) -> u64 {
+    pub(crate) fn position(&self) -> u32 {
         match self {
             Self::Count { next, .. } => next.load(Relaxed),
             Self::Time { .. } => 0,
@@ -84,24 +89,29 @@ impl Outcomes {
 
     /// Records one call of generation `generation` that ended at `now`; for a count window,
     /// returns its position (see [`position`](Self::position)).
+    #[inline]
     pub(crate) fn record(
         &self,
         generation: u32,
-        now: Duration,
+        now: impl FnOnce() -> Duration,
         failure: bool,
         slow: bool,
-    ) -> Option<u64> {
+    ) -> Option<u32> {
         match self {
-            Self::Count { slots, next } => {
+            Self::Count {
+                slots,
+                next,
+                modulo,
+            } => {
                 let position = next.fetch_add(1, Relaxed);
-                let i = position % slots.len() as u64;
+                let i = modulo.of(position);
                 let value =
                     u64::from(generation) << 3 | u64::from(slow) << 2 | u64::from(failure) << 1 | 1;
                 slots[i as usize].store(value, Relaxed);
                 Some(position)
             }
             Self::Time { buckets } => {
-                let second = now.as_secs();
+                let second = now().as_secs();
                 let bucket = &buckets[(second % buckets.len() as u64) as usize];
                 let stamp = u64::from(generation) << 32 | (second & 0xFFFF_FFFF);
                 let seen = bucket.stamp.load(Relaxed);
@@ -160,6 +170,29 @@ impl Outcomes {
     }
 }
 
+/// `a % d` for a fixed `d` as two multiplications (Lemire, Kaser and Kurz, "Faster remainder
+/// by direct computation", 2019): exact for every 32-bit `a` and `d`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FastMod {
+    m: u64,
+    d: u32,
+}
+
+impl FastMod {
+    pub(crate) fn new(d: u32) -> Self {
+        Self {
+            m: (u64::MAX / u64::from(d.max(1))).wrapping_add(1),
+            d: d.max(1),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn of(self, a: u32) -> u32 {
+        let low = self.m.wrapping_mul(u64::from(a));
+        ((u128::from(low) * u128::from(self.d)) >> 64) as u32
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,10 +200,20 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     #[test]
+    fn fast_modulo_is_exact() {
+        for d in [1u32, 2, 3, 7, 10, 100, 9_999, 10_000] {
+            let m = FastMod::new(d);
+            for a in (0..5000).chain([u32::MAX, u32::MAX - 1, 1 << 31, 123_456_789]) {
+                assert_eq!(m.of(a), a % d, "{a} % {d}");
+            }
+        }
+    }
+
+    #[test]
     fn a_count_window_holds_only_the_last_n_calls() {
         let w = Outcomes::new(Window::Count(4));
         for _ in 0..4 {
-            w.record(7, S, true, false);
+            w.record(7, || S, true, false);
         }
         assert_eq!(
             w.counts(7, S),
@@ -181,7 +224,7 @@ mod tests {
             }
         );
         for _ in 0..3 {
-            w.record(7, S, false, true);
+            w.record(7, || S, false, true);
         }
         assert_eq!(
             w.counts(7, S),
@@ -201,14 +244,14 @@ mod tests {
     #[test]
     fn a_time_window_forgets_what_left_it() {
         let w = Outcomes::new(Window::Time(Duration::from_secs(3)));
-        w.record(1, 10 * S, true, false);
-        w.record(1, 11 * S, false, false);
-        w.record(1, 12 * S, false, true);
+        w.record(1, || 10 * S, true, false);
+        w.record(1, || 11 * S, false, false);
+        w.record(1, || 12 * S, false, true);
         assert_eq!(w.counts(1, 12 * S).calls, 3);
         assert_eq!(w.counts(1, 13 * S).calls, 2, "second 10 left the window");
         assert_eq!(w.counts(1, 13 * S).failures, 0);
         // Second 13 reuses second 10's bucket and starts it empty.
-        w.record(1, 13 * S, false, false);
+        w.record(1, || 13 * S, false, false);
         assert_eq!(
             w.counts(1, 13 * S),
             Counts {

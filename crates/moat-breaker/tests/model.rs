@@ -201,7 +201,7 @@ fn half_open_admits_exactly_its_trials_under_concurrency() {
                 std::thread::spawn(move || {
                     barrier.wait();
                     (0..50)
-                        .filter_map(|_| breaker.try_acquire().ok())
+                        .filter_map(|_| breaker.try_acquire_owned().ok())
                         .collect::<Vec<_>>()
                 })
             })
