@@ -344,6 +344,8 @@ where
     }
 }
 
+// Returned once and matched at once: never stored, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Judged<B> {
     Done(Response<ResponseBody<B>>),
     Peek(Box<Peek<B>>),
