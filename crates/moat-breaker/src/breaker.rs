@@ -819,7 +819,9 @@ impl Shared {
         let position = self
             .outcomes
             .record(generation, || self.clock.now(), failure, slow);
-        let consecutive = if failure {
+        let consecutive = if self.config.consecutive_failures.is_none() {
+            0
+        } else if failure {
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
         } else {
             // Most calls succeed: write only when there is a run to end.
