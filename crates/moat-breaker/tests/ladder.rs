@@ -207,3 +207,76 @@ async fn a_body_read_to_its_length_counts_though_not_polled_to_its_end() {
     assert_eq!(b.snapshot().calls, 1);
     assert_eq!(b.state(), State::Closed);
 }
+
+#[tokio::test]
+async fn a_refused_grpc_call_is_unavailable_and_the_decision_is_recorded() {
+    use moat_core::decision::{Decisions, Outcome};
+    let (up, calls) = scripted::<Full<Bytes>>(&[200]);
+    let b = breaker("grpc");
+    b.force_open();
+    let decisions = Decisions::new();
+    let mut request = Request::builder()
+        .header("content-type", "application/grpc")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    request.extensions_mut().insert(decisions.clone());
+    let response = CircuitBreakerLayer::new(b)
+        .layer(up)
+        .oneshot(request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "trailers-only");
+    assert_eq!(response.headers()["grpc-status"], "14", "UNAVAILABLE");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let recorded = decisions.take();
+    assert_eq!(recorded[0].layer, "breaker");
+    assert_eq!(recorded[0].rule.as_deref(), Some("grpc"));
+    assert!(
+        matches!(&recorded[0].outcome, Outcome::Rejected { status: 503, code } if code == "circuit_open")
+    );
+}
+
+#[tokio::test]
+async fn keyed_breakers_trip_one_deployment_only() {
+    use http::HeaderName;
+    use moat_breaker::{Breakers, Window};
+    use moat_core::identity::HeaderKey;
+    let up = service_fn(|req: Request<Full<Bytes>>| {
+        let bad = req.headers()["x-deployment"] == "bad";
+        async move {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            if bad {
+                *response.status_mut() = StatusCode::BAD_GATEWAY;
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let breakers = Breakers::new(
+        "deployments",
+        BreakerConfig::default()
+            .with_minimum_calls(2)
+            .with_window(Window::Count(2)),
+        HeaderKey::new(HeaderName::from_static("x-deployment")),
+    )
+    .unwrap()
+    .with_clock(Arc::new(ManualClock::new()));
+    let service = CircuitBreakerLayer::keyed(breakers.clone()).layer(up);
+    let call = |deployment: &'static str| {
+        let service = service.clone();
+        async move {
+            let request = Request::builder()
+                .header("x-deployment", deployment)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let response = service.oneshot(request).await.unwrap();
+            let status = response.status();
+            drop(response.into_body().collect().await);
+            status
+        }
+    };
+    assert_eq!(call("bad").await, 502);
+    assert_eq!(call("bad").await, 502);
+    assert_eq!(call("bad").await, 503, "its breaker is open");
+    assert_eq!(call("good").await, 200, "the other deployment is untouched");
+    assert_eq!(breakers.len(), 2);
+}
