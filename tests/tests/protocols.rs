@@ -361,6 +361,65 @@ mod ratelimit {
     }
 }
 
+mod breaker {
+    use super::*;
+    use moat::breaker::{Breaker, CircuitBreakerLayer};
+
+    /// A breaker on a tonic server: the call goes through while closed; forced open, a real
+    /// tonic client reads UNAVAILABLE; reset, calls go through again.
+    #[tokio::test]
+    async fn circuit_breaker_on_a_tonic_server() {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let breaker = Breaker::new("inference");
+        let layer = CircuitBreakerLayer::new(breaker.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .layer(layer)
+                .add_service(health)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::new(channel);
+        let check = || HealthCheckRequest {
+            service: String::new(),
+        };
+        client.check(check()).await.unwrap();
+        breaker.force_open();
+        let status = client.check(check()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("inference"),
+            "{}",
+            status.message()
+        );
+        breaker.reset();
+        client.check(check()).await.unwrap();
+        // The window starts empty on reset: the call since, a success.
+        let snapshot = breaker.snapshot();
+        assert_eq!((snapshot.calls, snapshot.failures), (1, 0), "{snapshot:?}");
+        // A service's own UNAVAILABLE, in the trailers, is a failure.
+        let status = client
+            .check(HealthCheckRequest {
+                service: "not-served".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(breaker.snapshot().failures, 0, "NOT_FOUND is the client's");
+    }
+}
+
 mod stack {
     use super::*;
     use moat::core::identity::ApiKey;

@@ -10,6 +10,11 @@
 //! | 401, 403 | [`KeyRejected`](Verdict::KeyRejected): the key's problem | no |
 //! | other 4xx (bad request, context length, content filter) | [`Ignored`](Verdict::Ignored): the client's | no |
 //!
+//! gRPC replies are judged by their `grpc-status` (in the head of a trailers-only reply, or in
+//! the trailers): `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL`, `DATA_LOSS` and `UNKNOWN` fail,
+//! `RESOURCE_EXHAUSTED` is a rate limit, `UNAUTHENTICATED` and `PERMISSION_DENIED` are the key's,
+//! the rest are the client's.
+//!
 //! The service adds what a head cannot say: an error from the inner service, a streamed reply
 //! whose first event is an error or that stalls before it, and a body that breaks midway are
 //! failures; a client that goes away is not counted.
@@ -60,7 +65,10 @@ where
 pub struct LlmClassifier;
 
 impl Classify for LlmClassifier {
-    fn classify(&self, status: StatusCode, _headers: &HeaderMap) -> Verdict {
+    fn classify(&self, status: StatusCode, headers: &HeaderMap) -> Verdict {
+        if let Some(verdict) = grpc_verdict(headers) {
+            return verdict;
+        }
         match status.as_u16() {
             429 => Verdict::RateLimited,
             401 | 403 => Verdict::KeyRejected,
@@ -69,6 +77,24 @@ impl Classify for LlmClassifier {
             _ => Verdict::Success,
         }
     }
+}
+
+/// The verdict of a `grpc-status` in `headers` (a head or trailers), if there is one.
+pub(crate) fn grpc_verdict(headers: &HeaderMap) -> Option<Verdict> {
+    let code: u32 = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(match code {
+        0 => Verdict::Success,
+        2 | 4 | 13 | 14 | 15 => Verdict::Failure,
+        8 => Verdict::RateLimited,
+        7 | 16 => Verdict::KeyRejected,
+        _ => Verdict::Ignored,
+    })
 }
 
 pub(crate) struct SharedClassifier(pub(crate) Box<dyn Classify>);
@@ -128,6 +154,23 @@ mod tests {
                 verdict,
                 "{status}"
             );
+        }
+    }
+
+    #[test]
+    fn grpc_statuses_are_read_from_the_head() {
+        let c = LlmClassifier;
+        for (code, verdict) in [
+            ("0", Verdict::Success),
+            ("14", Verdict::Failure),
+            ("4", Verdict::Failure),
+            ("8", Verdict::RateLimited),
+            ("16", Verdict::KeyRejected),
+            ("3", Verdict::Ignored),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", code.parse().unwrap());
+            assert_eq!(c.classify(StatusCode::OK, &h), verdict, "{code}");
         }
     }
 

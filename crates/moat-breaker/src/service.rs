@@ -668,6 +668,14 @@ where
                 (frame, body.is_end_stream())
             }
         };
+        if let (Some(Ok(frame)), Some(guard)) = (&frame, this.guard.as_mut()) {
+            // A gRPC reply says how it went in its trailers.
+            if let Some(trailers) = frame.trailers_ref() {
+                if crate::classify::grpc_verdict(trailers) == Some(Verdict::Failure) {
+                    guard.failure = true;
+                }
+            }
+        }
         match &frame {
             Some(Err(_)) => {
                 if let Some(guard) = this.guard.take() {

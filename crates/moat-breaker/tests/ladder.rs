@@ -280,3 +280,31 @@ async fn keyed_breakers_trip_one_deployment_only() {
     assert_eq!(call("good").await, 200, "the other deployment is untouched");
     assert_eq!(breakers.len(), 2);
 }
+
+#[tokio::test]
+async fn a_grpc_failure_in_the_trailers_counts() {
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+    let up = service_fn(|_req: Request<Full<Bytes>>| async {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("14"));
+        let frames = vec![
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let mut response = Response::new(StreamBody::new(futures_util::stream::iter(frames)));
+        response
+            .headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        Ok::<_, Infallible>(response)
+    });
+    let b = breaker("grpc-trailers");
+    let response = CircuitBreakerLayer::new(b.clone())
+        .layer(up)
+        .oneshot(Request::new(Full::new(Bytes::new())))
+        .await
+        .unwrap();
+    let collected = response.into_body().collect().await.unwrap();
+    assert!(collected.trailers().is_some(), "trailers pass through");
+    assert_eq!((b.snapshot().calls, b.snapshot().failures), (1, 1));
+}
