@@ -362,7 +362,6 @@ mod ratelimit {
 }
 
 mod breaker {
-    use super::*;
     use moat::breaker::{Breaker, CircuitBreakerLayer};
 
     /// A breaker on a tonic server: the call goes through while closed; forced open, a real
