@@ -169,7 +169,8 @@ pub mod demo {
     use super::config::Resolved;
 
     /// The demo's protections: per caller (API key, else IP), request and token rates, a daily
-    /// token budget, and PII and secrets replaced before they leave (restored in replies).
+    /// token budget, PII and secrets replaced before they leave (restored in replies), and the
+    /// upstream behind a circuit breaker.
     pub const LIMITS: &str = r#"
 [[ratelimit.rules]]
 name = "per-caller"
@@ -187,6 +188,11 @@ tokens = 1000000
 entities = ["all"]
 operator = "pseudonymize"
 restore = true
+
+[breaker]
+minimum_calls = 10
+window = "count:50"
+open_for = "10s"
 "#;
 
     /// The demo's configuration in front of a mock upstream at `mock_url` (without `/v1`).
