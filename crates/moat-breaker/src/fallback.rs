@@ -20,7 +20,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::retry::{retryable, Backoff};
-use crate::service::{Reason, Unavailable};
+use crate::service::{retry_after_value, Reason, Unavailable};
 
 /// The header that says which fallback served a response.
 pub const FALLBACK_HEADER: HeaderName = HeaderName::from_static("x-moat-fallback");
@@ -366,8 +366,7 @@ where
     .with_code("no_upstream_available")
     .with_layer("fallback");
     if let Some(wait) = shortest_wait {
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        rejection = rejection.with_header(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        rejection = rejection.with_header(RETRY_AFTER, retry_after_value(wait));
     }
     Ok(rejection.into_response(protocol))
 }

@@ -260,7 +260,7 @@ fn refused(breaker: &Breaker, refusal: Refusal) -> Rejection {
 }
 
 /// Whole seconds, rounded up: a client that waits that long finds the breaker ready.
-fn retry_after_value(after: Duration) -> HeaderValue {
+pub(crate) fn retry_after_value(after: Duration) -> HeaderValue {
     let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
     HeaderValue::from(secs.max(1))
 }
