@@ -6,13 +6,14 @@
 //! the window when it ends; nothing is locked.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use moat_core::clock::{self, SharedClock};
 
 use crate::config::{BreakerConfig, ConfigError};
+use crate::sync::{fence, AtomicU32, AtomicU64};
 use crate::window::{Counts, Outcomes};
 
 /// A breaker's state.
@@ -843,6 +844,10 @@ impl Shared {
             .consecutive_failures
             .is_some_and(|n| consecutive >= n)
             || {
+                // Two calls ending at once each wrote their slot, then read the window: with a
+                // fence between, at least one of them sees both (found by the loom model), so
+                // the call that makes the rate trip is never missed by both.
+                fence(Ordering::SeqCst);
                 let counts = self.outcomes.counts(generation, self.clock.now());
                 counts.calls >= config.minimum_calls
                     && (counts.failure_rate() >= config.failure_rate

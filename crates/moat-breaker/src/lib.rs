@@ -140,6 +140,7 @@ mod keyed;
 mod metrics;
 mod retry;
 mod service;
+mod sync;
 mod window;
 
 pub use breaker::{

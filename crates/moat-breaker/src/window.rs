@@ -6,10 +6,11 @@
 //! counted. A success is one or two relaxed atomic writes. The window is only summed when a
 //! failure or a slow call could trip the breaker, and when a snapshot is taken.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use crate::config::Window;
+use crate::sync::{AtomicU32, AtomicU64};
 
 /// What the window holds for one generation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -54,7 +55,7 @@ pub(crate) enum Outcomes {
 }
 
 /// One second of a time window.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Bucket {
     /// `generation << 32 | second`.
     stamp: AtomicU64,
@@ -74,7 +75,12 @@ impl Outcomes {
                 modulo: FastMod::new(n),
             },
             Window::Time(d) => Self::Time {
-                buckets: (0..d.as_secs().max(1)).map(|_| Bucket::default()).collect(),
+                buckets: (0..d.as_secs().max(1))
+                    .map(|_| Bucket {
+                        stamp: AtomicU64::new(0),
+                        counts: AtomicU64::new(0),
+                    })
+                    .collect(),
             },
         }
     }
