@@ -6,6 +6,7 @@ Starts the gateway's demo (built-in mock upstream) on a free port, runs each che
 gateway with SIGTERM and expects a clean exit. Prints one line per check and a summary.
 """
 
+import time
 import signal
 import subprocess
 import sys
@@ -91,6 +92,9 @@ def checks(url):
             assert e.status_code == 429
         else:
             raise AssertionError("a 429 must raise RateLimitError")
+        # The upstream asked for a second's pause: the demo's breaker holds every caller off
+        # for it (answering 429 itself), then lets calls through again.
+        time.sleep(1.2)
 
     def openai_pii_round_trip():
         # The demo redacts: the mock upstream only sees placeholders, yet echoes back the originals.
