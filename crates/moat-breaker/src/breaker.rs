@@ -642,12 +642,14 @@ impl OwnedPermit {
 }
 
 impl Drop for Permit<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.ticket.release(&self.breaker.shared);
     }
 }
 
 impl Drop for OwnedPermit {
+    #[inline]
     fn drop(&mut self) {
         self.ticket.release(&self.breaker.shared);
     }
@@ -909,7 +911,7 @@ impl Shared {
 
     fn window_reset(&self) {
         self.window_base
-            .store(self.outcomes.position(), Ordering::Relaxed);
+            .store(self.outcomes.reset(), Ordering::Relaxed);
     }
 
     /// Opens the breaker if it is still in `word`; whether this call did it.

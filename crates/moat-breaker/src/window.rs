@@ -49,6 +49,10 @@ pub(crate) enum Outcomes {
         next: AtomicU32,
         /// `position % slots.len()` by multiplication: a division would be a third of a call.
         modulo: FastMod,
+        /// The position after the last failure or slow call (or the last reset): once a whole
+        /// window of successes lies past it, another success changes nothing and is not
+        /// written (no read-modify-write on the hot path of a healthy upstream).
+        dirty: AtomicU32,
     },
     /// One bucket per second, `epoch % buckets.len()`.
     Time { buckets: Box<[Bucket]> },
@@ -73,6 +77,7 @@ impl Outcomes {
                 slots: (0..n).map(|_| AtomicU64::new(0)).collect(),
                 next: AtomicU32::new(0),
                 modulo: FastMod::new(n),
+                dirty: AtomicU32::new(0),
             },
             Window::Time(d) => Self::Time {
                 buckets: (0..d.as_secs().max(1))
@@ -86,9 +91,23 @@ impl Outcomes {
     }
 
     /// How many calls a count window has recorded since it was made (0 for a time window).
+    #[cfg(test)]
     pub(crate) fn position(&self) -> u32 {
         match self {
             Self::Count { next, .. } => next.load(Relaxed),
+            Self::Time { .. } => 0,
+        }
+    }
+
+    /// Empties the window for a new generation: returns its position, and makes every success
+    /// count again until a whole window of them is written under the new generation.
+    pub(crate) fn reset(&self) -> u32 {
+        match self {
+            Self::Count { next, dirty, .. } => {
+                let position = next.load(Relaxed);
+                dirty.store(position, Relaxed);
+                position
+            }
             Self::Time { .. } => 0,
         }
     }
@@ -108,8 +127,23 @@ impl Outcomes {
                 slots,
                 next,
                 modulo,
+                dirty,
             } => {
+                if !failure && !slow {
+                    let clean = next.load(Relaxed).wrapping_sub(dirty.load(Relaxed));
+                    if clean >= slots.len() as u32 {
+                        // Every slot already holds a success of this generation.
+                        return None;
+                    }
+                }
                 let position = next.fetch_add(1, Relaxed);
+                if failure || slow {
+                    // Later in wrapping order wins, so positions may wrap around 2³².
+                    let after = position.wrapping_add(1);
+                    let _ = dirty.fetch_update(Relaxed, Relaxed, |seen| {
+                        ((after.wrapping_sub(seen) as i32) > 0).then_some(after)
+                    });
+                }
                 let i = modulo.of(position);
                 let value =
                     u64::from(generation) << 3 | u64::from(slow) << 2 | u64::from(failure) << 1 | 1;
@@ -245,6 +279,28 @@ mod tests {
             Counts::default(),
             "a new generation is empty"
         );
+    }
+
+    #[test]
+    fn a_window_full_of_successes_skips_more_but_never_hides_a_failure() {
+        let w = Outcomes::new(Window::Count(3));
+        for _ in 0..3 {
+            assert!(w.record(1, || S, false, false).is_some());
+        }
+        assert_eq!(w.record(1, || S, false, false), None, "nothing to change");
+        assert_eq!(w.position(), 3);
+        w.record(1, || S, true, false);
+        assert_eq!(w.counts(1, S).failures, 1);
+        // The failure leaves only after three more calls, each written.
+        for left in [1, 1, 0] {
+            assert!(w.record(1, || S, false, false).is_some());
+            assert_eq!(w.counts(1, S).failures, left);
+        }
+        assert_eq!(w.record(1, || S, false, false), None);
+        // A new generation starts empty and is written until full again.
+        w.reset();
+        assert!(w.record(2, || S, false, false).is_some());
+        assert_eq!(w.counts(2, S).calls, 1);
     }
 
     #[test]

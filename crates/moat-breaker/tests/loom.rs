@@ -120,3 +120,24 @@ fn a_dropped_trial_gives_its_slot_back_to_a_racing_caller() {
         assert_eq!(breaker.state(), State::HalfOpen);
     });
 }
+
+#[test]
+fn a_success_skipped_on_a_clean_window_never_hides_a_racing_failure() {
+    loom::model(|| {
+        let (breaker, _, _) = breaker(1);
+        // A whole window of successes: the next success is not written.
+        breaker.try_acquire().unwrap().record(CallOutcome::Success);
+        breaker.try_acquire().unwrap().record(CallOutcome::Success);
+        let other = breaker.clone();
+        let thread = loom::thread::spawn(move || {
+            // Refused if the failure already tripped the breaker.
+            if let Ok(permit) = other.try_acquire() {
+                permit.record(CallOutcome::Success);
+            }
+        });
+        breaker.try_acquire().unwrap().record(CallOutcome::Failure);
+        thread.join().unwrap();
+        // Whatever the order, the window holds the failure and a success: half failed.
+        assert_eq!(breaker.state(), State::Open);
+    });
+}
