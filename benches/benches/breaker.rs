@@ -2,8 +2,9 @@
 //!
 //! - `breaker_closed_call`: one call through a closed breaker that succeeds: admitted, then its success
 //!   recorded (moat's `try_acquire` + `record`, failsafe's and recloser's `call`). Each breaker
-//!   has a 100-call count window (failsafe: its default policy, consecutive failures); moat
-//!   also with slow-call timing on (two clock reads a call).
+//!   has a 100-call count window (failsafe: its default policy, consecutive failures). moat's
+//!   window is full of successes, so a success is not written; also measured with a failure in
+//!   the window (every call written) and with slow-call timing on (two clock reads a call).
 //! - `breaker_closed_call_2_threads`: the same from two threads on one breaker; time per pair of calls.
 //! - `breaker_service`: a request through a tower service with a breaker in front, the response body
 //!   read to its end (moat records the outcome there): a bare service (baseline), moat's
@@ -41,6 +42,21 @@ fn closed_call(c: &mut Criterion) {
     let breaker = moat();
     group.bench_function("moat", |b| {
         b.iter(|| breaker.try_acquire().unwrap().record(CallOutcome::Success))
+    });
+    // A window that always holds a failure (one call in 50 fails, 2%, under the 50% rate):
+    // every success is written, as after any recent failure.
+    let failing = moat();
+    let mut n = 0u32;
+    group.bench_function("moat, a failure in the window", |b| {
+        b.iter(|| {
+            n = n.wrapping_add(1);
+            let outcome = if n % 50 == 0 {
+                CallOutcome::Failure
+            } else {
+                CallOutcome::Success
+            };
+            failing.try_acquire().unwrap().record(outcome)
+        })
     });
     let timed = Breaker::builder("timed")
         .config(

@@ -815,6 +815,22 @@ impl Shared {
         slow: bool,
         retry_after: Option<Duration>,
     ) {
+        // A healthy upstream's usual call: a success on a window already full of successes
+        // changes nothing (and a run of failures has ended, so there is nothing to reset).
+        if !failure && !slow && self.outcomes.is_clean() {
+            return;
+        }
+        self.write_outcome(generation, failure, slow, retry_after);
+    }
+
+    #[inline(never)]
+    fn write_outcome(
+        &self,
+        generation: u32,
+        failure: bool,
+        slow: bool,
+        retry_after: Option<Duration>,
+    ) {
         let word = self.load();
         if word.generation() != generation {
             return;

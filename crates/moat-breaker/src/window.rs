@@ -112,6 +112,18 @@ impl Outcomes {
         }
     }
 
+    /// Whether a success would change nothing: a count window whose every slot holds a success
+    /// of the current generation. A caller may then skip [`record`](Self::record).
+    #[inline]
+    pub(crate) fn is_clean(&self) -> bool {
+        match self {
+            Self::Count {
+                slots, next, dirty, ..
+            } => next.load(Relaxed).wrapping_sub(dirty.load(Relaxed)) >= slots.len() as u32,
+            Self::Time { .. } => false,
+        }
+    }
+
     /// Records one call of generation `generation` that ended at `now`; for a count window,
     /// returns its position (see [`position`](Self::position)).
     #[inline]
@@ -129,13 +141,6 @@ impl Outcomes {
                 modulo,
                 dirty,
             } => {
-                if !failure && !slow {
-                    let clean = next.load(Relaxed).wrapping_sub(dirty.load(Relaxed));
-                    if clean >= slots.len() as u32 {
-                        // Every slot already holds a success of this generation.
-                        return None;
-                    }
-                }
                 let position = next.fetch_add(1, Relaxed);
                 if failure || slow {
                     // Later in wrapping order wins, so positions may wrap around 2³².
@@ -285,21 +290,24 @@ mod tests {
     fn a_window_full_of_successes_skips_more_but_never_hides_a_failure() {
         let w = Outcomes::new(Window::Count(3));
         for _ in 0..3 {
-            assert!(w.record(1, || S, false, false).is_some());
+            assert!(!w.is_clean());
+            w.record(1, || S, false, false);
         }
-        assert_eq!(w.record(1, || S, false, false), None, "nothing to change");
+        assert!(w.is_clean(), "a success would change nothing");
         assert_eq!(w.position(), 3);
         w.record(1, || S, true, false);
         assert_eq!(w.counts(1, S).failures, 1);
         // The failure leaves only after three more calls, each written.
         for left in [1, 1, 0] {
-            assert!(w.record(1, || S, false, false).is_some());
+            assert!(!w.is_clean());
+            w.record(1, || S, false, false);
             assert_eq!(w.counts(1, S).failures, left);
         }
-        assert_eq!(w.record(1, || S, false, false), None);
+        assert!(w.is_clean());
         // A new generation starts empty and is written until full again.
         w.reset();
-        assert!(w.record(2, || S, false, false).is_some());
+        assert!(!w.is_clean());
+        w.record(2, || S, false, false);
         assert_eq!(w.counts(2, S).calls, 1);
     }
 
