@@ -10,8 +10,60 @@
 //! | `breaker` | `moat::breaker` | circuit breaker, fallback ladder and retry policy for upstream calls ([`moat_breaker`]) |
 //! | `redact` | `moat::redact` | PII and secrets replaced before the prompt leaves, restored in replies ([`moat_redact`]) |
 //! | `redis` | | limiter state in Redis |
+//! | `full` | | every layer, `redis` and `serde` |
 //! | `serde` | | configuration types deserialize with serde |
 //! | `axum`, `tonic` | | read the peer address from axum's or tonic's connection info |
+//!
+//! # The recommended stack
+//!
+//! Outermost first (requests flow down, responses back up), and why in that order:
+//!
+//! | layer | why here |
+//! |---|---|
+//! | audit (to come) | outermost, so it records every decision, the refusals of the layers inside it included |
+//! | [`ratelimit`](moat_ratelimit) | cheap and before any body is read: a flood is refused for the price of a lookup |
+//! | [`quota`](moat_quota) | reserves the estimated tokens and spend before the call; settles from the reply's real usage |
+//! | sanitize (to come) | screens the raw prompt before anything is spent on it upstream |
+//! | [`redact`](moat_redact) | replaces PII and secrets before the prompt leaves; restores them in the reply |
+//! | moderate (to come) | checks the model's output, seeing placeholders, never the user's raw PII |
+//! | cache (to come) | answers identical requests once; keys and stored replies hold placeholders |
+//! | [`breaker`](moat_breaker) | innermost, around the provider: fails fast, falls back, retries what is safe |
+//!
+//! With [`ServiceBuilderExt`] (in the [`prelude`]) the stack reads top to bottom in that order:
+//!
+//! ```
+//! # #[cfg(all(feature = "ratelimit", feature = "quota", feature = "redact", feature = "breaker"))] {
+//! use moat::prelude::*;
+//! use moat::core::identity::ApiKey;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! # use bytes::Bytes; use http_body_util::Full; use std::convert::Infallible;
+//!
+//! let guarded = ServiceBuilder::new()
+//!     .moat_rate_limit(RateLimitLayer::new(
+//!         Rule::new("per-key", ApiKey::default()).limit(Limit::per_second(10)),
+//!     ))
+//!     .moat_quota(QuotaLayer::new(
+//!         Budget::new("daily", ApiKey::default(), Period::Day).tokens(200_000),
+//!     ))
+//!     .moat_redact(RedactLayer::new(Redactor::new(&Entity::ALL)))
+//!     .moat_circuit_breaker(Breaker::new("provider"))
+//!     .service(service_fn(|_req: http::Request<_>| async {
+//!         // Your handler, or the client that calls the provider.
+//!         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("{}"))))
+//!     }));
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let request = http::Request::post("/v1/chat/completions")
+//!     .header("authorization", "Bearer sk-user-1")
+//!     .header("content-type", "application/json")
+//!     .body(Full::new(Bytes::from(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#)))
+//!     .unwrap();
+//! let response = guarded.oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), 200);
+//! # });
+//! # }
+//! ```
+//!
+//! # Building on moat-core
 //!
 //! ```
 //! use moat::core::identity::{ApiKey, KeyExtractor};
@@ -22,6 +74,25 @@
 //! ```
 
 #![forbid(unsafe_code)]
+
+mod builder;
+
+pub use builder::ServiceBuilderExt;
+
+/// What most users of moat import: the [`ServiceBuilderExt`] methods and each enabled layer's
+/// main types.
+pub mod prelude {
+    pub use crate::ServiceBuilderExt;
+    #[cfg(feature = "breaker")]
+    pub use moat_breaker::{Breaker, BreakerConfig, CircuitBreakerLayer, Fallback, Window};
+    pub use moat_core::decision::Mode;
+    #[cfg(feature = "quota")]
+    pub use moat_quota::{Budget, Period, QuotaLayer};
+    #[cfg(feature = "ratelimit")]
+    pub use moat_ratelimit::{Limit, RateLimitLayer, Rule};
+    #[cfg(feature = "redact")]
+    pub use moat_redact::{Entity, RedactLayer, Redactor};
+}
 
 #[cfg(feature = "breaker")]
 pub use moat_breaker as breaker;
