@@ -159,6 +159,18 @@ mod redis_connection {
             })
         }
 
+        /// The shared connection, made on first use.
+        async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(self.connect_timeout)
+                .set_number_of_retries(1);
+            Ok(self
+                .conn
+                .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config))
+                .await?
+                .clone())
+        }
+
         /// Runs a script (`EVALSHA`, falling back to `EVAL` on `NOSCRIPT`) within `timeout`.
         pub async fn run<T: redis::FromRedisValue>(
             &self,
@@ -166,23 +178,30 @@ mod redis_connection {
             timeout: Duration,
         ) -> Result<T, StoreError> {
             let call = async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(self.connect_timeout)
-                    .set_number_of_retries(1);
-                let mut conn = self
-                    .conn
-                    .get_or_try_init(|| {
-                        ConnectionManager::new_with_config(self.client.clone(), config)
-                    })
-                    .await?
-                    .clone();
+                let mut conn = self.connection().await?;
                 invocation.invoke_async::<T>(&mut conn).await
             };
-            match tokio::time::timeout(timeout, call).await {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(e)) => Err(StoreError::failed(e)),
-                Err(_) => Err(StoreError::TimedOut { after: timeout }),
-            }
+            within(timeout, call).await
+        }
+
+        /// Whether the server answers a `PING` within `timeout`: for readiness checks.
+        pub async fn ping(&self, timeout: Duration) -> Result<(), StoreError> {
+            let call = async {
+                let mut conn = self.connection().await?;
+                redis::cmd("PING").query_async::<()>(&mut conn).await
+            };
+            within(timeout, call).await
+        }
+    }
+
+    async fn within<T>(
+        timeout: Duration,
+        call: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(StoreError::failed(e)),
+            Err(_) => Err(StoreError::TimedOut { after: timeout }),
         }
     }
 }

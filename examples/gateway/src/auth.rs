@@ -132,9 +132,14 @@ where
             }
         }
         self.keys.resolver.resolve(&mut request);
+        // For the request's log line, outside this layer.
+        let caller = crate::observe::logging()
+            .then(|| request.extensions().get::<Caller>().cloned())
+            .flatten();
         ResponseFuture {
             kind: Kind::Inner {
                 future: self.inner.call(request),
+                caller,
             },
         }
     }
@@ -151,7 +156,7 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F> {
-        Inner { #[pin] future: F },
+        Inner { #[pin] future: F, caller: Option<Caller> },
         Rejected { response: Option<Response> },
     }
 }
@@ -173,9 +178,15 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             // axum's body: the one box a response gets (none if it is one already).
-            KindProj::Inner { future } => future
-                .poll(cx)
-                .map(|result| result.map(|response| response.map(axum::body::Body::new))),
+            KindProj::Inner { future, caller } => future.poll(cx).map(|result| {
+                result.map(|response| {
+                    let mut response = response.map(axum::body::Body::new);
+                    if let Some(caller) = caller.take() {
+                        response.extensions_mut().insert(caller);
+                    }
+                    response
+                })
+            }),
             KindProj::Rejected { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }

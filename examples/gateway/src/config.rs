@@ -252,8 +252,8 @@ pub struct Resolved {
     pub quota: Option<QuotaLayer>,
     /// The redaction layer, when `[redact]` is configured.
     pub redact: Option<RedactLayer>,
-    /// Redis connections the stores share (one per server).
-    pub redis_connections: usize,
+    /// The Redis connections the stores share (one per server), pinged by `/readyz`.
+    pub redis: Vec<std::sync::Arc<moat::core::store::RedisConnection>>,
 }
 
 /// The path as a user writes it: `ratelimit.rules[0].limits[1]`, without the segments
@@ -379,7 +379,7 @@ impl Config {
             .as_ref()
             .map(|spec| crate::redact::layer(spec, &ctx))
             .transpose()?;
-        let redis_connections = ctx.redis_connections();
+        let redis = ctx.redis_connections();
         Ok(Resolved {
             config,
             max_body_bytes,
@@ -393,7 +393,7 @@ impl Config {
             ratelimit,
             quota,
             redact,
-            redis_connections,
+            redis,
         })
     }
 

@@ -86,8 +86,8 @@ impl<'a> Context<'a> {
         Ok(conn)
     }
 
-    /// How many Redis connections the stores share.
-    pub(crate) fn redis_connections(&self) -> usize {
-        self.redis.borrow().len()
+    /// The Redis connections the stores share, one per server.
+    pub(crate) fn redis_connections(&self) -> Vec<Arc<RedisConnection>> {
+        self.redis.borrow().values().cloned().collect()
     }
 }

@@ -21,6 +21,7 @@ pub mod config;
 mod context;
 mod deadline;
 pub mod identity;
+pub mod observe;
 mod proxy;
 pub mod quota;
 pub mod ratelimit;
@@ -83,8 +84,9 @@ async fn not_found(request: Request) -> Response {
 }
 
 /// The gateway's router for a resolved configuration: the OpenAI and Anthropic routes through
-/// the [`Stack`] to the configured [`Upstream`], `/v1/moat/usage` behind authentication only,
-/// and `/healthz`.
+/// the [`Stack`] to the configured [`Upstream`], `/v1/moat/usage` and `/v1/moat/upstreams`
+/// behind authentication only, `/healthz`, `/readyz` and `/metrics` (see [`observe`]); every
+/// request gets an `x-request-id` and a log line.
 pub fn app(resolved: &Resolved) -> Router {
     let stack = Stack::new(resolved);
     let guarded = match upstreams::ladder(resolved) {
@@ -133,11 +135,15 @@ fn router(stack: &Stack, guarded: GatewayService, resolved: &Resolved) -> Router
             "/v1/moat/upstreams",
             get_service(stack.authenticated(report)),
         );
+    let redis = std::sync::Arc::new(resolved.redis.clone());
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(move || observe::ready(redis.clone())))
+        .route("/metrics", get(observe::metrics))
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(observe::log_requests))
 }
 
 /// Resolves when the process gets Ctrl-C or SIGTERM.

@@ -27,6 +27,16 @@ struct Args {
     /// Listen on this address instead of the configured one (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Log lines as text (colours only on a terminal) or as JSON objects, one per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn load(path: &PathBuf, check: bool) -> Result<Resolved, String> {
@@ -71,13 +81,22 @@ async fn start_demo() -> Result<(Resolved, Demo), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let args = Args::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = Args::parse();
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+    // Before any layer is built: layers take their metric handles then.
+    if moat_gateway::observe::install_metrics().is_none() {
+        tracing::warn!(target: "moat::gateway", "metrics recorder not installed: /metrics is off");
+    }
 
     if let Some(path) = &args.check_config {
         return match load(path, true) {

@@ -200,6 +200,14 @@ impl Provider {
         B::Error: Into<BoxError>,
     {
         let protocol = Protocol::of(&request);
+        let model = crate::observe::logging()
+            .then(|| {
+                request
+                    .extensions()
+                    .get::<moat::core::request::SharedLlmRequest>()
+                    .and_then(|llm| llm.with(|r| r.model().map(Arc::<str>::from)))
+            })
+            .flatten();
         let (mut parts, body) = request.into_parts();
         let body = match buffer(body, self.max_body_bytes).await {
             Ok(buffered) => buffered.data,
@@ -262,6 +270,9 @@ impl Provider {
         };
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(model) = model {
+            parts.extensions.insert(crate::observe::RequestModel(model));
+        }
         let body = DeadlineBody::new(body, self.timeouts.idle, None, "the upstream's reply");
         Response::from_parts(parts, axum::body::Body::new(body))
     }

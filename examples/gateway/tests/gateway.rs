@@ -1214,7 +1214,7 @@ async fn one_redis_connection_serves_every_store() {
         mock.url()
     );
     let resolved = Config::resolve(&config, |_| None).unwrap();
-    assert_eq!(resolved.redis_connections, 1);
+    assert_eq!(resolved.redis.len(), 1);
     let gw = start(&config, &[]).await;
     let mut statuses = Vec::new();
     for _ in 0..4 {
