@@ -77,6 +77,15 @@ impl RedactLayer {
         self
     }
 
+    /// Takes over `previous`'s conversation vaults (when both keep [`Sessions`]): a layer
+    /// rebuilt from a new configuration (a reload) still restores what the old one replaced.
+    pub fn with_state_from(mut self, previous: &RedactLayer) -> Self {
+        if let (Some(sessions), Some(old)) = (self.sessions.take(), &previous.sessions) {
+            self.sessions = Some(sessions.with_state_from(old));
+        }
+        self
+    }
+
     /// What to do with text in parts of a request the parser does not know (a content part of a
     /// new type, an undocumented field): scan it like any other text (the default), refuse the
     /// request with 400, or send it unscanned. See [`UnknownPolicy`].

@@ -131,6 +131,15 @@ impl Sessions {
         self
     }
 
+    /// These settings over `previous`'s conversations: a layer rebuilt from a new configuration
+    /// (a reload) keeps every vault, so placeholders already handed out still restore.
+    pub fn with_state_from(self, previous: &Sessions) -> Self {
+        Self {
+            map: previous.map.clone(),
+            ..self
+        }
+    }
+
     /// How many sessions are kept now.
     pub fn len(&self) -> usize {
         self.map

@@ -312,6 +312,42 @@ impl Config {
         Self::resolve_with(source, &|name| env(name).filter(|v| !v.is_empty()))
     }
 
+    /// Parses and checks a new version of the file for a running gateway (a reload): as
+    /// [`resolve`](Self::resolve), then the new layers take over `previous`'s state by name:
+    /// rate-limit counters of the rules kept, budgets kept, redaction vaults, and the breaker of
+    /// each upstream kept with the same breaker settings.
+    pub fn reload(
+        source: &str,
+        env: impl Fn(&str) -> Option<String>,
+        previous: &Resolved,
+    ) -> Result<Resolved, ConfigError> {
+        let mut resolved = Self::resolve(source, env)?;
+        if let (Some(new), Some(old)) = (resolved.ratelimit.take(), &previous.ratelimit) {
+            resolved.ratelimit = Some(new.with_state_from(old));
+        }
+        if let (Some(new), Some(old)) = (resolved.quota.take(), &previous.quota) {
+            resolved.quota = Some(new.with_state_from(old));
+        }
+        if let (Some(new), Some(old)) = (resolved.redact.take(), &previous.redact) {
+            resolved.redact = Some(new.with_state_from(old));
+        }
+        for upstream in &mut resolved.upstreams {
+            let kept = previous.upstreams.iter().find_map(|old| {
+                let breaker = old.breaker.as_ref()?;
+                let same = old.name == upstream.name
+                    && upstream
+                        .breaker
+                        .as_ref()
+                        .is_some_and(|new| new.config() == breaker.config());
+                same.then(|| breaker.clone())
+            });
+            if let Some(breaker) = kept {
+                upstream.breaker = Some(breaker);
+            }
+        }
+        Ok(resolved)
+    }
+
     /// Checks a file without needing its secrets: a variable that is not set is a warning (in
     /// [`Resolved::warnings`]) and stands in as a placeholder; everything else is checked as
     /// [`resolve`](Self::resolve) checks it.

@@ -96,6 +96,37 @@ pub fn app(resolved: &Resolved) -> Router {
     router(&stack, guarded, resolved)
 }
 
+/// A router whose routes can be replaced while it serves (a configuration reload): each request
+/// is served by the router current when it arrived, to its end, so in-flight requests finish on
+/// the configuration they started with.
+#[derive(Debug, Clone)]
+pub struct Reloadable {
+    current: std::sync::Arc<arc_swap::ArcSwap<Router>>,
+}
+
+impl Reloadable {
+    /// Serving `app` until it is replaced.
+    pub fn new(app: Router) -> Self {
+        Self {
+            current: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(app)),
+        }
+    }
+
+    /// Serves later requests with `app`.
+    pub fn replace(&self, app: Router) {
+        self.current.store(std::sync::Arc::new(app));
+    }
+
+    /// The router to serve: it hands each request to the current app.
+    pub fn router(&self) -> Router {
+        let current = self.current.clone();
+        Router::new().fallback_service(service_fn(move |request: Request| {
+            let app = Router::clone(&current.load());
+            tower::ServiceExt::oneshot(app, request)
+        }))
+    }
+}
+
 /// The gateway's routes around `guarded`, the stack with its upstream.
 fn router(stack: &Stack, guarded: GatewayService, resolved: &Resolved) -> Router {
     let quota = resolved.quota.as_ref().map(QuotaLayer::handle);

@@ -50,6 +50,46 @@ fn load(path: &PathBuf, check: bool) -> Result<Resolved, String> {
     resolved.map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Reloads the configuration file on every SIGHUP: a file that does not load is refused (its
+/// error logged) and the running configuration keeps serving; one that loads serves every
+/// request that arrives after it, with the state of the rules, budgets, vaults and breakers it
+/// keeps. `listen` and `[server]` take effect at the next start.
+#[cfg(unix)]
+fn reload_on_sighup(path: PathBuf, mut running: Resolved, app: moat_gateway::Reloadable) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            tracing::warn!(target: "moat::gateway", error = %e, "cannot listen for SIGHUP: no reloads");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let loaded = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|source| {
+                    Config::reload(&source, |name| std::env::var(name).ok(), &running)
+                        .map_err(|e| e.to_string())
+                });
+            match loaded {
+                Ok(mut next) => {
+                    next.config.listen = running.config.listen;
+                    if next.server != running.server {
+                        tracing::warn!(target: "moat::gateway", "[server] changes take effect at the next start");
+                    }
+                    app.replace(moat_gateway::app(&next));
+                    running = next;
+                    tracing::info!(target: "moat::gateway", path = %path.display(), "configuration reloaded");
+                }
+                Err(error) => {
+                    tracing::error!(target: "moat::gateway", path = %path.display(), %error, "configuration not reloaded: the running one keeps serving");
+                }
+            }
+        }
+    });
+}
+
 /// The demo's mock upstream, serving while the gateway does.
 struct Demo {
     url: String,
@@ -163,11 +203,16 @@ async fn main() -> ExitCode {
     if demo.is_some() {
         println!("try:\n  curl http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello from moat\"}}]}}'");
     }
-    let app = moat_gateway::app(&resolved);
+    let app = moat_gateway::Reloadable::new(moat_gateway::app(&resolved));
+    let limits = resolved.server;
+    #[cfg(unix)]
+    if let Some(path) = &args.config {
+        reload_on_sighup(path.clone(), resolved, app.clone());
+    }
     match moat_gateway::serve(
         listener,
-        app,
-        resolved.server,
+        app.router(),
+        limits,
         moat_gateway::shutdown_signal(),
     )
     .await

@@ -1488,3 +1488,110 @@ async fn upstreams_route_by_model_and_an_unserved_model_is_refused() {
     assert_eq!(reply.status, 404, "{:?}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "model_not_found");
 }
+
+/// Sends `signal` (`HUP`, `TERM`) with the `kill` command.
+fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sighup_reloads_keeping_counters_and_a_bad_file_keeps_the_running_config() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mock = MockUpstream::start().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("moat-gw-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    let config = |extra: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}/v1\"\n[[ratelimit.rules]]\nname = \"per-ip\"\nkey = \"ip\"\nlimits = [\"3/hour\"]\n{extra}",
+            mock.url()
+        )
+    };
+    std::fs::write(&path, config("")).unwrap();
+    let mut child = tokio::process::Command::new(binary())
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "moat::gateway=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = stdout
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the gateway prints where it listens");
+        if let Some(rest) = line.strip_prefix("listening on ") {
+            break rest.to_owned();
+        }
+    };
+    // What the gateway logs, line by line, as it comes.
+    let (tx, mut log) = tokio::sync::mpsc::unbounded_channel();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    let mut wait_for = async |needle: &str| {
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = log.recv().await {
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+            panic!("the gateway exited before logging {needle:?}");
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no {needle:?} in the log"))
+    };
+    let chat_status = async || {
+        call(
+            &url,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            Some(chat("x", false)),
+        )
+        .await
+        .status
+    };
+    let pid = child.id().unwrap();
+
+    assert_eq!(chat_status().await, 200);
+    assert_eq!(chat_status().await, 200);
+    // A new rule, the old one kept: its counter carries over.
+    std::fs::write(
+        &path,
+        config("[[ratelimit.rules]]\nname = \"other\"\nkey = \"ip\"\nlimits = [\"1000/hour\"]\n"),
+    )
+    .unwrap();
+    send_signal(pid, "HUP");
+    wait_for("configuration reloaded").await;
+    assert_eq!(chat_status().await, 200, "the third of three");
+    assert_eq!(chat_status().await, 429, "the count survived the reload");
+
+    // A file that does not load is refused; the running configuration keeps serving.
+    std::fs::write(&path, "listen = 5\n").unwrap();
+    send_signal(pid, "HUP");
+    let line = wait_for("configuration not reloaded").await;
+    assert!(line.contains("listen"), "the error names the key: {line}");
+    assert_eq!(chat_status().await, 429);
+    let health = call(&url, "GET", "/healthz", &[], None).await;
+    assert_eq!(health.status, 200);
+
+    send_signal(pid, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
