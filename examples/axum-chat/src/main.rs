@@ -1,0 +1,122 @@
+//! An axum chat app whose own handler sits behind moat's whole stack, built with
+//! [`ServiceBuilderExt`](moat::ServiceBuilderExt) in the recommended order: rate limits, budgets,
+//! redaction, circuit breaker.
+//!
+//! `cargo run -p axum-chat` serves on a free loopback port, then plays a short session against
+//! itself and checks what each layer did: the handler sees placeholders where the user wrote an
+//! email address, the user gets the address back, and the fourth request in a minute is refused
+//! with 429. It exits 0 when all of that held (CI runs it).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use moat::core::identity::ApiKey;
+use moat::prelude::*;
+use serde_json::{json, Value};
+use tower::ServiceBuilder;
+
+/// What the handler saw, to show that redaction happened before it.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// The app's own chat handler: it "answers" by echoing the last user message, with usage, as
+/// an OpenAI chat completion.
+async fn chat(State(seen): State<Seen>, Json(request): Json<Value>) -> Json<Value> {
+    let text = request["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    seen.lock().unwrap().push(text.clone());
+    Json(json!({
+        "id": "chatcmpl-local",
+        "object": "chat.completion",
+        "model": request["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20},
+    }))
+}
+
+fn app(seen: Seen) -> Router {
+    let per_key = Rule::new("per-key", ApiKey::default()).limit("3/minute".parse().expect("valid"));
+    let daily = Budget::new("daily-tokens", ApiKey::default(), Period::Day).tokens(100_000);
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .with_state(seen)
+        .layer(
+            ServiceBuilder::new()
+                .moat_rate_limit(RateLimitLayer::new(per_key))
+                .moat_quota(QuotaLayer::new(daily))
+                .moat_redact(RedactLayer::new(Redactor::new(&Entity::ALL)))
+                .moat_circuit_breaker(Breaker::new("chat-handler")),
+        )
+}
+
+async fn ask(url: &str, text: &str) -> (u16, Value) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]});
+    let request = http::Request::post(format!("{url}/v1/chat/completions"))
+        .header("authorization", "Bearer sk-user-alice")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("valid request");
+    let response = client.request(request).await.expect("the app answers");
+    let status = response.status().as_u16();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("a whole body")
+        .to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let seen = Seen::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let url = format!("http://{}", listener.local_addr().expect("bound"));
+    let service = app(seen.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, service).await });
+    println!("axum-chat: serving on {url}");
+
+    let text = "Email me at jane.doe@example.com about the plan";
+    let (status, reply) = ask(&url, text).await;
+    assert_eq!(status, 200, "{reply}");
+    let answer = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    let handled = seen.lock().unwrap()[0].clone();
+    println!("  the user wrote:   {text}");
+    println!("  the handler saw:  {handled}");
+    println!("  the user got:     {answer}");
+    assert!(
+        !handled.contains("jane.doe@example.com"),
+        "redacted before the handler"
+    );
+    assert_eq!(answer, text, "restored in the reply");
+
+    for _ in 0..2 {
+        assert_eq!(ask(&url, "hello").await.0, 200);
+    }
+    let (status, refused) = ask(&url, "one too many").await;
+    println!(
+        "  the fourth request in a minute: {status} {}",
+        refused["error"]["code"]
+    );
+    assert_eq!(status, 429);
+    assert_eq!(refused["error"]["code"], "rate_limit_exceeded");
+    println!("axum-chat: every layer did its job");
+}
