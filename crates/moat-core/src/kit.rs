@@ -200,7 +200,9 @@ impl Scope {
     }
 }
 
-fn route_matches(route: &str, path: &str) -> bool {
+/// Whether `path` is `route`, or lies under it when `route` ends in `/*` (`/v1/chat/*` matches
+/// `/v1/chat` and `/v1/chat/completions`, not `/v1/chatter`).
+pub fn route_matches(route: &str, path: &str) -> bool {
     match route.strip_suffix("/*") {
         Some(prefix) => {
             path == prefix || path.starts_with(prefix) && path[prefix.len()..].starts_with('/')

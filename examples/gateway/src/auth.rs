@@ -24,9 +24,22 @@ use crate::config::ResolvedKey;
 /// Virtual keys by SHA-256, and how to describe callers.
 #[derive(Debug)]
 struct Keys {
-    by_digest: HashMap<[u8; 32], Caller>,
+    by_digest: HashMap<[u8; 32], Entry>,
     resolver: CallerResolver,
 }
+
+/// One virtual key: who it is, until when, and what it may call.
+#[derive(Debug)]
+struct Entry {
+    caller: Caller,
+    expires: Option<jiff::Timestamp>,
+    routes: Vec<String>,
+    models: Option<ModelScope>,
+}
+
+/// The models a request's key may use, for the stage that reads the body to check.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelScope(pub(crate) Arc<[String]>);
 
 /// Checks virtual keys; see the [module docs](self).
 #[derive(Debug, Clone)]
@@ -47,7 +60,14 @@ impl AuthenticateLayer {
                 if let Some(tier) = &k.entry.tier {
                     caller = caller.with_tier(tier.as_str());
                 }
-                (k.sha256, caller)
+                let entry = Entry {
+                    caller,
+                    expires: k.expires,
+                    routes: k.entry.routes.clone(),
+                    models: (!k.entry.models.is_empty())
+                        .then(|| ModelScope(k.entry.models.clone().into())),
+                };
+                (k.sha256, entry)
             })
             .collect();
         Self {
@@ -78,8 +98,9 @@ pub struct Authenticate<S> {
 }
 
 impl Keys {
-    /// The caller a request's key belongs to, or why it is refused.
-    fn caller<B>(&self, request: &Request<B>) -> Result<Caller, Rejection> {
+    /// The caller a request's key belongs to (and the models it may use), or why it is
+    /// refused.
+    fn caller<B>(&self, request: &Request<B>) -> Result<(Caller, Option<ModelScope>), Rejection> {
         let Some(presented) = presented_api_key(request.headers()) else {
             let message = if crate::proxy::has_query_credential(request.uri()) {
                 "An API key in the URL is not accepted (URLs end up in logs). Send it as `Authorization: Bearer KEY` or `x-api-key: KEY`."
@@ -89,15 +110,41 @@ impl Keys {
             return Err(Rejection::unauthorized(message).with_code("missing_api_key"));
         };
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let caller = self
+        let entry = self
             .by_digest
             .get(&digest)
             .ok_or_else(|| Rejection::unauthorized("Incorrect API key provided."))?;
-        Ok(caller.clone().with_api_key(
+        if let Some(expires) = entry.expires {
+            if jiff::Timestamp::now() >= expires {
+                return Err(Rejection::unauthorized(format!(
+                    "This API key expired at {expires}. Ask for a new key."
+                ))
+                .with_code("expired_api_key"));
+            }
+        }
+        let path = request.uri().path();
+        if !entry.routes.is_empty()
+            && !entry
+                .routes
+                .iter()
+                .any(|r| moat::core::kit::route_matches(r, path))
+        {
+            return Err(Rejection::new(
+                http::StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                format!(
+                    "This API key may not call {path}; it may call {}.",
+                    entry.routes.join(", ")
+                ),
+            )
+            .with_code("route_not_allowed"));
+        }
+        let caller = entry.caller.clone().with_api_key(
             self.resolver
                 .fingerprinter()
                 .fingerprint(presented.as_bytes()),
-        ))
+        );
+        Ok((caller, entry.models.clone()))
     }
 }
 
@@ -118,8 +165,11 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         if !self.keys.by_digest.is_empty() {
             match self.keys.caller(&request) {
-                Ok(caller) => {
+                Ok((caller, models)) => {
                     request.extensions_mut().insert(caller);
+                    if let Some(models) = models {
+                        request.extensions_mut().insert(models);
+                    }
                 }
                 Err(rejection) => {
                     let response = crate::reject(rejection, Protocol::of(&request));

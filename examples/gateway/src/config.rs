@@ -183,6 +183,14 @@ pub struct KeyConfig {
     pub tenant: Option<String>,
     /// The key's tier, e.g. `free`.
     pub tier: Option<String>,
+    /// When the key stops working (RFC 3339, e.g. `2027-01-01T00:00:00Z`): 401 after, saying so.
+    pub expires: Option<String>,
+    /// The models the key may use (`gpt-4o*` matches by prefix); all when empty. Others get 403.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// The routes the key may call (`/v1/chat/*` matches below); all when empty. Others get 403.
+    #[serde(default)]
+    pub routes: Vec<String>,
 }
 
 /// A bad configuration: what is wrong, naming the key path, and the line where it can say.
@@ -223,6 +231,8 @@ pub struct ResolvedKey {
     pub sha256: [u8; 32],
     /// The entry.
     pub entry: KeyConfig,
+    /// When it expires, parsed.
+    pub expires: Option<jiff::Timestamp>,
 }
 
 /// The configuration with environment variables read and every value checked.
@@ -479,9 +489,21 @@ impl Config {
             if keys.iter().any(|k| k.sha256 == sha256) {
                 return Err(err("the same key is configured twice".into()));
             }
+            let expires = entry
+                .expires
+                .as_deref()
+                .map(|at| {
+                    at.parse::<jiff::Timestamp>().map_err(|e| {
+                        err(format!(
+                            "expires {at:?} is not an RFC 3339 time (2027-01-01T00:00:00Z): {e}"
+                        ))
+                    })
+                })
+                .transpose()?;
             keys.push(ResolvedKey {
                 sha256,
                 entry: entry.clone(),
+                expires,
             });
         }
         Ok(keys)

@@ -213,6 +213,9 @@ impl Provider {
             Ok(buffered) => buffered.data,
             Err(e) => return reject(e.into(), protocol),
         };
+        if let Some(rejection) = out_of_scope(&parts.extensions, &body) {
+            return reject(rejection, protocol);
+        }
         parts.uri = match self.uri_for(&parts.uri) {
             Ok(uri) => uri,
             Err(e) => {
@@ -276,6 +279,33 @@ impl Provider {
         let body = DeadlineBody::new(body, self.timeouts.idle, None, "the upstream's reply");
         Response::from_parts(parts, axum::body::Body::new(body))
     }
+}
+
+/// Why a request's key may not use the model it names, if it may not.
+fn out_of_scope(extensions: &http::Extensions, body: &Bytes) -> Option<Rejection> {
+    let scope = extensions.get::<crate::auth::ModelScope>()?;
+    let model = match extensions.get::<moat::core::request::SharedLlmRequest>() {
+        Some(llm) => llm.with(|r| r.model().map(str::to_owned)),
+        None => {
+            #[derive(serde::Deserialize)]
+            struct Named {
+                model: Option<String>,
+            }
+            serde_json::from_slice::<Named>(body).ok()?.model
+        }
+    }?;
+    (!moat::core::llm::model_matches(&scope.0, Some(&model))).then(|| {
+        Rejection::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            format!(
+                "This API key may not use the model {model:?}; it may use {}.",
+                scope.0.join(", ")
+            ),
+        )
+        .with_code("model_not_allowed")
+        .with_param("model")
+    })
 }
 
 /// A query parameter's name, percent-decoded (`+` as a space), for comparison.

@@ -1595,3 +1595,58 @@ async fn sighup_reloads_keeping_counters_and_a_bad_file_keeps_the_running_config
     assert!(status.success(), "{status:?}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn keys_expire_and_keep_to_their_routes_and_models() {
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "[upstream]\nbase_url = \"{}/v1\"\n\n[[keys]]\nid = \"old\"\nkey = \"sk-moat-old\"\nexpires = \"2020-01-01T00:00:00Z\"\n\n[[keys]]\nid = \"embedder\"\nkey = \"sk-moat-embed\"\nroutes = [\"/v1/embeddings\"]\n\n[[keys]]\nid = \"mini\"\nkey = \"sk-moat-mini\"\nmodels = [\"gpt-4o-mini*\"]\nexpires = \"2999-01-01T00:00:00Z\"\n",
+        mock.url()
+    );
+    let gw = start(&config, &[]).await;
+    let post = async |key: &str, body: Value| {
+        call(
+            &gw.url,
+            "POST",
+            "/v1/chat/completions",
+            &[("authorization", &format!("Bearer {key}"))],
+            Some(body),
+        )
+        .await
+    };
+    let expired = post("sk-moat-old", chat("hi", false)).await;
+    assert_eq!(expired.status, 401);
+    assert_eq!(expired.json()["error"]["code"], "expired_api_key");
+    assert!(expired.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("expired at 2020-01-01"));
+
+    let wrong_route = post("sk-moat-embed", chat("hi", false)).await;
+    assert_eq!(wrong_route.status, 403);
+    assert_eq!(wrong_route.json()["error"]["code"], "route_not_allowed");
+    let embedded = call(
+        &gw.url,
+        "POST",
+        "/v1/embeddings",
+        &[("authorization", "Bearer sk-moat-embed")],
+        Some(json!({"model": "text-embedding-3-small", "input": "hi"})),
+    )
+    .await;
+    assert_eq!(embedded.status, 200);
+
+    assert_eq!(post("sk-moat-mini", chat("hi", false)).await.status, 200);
+    let big = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let refused = post("sk-moat-mini", big).await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.json()["error"]["code"], "model_not_allowed");
+    assert_eq!(
+        mock.requests().len(),
+        2,
+        "refused requests never reach the upstream"
+    );
+
+    let bad = "[upstream]\nbase_url = \"http://x/v1\"\n[[keys]]\nid = \"a\"\nkey = \"k\"\nexpires = \"next tuesday\"\n";
+    let e = Config::resolve(bad, |_| None).unwrap_err();
+    assert!(e.message.contains("expires") && e.line == Some(3), "{e}");
+}
