@@ -43,6 +43,9 @@ pub struct Config {
     /// Virtual keys handed to clients; none means every caller is anonymous, keyed by IP.
     #[serde(default)]
     pub keys: Vec<Spanned<KeyConfig>>,
+    /// A file of more `[[keys]]`, by `key_sha256` only (no secret in it), read at start and on
+    /// every reload: keys can be added, rotated and revoked without editing this file.
+    pub keys_file: Option<Spanned<String>>,
     /// Largest request body accepted, in bytes (default 4 MiB); every layer reads up to this.
     pub max_body_bytes: Option<Spanned<usize>>,
     /// The Redis server of every section with `store = "redis"` that names none of its own; one
@@ -266,6 +269,77 @@ pub struct Resolved {
     pub redis: Vec<std::sync::Arc<moat::core::store::RedisConnection>>,
 }
 
+/// Checks `entries` (from `source`; `prefix` names a keys file in errors) and adds them to `keys`.
+fn add_keys(
+    keys: &mut Vec<ResolvedKey>,
+    entries: &[Spanned<KeyConfig>],
+    source: &str,
+    prefix: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    for spanned in entries {
+        let entry = spanned.get_ref();
+        let err = |what: String| {
+            let mut e = ConfigError::at(
+                source,
+                spanned.span(),
+                format!("keys (id = {:?}): {what}", entry.id),
+            );
+            if !prefix.is_empty() {
+                e.message = format!("{prefix}line {}: {}", e.line.unwrap_or(0), e.message);
+                e.line = None;
+            }
+            e
+        };
+        if entry.id.trim().is_empty() {
+            return Err(err("id is empty".into()));
+        }
+        let given = [&entry.key, &entry.key_sha256, &entry.key_env]
+            .iter()
+            .filter(|k| k.is_some())
+            .count();
+        if given != 1 {
+            return Err(err("set exactly one of key, key_sha256, key_env".into()));
+        }
+        let sha256 = if let Some(key) = &entry.key {
+            if key.trim().is_empty() {
+                return Err(err("key is empty".into()));
+            }
+            Sha256::digest(key.as_bytes()).into()
+        } else if let Some(hex) = &entry.key_sha256 {
+            parse_sha256(hex).ok_or_else(|| err("key_sha256 must be 64 hex digits".into()))?
+        } else {
+            let name = entry.key_env.as_deref().unwrap_or_default();
+            let key = env(name)
+                .ok_or_else(|| err(format!("key_env: environment variable {name} is not set")))?;
+            Sha256::digest(key.as_bytes()).into()
+        };
+        if keys.iter().any(|k| k.entry.id == entry.id) {
+            return Err(err("duplicate id".into()));
+        }
+        if keys.iter().any(|k| k.sha256 == sha256) {
+            return Err(err("the same key is configured twice".into()));
+        }
+        let expires = entry
+            .expires
+            .as_deref()
+            .map(|at| {
+                at.parse::<jiff::Timestamp>().map_err(|e| {
+                    err(format!(
+                        "expires {at:?} is not an RFC 3339 time (2027-01-01T00:00:00Z): {e}"
+                    ))
+                })
+            })
+            .transpose()?;
+        keys.push(ResolvedKey {
+            sha256,
+            entry: entry.clone(),
+            expires,
+        });
+    }
+    Ok(())
+}
+
 /// The path as a user writes it: `ratelimit.rules[0].limits[1]`, without the segments
 /// `toml::Spanned` adds.
 fn key_path(path: &serde_path_to_error::Path) -> String {
@@ -450,61 +524,44 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Vec<ResolvedKey>, ConfigError> {
         let mut keys: Vec<ResolvedKey> = Vec::with_capacity(self.keys.len());
-        for spanned in &self.keys {
-            let entry = spanned.get_ref();
-            let err = |what: String| {
-                ConfigError::at(
-                    source,
-                    spanned.span(),
-                    format!("keys (id = {:?}): {what}", entry.id),
-                )
-            };
-            if entry.id.trim().is_empty() {
-                return Err(err("id is empty".into()));
+        add_keys(&mut keys, &self.keys, source, "", env)?;
+        if let Some(file) = &self.keys_file {
+            let path = file.get_ref();
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::at(source, file.span(), format!("keys_file: {path}: {e}"))
+            })?;
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct KeysFile {
+                #[serde(default)]
+                keys: Vec<Spanned<KeyConfig>>,
             }
-            let given = [&entry.key, &entry.key_sha256, &entry.key_env]
+            let listed: KeysFile = toml::from_str(&text).map_err(|e| ConfigError {
+                line: None,
+                message: format!(
+                    "keys_file {path}: {}{}",
+                    e.span()
+                        .map(|span| format!("line {}: ", line_of(&text, span)))
+                        .unwrap_or_default(),
+                    e.message()
+                ),
+            })?;
+            if let Some(plain) = listed
+                .keys
                 .iter()
-                .filter(|k| k.is_some())
-                .count();
-            if given != 1 {
-                return Err(err("set exactly one of key, key_sha256, key_env".into()));
+                .find(|k| k.get_ref().key_sha256.is_none())
+            {
+                return Err(ConfigError {
+                    line: None,
+                    message: format!(
+                        "keys_file {path}: line {}: keys (id = {:?}): only key_sha256 is accepted here",
+                        line_of(&text, plain.span()),
+                        plain.get_ref().id
+                    ),
+                });
             }
-            let sha256 = if let Some(key) = &entry.key {
-                if key.trim().is_empty() {
-                    return Err(err("key is empty".into()));
-                }
-                Sha256::digest(key.as_bytes()).into()
-            } else if let Some(hex) = &entry.key_sha256 {
-                parse_sha256(hex).ok_or_else(|| err("key_sha256 must be 64 hex digits".into()))?
-            } else {
-                let name = entry.key_env.as_deref().unwrap_or_default();
-                let key = env(name).ok_or_else(|| {
-                    err(format!("key_env: environment variable {name} is not set"))
-                })?;
-                Sha256::digest(key.as_bytes()).into()
-            };
-            if keys.iter().any(|k| k.entry.id == entry.id) {
-                return Err(err("duplicate id".into()));
-            }
-            if keys.iter().any(|k| k.sha256 == sha256) {
-                return Err(err("the same key is configured twice".into()));
-            }
-            let expires = entry
-                .expires
-                .as_deref()
-                .map(|at| {
-                    at.parse::<jiff::Timestamp>().map_err(|e| {
-                        err(format!(
-                            "expires {at:?} is not an RFC 3339 time (2027-01-01T00:00:00Z): {e}"
-                        ))
-                    })
-                })
-                .transpose()?;
-            keys.push(ResolvedKey {
-                sha256,
-                entry: entry.clone(),
-                expires,
-            });
+            let prefix = format!("keys_file {path}: ");
+            add_keys(&mut keys, &listed.keys, &text, &prefix, env)?;
         }
         Ok(keys)
     }

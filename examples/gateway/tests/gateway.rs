@@ -1650,3 +1650,71 @@ async fn keys_expire_and_keep_to_their_routes_and_models() {
     let e = Config::resolve(bad, |_| None).unwrap_err();
     assert!(e.message.contains("expires") && e.line == Some(3), "{e}");
 }
+
+#[tokio::test]
+async fn keys_come_from_a_file_of_hashes_that_a_reload_reads_again() {
+    use sha2::{Digest, Sha256};
+    let hex = |key: &str| {
+        Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let mock = MockUpstream::start().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("moat-gw-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[keys]]\nid = \"carol\"\nkey_sha256 = \"{}\"\ntenant = \"acme\"\n",
+            hex("sk-moat-carol")
+        ),
+    )
+    .unwrap();
+    let config = format!(
+        "keys_file = \"{}\"\n[upstream]\nbase_url = \"{}/v1\"\n",
+        file.display(),
+        mock.url()
+    );
+    let first = Config::resolve(&config, |_| None).unwrap();
+    assert_eq!(first.keys.len(), 1);
+    let gw = start(&config, &[]).await;
+    let ask = async |url: &str, key: &str| {
+        call(
+            url,
+            "POST",
+            "/v1/chat/completions",
+            &[("authorization", &format!("Bearer {key}"))],
+            Some(chat("hi", false)),
+        )
+        .await
+        .status
+    };
+    assert_eq!(ask(&gw.url, "sk-moat-carol").await, 200);
+    assert_eq!(ask(&gw.url, "sk-moat-dave").await, 401);
+
+    // Rotation: dave added, carol revoked; a reload reads the file again.
+    std::fs::write(
+        &file,
+        format!(
+            "[[keys]]\nid = \"dave\"\nkey_sha256 = \"{}\"\n",
+            hex("sk-moat-dave")
+        ),
+    )
+    .unwrap();
+    let reloaded = Config::reload(&config, |_| None, &first).unwrap();
+    let ids: Vec<&str> = reloaded.keys.iter().map(|k| k.entry.id.as_str()).collect();
+    assert_eq!(ids, ["dave"]);
+
+    // No secrets in that file: a plain key is refused, naming the file and line.
+    std::fs::write(&file, "[[keys]]\nid = \"eve\"\nkey = \"sk-plain\"\n").unwrap();
+    let e = Config::reload(&config, |_| None, &first).unwrap_err();
+    assert!(
+        e.message.contains("keys_file")
+            && e.message.contains("line 1")
+            && e.message.contains("key_sha256"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
