@@ -308,3 +308,23 @@ async fn a_grpc_failure_in_the_trailers_counts() {
     assert!(collected.trailers().is_some(), "trailers pass through");
     assert_eq!((b.snapshot().calls, b.snapshot().failures), (1, 1));
 }
+
+#[tokio::test]
+async fn retries_stop_when_the_budget_is_spent() {
+    use tower::retry::budget::TpsBudget;
+    // No reserve and no share of requests to spend on retries: nothing may be retried.
+    let budget = TpsBudget::new(Duration::from_secs(10), 0, 0.0);
+    let (down, calls) = scripted::<Full<Bytes>>(&[503]);
+    let service =
+        RetryLayer::new(RetryPolicy::new(3).with_backoff(fast()).with_budget(budget)).layer(down);
+    let response = service
+        .oneshot(Request::new(Full::new(Bytes::new())))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the budget allowed no retry"
+    );
+}
