@@ -6,8 +6,10 @@ Starts the gateway's demo (built-in mock upstream) on a free port, runs each che
 gateway with SIGTERM and expects a clean exit. Prints one line per check and a summary.
 """
 
+import json
 import time
 import signal
+import urllib.request
 import subprocess
 import sys
 import traceback
@@ -23,14 +25,17 @@ def start(binary):
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    mock = None
     for line in proc.stdout:
+        if "built-in mock upstream at " in line:
+            mock = line.split("built-in mock upstream at ", 1)[1].strip().removesuffix("/v1")
         if line.startswith("listening on "):
-            return proc, line.split("listening on ", 1)[1].strip()
+            return proc, line.split("listening on ", 1)[1].strip(), mock
     proc.kill()
     raise SystemExit("the gateway exited before it printed where it listens")
 
 
-def checks(url):
+def checks(url, mock):
     oa = openai.OpenAI(base_url=url + "/v1", api_key="sk-demo", max_retries=0)
     an = anthropic.Anthropic(base_url=url, api_key="sk-demo", max_retries=0)
 
@@ -96,6 +101,28 @@ def checks(url):
         # for it (answering 429 itself), then lets calls through again.
         time.sleep(1.2)
 
+    def openai_sdk_retry_honours_our_retry_after_ms():
+        # The upstream answers 429 asking for 2 s: the demo's breaker answers the next call
+        # itself (429, retry-after-ms), the SDK's own retry waits that long and gets through.
+        try:
+            oa.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "x"}],
+                extra_headers={"x-mock-status": "429", "x-mock-retry-after": "2"},
+            )
+        except openai.RateLimitError:
+            pass
+        retrying = oa.with_options(max_retries=2)
+        r = retrying.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "after the pause"}]
+        )
+        assert r.choices[0].message.content == "after the pause", r
+        with urllib.request.urlopen(mock + "/_mock/requests") as resp:
+            log = json.load(resp)
+        through = [q for q in log if "after the pause" in json.dumps(q.get("body"))]
+        assert len(through) == 1, through
+        assert through[0]["headers"].get("x-stainless-retry-count") == "1", through[0]["headers"]
+
     def openai_pii_round_trip():
         # The demo redacts: the mock upstream only sees placeholders, yet echoes back the originals.
         text = "Card 4111 1111 1111 1111, email jane@example.com"
@@ -155,6 +182,7 @@ def checks(url):
         openai_embeddings,
         openai_models,
         openai_error_shape,
+        openai_sdk_retry_honours_our_retry_after_ms,
         openai_pii_round_trip,
         anthropic_pii_round_trip,
         anthropic_messages,
@@ -163,10 +191,10 @@ def checks(url):
 
 
 def main():
-    proc, url = start(sys.argv[1])
+    proc, url, mock = start(sys.argv[1])
     passed = failed = 0
     try:
-        for check in checks(url):
+        for check in checks(url, mock):
             try:
                 check()
                 passed += 1

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use moat_core::body::{buffer, RequestBody, ResponseBody, DEFAULT_BODY_LIMIT};
@@ -20,7 +20,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::retry::{retryable, Backoff};
-use crate::service::{retry_after_value, Reason, Unavailable};
+use crate::service::{with_retry_after, Reason, Unavailable};
 
 /// The header that says which fallback served a response.
 pub const FALLBACK_HEADER: HeaderName = HeaderName::from_static("x-moat-fallback");
@@ -366,7 +366,7 @@ where
     .with_code("no_upstream_available")
     .with_layer("fallback");
     if let Some(wait) = shortest_wait {
-        rejection = rejection.with_header(RETRY_AFTER, retry_after_value(wait));
+        rejection = with_retry_after(rejection, wait);
     }
     Ok(rejection.into_response(protocol))
 }

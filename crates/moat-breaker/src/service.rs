@@ -254,15 +254,22 @@ fn refused(breaker: &Breaker, refusal: Refusal) -> Rejection {
         .with_code(code)
         .with_layer("breaker");
     if let Some(after) = refusal.retry_after() {
-        rejection = rejection.with_header(http::header::RETRY_AFTER, retry_after_value(after));
+        rejection = with_retry_after(rejection, after);
     }
     rejection
 }
 
-/// Whole seconds, rounded up: a client that waits that long finds the breaker ready.
-pub(crate) fn retry_after_value(after: Duration) -> HeaderValue {
+/// `retry-after` in whole seconds, rounded up (a client that waits that long finds the breaker
+/// ready), and `retry-after-ms`, which OpenAI's SDKs read first.
+pub(crate) fn with_retry_after(rejection: Rejection, after: Duration) -> Rejection {
     let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-    HeaderValue::from(secs.max(1))
+    let millis = u64::try_from(after.as_millis()).unwrap_or(u64::MAX).max(1);
+    rejection
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)))
+        .with_header(
+            http::HeaderName::from_static("retry-after-ms"),
+            HeaderValue::from(millis),
+        )
 }
 
 fn unavailable<B>(

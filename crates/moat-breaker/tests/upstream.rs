@@ -149,6 +149,7 @@ async fn a_429_leaves_the_upstream_alone_until_its_retry_after() {
         .unwrap();
     assert_eq!(refused.status(), 429);
     assert_eq!(refused.headers()["retry-after"], "2");
+    assert_eq!(refused.headers()["retry-after-ms"], "2000");
     assert_eq!(
         refused.extensions().get::<Unavailable>().unwrap().reason,
         Reason::RateLimited
