@@ -27,6 +27,9 @@ struct Args {
     /// Listen on this address instead of the configured one (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Also reload when the configuration file (or its keys_file) changes, checked every 2 s.
+    #[arg(long, requires = "config")]
+    watch: bool,
     /// Log lines as text (colours only on a terminal) or as JSON objects, one per line.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -50,12 +53,31 @@ fn load(path: &PathBuf, check: bool) -> Result<Resolved, String> {
     resolved.map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Reloads the configuration file on every SIGHUP: a file that does not load is refused (its
-/// error logged) and the running configuration keeps serving; one that loads serves every
-/// request that arrives after it, with the state of the rules, budgets, vaults and breakers it
-/// keeps. `listen` and `[server]` take effect at the next start.
+/// When the configuration file or its `keys_file` last changed, as far as the file system says.
+fn modified(running: &Resolved, path: &std::path::Path) -> Vec<Option<std::time::SystemTime>> {
+    let keys = running
+        .config
+        .keys_file
+        .as_ref()
+        .map(|f| PathBuf::from(f.get_ref()));
+    std::iter::once(path.to_path_buf())
+        .chain(keys)
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Reloads the configuration file on every SIGHUP (and, with `watch`, when it or its keys file
+/// changes): a file that does not load is refused (its error logged) and the running
+/// configuration keeps serving; one that loads serves every request that arrives after it,
+/// with the state of the rules, budgets, vaults and breakers it keeps. `listen` and `[server]`
+/// take effect at the next start.
 #[cfg(unix)]
-fn reload_on_sighup(path: PathBuf, mut running: Resolved, app: moat_gateway::Reloadable) {
+fn reload_on_sighup(
+    path: PathBuf,
+    mut running: Resolved,
+    app: moat_gateway::Reloadable,
+    watch: bool,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(hangups) => hangups,
@@ -65,7 +87,19 @@ fn reload_on_sighup(path: PathBuf, mut running: Resolved, app: moat_gateway::Rel
         }
     };
     tokio::spawn(async move {
-        while hangups.recv().await.is_some() {
+        let mut seen = modified(&running, &path);
+        let mut ticks = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                hangup = hangups.recv() => if hangup.is_none() { break },
+                _ = ticks.tick(), if watch => {
+                    let now = modified(&running, &path);
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                }
+            }
             let loaded = std::fs::read_to_string(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|source| {
@@ -80,6 +114,7 @@ fn reload_on_sighup(path: PathBuf, mut running: Resolved, app: moat_gateway::Rel
                     }
                     app.replace(moat_gateway::app(&next));
                     running = next;
+                    seen = modified(&running, &path);
                     tracing::info!(target: "moat::gateway", path = %path.display(), "configuration reloaded");
                 }
                 Err(error) => {
@@ -207,7 +242,7 @@ async fn main() -> ExitCode {
     let limits = resolved.server;
     #[cfg(unix)]
     if let Some(path) = &args.config {
-        reload_on_sighup(path.clone(), resolved, app.clone());
+        reload_on_sighup(path.clone(), resolved, app.clone(), args.watch);
     }
     match moat_gateway::serve(
         listener,

@@ -1718,3 +1718,75 @@ async fn keys_come_from_a_file_of_hashes_that_a_reload_reads_again() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn with_watch_a_changed_file_is_reloaded_without_a_signal() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mock = MockUpstream::start().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("moat-gw-watch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    let open = format!(
+        "listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}/v1\"\n",
+        mock.url()
+    );
+    std::fs::write(&path, &open).unwrap();
+    let mut child = tokio::process::Command::new(binary())
+        .arg("--config")
+        .arg(&path)
+        .arg("--watch")
+        .env("RUST_LOG", "moat::gateway=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = stdout
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the gateway prints where it listens");
+        if let Some(rest) = line.strip_prefix("listening on ") {
+            break rest.to_owned();
+        }
+    };
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let anonymous = call(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("x", false)),
+    )
+    .await;
+    assert_eq!(anonymous.status, 200);
+    // Keys appear in the file: from the next check on, anonymous callers are refused.
+    std::fs::write(
+        &path,
+        format!("{open}[[keys]]\nid = \"a\"\nkey = \"sk-moat-a\"\n"),
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if line.contains("configuration reloaded") {
+                return;
+            }
+        }
+        panic!("the gateway exited");
+    })
+    .await
+    .expect("reloaded within the watch interval");
+    let refused = call(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("x", false)),
+    )
+    .await;
+    assert_eq!(refused.status, 401);
+    child.kill().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
