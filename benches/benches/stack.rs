@@ -1,6 +1,6 @@
-//! The three landed layers stacked as the gateway stacks them (rate limits, then budgets, then
-//! redaction), in memory, with exact token counting, on a 2 KB chat request with nothing to
-//! find; and a streamed reply of 200 events through all three.
+//! The landed layers stacked as the gateway stacks them (rate limits, then budgets, then
+//! redaction, then the breaker), in memory, with exact token counting, on a 2 KB chat request
+//! with nothing to find; and a streamed reply of 200 events through them.
 //!
 //! - `request_2kb`: a bare service that reads the body and answers with usage (the baseline);
 //!   the shared parse alone; each layer alone; the three together. Each request's response body
@@ -18,6 +18,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
+use moat_breaker::{Breaker, CircuitBreakerLayer};
 use moat_core::body::{RequestBody, DEFAULT_BODY_LIMIT};
 use moat_core::identity::{ClientIp, Global, PeerAddr};
 use moat_core::request::{read_llm_request, LlmBody};
@@ -117,6 +118,10 @@ fn quota() -> QuotaLayer {
     QuotaLayer::new(Budget::new("daily", Global, Period::Day).tokens(u64::MAX / 4))
 }
 
+fn breaker() -> CircuitBreakerLayer {
+    CircuitBreakerLayer::new(Breaker::new("bench"))
+}
+
 fn redact() -> RedactLayer {
     RedactLayer::new(Redactor::new(&Entity::ALL))
 }
@@ -199,6 +204,21 @@ fn requests(c: &mut Criterion) {
             None
         ));
     bench(&mut group, "ratelimit + quota + redact", &body, stack);
+    let whole = ServiceBuilder::new()
+        .layer(ratelimit())
+        .layer(quota())
+        .layer(redact())
+        .layer(breaker())
+        .service(upstream_for!(
+            RequestBody<RequestBody<RequestBody<Full<Bytes>>>>,
+            None
+        ));
+    bench(
+        &mut group,
+        "ratelimit + quota + redact + breaker",
+        &body,
+        whole,
+    );
     group.finish();
 
     // The gateway benchmark's size (scripts/bench-gateway): a 300-byte request.
@@ -242,6 +262,21 @@ fn streams(c: &mut Criterion) {
             Some(frames.clone())
         ));
     bench(&mut group, "ratelimit + quota + redact", &body, stack);
+    let whole = ServiceBuilder::new()
+        .layer(ratelimit())
+        .layer(quota())
+        .layer(redact())
+        .layer(breaker())
+        .service(upstream_for!(
+            RequestBody<RequestBody<RequestBody<Full<Bytes>>>>,
+            Some(frames.clone())
+        ));
+    bench(
+        &mut group,
+        "ratelimit + quota + redact + breaker",
+        &body,
+        whole,
+    );
     group.finish();
 }
 
