@@ -60,6 +60,17 @@ pub struct MockConfig {
     pub chunk_chars: usize,
     /// Delay between streamed frames (default none).
     pub chunk_delay: Duration,
+    /// Whether the `x-mock-*` fault headers apply (default yes). A mock that ignores them
+    /// stands for a healthy second provider behind one that a request tells to fail.
+    pub faults: bool,
+}
+
+impl MockConfig {
+    /// This mock ignores the `x-mock-*` fault headers: a healthy backup.
+    pub fn without_faults(mut self) -> Self {
+        self.faults = false;
+        self
+    }
 }
 
 impl Default for MockConfig {
@@ -67,6 +78,7 @@ impl Default for MockConfig {
         Self {
             chunk_chars: 3,
             chunk_delay: Duration::ZERO,
+            faults: true,
         }
     }
 }
@@ -371,7 +383,11 @@ async fn read_call(shared: &Shared, request: Request, api: Api) -> Result<Call, 
     let bytes = axum::body::to_bytes(body, MAX_BODY)
         .await
         .map_err(|e| error(&api, StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()))?;
-    let faults = Faults::read(&parts.headers, &shared.config);
+    let faults = if shared.config.faults {
+        Faults::read(&parts.headers, &shared.config)
+    } else {
+        Faults::read(&HeaderMap::new(), &shared.config)
+    };
     if !faults.delay.is_zero() {
         tokio::time::sleep(faults.delay).await;
     }

@@ -227,15 +227,18 @@ operator = "pseudonymize"
 restore = true
 
 [breaker]
-minimum_calls = 10
-window = "count:50"
-open_for = "10s"
+minimum_calls = 5
+window = "count:20"
+open_for = "30s"
 "#;
 
-    /// The demo's configuration in front of a mock upstream at `mock_url` (without `/v1`).
-    pub fn config(mock_url: &str, listen: std::net::SocketAddr) -> Resolved {
-        let source =
-            format!("listen = \"{listen}\"\n[upstream]\nbase_url = \"{mock_url}/v1\"\n{LIMITS}");
+    /// The demo's configuration in front of a primary mock upstream at `mock_url` and a backup
+    /// at `backup_url` (both without `/v1`): a request the primary fails is served by the
+    /// backup.
+    pub fn config(mock_url: &str, backup_url: &str, listen: std::net::SocketAddr) -> Resolved {
+        let source = format!(
+            "listen = \"{listen}\"\n[[upstreams]]\nname = \"primary\"\nbase_url = \"{mock_url}/v1\"\n[[upstreams]]\nname = \"backup\"\nbase_url = \"{backup_url}/v1\"\n{LIMITS}"
+        );
         Config::resolve(&source, |_| None).expect("the demo configuration is valid")
     }
 }

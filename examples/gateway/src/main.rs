@@ -129,23 +129,31 @@ fn reload_on_sighup(
 struct Demo {
     url: String,
     #[cfg(feature = "demo")]
-    _mock: moat_testkit::mock::MockUpstream,
+    _mocks: (
+        moat_testkit::mock::MockUpstream,
+        moat_testkit::mock::MockUpstream,
+    ),
 }
 
 /// The demo's configuration, in front of a mock upstream started for it.
 #[cfg(feature = "demo")]
 async fn start_demo() -> Result<(Resolved, Demo), String> {
     use moat_testkit::mock::{MockConfig, MockUpstream};
-    let mock =
-        MockUpstream::start_with(MockConfig::default(), "127.0.0.1:0".parse().expect("valid"))
-            .await
-            .map_err(|e| format!("cannot start the mock upstream: {e}"))?;
+    let loopback = "127.0.0.1:0".parse().expect("valid");
+    let mock = MockUpstream::start_with(MockConfig::default(), loopback)
+        .await
+        .map_err(|e| format!("cannot start the mock upstream: {e}"))?;
+    // A healthy backup: it ignores the x-mock-* fault headers that make the primary fail.
+    let backup = MockUpstream::start_with(MockConfig::default().without_faults(), loopback)
+        .await
+        .map_err(|e| format!("cannot start the backup mock upstream: {e}"))?;
     let listen = "127.0.0.1:8080".parse().expect("valid");
+    let resolved = moat_gateway::demo::config(&mock.url(), &backup.url(), listen);
     let demo = Demo {
         url: mock.url(),
-        _mock: mock,
+        _mocks: (mock, backup),
     };
-    Ok((moat_gateway::demo::config(&demo.url, listen), demo))
+    Ok((resolved, demo))
 }
 
 /// Without the `demo` feature there is no mock upstream to run in front of.
