@@ -131,44 +131,101 @@ mod redis_connection {
 
     use super::StoreError;
 
-    /// A multiplexed Redis connection, made on first use, that reconnects by itself. One is
-    /// meant to be shared (in an `Arc`) by every store talking to the same server; each call
-    /// gives up after the timeout its store passes, whatever happens inside it (connecting
-    /// included: a connection attempt itself waits at most a second, retried once).
+    /// A multiplexed Redis connection, made on first use, that reconnects by itself: to one
+    /// server, or to a Redis Cluster (slot routing, `MOVED`/`ASK`, topology refresh by the
+    /// redis crate's cluster client). One is meant to be shared (in an `Arc`) by every store
+    /// talking to the same server or cluster; each call gives up after the timeout its store
+    /// passes, whatever happens inside it (connecting included: a connection attempt itself
+    /// waits at most a second, retried once).
+    ///
+    /// Every moat script touches the keys of one hash tag, so of one slot: in a cluster each
+    /// decision runs on the one node that owns its key.
     pub struct RedisConnection {
-        client: redis::Client,
-        conn: tokio::sync::OnceCell<ConnectionManager>,
+        target: Target,
         connect_timeout: Duration,
+    }
+
+    enum Target {
+        Node {
+            client: redis::Client,
+            conn: tokio::sync::OnceCell<ConnectionManager>,
+        },
+        Cluster {
+            client: redis::cluster::ClusterClient,
+            conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+        },
     }
 
     impl std::fmt::Debug for RedisConnection {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let kind = match self.target {
+                Target::Node { .. } => "node",
+                Target::Cluster { .. } => "cluster",
+            };
             f.debug_struct("RedisConnection")
+                .field("kind", &kind)
                 .field("connect_timeout", &self.connect_timeout)
                 .finish()
         }
+    }
+
+    /// A connection to one server or a cluster, made on first use.
+    enum Connection {
+        Node(ConnectionManager),
+        Cluster(redis::cluster_async::ClusterConnection),
     }
 
     impl RedisConnection {
         /// A connection to `url` (`redis://HOST:PORT/DB`, `rediss://` for TLS).
         pub fn open(url: &str) -> Result<Self, redis::RedisError> {
             Ok(Self {
-                client: redis::Client::open(url)?,
-                conn: tokio::sync::OnceCell::new(),
+                target: Target::Node {
+                    client: redis::Client::open(url)?,
+                    conn: tokio::sync::OnceCell::new(),
+                },
                 connect_timeout: Duration::from_secs(1),
             })
         }
 
+        /// A connection to the Redis Cluster that these nodes belong to (any of them will do to
+        /// discover the rest; `redis://` or `rediss://`, with a user and password if the
+        /// cluster wants them).
+        pub fn open_cluster<S: AsRef<str>>(nodes: &[S]) -> Result<Self, redis::RedisError> {
+            let connect_timeout = Duration::from_secs(1);
+            let nodes: Vec<&str> = nodes.iter().map(AsRef::as_ref).collect();
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(connect_timeout)
+                .build()?;
+            Ok(Self {
+                target: Target::Cluster {
+                    client,
+                    conn: tokio::sync::OnceCell::new(),
+                },
+                connect_timeout,
+            })
+        }
+
         /// The shared connection, made on first use.
-        async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(self.connect_timeout)
-                .set_number_of_retries(1);
-            Ok(self
-                .conn
-                .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config))
-                .await?
-                .clone())
+        async fn connection(&self) -> Result<Connection, redis::RedisError> {
+            match &self.target {
+                Target::Node { client, conn } => {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(self.connect_timeout)
+                        .set_number_of_retries(1);
+                    Ok(Connection::Node(
+                        conn.get_or_try_init(|| {
+                            ConnectionManager::new_with_config(client.clone(), config)
+                        })
+                        .await?
+                        .clone(),
+                    ))
+                }
+                Target::Cluster { client, conn } => Ok(Connection::Cluster(
+                    conn.get_or_try_init(|| client.get_async_connection())
+                        .await?
+                        .clone(),
+                )),
+            }
         }
 
         /// Runs a script (`EVALSHA`, falling back to `EVAL` on `NOSCRIPT`) within `timeout`.
@@ -178,8 +235,10 @@ mod redis_connection {
             timeout: Duration,
         ) -> Result<T, StoreError> {
             let call = async {
-                let mut conn = self.connection().await?;
-                invocation.invoke_async::<T>(&mut conn).await
+                match self.connection().await? {
+                    Connection::Node(mut conn) => invocation.invoke_async::<T>(&mut conn).await,
+                    Connection::Cluster(mut conn) => invocation.invoke_async::<T>(&mut conn).await,
+                }
             };
             within(timeout, call).await
         }
@@ -187,8 +246,14 @@ mod redis_connection {
         /// Whether the server answers a `PING` within `timeout`: for readiness checks.
         pub async fn ping(&self, timeout: Duration) -> Result<(), StoreError> {
             let call = async {
-                let mut conn = self.connection().await?;
-                redis::cmd("PING").query_async::<()>(&mut conn).await
+                match self.connection().await? {
+                    Connection::Node(mut conn) => {
+                        redis::cmd("PING").query_async::<()>(&mut conn).await
+                    }
+                    Connection::Cluster(mut conn) => {
+                        redis::cmd("PING").query_async::<()>(&mut conn).await
+                    }
+                }
             };
             within(timeout, call).await
         }

@@ -251,3 +251,38 @@ async fn token_charges_settle_in_redis() {
     }
     panic!("token charges never settled to the real usage");
 }
+
+/// Two limiters on a real 3-primary Redis Cluster: callers whose keys hash to every node's slots
+/// each get exactly their limit, however the two limiters share their requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_limiters_on_a_redis_cluster_admit_exactly_the_limit_on_every_node() {
+    use moat_core::store::RedisConnection;
+    use std::sync::Arc;
+    let cluster = moat_testkit::redis::RedisCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
+    let urls = cluster.urls();
+    let limiter = || {
+        let conn = Arc::new(RedisConnection::open_cluster(&urls).unwrap());
+        let store = RedisStore::with_connection(conn)
+            .with_on_error(OnStoreError::FailClosed)
+            .with_timeout(Duration::from_secs(2));
+        RateLimitLayer::new(Rule::new("per-key", ApiKey::default()).limit(Limit::per_hour(3)))
+            .with_redis(store)
+    };
+    let (a, b) = (limiter(), limiter());
+    let inner = usage_service(10);
+    // 30 callers: their keys' slots land on all three primaries.
+    for caller in 0..30 {
+        let key = format!("sk-cluster-{caller}");
+        let mut allowed = 0;
+        for i in 0..6 {
+            let layer = if i % 2 == 0 { &a } else { &b };
+            let (status, _, body) = send(layer, inner.clone(), req(&key)).await;
+            assert!(
+                status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS,
+                "{status} {body}: a cluster error (MOVED) would fail closed with 503"
+            );
+            allowed += usize::from(status == StatusCode::OK);
+        }
+        assert_eq!(allowed, 3, "caller {caller}");
+    }
+}

@@ -58,6 +58,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Extra arguments (cluster mode), kept for restarts.
+    args: Vec<String>,
 }
 
 impl fmt::Debug for RedisServer {
@@ -72,6 +74,11 @@ impl fmt::Debug for RedisServer {
 impl RedisServer {
     /// Starts a server on a free loopback port.
     pub fn start() -> Result<Self, RedisError> {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server on a free loopback port with these extra `redis-server` arguments.
+    pub fn start_with(args: &[&str]) -> Result<Self, RedisError> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "moat-redis-{}-{}",
@@ -84,6 +91,7 @@ impl RedisServer {
             child: None,
             port,
             dir,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         server.spawn()?;
         Ok(server)
@@ -98,6 +106,7 @@ impl RedisServer {
             .arg(&self.dir)
             .arg("--logfile")
             .arg(&log)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -160,6 +169,78 @@ impl Drop for RedisServer {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A private Redis Cluster of primaries on loopback (`redis-server` in cluster mode, joined with
+/// `redis-cli --cluster create`), ready once every node reports `cluster_state:ok`.
+///
+/// ```no_run
+/// let cluster = moat_testkit::redis::RedisCluster::start(3).unwrap();
+/// println!("{:?}", cluster.urls()); // ["redis://127.0.0.1:PORT", ...]
+/// ```
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `primaries` nodes (at least 3) and joins them into one cluster, the 16,384 slots
+    /// split between them.
+    pub fn start(primaries: usize) -> Result<Self, RedisError> {
+        let nodes = (0..primaries.max(3))
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(RedisError::Io)?;
+        if !out.status.success() {
+            return Err(RedisError::NotReady(
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ));
+        }
+        let cluster = Self { nodes };
+        let deadline = Instant::now() + STARTUP;
+        while Instant::now() < deadline {
+            if cluster.nodes.iter().all(|n| cluster_ok(n.port)) {
+                return Ok(cluster);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(RedisError::NotReady(
+            "the cluster did not reach cluster_state:ok".into(),
+        ))
+    }
+
+    /// Every node's URL, `redis://127.0.0.1:PORT`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
+
+/// Whether the node on `port` says `cluster_state:ok`.
+fn cluster_ok(port: u16) -> bool {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "cluster", "info"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok"))
 }
 
 fn free_port() -> std::io::Result<u16> {

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use crate::context::Context;
+use crate::context::{Context, Redis};
 use crate::identity::IdentityConfig;
 use crate::quota::QuotaConfig;
 use crate::ratelimit::RateLimitConfig;
@@ -51,6 +51,8 @@ pub struct Config {
     /// The Redis server of every section with `store = "redis"` that names none of its own; one
     /// connection serves them all.
     pub redis_url: Option<Spanned<String>>,
+    /// Or a Redis Cluster (any of its nodes; the rest are discovered) for those sections.
+    pub redis_cluster: Option<Spanned<Vec<String>>>,
     /// Deadlines and caps for clients.
     #[serde(default)]
     pub server: ServerConfig,
@@ -481,10 +483,23 @@ impl Config {
             .identity
             .resolver(env)
             .map_err(|(span, m)| at(span, m))?;
-        let default_redis = config
-            .redis_url
-            .as_ref()
-            .map(|u| (u.get_ref().clone(), u.span()));
+        let default_redis = match (&config.redis_url, &config.redis_cluster) {
+            (Some(_), Some(cluster)) => {
+                return Err(at(
+                    cluster.span(),
+                    "redis_cluster: set redis_url or redis_cluster, not both".into(),
+                ))
+            }
+            (Some(url), None) => Some((Redis::Node(url.get_ref().clone()), url.span())),
+            (None, Some(nodes)) if nodes.get_ref().is_empty() => {
+                return Err(at(
+                    nodes.span(),
+                    "redis_cluster: name at least one node".into(),
+                ))
+            }
+            (None, Some(nodes)) => Some((Redis::Cluster(nodes.get_ref().clone()), nodes.span())),
+            (None, None) => None,
+        };
         let ctx = Context::new(source, resolver.clone(), max_body_bytes, env, default_redis);
         let ratelimit = match &config.ratelimit {
             Some(section) => section.get_ref().layer(&ctx, section.span())?,

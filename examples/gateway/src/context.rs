@@ -11,6 +11,13 @@ use moat::core::store::RedisConnection;
 
 use crate::config::ConfigError;
 
+/// Where the stores' Redis is: one server, or a cluster by some of its nodes.
+#[derive(Debug, Clone)]
+pub(crate) enum Redis {
+    Node(String),
+    Cluster(Vec<String>),
+}
+
 /// The build context: the caller resolver (and its fingerprinter) every layer identifies
 /// callers with, the clock they read, the body limit every layer reads up to, environment lookups, and
 /// one Redis connection per server, shared by every store that uses it.
@@ -20,8 +27,8 @@ pub(crate) struct Context<'a> {
     pub(crate) clock: SharedClock,
     pub(crate) max_body_bytes: usize,
     pub(crate) env: &'a dyn Fn(&str) -> Option<String>,
-    /// The URL of `redis_url` at the top level, for sections that name none of their own.
-    pub(crate) default_redis: Option<(String, Range<usize>)>,
+    /// The top level's `redis_url` or `redis_cluster`, for sections that name none of their own.
+    pub(crate) default_redis: Option<(Redis, Range<usize>)>,
     redis: RefCell<HashMap<String, Arc<RedisConnection>>>,
 }
 
@@ -40,7 +47,7 @@ impl<'a> Context<'a> {
         resolver: CallerResolver,
         max_body_bytes: usize,
         env: &'a dyn Fn(&str) -> Option<String>,
-        default_redis: Option<(String, Range<usize>)>,
+        default_redis: Option<(Redis, Range<usize>)>,
     ) -> Self {
         Self {
             source,
@@ -58,31 +65,43 @@ impl<'a> Context<'a> {
         ConfigError::at(self.source, span, message.to_string())
     }
 
-    /// The connection to the Redis server at `url` (the top-level `redis_url` when `url` is
-    /// `None`): one per server, however many stores use it.
+    /// The connection to the Redis server at `url` (the top-level `redis_url` or
+    /// `redis_cluster` when `url` is `None`): one per server or cluster, however many stores
+    /// use it.
     pub(crate) fn redis(
         &self,
         url: Option<(&str, Range<usize>)>,
         section: &str,
         span: Range<usize>,
     ) -> Result<Arc<RedisConnection>, ConfigError> {
-        let (url, span) = match url {
-            Some((url, span)) => (url.to_owned(), span),
+        let (target, span) = match url {
+            Some((url, span)) => (Redis::Node(url.to_owned()), span),
             None => self.default_redis.clone().ok_or_else(|| {
                 self.error(
                     span,
-                    format!("{section}.redis_url (or a top-level redis_url) is required with store = \"redis\""),
+                    format!("{section}.redis_url (or a top-level redis_url or redis_cluster) is required with store = \"redis\""),
                 )
             })?,
         };
-        if let Some(conn) = self.redis.borrow().get(&url) {
+        let name = match &target {
+            Redis::Node(url) => url.clone(),
+            Redis::Cluster(nodes) => format!("cluster:{}", nodes.join(",")),
+        };
+        if let Some(conn) = self.redis.borrow().get(&name) {
             return Ok(conn.clone());
         }
-        let conn = Arc::new(
-            RedisConnection::open(&url)
-                .map_err(|e| self.error(span, format!("{section}.redis_url: {e}")))?,
-        );
-        self.redis.borrow_mut().insert(url, conn.clone());
+        let opened = match &target {
+            Redis::Node(url) => RedisConnection::open(url),
+            Redis::Cluster(nodes) => RedisConnection::open_cluster(nodes),
+        };
+        let conn = Arc::new(opened.map_err(|e| {
+            let key = match target {
+                Redis::Node(_) => format!("{section}.redis_url"),
+                Redis::Cluster(_) => "redis_cluster".to_owned(),
+            };
+            self.error(span, format!("{key}: {e}"))
+        })?);
+        self.redis.borrow_mut().insert(name, conn.clone());
         Ok(conn)
     }
 

@@ -1790,3 +1790,54 @@ async fn with_watch_a_changed_file_is_reloaded_without_a_signal() {
     child.kill().await.unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_a_redis_cluster_limit_every_caller_and_a_budget() {
+    let cluster = moat_testkit::redis::RedisCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
+    let mock = MockUpstream::start().await.unwrap();
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let config = format!(
+        "redis_cluster = [{}]\n[upstream]\nbase_url = \"{}/v1\"\n[ratelimit]\nstore = \"redis\"\n[[ratelimit.rules]]\nname = \"per-key\"\nkey = \"header:x-user\"\nlimits = [\"2/hour\"]\n[quota]\nstore = \"redis\"\n[[quota.budgets]]\nname = \"everyone\"\nper = \"global\"\nperiod = \"day\"\ntokens = 1000000\n",
+        nodes.join(", "),
+        mock.url()
+    );
+    let resolved = Config::resolve(&config, |_| None).unwrap();
+    assert_eq!(
+        resolved.redis.len(),
+        1,
+        "one cluster connection for both stores"
+    );
+    let a = start(&config, &[]).await;
+    let b = start(&config, &[]).await;
+    // 20 callers: their keys' slots land on every primary.
+    for user in 0..20 {
+        let header = format!("user-{user}");
+        let mut ok = 0;
+        for i in 0..4 {
+            let url = if i % 2 == 0 { &a.url } else { &b.url };
+            let reply = call(
+                url,
+                "POST",
+                "/v1/chat/completions",
+                &[("x-user", &header)],
+                Some(chat("x", false)),
+            )
+            .await;
+            assert!(
+                reply.status == 200 || reply.status == 429,
+                "{}: {:?}",
+                reply.status,
+                reply.body
+            );
+            ok += usize::from(reply.status == 200);
+        }
+        assert_eq!(ok, 2, "user {user}");
+    }
+    // The budget settled every admitted call in the cluster, with nothing left reserved.
+    let usage = call(&a.url, "GET", "/v1/moat/usage", &[], None)
+        .await
+        .json();
+    let budget = &usage["budgets"][0];
+    assert_eq!(budget["reserved"]["tokens"], 0, "{usage}");
+    assert!(budget["used"]["tokens"].as_u64().unwrap() > 40, "{usage}");
+}
