@@ -265,8 +265,13 @@ async fn two_limiters_on_a_redis_cluster_admit_exactly_the_limit_on_every_node()
         let store = RedisStore::with_connection(conn)
             .with_on_error(OnStoreError::FailClosed)
             .with_timeout(Duration::from_secs(2));
-        RateLimitLayer::new(Rule::new("per-key", ApiKey::default()).limit(Limit::per_hour(3)))
-            .with_redis(store)
+        // Two request limits and a token rate: one script touches several keys, which a
+        // cluster refuses (CROSSSLOT) unless they share a slot.
+        let rule = Rule::new("per-key", ApiKey::default())
+            .limit(Limit::per_hour(3))
+            .limit(Limit::per_minute(100))
+            .tokens("1000000/minute".parse().unwrap());
+        RateLimitLayer::new(rule).with_redis(store)
     };
     let (a, b) = (limiter(), limiter());
     let inner = usage_service(10);

@@ -1797,7 +1797,7 @@ async fn two_gateways_on_a_redis_cluster_limit_every_caller_and_a_budget() {
     let mock = MockUpstream::start().await.unwrap();
     let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
     let config = format!(
-        "redis_cluster = [{}]\n[upstream]\nbase_url = \"{}/v1\"\n[ratelimit]\nstore = \"redis\"\n[[ratelimit.rules]]\nname = \"per-key\"\nkey = \"header:x-user\"\nlimits = [\"2/hour\"]\n[quota]\nstore = \"redis\"\n[[quota.budgets]]\nname = \"everyone\"\nper = \"global\"\nperiod = \"day\"\ntokens = 1000000\n",
+        "redis_cluster = [{}]\n[upstream]\nbase_url = \"{}/v1\"\n[ratelimit]\nstore = \"redis\"\n[[ratelimit.rules]]\nname = \"per-key\"\nkey = \"header:x-user\"\nlimits = [\"2/hour\"]\n[quota]\nstore = \"redis\"\n[[quota.budgets]]\nname = \"everyone\"\nper = \"global\"\nperiod = \"day\"\ntokens = 1000000\n[[quota.budgets]]\nname = \"per-user\"\nper = \"header:x-user\"\nperiod = \"day\"\ntokens = 1000000\n",
         nodes.join(", "),
         mock.url()
     );
