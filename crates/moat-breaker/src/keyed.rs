@@ -30,9 +30,11 @@ const SHARDS: usize = 16;
 /// use http::HeaderName;
 /// use moat_core::identity::HeaderKey;
 ///
-/// let per_deployment = Breakers::new("azure", BreakerConfig::default(), HeaderKey::new(HeaderName::from_static("x-deployment")))
-///     .unwrap()
-///     .with_max_keys(1_000);
+/// let per_deployment = Breakers::builder("azure", HeaderKey::new(HeaderName::from_static("x-deployment")))
+///     .config(BreakerConfig::default())
+///     .max_keys(1_000)
+///     .build()
+///     .unwrap();
 /// let layer = CircuitBreakerLayer::keyed(per_deployment);
 /// # let _ = layer;
 /// ```
@@ -62,64 +64,78 @@ impl fmt::Debug for Breakers {
     }
 }
 
-impl Breakers {
-    /// Breakers named `name`, one per key `key` extracts, each configured by `config`.
-    pub fn new(
-        name: impl Into<Arc<str>>,
-        config: BreakerConfig,
-        key: impl KeyExtractor,
-    ) -> Result<Self, ConfigError> {
-        Self::build(name.into(), config, Arc::new(key), clock::system(), 10_000)
+/// Builds [`Breakers`].
+#[must_use]
+pub struct BreakersBuilder {
+    name: Arc<str>,
+    key: Arc<dyn KeyExtractor>,
+    config: BreakerConfig,
+    clock: Option<SharedClock>,
+    max_keys: usize,
+}
+
+impl fmt::Debug for BreakersBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BreakersBuilder")
+            .field("name", &self.name)
+            .field("key", &self.key)
+            .field("config", &self.config)
+            .field("max_keys", &self.max_keys)
+            .finish()
+    }
+}
+
+impl BreakersBuilder {
+    /// Each breaker's configuration (default: [`BreakerConfig::default`]).
+    pub fn config(mut self, config: BreakerConfig) -> Self {
+        self.config = config;
+        self
     }
 
-    fn build(
-        name: Arc<str>,
-        config: BreakerConfig,
-        key: Arc<dyn KeyExtractor>,
-        clock: SharedClock,
-        max_keys: usize,
-    ) -> Result<Self, ConfigError> {
-        let overflow = Breaker::builder(name.clone())
-            .config(config.clone())
+    /// Reads time from `clock` (default: the system clock).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Keeps at most `max_keys` breakers, rounded up to a multiple of 16 (default 10,000).
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
+    }
+
+    /// The breakers, none made yet.
+    pub fn build(self) -> Result<Breakers, ConfigError> {
+        let clock = self.clock.unwrap_or_else(clock::system);
+        let overflow = Breaker::builder(self.name.clone())
+            .config(self.config.clone())
             .clock(clock.clone())
             .build()?;
-        Ok(Self {
+        Ok(Breakers {
             shared: Arc::new(Shared {
-                name,
-                config,
+                name: self.name,
+                config: self.config,
                 clock,
-                key,
-                per_shard: max_keys.div_ceil(SHARDS).max(1),
+                key: self.key,
+                per_shard: self.max_keys.div_ceil(SHARDS).max(1),
                 hasher: KeyHasher::random(),
                 shards: std::array::from_fn(|_| RwLock::new(HashMap::default())),
                 overflow,
             }),
         })
     }
+}
 
-    fn rebuild(&self, clock: SharedClock, max_keys: usize) -> Self {
-        let s = &self.shared;
-        Self::build(
-            s.name.clone(),
-            s.config.clone(),
-            s.key.clone(),
-            clock,
-            max_keys,
-        )
-        .expect("checked when first built")
-    }
-
-    /// Keeps at most `max_keys` breakers (rounded up to a multiple of 16). Call before use:
-    /// the map starts empty.
-    pub fn with_max_keys(self, max_keys: usize) -> Self {
-        let clock = self.shared.clock.clone();
-        self.rebuild(clock, max_keys)
-    }
-
-    /// Reads time from `clock`. Call before use: the map starts empty.
-    pub fn with_clock(self, clock: SharedClock) -> Self {
-        let max_keys = self.shared.per_shard * SHARDS;
-        self.rebuild(clock, max_keys)
+impl Breakers {
+    /// A builder of breakers named `name`, one per key `key` extracts.
+    pub fn builder(name: impl Into<Arc<str>>, key: impl KeyExtractor) -> BreakersBuilder {
+        BreakersBuilder {
+            name: name.into(),
+            key: Arc::new(key),
+            config: BreakerConfig::default(),
+            clock: None,
+            max_keys: 10_000,
+        }
     }
 
     /// The breaker for a request.
@@ -199,10 +215,12 @@ mod tests {
         let config = BreakerConfig::default()
             .with_minimum_calls(1)
             .with_window(Window::Count(1));
-        let breakers = Breakers::new("k", config, moat_core::identity::Global)
-            .unwrap()
-            .with_clock(Arc::new(ManualClock::new()))
-            .with_max_keys(16);
+        let breakers = Breakers::builder("k", moat_core::identity::Global)
+            .config(config)
+            .clock(Arc::new(ManualClock::new()))
+            .max_keys(16)
+            .build()
+            .unwrap();
         let a = breakers.get(key(1));
         a.try_acquire().unwrap().record(CallOutcome::Failure);
         assert_eq!(breakers.get(key(1)).state(), State::Open, "same breaker");

@@ -152,7 +152,7 @@ pub use config::{
     BreakerConfig, ConfigError, Window, MAX_COUNT_WINDOW, MAX_HALF_OPEN_CALLS, MAX_TIME_WINDOW,
 };
 pub use fallback::{Fallback, FALLBACK_HEADER};
-pub use keyed::Breakers;
+pub use keyed::{Breakers, BreakersBuilder};
 pub use retry::{retryable, Backoff, RetryPolicy};
 pub use service::{
     CircuitBreaker, CircuitBreakerLayer, Reason, ResponseBody, ResponseFuture, Unavailable,

@@ -251,15 +251,18 @@ async fn keyed_breakers_trip_one_deployment_only() {
             Ok::<_, Infallible>(response)
         }
     });
-    let breakers = Breakers::new(
+    let breakers = Breakers::builder(
         "deployments",
+        HeaderKey::new(HeaderName::from_static("x-deployment")),
+    )
+    .config(
         BreakerConfig::default()
             .with_minimum_calls(2)
             .with_window(Window::Count(2)),
-        HeaderKey::new(HeaderName::from_static("x-deployment")),
     )
-    .unwrap()
-    .with_clock(Arc::new(ManualClock::new()));
+    .clock(Arc::new(ManualClock::new()))
+    .build()
+    .unwrap();
     let service = CircuitBreakerLayer::keyed(breakers.clone()).layer(up);
     let call = |deployment: &'static str| {
         let service = service.clone();
