@@ -195,17 +195,19 @@ where
             }
             Err(refusal) => {
                 let rejection = refused(breaker, refusal);
-                Decisions::record(
-                    req.extensions(),
-                    Decision::new(
-                        "breaker",
-                        Outcome::Rejected {
-                            status: rejection.status().as_u16(),
-                            code: rejection.code().unwrap_or_default().to_owned().into(),
-                        },
-                    )
-                    .with_rule(breaker.name().to_owned()),
-                );
+                if Decisions::is_recording(req.extensions()) {
+                    Decisions::record(
+                        req.extensions(),
+                        Decision::new(
+                            "breaker",
+                            Outcome::Rejected {
+                                status: rejection.status().as_u16(),
+                                code: rejection.code().unwrap_or_default().to_owned().into(),
+                            },
+                        )
+                        .with_rule(breaker.name().to_owned()),
+                    );
+                }
                 let reason = match refusal {
                     Refusal::RateLimited { .. } => Reason::RateLimited,
                     _ => Reason::Open,
