@@ -432,23 +432,7 @@ fn check_config_names_the_key_and_line_and_exits_2() {
 
 #[tokio::test]
 async fn the_demo_binary_serves_and_stops_on_sigterm() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut child = tokio::process::Command::new(binary())
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut url = None;
-    while let Some(line) = lines.next_line().await.unwrap() {
-        if let Some(rest) = line.strip_prefix("listening on ") {
-            url = Some(rest.to_owned());
-            break;
-        }
-    }
-    let url = url.expect("the demo prints where it listens");
+    let (mut child, url) = run_binary(&["--listen", "127.0.0.1:0"], false).await;
     assert!(url.parse::<http::Uri>().is_ok() && url.starts_with("http://127.0.0.1:"));
     let reply = call(
         &url,
@@ -462,8 +446,7 @@ async fn the_demo_binary_serves_and_stops_on_sigterm() {
         reply.json()["choices"][0]["message"]["content"],
         "demo works"
     );
-    let pid = i32::try_from(child.id().unwrap()).unwrap();
-    assert_eq!(send_sigterm(pid), 0);
+    send_signal(child.id().unwrap(), "TERM");
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .unwrap()
@@ -472,12 +455,46 @@ async fn the_demo_binary_serves_and_stops_on_sigterm() {
     let _: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
 }
 
-/// Sends SIGTERM with the `kill` command, so the test needs no unsafe code.
-fn send_sigterm(pid: i32) -> i32 {
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+/// Runs the gateway binary with `args` (its logs at info on a piped stderr when `logs`, else
+/// dropped) and returns it with the URL it prints that it listens on.
+async fn run_binary(args: &[&str], logs: bool) -> (tokio::process::Child, String) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let stderr = if logs {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    };
+    let mut child = tokio::process::Command::new(binary())
+        .args(args)
+        .env("RUST_LOG", "moat::gateway=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = stdout
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the gateway prints where it listens");
+        if let Some(rest) = line.strip_prefix("listening on ") {
+            break rest.to_owned();
+        }
+    };
+    // Keep reading: the gateway prints more, and a closed pipe would make that fail.
+    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    (child, url)
+}
+
+/// Sends `signal` (`HUP`, `TERM`) with the `kill` command, so the tests need no unsafe code.
+fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
         .status()
-        .map_or(-1, |s| s.code().unwrap_or(-1))
+        .unwrap();
+    assert!(status.success());
 }
 
 fn tiered_config(mock: &MockUpstream) -> String {
@@ -1489,15 +1506,6 @@ async fn upstreams_route_by_model_and_an_unserved_model_is_refused() {
     assert_eq!(reply.json()["error"]["code"], "model_not_found");
 }
 
-/// Sends `signal` (`HUP`, `TERM`) with the `kill` command.
-fn send_signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[tokio::test]
 async fn sighup_reloads_keeping_counters_and_a_bad_file_keeps_the_running_config() {
     use tokio::io::{AsyncBufReadExt, BufReader};
@@ -1512,26 +1520,8 @@ async fn sighup_reloads_keeping_counters_and_a_bad_file_keeps_the_running_config
         )
     };
     std::fs::write(&path, config("")).unwrap();
-    let mut child = tokio::process::Command::new(binary())
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "moat::gateway=info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = stdout
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the gateway prints where it listens");
-        if let Some(rest) = line.strip_prefix("listening on ") {
-            break rest.to_owned();
-        }
-    };
+    let path_arg = path.to_str().unwrap();
+    let (mut child, url) = run_binary(&["--config", path_arg], true).await;
     // What the gateway logs, line by line, as it comes.
     let (tx, mut log) = tokio::sync::mpsc::unbounded_channel();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -1731,27 +1721,8 @@ async fn with_watch_a_changed_file_is_reloaded_without_a_signal() {
         mock.url()
     );
     std::fs::write(&path, &open).unwrap();
-    let mut child = tokio::process::Command::new(binary())
-        .arg("--config")
-        .arg(&path)
-        .arg("--watch")
-        .env("RUST_LOG", "moat::gateway=info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = stdout
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the gateway prints where it listens");
-        if let Some(rest) = line.strip_prefix("listening on ") {
-            break rest.to_owned();
-        }
-    };
+    let path_arg = path.to_str().unwrap();
+    let (mut child, url) = run_binary(&["--config", path_arg, "--watch"], true).await;
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     let anonymous = call(
         &url,
