@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 
+use crate::identity::Caller;
 use crate::usage::Usage;
 
 /// Enforce a rule, or only decide and record (shadow mode): every moat rule and budget has both.
@@ -39,10 +40,32 @@ pub enum Mode {
     Shadow,
 }
 
-/// A cheap, cloneable list of decisions shared by all layers handling one request.
+/// A cheap, cloneable list of decisions shared by all layers handling one request, with what
+/// the layers learned about it on the way ([`Facts`]: who called, which model, which upstream),
+/// which an outer layer cannot see in the request it passed on.
 #[derive(Clone, Default)]
 pub struct Decisions {
-    inner: Arc<Mutex<Vec<Decision>>>,
+    inner: Arc<Mutex<Shared>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    decisions: Vec<Decision>,
+    facts: Facts,
+}
+
+/// What inner layers learned about a request: set through the [`Decisions`] handle, read by the
+/// layer that put it there (audit).
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Facts {
+    /// The caller as the innermost layer that identified it saw it (authentication adds the
+    /// key's id, tenant and tier).
+    pub caller: Option<Caller>,
+    /// The model the request asked for.
+    pub model: Option<Arc<str>>,
+    /// The upstream that answered (or was last tried).
+    pub upstream: Option<Arc<str>>,
 }
 
 impl Decisions {
@@ -51,12 +74,40 @@ impl Decisions {
         Self::default()
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Appends a decision.
     pub fn push(&self, decision: Decision) {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(decision);
+        self.lock().decisions.push(decision);
+    }
+
+    /// Records who called, if the extensions hold a handle (the identifying layers do this).
+    pub fn identify(extensions: &http::Extensions, caller: &Caller) {
+        if let Some(decisions) = extensions.get::<Decisions>() {
+            decisions.lock().facts.caller = Some(caller.clone());
+        }
+    }
+
+    /// Records the requested model, if the extensions hold a handle (the request parser does
+    /// this).
+    pub fn set_model(extensions: &http::Extensions, model: &str) {
+        if let Some(decisions) = extensions.get::<Decisions>() {
+            decisions.lock().facts.model = Some(model.into());
+        }
+    }
+
+    /// Records the upstream that answered, if the extensions hold a handle.
+    pub fn set_upstream(extensions: &http::Extensions, upstream: &str) {
+        if let Some(decisions) = extensions.get::<Decisions>() {
+            decisions.lock().facts.upstream = Some(upstream.into());
+        }
+    }
+
+    /// What the layers learned about the request so far.
+    pub fn facts(&self) -> Facts {
+        self.lock().facts.clone()
     }
 
     /// Appends `decision` if the extensions hold a handle; does nothing otherwise.
@@ -73,15 +124,12 @@ impl Decisions {
 
     /// A copy of the decisions so far.
     pub fn snapshot(&self) -> Vec<Decision> {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.lock().decisions.clone()
     }
 
     /// Takes the decisions so far, leaving the list empty.
     pub fn take(&self) -> Vec<Decision> {
-        std::mem::take(&mut *self.inner.lock().unwrap_or_else(PoisonError::into_inner))
+        std::mem::take(&mut self.lock().decisions)
     }
 }
 
@@ -161,6 +209,9 @@ pub enum Outcome {
     UsageSettled {
         /// The usage that was counted.
         usage: Usage,
+        /// What it cost, in millionths of a US dollar, when the layer prices usage.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cost_usd_micros: Option<u64>,
     },
     /// The circuit breaker's state when the request passed it.
     Breaker {

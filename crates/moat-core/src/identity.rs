@@ -830,6 +830,7 @@ impl CallerResolver {
         let stored = req.extensions().get::<Caller>();
         if let Some(caller) = stored {
             if caller.resolved || (caller.api_key.is_some() && caller.ip.is_some()) {
+                crate::decision::Decisions::identify(req.extensions(), caller);
                 return caller.clone();
             }
         }
@@ -843,6 +844,7 @@ impl CallerResolver {
         }
         // Without an IP (no peer address yet), a later layer may still find one.
         caller.resolved = caller.ip.is_some();
+        crate::decision::Decisions::identify(req.extensions(), &caller);
         req.extensions_mut().insert(caller.clone());
         caller
     }

@@ -228,6 +228,9 @@ where
             untouched(parts, buffered.data, buffered.trailers)
         }
         Ok(llm) => {
+            if let Some(model) = llm.model() {
+                crate::decision::Decisions::set_model(&parts.extensions, model);
+            }
             let llm = SharedLlmRequest::new(llm);
             parts.extensions.insert(llm.clone());
             parts.headers.remove(CONTENT_LENGTH);

@@ -18,7 +18,7 @@ use moat_core::llm::WireFormat;
 use moat_core::reject::{Protocol, Rejection};
 use moat_core::request::{read_llm_request, LlmBody, SharedLlmRequest};
 use moat_core::response::{Hook, Hooks, Interest, StreamEvent};
-use moat_core::usage::{BodyOutcome, UsageReport};
+use moat_core::usage::{BodyOutcome, Usage, UsageReport};
 use moat_core::Key;
 use serde::Serialize;
 use tower_layer::Layer;
@@ -581,6 +581,8 @@ struct Settlement {
     /// Remove OpenAI's usage chunk: moat asked for it, the client did not.
     strip: bool,
     done: bool,
+    /// Where the settled usage and cost are recorded, when an outer layer listens.
+    decisions: Option<Decisions>,
 }
 
 impl Settlement {
@@ -618,6 +620,21 @@ impl Settlement {
         let usd = self
             .price
             .map_or(Usd::ZERO, |p| p.cost(uncached, cached, output));
+        if let Some(decisions) = &self.decisions {
+            decisions.push(Decision::new(
+                "quota",
+                Outcome::UsageSettled {
+                    usage: report.usage.unwrap_or_else(|| {
+                        let mut estimate = Usage::default();
+                        estimate.input_tokens = uncached + cached;
+                        estimate.output_tokens = output;
+                        estimate.total_tokens = uncached + cached + output;
+                        estimate
+                    }),
+                    cost_usd_micros: self.price.map(|_| usd.micros()),
+                },
+            ));
+        }
         for ticket in &self.tickets {
             let budget = self.quota.store.budget(ticket.budget);
             let input = if budget.count_cached {
@@ -985,6 +1002,7 @@ where
             } else {
                 Vec::new()
             };
+            let decisions = req.extensions().get::<Decisions>().cloned();
             let hooks = Hooks::of(req.extensions_mut());
             hooks.attach(Settlement {
                 quota: quota.clone(),
@@ -993,6 +1011,7 @@ where
                 input_estimate: plan.estimate,
                 strip: plan.strip,
                 done: false,
+                decisions,
             });
             let response = match inner.call(req).await {
                 Ok(response) => response,

@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 
 use axum::response::Response;
 use http::Request;
+use moat::core::decision::{Decision, Decisions, Outcome};
 use moat::core::identity::{presented_api_key, CallerResolver};
 use moat::core::reject::{Protocol, Rejection};
 use moat::Caller;
@@ -172,6 +173,16 @@ where
                     }
                 }
                 Err(rejection) => {
+                    Decisions::record(
+                        request.extensions(),
+                        Decision::new(
+                            "authenticate",
+                            Outcome::Rejected {
+                                status: rejection.status().as_u16(),
+                                code: rejection.code().unwrap_or_default().to_owned().into(),
+                            },
+                        ),
+                    );
                     let response = crate::reject(rejection, Protocol::of(&request));
                     return ResponseFuture {
                         kind: Kind::Rejected {

@@ -25,6 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use moat::core::body::buffer;
+use moat::core::decision::Decisions;
 use moat::core::reject::{Protocol, Rejection};
 use tower::{BoxError, Service};
 
@@ -80,6 +81,8 @@ struct Provider {
     api_key: Option<HeaderValue>,
     timeouts: UpstreamTimeouts,
     max_body_bytes: usize,
+    /// Its name, for the audit log.
+    name: Arc<str>,
 }
 
 impl Upstream {
@@ -112,6 +115,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        Decisions::set_upstream(request.extensions(), &self.provider.name);
         let provider = self.provider.clone();
         Box::pin(async move { Ok(provider.forward(request).await) })
     }
@@ -142,6 +146,7 @@ impl Provider {
             Some(value)
         });
         Self {
+            name: upstream.name.as_str().into(),
             client: Client::builder(TokioExecutor::new()).build(connector),
             scheme: base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTPS),
             authority: base

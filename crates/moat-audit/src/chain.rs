@@ -1,0 +1,205 @@
+//! The hash chain: every record carries a contiguous sequence number, the hash of the record
+//! before it, and its own hash, SHA-256 over its canonical form without the `hash` member.
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::canonical;
+
+/// The `prev` of the first record: 32 zero bytes.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// Where a chain stands: the sequence number the next record gets and the hash of the last one
+/// ([`GENESIS`] before the first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// The next record's sequence number (so also how many records there are).
+    pub next_seq: u64,
+    /// The hash of the last record.
+    pub hash: [u8; 32],
+}
+
+impl Head {
+    /// An empty chain.
+    pub const EMPTY: Self = Self {
+        next_seq: 0,
+        hash: GENESIS,
+    };
+}
+
+/// One chained record, ready for the sinks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: [u8; 32],
+    /// Its canonical JSON, without a newline.
+    pub line: Vec<u8>,
+}
+
+impl Record {
+    /// The record's JSON text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.line).expect("records are JSON text")
+    }
+}
+
+/// Chains records: each [`append`](Chain::append) numbers and links one.
+#[derive(Debug)]
+pub(crate) struct Chain {
+    head: Head,
+}
+
+impl Chain {
+    pub(crate) fn new(head: Head) -> Self {
+        Self { head }
+    }
+
+    pub(crate) fn head(&self) -> Head {
+        self.head
+    }
+
+    /// Numbers, links and hashes `fields` (an object without `seq`, `prev` or `hash`).
+    pub(crate) fn append(&mut self, mut fields: Map<String, Value>) -> Record {
+        let seq = self.head.next_seq;
+        fields.insert("seq".into(), seq.into());
+        fields.insert("prev".into(), hex(&self.head.hash).into());
+        let mut value = Value::Object(fields);
+        let hash = digest(&canonical::to_vec(&value));
+        if let Value::Object(fields) = &mut value {
+            fields.insert("hash".into(), hex(&hash).into());
+        }
+        self.head = Head {
+            next_seq: seq + 1,
+            hash,
+        };
+        Record {
+            seq,
+            hash,
+            line: canonical::to_vec(&value),
+        }
+    }
+}
+
+/// What a record says of itself, read back from its JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Links {
+    pub(crate) seq: u64,
+    pub(crate) prev: [u8; 32],
+    /// The hash it claims.
+    pub(crate) claimed: [u8; 32],
+    /// The hash of its content.
+    pub(crate) actual: [u8; 32],
+    /// Its `type`, and the `count` of a `gap` or `refused` record.
+    pub(crate) kind: Option<String>,
+    pub(crate) count: Option<u64>,
+}
+
+/// Reads a record's links, or says why it is not a record.
+pub(crate) fn links(line: &[u8]) -> Result<Links, &'static str> {
+    let mut value: Value = serde_json::from_slice(line).map_err(|_| "not JSON")?;
+    let fields = value.as_object_mut().ok_or("not a JSON object")?;
+    let claimed = fields
+        .remove("hash")
+        .and_then(|h| h.as_str().and_then(unhex))
+        .ok_or("no valid hash")?;
+    let seq = fields
+        .get("seq")
+        .and_then(Value::as_u64)
+        .ok_or("no valid seq")?;
+    let prev = fields
+        .get("prev")
+        .and_then(|p| p.as_str().and_then(unhex))
+        .ok_or("no valid prev")?;
+    let kind = fields
+        .get("type")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let count = fields.get("count").and_then(Value::as_u64);
+    Ok(Links {
+        seq,
+        prev,
+        claimed,
+        actual: digest(&canonical::to_vec(&value)),
+        kind,
+        count,
+    })
+}
+
+pub(crate) fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Lowercase hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+pub(crate) fn unhex(text: &str) -> Option<[u8; 32]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fields(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn records_link_and_verify() {
+        let mut chain = Chain::new(Head::EMPTY);
+        let a = chain.append(fields(json!({"type": "request", "n": 1})));
+        let b = chain.append(fields(json!({"type": "request", "n": 2})));
+        let la = links(&a.line).unwrap();
+        let lb = links(&b.line).unwrap();
+        assert_eq!((la.seq, la.prev), (0, GENESIS));
+        assert_eq!(la.claimed, la.actual);
+        assert_eq!(lb.prev, a.hash);
+        assert_eq!(lb.claimed, b.hash);
+        assert_eq!(
+            chain.head(),
+            Head {
+                next_seq: 2,
+                hash: b.hash
+            }
+        );
+    }
+
+    #[test]
+    fn an_edit_changes_the_content_hash_but_whitespace_does_not() {
+        let mut chain = Chain::new(Head::EMPTY);
+        let r = chain.append(fields(json!({"status": 200})));
+        let edited = r.as_str().replace("200", "201");
+        let l = links(edited.as_bytes()).unwrap();
+        assert_ne!(l.claimed, l.actual);
+        let spaced = r.as_str().replace(",", ", ");
+        let l = links(spaced.as_bytes()).unwrap();
+        assert_eq!(l.claimed, l.actual);
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let bytes = digest(b"x");
+        assert_eq!(unhex(&hex(&bytes)), Some(bytes));
+        assert_eq!(unhex("zz"), None);
+    }
+}
