@@ -167,9 +167,11 @@ impl FileSink {
         Ok(self.file.as_mut().expect("opened above"))
     }
 
+    /// Whether the current file (with what is held for it) is due for rotation.
     fn due(&self) -> bool {
-        self.len > 0
-            && (self.rotate_bytes.is_some_and(|max| self.len >= max)
+        let len = self.len + self.pending.len() as u64;
+        len > 0
+            && (self.rotate_bytes.is_some_and(|max| len >= max)
                 || self
                     .rotate_age
                     .is_some_and(|age| self.opened.elapsed().unwrap_or_default() >= age))
@@ -190,10 +192,6 @@ impl FileSink {
     fn write_pending(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
-        }
-        if self.due() {
-            let tag = format!("{:012}", self.first_seq.unwrap_or_default());
-            self.rotate(&tag)?;
         }
         let len = {
             self.open()?;
@@ -317,6 +315,11 @@ impl Sink for FileSink {
     }
 
     fn write(&mut self, record: &Record) -> io::Result<()> {
+        if self.due() {
+            self.write_pending()?;
+            let tag = format!("{:012}", self.first_seq.unwrap_or_default());
+            self.rotate(&tag)?;
+        }
         if self.pending_first.is_none() {
             self.pending_first = Some(record.seq);
         }
