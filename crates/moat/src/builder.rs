@@ -30,6 +30,14 @@ mod sealed {
 ///
 /// The trait is sealed: only `ServiceBuilder` implements it.
 pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
+    /// Records every request and every decision of the layers after it ([`moat_audit`]): add
+    /// it first.
+    #[cfg(feature = "audit")]
+    fn moat_audit(
+        self,
+        layer: moat_audit::AuditLayer,
+    ) -> ServiceBuilder<Stack<moat_audit::AuditLayer, L>>;
+
     /// Adds request, token and concurrency limits ([`moat_ratelimit`]).
     #[cfg(feature = "ratelimit")]
     fn moat_rate_limit(
@@ -60,6 +68,14 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
+    #[cfg(feature = "audit")]
+    fn moat_audit(
+        self,
+        layer: moat_audit::AuditLayer,
+    ) -> ServiceBuilder<Stack<moat_audit::AuditLayer, L>> {
+        self.layer(layer)
+    }
+
     #[cfg(feature = "ratelimit")]
     fn moat_rate_limit(
         self,

@@ -5,6 +5,7 @@
 //!
 //! | feature | module | what |
 //! |---|---|---|
+//! | `audit` | `moat::audit` | a tamper-evident, hash-chained record of every request and decision ([`moat_audit`]) |
 //! | `ratelimit` | `moat::ratelimit` | keyed request, token and concurrency limits ([`moat_ratelimit`]) |
 //! | `quota` | `moat::quota` | token and spend budgets, reserved and settled ([`moat_quota`]) |
 //! | `breaker` | `moat::breaker` | circuit breaker, fallback ladder and retry policy for upstream calls ([`moat_breaker`]) |
@@ -20,7 +21,7 @@
 //!
 //! | layer | why here |
 //! |---|---|
-//! | audit (to come) | outermost, so it records every decision, the refusals of the layers inside it included |
+//! | [`audit`](moat_audit) | outermost, so it records every decision, the refusals of the layers inside it included |
 //! | [`ratelimit`](moat_ratelimit) | cheap and before any body is read: a flood is refused for the price of a lookup |
 //! | [`quota`](moat_quota) | reserves the estimated tokens and spend before the call; settles from the reply's real usage |
 //! | sanitize (to come) | screens the raw prompt before anything is spent on it upstream |
@@ -83,6 +84,8 @@ pub use builder::ServiceBuilderExt;
 /// main types.
 pub mod prelude {
     pub use crate::ServiceBuilderExt;
+    #[cfg(feature = "audit")]
+    pub use moat_audit::{AuditLayer, AuditLog, FileSink};
     #[cfg(feature = "breaker")]
     pub use moat_breaker::{Breaker, BreakerConfig, CircuitBreakerLayer, Fallback, Window};
     pub use moat_core::decision::Mode;
@@ -94,6 +97,8 @@ pub mod prelude {
     pub use moat_redact::{Entity, RedactLayer, Redactor};
 }
 
+#[cfg(feature = "audit")]
+pub use moat_audit as audit;
 #[cfg(feature = "breaker")]
 pub use moat_breaker as breaker;
 pub use moat_core as core;

@@ -65,6 +65,8 @@ pub struct Config {
     pub quota: Option<Spanned<QuotaConfig>>,
     /// PII and secret redaction.
     pub redact: Option<Spanned<RedactSpec>>,
+    /// The audit log.
+    pub audit: Option<Spanned<crate::audit::AuditConfig>>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -267,6 +269,8 @@ pub struct Resolved {
     pub quota: Option<QuotaLayer>,
     /// The redaction layer, when `[redact]` is configured.
     pub redact: Option<RedactLayer>,
+    /// The audit log, when `[audit]` is configured.
+    pub audit: Option<crate::audit::ResolvedAudit>,
     /// The Redis connections the stores share (one per server), pinged by `/readyz`.
     pub redis: Vec<std::sync::Arc<moat::core::store::RedisConnection>>,
 }
@@ -417,6 +421,9 @@ impl Config {
         if let (Some(new), Some(old)) = (resolved.redact.take(), &previous.redact) {
             resolved.redact = Some(new.with_state_from(old));
         }
+        if let (Some(new), Some(old)) = (&mut resolved.audit, &previous.audit) {
+            new.take_log_from(old);
+        }
         for upstream in &mut resolved.upstreams {
             let kept = previous.upstreams.iter().find_map(|old| {
                 let breaker = old.breaker.as_ref()?;
@@ -514,6 +521,28 @@ impl Config {
             .as_ref()
             .map(|spec| crate::redact::layer(spec, &ctx))
             .transpose()?;
+        let audit = match &config.audit {
+            Some(section) => {
+                // Every secret the configuration holds: none may reach a logged body.
+                let secrets = keys
+                    .iter()
+                    .filter_map(|k| {
+                        k.entry
+                            .key
+                            .clone()
+                            .or_else(|| k.entry.key_env.as_deref().and_then(env))
+                    })
+                    .chain(upstreams.iter().filter_map(|u| u.api_key.clone()))
+                    .collect();
+                Some(
+                    section
+                        .get_ref()
+                        .resolve(env, secrets)
+                        .map_err(|m| at(section.span(), m))?,
+                )
+            }
+            None => None,
+        };
         let redis = ctx.redis_connections();
         Ok(Resolved {
             config,
@@ -528,6 +557,7 @@ impl Config {
             ratelimit,
             quota,
             redact,
+            audit,
             redis,
         })
     }
@@ -629,7 +659,7 @@ impl Config {
 
 /// A stand-in for a secret that is not set, when checking a file: valid wherever a secret goes
 /// (a base64 32-byte key included) and different for each variable.
-fn placeholder(name: &str) -> String {
+pub(crate) fn placeholder(name: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(Sha256::digest(name.as_bytes()))
 }

@@ -105,6 +105,14 @@ fn reload_on_sighup(
                 .and_then(|source| {
                     Config::reload(&source, |name| std::env::var(name).ok(), &running)
                         .map_err(|e| e.to_string())
+                })
+                .and_then(|next| match &next.audit {
+                    // An audit log the running configuration did not have starts now.
+                    Some(audit) => audit
+                        .log()
+                        .map(|_| next)
+                        .map_err(|e| format!("the audit log cannot start: {e}")),
+                    None => Ok(next),
                 });
             match loaded {
                 Ok(mut next) => {
@@ -246,20 +254,41 @@ async fn main() -> ExitCode {
     if demo.is_some() {
         println!("try:\n  curl http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello from moat\"}}]}}'");
     }
+    let audit = resolved.audit.clone();
+    if let Some(audit) = &audit {
+        if let Err(e) = audit.log() {
+            eprintln!(
+                "moat-gateway: the audit log cannot start at {}: {e}",
+                audit.file()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     let app = moat_gateway::Reloadable::new(moat_gateway::app(&resolved));
     let limits = resolved.server;
     #[cfg(unix)]
     if let Some(path) = &args.config {
         reload_on_sighup(path.clone(), resolved, app.clone(), args.watch);
     }
-    match moat_gateway::serve(
+    let served = moat_gateway::serve(
         listener,
         app.router(),
         limits,
         moat_gateway::shutdown_signal(),
     )
-    .await
-    {
+    .await;
+    // In-flight requests are done: every record is written, with a last checkpoint.
+    if let Some(log) = audit.as_ref().and_then(|a| a.started()) {
+        match log.shutdown().await {
+            Ok(head) => {
+                tracing::info!(target: "moat::gateway", records = head.next_seq, "audit log flushed")
+            }
+            Err(error) => {
+                tracing::error!(target: "moat::gateway", %error, "the audit log could not be flushed")
+            }
+        }
+    }
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("moat-gateway: {e}");

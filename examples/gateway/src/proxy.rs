@@ -218,8 +218,21 @@ impl Provider {
             Ok(buffered) => buffered.data,
             Err(e) => return reject(e.into(), protocol),
         };
-        if let Some(rejection) = out_of_scope(&parts.extensions, &body) {
-            return reject(rejection, protocol);
+        let scope = parts.extensions.get::<crate::auth::ModelScope>();
+        // The audit log learns the model here when no layer parsed the request.
+        let unrecorded = Decisions::is_recording(&parts.extensions)
+            && parts
+                .extensions
+                .get::<moat::core::request::SharedLlmRequest>()
+                .is_none();
+        if scope.is_some() || unrecorded {
+            let model = requested_model(&parts.extensions, &body);
+            if let (true, Some(model)) = (unrecorded, &model) {
+                Decisions::set_model(&parts.extensions, model);
+            }
+            if let Some(rejection) = scope.and_then(|s| out_of_scope(s, model.as_deref())) {
+                return reject(rejection, protocol);
+            }
         }
         parts.uri = match self.uri_for(&parts.uri) {
             Ok(uri) => uri,
@@ -287,9 +300,10 @@ impl Provider {
 }
 
 /// Why a request's key may not use the model it names, if it may not.
-fn out_of_scope(extensions: &http::Extensions, body: &Bytes) -> Option<Rejection> {
-    let scope = extensions.get::<crate::auth::ModelScope>()?;
-    let model = match extensions.get::<moat::core::request::SharedLlmRequest>() {
+/// The model a request names: from the shared request when a layer parsed it, else read from
+/// the JSON body.
+fn requested_model(extensions: &http::Extensions, body: &Bytes) -> Option<String> {
+    match extensions.get::<moat::core::request::SharedLlmRequest>() {
         Some(llm) => llm.with(|r| r.model().map(str::to_owned)),
         None => {
             #[derive(serde::Deserialize)]
@@ -298,8 +312,13 @@ fn out_of_scope(extensions: &http::Extensions, body: &Bytes) -> Option<Rejection
             }
             serde_json::from_slice::<Named>(body).ok()?.model
         }
-    }?;
-    (!moat::core::llm::model_matches(&scope.0, Some(&model))).then(|| {
+    }
+}
+
+/// The refusal of a request for a model its key may not use.
+fn out_of_scope(scope: &crate::auth::ModelScope, model: Option<&str>) -> Option<Rejection> {
+    let model = model?;
+    (!moat::core::llm::model_matches(&scope.0, Some(model))).then(|| {
         Rejection::new(
             StatusCode::FORBIDDEN,
             "invalid_request_error",

@@ -1,5 +1,7 @@
 //! The gateway over real sockets, in front of the mock upstream; and the binary itself.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +17,8 @@ use moat_gateway::config::Config;
 use moat_testkit::mock::MockUpstream;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
+
+use common::{binary, run_binary, send_signal};
 
 struct Running {
     url: String,
@@ -385,10 +389,6 @@ async fn graceful_shutdown_lets_an_in_flight_stream_finish() {
     gw.done.await.unwrap();
 }
 
-fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_moat-gateway")
-}
-
 #[test]
 fn check_config_names_the_key_and_line_and_exits_2() {
     let dir = std::env::temp_dir().join(format!("moat-gw-{}", std::process::id()));
@@ -453,48 +453,6 @@ async fn the_demo_binary_serves_and_stops_on_sigterm() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     let _: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
-}
-
-/// Runs the gateway binary with `args` (its logs at info on a piped stderr when `logs`, else
-/// dropped) and returns it with the URL it prints that it listens on.
-async fn run_binary(args: &[&str], logs: bool) -> (tokio::process::Child, String) {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let stderr = if logs {
-        std::process::Stdio::piped()
-    } else {
-        std::process::Stdio::null()
-    };
-    let mut child = tokio::process::Command::new(binary())
-        .args(args)
-        .env("RUST_LOG", "moat::gateway=info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(stderr)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = stdout
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the gateway prints where it listens");
-        if let Some(rest) = line.strip_prefix("listening on ") {
-            break rest.to_owned();
-        }
-    };
-    // Keep reading: the gateway prints more, and a closed pipe would make that fail.
-    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
-    (child, url)
-}
-
-/// Sends `signal` (`HUP`, `TERM`) with the `kill` command, so the tests need no unsafe code.
-fn send_signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 fn tiered_config(mock: &MockUpstream) -> String {
