@@ -6,14 +6,14 @@
 //! integers only; a float is written as serde_json writes it, which matches JCS for the values a
 //! record could carry but is not relied on.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// Appends the canonical form of `value` to `out`.
 pub(crate) fn write(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
             let mut members: Vec<(&String, &Value)> = map.iter().collect();
-            members.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
+            members.sort_by(|(a, _), (b, _)| utf16_cmp(a, b));
             out.push(b'{');
             for (i, (key, value)) in members.into_iter().enumerate() {
                 if i > 0 {
@@ -39,6 +39,61 @@ pub(crate) fn write(value: &Value, out: &mut Vec<u8>) {
         // Null, booleans and numbers: serde_json's compact form is JCS's.
         other => serde_json::to_writer(&mut *out, other).expect("writing to a Vec cannot fail"),
     }
+}
+
+/// Orders strings by their UTF-16 code units, as RFC 8785 sorts members. UTF-8 byte order is
+/// the same except where a character above U+FFFF meets one from U+E000 to U+FFFF, so only
+/// strings with 4-byte characters take the slow way.
+fn utf16_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let astral = |s: &str| s.bytes().any(|b| b >= 0xF0);
+    if astral(a) || astral(b) {
+        a.encode_utf16().cmp(b.encode_utf16())
+    } else {
+        a.as_bytes().cmp(b.as_bytes())
+    }
+}
+
+/// The canonical form of the object `fields`, and the canonical form of it with a member
+/// `name: text` added (a member it does not have), serializing the members once.
+pub(crate) fn with_member(
+    fields: &Map<String, Value>,
+    name: &str,
+    text: impl FnOnce(&[u8]) -> String,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut members: Vec<(&String, &Value)> = fields.iter().collect();
+    members.sort_by(|(a, _), (b, _)| utf16_cmp(a, b));
+    let mut without = Vec::with_capacity(1024);
+    without.push(b'{');
+    // Where the new member goes, and whether a member follows it.
+    let mut slot = None;
+    for (i, (key, value)) in members.iter().enumerate() {
+        if slot.is_none() && utf16_cmp(key, name).is_gt() {
+            slot = Some((without.len(), i == 0));
+        }
+        if i > 0 {
+            without.push(b',');
+        }
+        write_str(key, &mut without);
+        without.push(b':');
+        write(value, &mut without);
+    }
+    let (at, before_first) = slot.unwrap_or((without.len(), false));
+    without.push(b'}');
+    let mut member = Vec::with_capacity(name.len() + 80);
+    if !before_first && !members.is_empty() {
+        member.push(b',');
+    }
+    write_str(name, &mut member);
+    member.push(b':');
+    write_str(&text(&without), &mut member);
+    if before_first {
+        member.push(b',');
+    }
+    let mut with = Vec::with_capacity(without.len() + member.len());
+    with.extend_from_slice(&without[..at]);
+    with.extend_from_slice(&member);
+    with.extend_from_slice(&without[at..]);
+    (without, with)
 }
 
 fn write_str(s: &str, out: &mut Vec<u8>) {
@@ -74,6 +129,27 @@ mod tests {
             String::from_utf8(to_vec(&value)).unwrap(),
             "\"\u{20ac}$\\u000f\\nA'B\\\"\\\\\\\\\\\"/\""
         );
+    }
+
+    #[test]
+    fn a_member_added_lands_where_a_full_serialization_puts_it() {
+        for value in [
+            json!({"a": 1, "z": {"hash": ",\"hash\":"}}),
+            json!({"a": 1, "i": "x", "seq": 2}),
+            json!({"prev": "p", "seq": 0, "type": "start"}),
+            json!({"a": 1}),
+            json!({}),
+        ] {
+            let fields = value.as_object().unwrap();
+            let (without, with) = with_member(fields, "hash", |_| "abc".into());
+            assert_eq!(without, to_vec(&value));
+            let mut full = fields.clone();
+            full.insert("hash".into(), "abc".into());
+            assert_eq!(
+                String::from_utf8(with).unwrap(),
+                String::from_utf8(to_vec(&Value::Object(full))).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -65,20 +65,16 @@ impl Chain {
         let seq = self.head.next_seq;
         fields.insert("seq".into(), seq.into());
         fields.insert("prev".into(), hex(&self.head.hash).into());
-        let mut value = Value::Object(fields);
-        let hash = digest(&canonical::to_vec(&value));
-        if let Value::Object(fields) = &mut value {
-            fields.insert("hash".into(), hex(&hash).into());
-        }
+        let mut hash = GENESIS;
+        let (_, line) = canonical::with_member(&fields, "hash", |without| {
+            hash = digest(without);
+            hex(&hash)
+        });
         self.head = Head {
             next_seq: seq + 1,
             hash,
         };
-        Record {
-            seq,
-            hash,
-            line: canonical::to_vec(&value),
-        }
+        Record { seq, hash, line }
     }
 }
 

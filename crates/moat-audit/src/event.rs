@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_core::decision::Decision;
+use moat_core::identity::Fingerprinter;
 use moat_core::reject::Rejected;
 use moat_core::usage::Usage;
 use moat_core::Caller;
@@ -107,9 +108,15 @@ pub(crate) struct RequestEvent {
     pub(crate) method: http::Method,
     pub(crate) path: String,
     pub(crate) grpc: bool,
+    /// The caller as the layers inside identified it.
     pub(crate) caller: Option<Caller>,
-    /// The API key as presented, only to replace it in logged bodies; never written.
+    /// The client's address, as the layer found it (when no layer inside identified it).
+    pub(crate) client_ip: Option<IpAddr>,
+    /// The API key as presented: fingerprinted (on the writer thread) when no layer inside
+    /// identified the caller, and replaced in logged bodies; never written.
     pub(crate) presented_key: Option<String>,
+    /// Fingerprints the presented key when no layer inside did.
+    pub(crate) fingerprinter: Option<Fingerprinter>,
     pub(crate) model: Option<Arc<str>>,
     pub(crate) upstream: Option<Arc<str>>,
     pub(crate) status: u16,
@@ -146,15 +153,18 @@ impl RequestEvent {
         if self.grpc {
             put("rpc.system", "grpc".into());
         }
+        let fingerprint = match (&self.caller, &self.fingerprinter, &self.presented_key) {
+            (Some(caller), _, _) if caller.api_key.is_some() => caller.api_key,
+            (_, Some(f), Some(key)) => Some(f.fingerprint(key.as_bytes())),
+            _ => None,
+        };
+        put("moat.caller", fingerprint.map(|k| k.to_string()).into());
+        let ip: Option<IpAddr> = self.caller.as_ref().and_then(|c| c.ip).or(self.client_ip);
+        put("client.address", ip.map(|ip| ip.to_string()).into());
         if let Some(caller) = &self.caller {
-            put("moat.caller", caller.api_key.map(|k| k.to_string()).into());
             put("moat.key_id", caller.id.as_deref().into());
             put("moat.tenant", caller.tenant.as_deref().into());
             put("moat.tier", caller.tier.as_deref().into());
-            put(
-                "client.address",
-                caller.ip.map(|ip: IpAddr| ip.to_string()).into(),
-            );
         }
         put("gen_ai.request.model", self.model.as_deref().into());
         put("moat.upstream", self.upstream.as_deref().into());

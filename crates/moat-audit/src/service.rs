@@ -167,10 +167,11 @@ where
                 d
             }
         };
-        let caller = config.resolver.resolve(&mut req);
         let most = config.policy.most_for(req.uri().path());
         let capture = most >= Level::Request;
-        let event = RequestEvent {
+        // Who called is what the layers inside find out (authentication knows the tenant);
+        // the key is fingerprinted on the writer thread only if none of them did.
+        let event = Box::new(RequestEvent {
             time: jiff::Timestamp::now(),
             request_id: req
                 .headers()
@@ -181,10 +182,10 @@ where
             method: req.method().clone(),
             path: req.uri().path().to_owned(),
             grpc: Protocol::of(&req) == Protocol::Grpc,
-            caller: Some(caller),
-            presented_key: capture
-                .then(|| presented_api_key(req.headers()).map(str::to_owned))
-                .flatten(),
+            caller: None,
+            client_ip: config.resolver.client_ip().client_ip(&req),
+            presented_key: presented_api_key(req.headers()).map(str::to_owned),
+            fingerprinter: None,
             model: None,
             upstream: None,
             status: 0,
@@ -197,14 +198,14 @@ where
             level: Level::Metadata,
             request_body: None,
             response_body: None,
-        };
+        });
         let request_capture =
             capture.then(|| Arc::new(Mutex::new(Capture::new(config.max_body_bytes))));
         let pending = Arc::new(Pending {
             log: config.log.clone(),
             config: config.clone(),
             draft: Mutex::new(Draft {
-                event,
+                event: Some(event),
                 start,
                 finished: None,
                 decisions,
@@ -251,7 +252,8 @@ struct Pending {
 }
 
 struct Draft {
-    event: RequestEvent,
+    /// Taken when the record is written.
+    event: Option<Box<RequestEvent>>,
     start: Instant,
     finished: Option<Instant>,
     decisions: Decisions,
@@ -263,15 +265,29 @@ impl Pending {
     fn with(&self, f: impl FnOnce(&mut Draft)) {
         f(&mut self.draft.lock().unwrap_or_else(PoisonError::into_inner));
     }
+
+    /// Changes the event (a no-op once it is written).
+    fn event(&self, f: impl FnOnce(&mut RequestEvent)) {
+        self.with(|d| {
+            if let Some(event) = d.event.as_deref_mut() {
+                f(event);
+            }
+        });
+    }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
         let draft = self.draft.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let Some(mut event) = draft.event.take() else {
+            return;
+        };
         let facts = draft.decisions.facts();
-        let mut event = mem::replace(&mut draft.event, placeholder());
-        if let Some(caller) = facts.caller {
-            event.caller = Some(caller);
+        event.caller = facts.caller;
+        if event.caller.as_ref().is_none_or(|c| c.api_key.is_none())
+            && event.presented_key.is_some()
+        {
+            event.fingerprinter = Some(self.config.resolver.fingerprinter().clone());
         }
         event.model = facts.model;
         event.upstream = facts.upstream;
@@ -294,32 +310,11 @@ impl Drop for Pending {
         if event.level < Level::RequestResponse {
             event.response_body = None;
         }
+        if event.level < Level::Request && event.fingerprinter.is_none() {
+            // Only needed to fingerprint it or to scrub bodies.
+            event.presented_key = None;
+        }
         self.log.record(event);
-    }
-}
-
-/// What an event is replaced by once it is taken in `Drop`.
-fn placeholder() -> RequestEvent {
-    RequestEvent {
-        time: jiff::Timestamp::UNIX_EPOCH,
-        request_id: None,
-        method: http::Method::GET,
-        path: String::new(),
-        grpc: false,
-        caller: None,
-        presented_key: None,
-        model: None,
-        upstream: None,
-        status: 0,
-        ending: Ending::Abandoned,
-        rejected: None,
-        duration: Default::default(),
-        first_byte: None,
-        usage: None,
-        decisions: Vec::new(),
-        level: Level::Metadata,
-        request_body: None,
-        response_body: None,
     }
 }
 
@@ -332,7 +327,7 @@ impl Hook for UsageWatch {
     }
 
     fn on_end(self: Box<Self>, report: &UsageReport) {
-        self.0.with(|d| d.event.usage = report.usage);
+        self.0.event(|e| e.usage = report.usage);
     }
 }
 
@@ -465,9 +460,9 @@ where
                     if let Some(p) = &pending {
                         let rejected = response.extensions().get::<Rejected>().cloned();
                         let status = response.status().as_u16();
-                        p.with(|d| {
-                            d.event.status = status;
-                            d.event.rejected = rejected;
+                        p.event(|e| {
+                            e.status = status;
+                            e.rejected = rejected;
                         });
                     }
                     let response = response.map(CoreBody::inner);
@@ -492,8 +487,10 @@ where
                     }
                     if let Some(p) = &pending {
                         p.with(|d| {
-                            d.event.ending = Ending::Failed;
                             d.finished = Some(Instant::now());
+                            if let Some(e) = d.event.as_deref_mut() {
+                                e.ending = Ending::Failed;
+                            }
                         });
                     }
                     Err(error)
@@ -534,8 +531,10 @@ impl BodyWatch {
         self.pending.with(|d| {
             if d.finished.is_none() {
                 d.finished = Some(Instant::now());
-                d.event.ending = ending;
-                d.event.response_body = capture;
+                if let Some(e) = d.event.as_deref_mut() {
+                    e.ending = ending;
+                    e.response_body = capture;
+                }
             }
         });
     }
@@ -582,7 +581,10 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
                         if !watch.first_byte && !data.is_empty() {
                             watch.first_byte = true;
                             watch.pending.with(|d| {
-                                d.event.first_byte = Some(d.start.elapsed());
+                                let elapsed = d.start.elapsed();
+                                if let Some(e) = d.event.as_deref_mut() {
+                                    e.first_byte = Some(elapsed);
+                                }
                             });
                         }
                         if let Some(capture) = watch.capture.as_mut() {

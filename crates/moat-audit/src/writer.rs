@@ -136,7 +136,7 @@ impl AuditLog {
     }
 
     /// Queues one request's event. Never blocks.
-    pub(crate) fn record(&self, event: RequestEvent) {
+    pub(crate) fn record(&self, event: Box<RequestEvent>) {
         let shared = &self.shared;
         let counters = &shared.counters;
         if shared.on_full == OnFull::DropWithGap
@@ -147,7 +147,7 @@ impl AuditLog {
             return;
         }
         counters.queued.fetch_add(1, Ordering::Relaxed);
-        if shared.tx.send(Msg::Event(Box::new(event))).is_err() {
+        if shared.tx.send(Msg::Event(event)).is_err() {
             counters.queued.fetch_sub(1, Ordering::Relaxed);
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::error!(target: "moat::audit", "the audit writer has stopped: an event was lost");
