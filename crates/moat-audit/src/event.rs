@@ -228,6 +228,23 @@ pub(crate) fn gap(kind: &str, count: u64) -> Map<String, Value> {
     f
 }
 
+/// The fields of an event of the application's own.
+pub(crate) fn custom(kind: String, mut fields: Map<String, Value>) -> Map<String, Value> {
+    for reserved in ["seq", "prev", "hash"] {
+        fields.remove(reserved);
+    }
+    fields.insert("type".into(), kind.into());
+    if !fields.contains_key("time") {
+        fields.insert("time".into(), jiff::Timestamp::now().to_string().into());
+    }
+    let mut value = Value::Object(fields);
+    escape_all(&mut value);
+    match value {
+        Value::Object(f) => f,
+        _ => unreachable!("built as an object"),
+    }
+}
+
 /// The fields of the record a writer starts with.
 pub(crate) fn start(origin: &str) -> Map<String, Value> {
     let mut f = Map::new();

@@ -16,6 +16,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::{Map, Value};
 use tokio::sync::{oneshot, Notify};
 
 use crate::chain::{Chain, Head, Record};
@@ -41,6 +42,7 @@ pub enum OnFull {
 
 enum Msg {
     Event(Box<RequestEvent>),
+    Custom(Box<(String, Map<String, Value>)>),
     Flush(oneshot::Sender<io::Result<Head>>),
     Shutdown(oneshot::Sender<io::Result<Head>>),
 }
@@ -137,6 +139,19 @@ impl AuditLog {
 
     /// Queues one request's event. Never blocks.
     pub(crate) fn record(&self, event: Box<RequestEvent>) {
+        self.send(Msg::Event(event));
+    }
+
+    /// Records an event of your own in the same chain (an operator's action, a key rotated, a
+    /// budget changed): `kind` becomes its `type`, `fields` the rest, with control characters
+    /// escaped as in every record (`type`, `seq`, `prev` and `hash` are the log's). Never
+    /// blocks; when the queue is full it is dropped and counted under `drop_with_gap`, and
+    /// taken otherwise.
+    pub fn record_event(&self, kind: &str, fields: Map<String, Value>) {
+        self.send(Msg::Custom(Box::new((kind.to_owned(), fields))));
+    }
+
+    fn send(&self, msg: Msg) {
         let shared = &self.shared;
         let counters = &shared.counters;
         if shared.on_full == OnFull::DropWithGap
@@ -147,7 +162,7 @@ impl AuditLog {
             return;
         }
         counters.queued.fetch_add(1, Ordering::Relaxed);
-        if shared.tx.send(Msg::Event(event)).is_err() {
+        if shared.tx.send(msg).is_err() {
             counters.queued.fetch_sub(1, Ordering::Relaxed);
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::error!(target: "moat::audit", "the audit writer has stopped: an event was lost");
@@ -332,6 +347,12 @@ impl Writer {
                     Msg::Event(event) => {
                         self.gaps();
                         let record = self.chain.append(event.into_fields(&*self.scrubber));
+                        self.retry(|w| w.emit(&record));
+                        events += 1;
+                    }
+                    Msg::Custom(custom) => {
+                        self.gaps();
+                        let record = self.chain.append(event::custom(custom.0, custom.1));
                         self.retry(|w| w.emit(&record));
                         events += 1;
                     }

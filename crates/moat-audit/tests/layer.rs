@@ -474,3 +474,24 @@ async fn an_abandoned_stream_and_a_failed_service_are_recorded() {
     assert_eq!(all[2]["http.response.status_code"], 0);
     let _ = Duration::ZERO;
 }
+
+#[tokio::test]
+async fn events_of_the_application_s_own_join_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::builder("t")
+        .sink(FileSink::new(&path))
+        .start()
+        .unwrap();
+    let mut fields = serde_json::Map::new();
+    fields.insert("key_id".into(), "alpha".into());
+    fields.insert("by".into(), "ops\nforged".into());
+    fields.insert("seq".into(), 99.into());
+    log.record_event("key_rotated", fields);
+    log.shutdown().await.unwrap();
+    let all = records(&path);
+    assert_eq!(all[1]["type"], "key_rotated");
+    assert_eq!(all[1]["key_id"], "alpha");
+    assert_eq!(all[1]["seq"], 1, "the log numbers it");
+    assert!(moat_audit::verify(&[path], &[], &[]).unwrap().is_ok());
+}
