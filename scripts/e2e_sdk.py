@@ -25,12 +25,14 @@ def start(binary):
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    mock = None
+    mock = audit = None
     for line in proc.stdout:
         if "built-in mock upstream at " in line:
             mock = line.split("built-in mock upstream at ", 1)[1].strip().removesuffix("/v1")
+        if line.startswith("audit log: moat-audit verify "):
+            audit = line.split("audit log: moat-audit verify ", 1)[1].split()
         if line.startswith("listening on "):
-            return proc, line.split("listening on ", 1)[1].strip(), mock
+            return proc, line.split("listening on ", 1)[1].strip(), mock, audit
     proc.kill()
     raise SystemExit("the gateway exited before it printed where it listens")
 
@@ -202,8 +204,26 @@ def checks(url, mock):
     ]
 
 
+def check_audit_log(binary, audit):
+    """The demo's audit log, after the gateway stopped: it verifies against its last signed
+    checkpoint, holds a record of each request, and no key or personal data the checks sent."""
+    import glob
+    import os
+
+    verifier = os.path.join(os.path.dirname(binary), "moat-audit")
+    out = subprocess.run([verifier, "verify", *audit], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = "".join(open(f).read() for f in glob.glob(os.path.join(audit[0], "*.jsonl")))
+    records = [json.loads(line) for line in text.splitlines()]
+    requests = [r for r in records if r["type"] == "request"]
+    assert len(requests) >= 20, len(requests)
+    assert any(r["http.response.status_code"] == 429 for r in requests)
+    for secret in ["sk-demo", "4111 1111 1111 1111", "jane@example.com", "GB82 WEST", "+44 20 7946"]:
+        assert secret not in text, secret
+
+
 def main():
-    proc, url, mock = start(sys.argv[1])
+    proc, url, mock, audit = start(sys.argv[1])
     passed = failed = 0
     try:
         for check in checks(url, mock):
@@ -228,6 +248,14 @@ def main():
     else:
         passed += 1
         print("ok   gateway exits cleanly on SIGTERM")
+    try:
+        check_audit_log(sys.argv[1], audit)
+        passed += 1
+        print("ok   audit log verifies, holds every request, and no secret")
+    except Exception:  # noqa: BLE001
+        failed += 1
+        print("FAIL audit log")
+        traceback.print_exc()
     print(f"sdk_e2e: {passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 

@@ -140,7 +140,13 @@ impl FileSink {
         let prefix = format!("{stem}.");
         let suffix = ext.map(|e| format!(".{e}")).unwrap_or_default();
         let mut found = Vec::new();
-        for entry in fs::read_dir(dir)? {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            // No directory yet: no rotated files (it is made with the first record).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
             let name = entry?.file_name().to_string_lossy().into_owned();
             let tag = name
                 .strip_prefix(prefix.as_str())

@@ -295,3 +295,15 @@ async fn a_partial_last_line_is_named_and_the_next_start_continues_the_chain() {
         "moved aside, with the line at its end"
     );
 }
+
+#[tokio::test]
+async fn a_log_in_a_directory_that_does_not_exist_yet_starts_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("not/yet/moat-audit.jsonl");
+    let log = AuditLog::builder("t")
+        .sink(FileSink::new(&path))
+        .start()
+        .unwrap();
+    log.shutdown().await.unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+}

@@ -208,7 +208,7 @@ pub mod demo {
 
     /// The demo's protections: per caller (API key, else IP), request and token rates, a daily
     /// token budget, PII and secrets replaced before they leave (restored in replies), and the
-    /// upstream behind a circuit breaker.
+    /// upstream behind a circuit breaker. (And an audit log, added by [`config`].)
     pub const LIMITS: &str = r#"
 [[ratelimit.rules]]
 name = "per-caller"
@@ -235,11 +235,25 @@ open_for = "30s"
 
     /// The demo's configuration in front of a primary mock upstream at `mock_url` and a backup
     /// at `backup_url` (both without `/v1`): a request the primary fails is served by the
-    /// backup.
-    pub fn config(mock_url: &str, backup_url: &str, listen: std::net::SocketAddr) -> Resolved {
-        let source = format!(
-            "listen = \"{listen}\"\n[[upstreams]]\nname = \"primary\"\nbase_url = \"{mock_url}/v1\"\n[[upstreams]]\nname = \"backup\"\nbase_url = \"{backup_url}/v1\"\n{LIMITS}"
+    /// backup. Every request is recorded in an audit log at `audit_file` (request and response
+    /// bodies scrubbed), with checkpoints signed by `audit_key` (a `PRIVATE+KEY+...` note key).
+    pub fn config(
+        mock_url: &str,
+        backup_url: &str,
+        listen: std::net::SocketAddr,
+        audit_file: &std::path::Path,
+        audit_key: &str,
+    ) -> Resolved {
+        let audit = format!(
+            "[audit]\nlevel = \"request_response\"\nfile = {:?}\norigin = \"moat-audit/demo\"\ncheckpoint_key_env = \"MOAT_DEMO_AUDIT_KEY\"\ncheckpoint_every = \"2s\"\n",
+            audit_file.display().to_string()
         );
-        Config::resolve(&source, |_| None).expect("the demo configuration is valid")
+        let source = format!(
+            "listen = \"{listen}\"\n[[upstreams]]\nname = \"primary\"\nbase_url = \"{mock_url}/v1\"\n[[upstreams]]\nname = \"backup\"\nbase_url = \"{backup_url}/v1\"\n{LIMITS}{audit}"
+        );
+        Config::resolve(&source, |name| {
+            (name == "MOAT_DEMO_AUDIT_KEY").then(|| audit_key.to_owned())
+        })
+        .expect("the demo configuration is valid")
     }
 }

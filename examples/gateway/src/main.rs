@@ -136,6 +136,8 @@ fn reload_on_sighup(
 /// The demo's mock upstream, serving while the gateway does.
 struct Demo {
     url: String,
+    /// `moat-audit verify` arguments for the demo's audit log.
+    audit: String,
     #[cfg(feature = "demo")]
     _mocks: (
         moat_testkit::mock::MockUpstream,
@@ -156,9 +158,21 @@ async fn start_demo() -> Result<(Resolved, Demo), String> {
         .await
         .map_err(|e| format!("cannot start the backup mock upstream: {e}"))?;
     let listen = "127.0.0.1:8080".parse().expect("valid");
-    let resolved = moat_gateway::demo::config(&mock.url(), &backup.url(), listen);
+    // The audit log goes to a fresh directory, its checkpoints signed by a key made for the run.
+    let audit_dir = std::env::temp_dir().join(format!("moat-demo-{}", std::process::id()));
+    let audit_file = audit_dir.join("moat-audit.jsonl");
+    let (signer, audit_key) = moat::audit::Signer::generate("moat-audit/demo")
+        .map_err(|e| format!("cannot make the demo's audit key: {e}"))?;
+    let resolved =
+        moat_gateway::demo::config(&mock.url(), &backup.url(), listen, &audit_file, &audit_key);
     let demo = Demo {
         url: mock.url(),
+        audit: format!(
+            "{} --checkpoint {} --key {}",
+            audit_dir.display(),
+            audit_dir.join("moat-audit.checkpoint").display(),
+            signer.verifier_key()
+        ),
         _mocks: (mock, backup),
     };
     Ok((resolved, demo))
@@ -234,6 +248,16 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let audit = resolved.audit.clone();
+    if let Some(audit) = &audit {
+        if let Err(e) = audit.log() {
+            eprintln!(
+                "moat-gateway: the audit log cannot start at {}: {e}",
+                audit.file()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     let addr = listener
         .local_addr()
         .expect("bound listener has an address");
@@ -242,6 +266,7 @@ async fn main() -> ExitCode {
             "moat-gateway demo: in-memory state, built-in mock upstream at {}/v1",
             demo.url
         );
+        println!("audit log: moat-audit verify {}", demo.audit);
     } else {
         for upstream in &resolved.upstreams {
             println!(
@@ -253,16 +278,6 @@ async fn main() -> ExitCode {
     println!("listening on http://{addr}");
     if demo.is_some() {
         println!("try:\n  curl http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello from moat\"}}]}}'");
-    }
-    let audit = resolved.audit.clone();
-    if let Some(audit) = &audit {
-        if let Err(e) = audit.log() {
-            eprintln!(
-                "moat-gateway: the audit log cannot start at {}: {e}",
-                audit.file()
-            );
-            return ExitCode::FAILURE;
-        }
     }
     let app = moat_gateway::Reloadable::new(moat_gateway::app(&resolved));
     let limits = resolved.server;
