@@ -33,13 +33,17 @@
 //! With [`ServiceBuilderExt`] (in the [`prelude`]) the stack reads top to bottom in that order:
 //!
 //! ```
-//! # #[cfg(all(feature = "ratelimit", feature = "quota", feature = "redact", feature = "breaker"))] {
+//! # #[cfg(all(feature = "audit", feature = "ratelimit", feature = "quota", feature = "redact", feature = "breaker"))] {
 //! use moat::prelude::*;
+//! use moat::audit::TracingSink;
 //! use moat::core::identity::ApiKey;
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //! # use bytes::Bytes; use http_body_util::Full; use std::convert::Infallible;
 //!
+//! // Records go to `tracing` here; a `FileSink` chains them into a file.
+//! let log = AuditLog::builder("moat-audit/example").sink(TracingSink).start().unwrap();
 //! let guarded = ServiceBuilder::new()
+//!     .moat_audit(AuditLayer::new(log))
 //!     .moat_rate_limit(RateLimitLayer::new(
 //!         Rule::new("per-key", ApiKey::default()).limit(Limit::per_second(10)),
 //!     ))

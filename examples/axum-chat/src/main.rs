@@ -1,11 +1,13 @@
 //! An axum chat app whose own handler sits behind moat's whole stack, built with
-//! [`ServiceBuilderExt`](moat::ServiceBuilderExt) in the recommended order: rate limits, budgets,
-//! redaction, circuit breaker.
+//! [`ServiceBuilderExt`](moat::ServiceBuilderExt) in the recommended order: audit, rate limits,
+//! budgets, redaction, circuit breaker.
 //!
 //! `cargo run -p axum-chat` serves on a free loopback port, then plays a short session against
 //! itself and checks what each layer did: the handler sees placeholders where the user wrote an
-//! email address, the user gets the address back, and the fourth request in a minute is refused
-//! with 429. It exits 0 when all of that held (CI runs it).
+//! email address, the user gets the address back, the fourth request in a minute is refused
+//! with 429, and the audit log holds all four (the refusal with its reason, the budget's
+//! settled usage) without the user's key or address. It exits 0 when all of that held (CI runs
+//! it).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -44,7 +46,7 @@ async fn chat(State(seen): State<Seen>, Json(request): Json<Value>) -> Json<Valu
     }))
 }
 
-fn app(seen: Seen) -> Router {
+fn app(seen: Seen, log: AuditLog) -> Router {
     let per_key = Rule::new("per-key", ApiKey::default()).limit("3/minute".parse().expect("valid"));
     let daily = Budget::new("daily-tokens", ApiKey::default(), Period::Day).tokens(100_000);
     Router::new()
@@ -52,6 +54,7 @@ fn app(seen: Seen) -> Router {
         .with_state(seen)
         .layer(
             ServiceBuilder::new()
+                .moat_audit(AuditLayer::new(log))
                 .moat_rate_limit(RateLimitLayer::new(per_key))
                 .moat_quota(QuotaLayer::new(daily))
                 .moat_redact(RedactLayer::new(Redactor::new(&Entity::ALL)))
@@ -88,7 +91,14 @@ async fn main() {
         .await
         .expect("a loopback port");
     let url = format!("http://{}", listener.local_addr().expect("bound"));
-    let service = app(seen.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let audit_dir = std::env::temp_dir().join(format!("axum-chat-{}", std::process::id()));
+    let audit_file = audit_dir.join("moat-audit.jsonl");
+    let log = AuditLog::builder("moat-audit/axum-chat")
+        .sink(FileSink::new(&audit_file))
+        .start()
+        .expect("the audit log starts");
+    let service =
+        app(seen.clone(), log.clone()).into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, service).await });
     println!("axum-chat: serving on {url}");
 
@@ -118,5 +128,27 @@ async fn main() {
     );
     assert_eq!(status, 429);
     assert_eq!(refused["error"]["code"], "rate_limit_exceeded");
+
+    log.flush().await.expect("the audit log is written");
+    let text = std::fs::read_to_string(&audit_file).expect("the audit log");
+    let records: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON record"))
+        .filter(|record: &Value| record["type"] == "request")
+        .collect();
+    assert_eq!(records.len(), 4, "{text}");
+    assert_eq!(records[3]["error"]["layer"], "ratelimit");
+    let settled = records[0]["moat.decisions"]
+        .as_array()
+        .expect("decisions")
+        .iter()
+        .any(|d| d["layer"] == "quota" && d["outcome"]["outcome"] == "usage_settled");
+    assert!(settled, "{}", records[0]);
+    assert!(!text.contains("sk-user-alice") && !text.contains("jane.doe@example.com"));
+    assert!(moat::audit::verify(&[audit_file], &[], &[])
+        .expect("readable")
+        .is_ok());
+    println!("  the audit log: 4 requests, the refusal's reason, no key or address; it verifies");
+    let _ = std::fs::remove_dir_all(audit_dir);
     println!("axum-chat: every layer did its job");
 }
