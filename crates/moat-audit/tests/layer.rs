@@ -495,3 +495,104 @@ async fn events_of_the_application_s_own_join_the_chain() {
     assert_eq!(all[1]["seq"], 1, "the log numbers it");
     assert!(moat_audit::verify(&[path], &[], &[]).unwrap().is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_is_down_holds_requests_or_refuses_them_as_the_policy_says() {
+    for on_full in [OnFull::Backpressure, OnFull::FailClosed] {
+        let accepting = Arc::new(Mutex::new(false));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let addr = receiver(accepting.clone(), got.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let webhook = WebhookSink::new(
+            format!("http://{addr}/audit").parse().unwrap(),
+            1,
+            1,
+            on_full,
+        )
+        .unwrap();
+        let log = AuditLog::builder("t")
+            .sink(FileSink::new(&path))
+            .sink(webhook)
+            .capacity(2)
+            .on_full(on_full)
+            .start()
+            .unwrap();
+        let service = AuditLayer::new(log.clone()).layer(service_fn(|_req: Request<_>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }));
+        // The webhook's queue fills, the writer waits on it, then the log's queue fills.
+        let mut passed = 0;
+        let mut refused = 0;
+        let mut held = None;
+        for _ in 0..20 {
+            let mut service = service.clone();
+            let mut call =
+                Box::pin(
+                    async move { send(&mut service, Request::new(Full::new(Bytes::new()))).await },
+                );
+            let mut ready = None;
+            for _ in 0..20 {
+                let poll =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
+                if let std::task::Poll::Ready(done) = poll {
+                    ready = Some(done);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            match ready {
+                Some((StatusCode::OK, _)) => passed += 1,
+                Some((StatusCode::SERVICE_UNAVAILABLE, _)) => refused += 1,
+                Some((status, _)) => panic!("{status}"),
+                None => {
+                    held = Some(call);
+                    break;
+                }
+            }
+        }
+        match on_full {
+            OnFull::Backpressure => {
+                assert!(held.is_some(), "a request waits while the webhook is down");
+                assert_eq!(refused, 0);
+            }
+            _ => {
+                assert!(held.is_none());
+                assert!(
+                    refused > 0,
+                    "requests are refused while the webhook is down"
+                );
+            }
+        }
+        // The webhook comes back: the held request completes, and every record arrives.
+        *accepting.lock().unwrap() = true;
+        if let Some(call) = held {
+            assert_eq!(call.await.0, StatusCode::OK);
+            passed += 1;
+        }
+        log.shutdown().await.unwrap();
+        let file: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            *got.lock().unwrap(),
+            file,
+            "{on_full:?}: the webhook got every record"
+        );
+        let requests = file
+            .iter()
+            .filter(|l| l.contains("\"type\":\"request\""))
+            .count();
+        assert_eq!(requests, passed, "{on_full:?}");
+        if refused > 0 {
+            assert!(
+                file.iter()
+                    .any(|l| l.contains(&format!("\"count\":{refused}"))
+                        && l.contains("\"refused\"")),
+                "{file:?}"
+            );
+        }
+    }
+}
