@@ -10,6 +10,8 @@ use moat_core::llm::model_matches;
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[non_exhaustive]
 pub enum Level {
+    /// Not recorded (health probes, for instance).
+    None,
     /// Who, what, when, the outcome and every decision; no bodies.
     #[default]
     Metadata,
@@ -23,6 +25,7 @@ impl Level {
     /// Its name in records and configuration.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::None => "none",
             Self::Metadata => "metadata",
             Self::Request => "request",
             Self::RequestResponse => "request_response",
@@ -161,5 +164,9 @@ mod tests {
         assert_eq!(policy.most_for(chat), Level::RequestResponse);
         assert_eq!(policy.most_for("/v1/embeddings"), Level::Request);
         assert_eq!(policy.most_for("/healthz"), Level::Metadata);
+        let quiet = Policy::new(Level::Metadata)
+            .with_rule(LevelRule::new(Level::None).with_routes(["/healthz"]));
+        assert_eq!(quiet.level("/healthz", None, None), Level::None);
+        assert_eq!(quiet.most_for("/healthz"), Level::Metadata);
     }
 }

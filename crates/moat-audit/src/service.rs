@@ -301,6 +301,9 @@ impl Drop for Pending {
             .config
             .policy
             .level(&event.path, tenant, event.model.as_deref());
+        if event.level == Level::None {
+            return;
+        }
         event.request_body = match &draft.request_capture {
             Some(c) if event.level >= Level::Request => {
                 Some(c.lock().unwrap_or_else(PoisonError::into_inner).clone())

@@ -107,6 +107,9 @@ pub struct WebhookConfig {
 
 const DEFAULT_FILE: &str = "audit/moat-audit.jsonl";
 
+/// The gateway's own probes, not recorded unless a rule says so.
+const PROBES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
 /// `[audit]`, checked, with the log it starts (once, shared by every reload).
 #[derive(Clone)]
 pub struct ResolvedAudit {
@@ -191,6 +194,9 @@ impl AuditConfig {
             None => None,
         };
         let mut policy = Policy::new(self.level);
+        // Health probes and metric scrapes are not requests worth a record; a rule of the
+        // file's own comes first and can say otherwise.
+        let probes = LevelRule::new(Level::None).with_routes(PROBES);
         for rule in &self.rules {
             policy = policy.with_rule(
                 LevelRule::new(rule.level)
@@ -199,6 +205,7 @@ impl AuditConfig {
                     .with_models(rule.models.iter().cloned()),
             );
         }
+        policy = policy.with_rule(probes);
         Ok(ResolvedAudit {
             config: self.clone(),
             policy,

@@ -87,7 +87,13 @@ async fn not_found(request: Request) -> Response {
 /// The gateway's router for a resolved configuration: the OpenAI and Anthropic routes through
 /// the [`Stack`] to the configured [`Upstream`], `/v1/moat/usage` and `/v1/moat/upstreams`
 /// behind authentication only, `/healthz`, `/readyz` and `/metrics` (see [`observe`]); every
-/// request gets an `x-request-id` and a log line.
+/// request gets an `x-request-id` and a log line, and with `[audit]` a record.
+///
+/// # Panics
+///
+/// With `[audit]`, if its log was not started and cannot start (its file cannot be opened):
+/// start it first with [`ResolvedAudit::log`](crate::audit::ResolvedAudit::log), as the binary
+/// does, to handle that error.
 pub fn app(resolved: &Resolved) -> Router {
     let stack = Stack::new(resolved);
     let guarded = match upstreams::ladder(resolved) {
@@ -168,14 +174,24 @@ fn router(stack: &Stack, guarded: GatewayService, resolved: &Resolved) -> Router
             get_service(stack.authenticated(report)),
         );
     let redis = std::sync::Arc::new(resolved.redis.clone());
-    Router::new()
+    let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(move || observe::ready(redis.clone())))
         .route("/metrics", get(observe::metrics))
         .merge(api)
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(observe::log_requests))
+        .method_not_allowed_fallback(method_not_allowed);
+    // The audit log sees every request (unknown URLs and refused keys too; not the probes),
+    // inside the request id and log line.
+    let app = match &resolved.audit {
+        Some(audit) => app.layer(
+            audit
+                .layer(resolved.resolver.clone())
+                .unwrap_or_else(|e| panic!("the audit log cannot start: {e}")),
+        ),
+        None => app,
+    };
+    app.layer(axum::middleware::from_fn(observe::log_requests))
 }
 
 /// Resolves when the process gets Ctrl-C or SIGTERM.

@@ -3,7 +3,6 @@
 //! Outermost first (requests flow down, responses back up):
 //!
 //! ```text
-//! audit          one chained record per request, with what every layer below decided
 //! authenticate   401 for unknown keys; the Caller every layer below agrees on
 //! ratelimit      cheap, before any body is read
 //! quota          reserves estimated tokens and spend; settles from the reply's usage
@@ -19,7 +18,7 @@
 //!
 //! Stages are composed statically: a stage a configuration leaves out passes requests straight
 //! on, so there is no box per stage. Layers that must see what authentication refuses (audit)
-//! go outside it.
+//! go outside it: the gateway puts `[audit]` around its whole router.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,13 +29,12 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
 use http_body_util::Either;
-use moat::audit::{AuditLayer, RequestBody as AuditBody};
 use moat::quota::QuotaLayer;
 use moat::ratelimit::RateLimitLayer;
 use moat::redact::RedactLayer;
 use pin_project_lite::pin_project;
 use tower::util::BoxCloneSyncService;
-use tower::{BoxError, Layer, Service, ServiceExt};
+use tower::{BoxError, Layer, Service};
 
 use crate::auth::AuthenticateLayer;
 use crate::config::Resolved;
@@ -48,7 +46,6 @@ pub type GatewayService = BoxCloneSyncService<Request, Response, Infallible>;
 /// The layers of a resolved configuration, in order; see the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct Stack {
-    audit: Option<AuditLayer>,
     authenticate: AuthenticateLayer,
     ratelimit: Option<RateLimitLayer>,
     quota: Option<QuotaLayer>,
@@ -57,19 +54,8 @@ pub struct Stack {
 
 impl Stack {
     /// The stack a configuration describes.
-    ///
-    /// # Panics
-    ///
-    /// With `[audit]`, if its log was not started and cannot start (its file cannot be
-    /// opened): start it first with [`ResolvedAudit::log`](crate::audit::ResolvedAudit::log),
-    /// as the binary does, to handle that error.
     pub fn new(resolved: &Resolved) -> Self {
         Self {
-            audit: resolved.audit.as_ref().map(|audit| {
-                audit
-                    .layer(resolved.resolver.clone())
-                    .unwrap_or_else(|e| panic!("the audit log cannot start: {e}"))
-            }),
             authenticate: AuthenticateLayer::new(&resolved.keys, resolved.resolver.clone()),
             ratelimit: resolved.ratelimit.clone(),
             quota: resolved.quota.clone(),
@@ -84,11 +70,7 @@ impl Stack {
             ("quota", self.quota.is_some()),
             ("redact", self.redact.is_some()),
         ];
-        self.audit
-            .as_ref()
-            .map(|_| "audit")
-            .into_iter()
-            .chain(std::iter::once("authenticate"))
+        std::iter::once("authenticate")
             .chain(
                 optional
                     .into_iter()
@@ -116,7 +98,7 @@ impl Stack {
         let service = stage(self.redact.as_ref(), AnyBody(upstream));
         let service = stage(self.quota.as_ref(), service);
         let service = stage(self.ratelimit.as_ref(), service);
-        self.audited(self.authenticate.layer(service))
+        BoxCloneSyncService::new(self.authenticate.layer(service))
     }
 
     /// `service` behind authentication only: the gateway's own endpoints, which no rate or
@@ -132,30 +114,7 @@ impl Stack {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        self.audited(self.authenticate.layer(AnyBody(service)))
-    }
-
-    /// `service` (authentication and what is inside it) behind audit, when it is on.
-    fn audited<S>(&self, service: S) -> GatewayService
-    where
-        S: Service<Request, Response = Response, Error = Infallible>
-            + Service<http::Request<AuditBody<Body>>, Response = Response, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <S as Service<Request>>::Future: Send + 'static,
-        <S as Service<http::Request<AuditBody<Body>>>>::Future: Send + 'static,
-    {
-        match &self.audit {
-            // axum's body again: a second box, only when audit is on.
-            Some(audit) => BoxCloneSyncService::new(
-                audit
-                    .layer(service)
-                    .map_response(|response| response.map(Body::new)),
-            ),
-            None => BoxCloneSyncService::new(service),
-        }
+        BoxCloneSyncService::new(self.authenticate.layer(service))
     }
 }
 

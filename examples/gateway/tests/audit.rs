@@ -137,6 +137,12 @@ file = "{}"
             call(&url, "/v1/chat/completions", None, &prompt).await.0,
             401
         );
+        // An unknown URL is recorded too; the gateway's probes are not.
+        assert_eq!(
+            call(&url, "/v1/unknown", Some(CLIENT_KEY), "{}").await.0,
+            404
+        );
+        assert_eq!(call(&url, "/healthz", None, "").await.0, 405);
         let _ = stop.send(());
         server.await.unwrap().unwrap();
         let head = resolved
@@ -148,15 +154,18 @@ file = "{}"
             .shutdown()
             .await
             .unwrap();
-        assert_eq!(head.next_seq, 6, "a start record and five requests");
+        assert_eq!(head.next_seq, 7, "a start record and six requests");
 
         let text = std::fs::read_to_string(&file).unwrap();
         for secret in [CLIENT_KEY, OTHER_KEY, PROVIDER_KEY, EMAIL] {
             assert!(!text.contains(secret), "{level}: {secret} in {text}");
         }
         let all = records(dir.path());
-        let requests: Vec<&Value> = all.iter().filter(|r| r["type"] == "request").collect();
-        assert_eq!(requests.len(), 5);
+        let mut requests: Vec<&Value> = all.iter().filter(|r| r["type"] == "request").collect();
+        assert_eq!(requests.len(), 6);
+        let unknown = requests.pop().unwrap();
+        assert_eq!(unknown["url.path"], "/v1/unknown");
+        assert_eq!(unknown["http.response.status_code"], 404);
         for r in &requests {
             assert_eq!(r["moat.request_id"], "audit-test-1");
             assert_eq!(r["url.path"], "/v1/chat/completions");
