@@ -23,7 +23,7 @@ use crate::chain::{Chain, Head, Record};
 use crate::checkpoint::{Checkpoint, Signer};
 use crate::event::{self, RequestEvent};
 use crate::scrub::{NoScrub, Scrubber};
-use crate::sink::Sink;
+use crate::sink::{Sink, IDLE_FLUSH};
 
 /// What happens when the queue is full (the sinks are behind).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -327,18 +327,29 @@ struct Writer {
     batch: usize,
 }
 
+/// How long the writer lets events gather after a batch smaller than the largest: at most this
+/// much later on disk, and at most this many wake-ups a second however busy the log.
+const COALESCE: Duration = Duration::from_millis(1);
+
 /// How long the writer waits between retries of a sink that fails.
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
+        // Whether records went out since the sinks were last flushed while idle.
+        let mut written = false;
         loop {
-            let first = match rx.recv_timeout(self.until_checkpoint()) {
+            let wait = match written {
+                true => IDLE_FLUSH.min(self.until_checkpoint()),
+                false => self.until_checkpoint(),
+            };
+            let first = match rx.recv_timeout(wait) {
                 Ok(msg) => Some(msg),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
+            written = first.is_some();
             let mut acks = Vec::new();
             let mut shutdown = None;
             let mut events = 0;
@@ -383,6 +394,11 @@ impl Writer {
                 drop(rx);
                 let _ = ack.send(self.close());
                 return;
+            }
+            if events > 0 && events < self.batch {
+                // Let the next events gather rather than being woken for each: the request
+                // path then sends without waking a parked thread (a syscall per request).
+                std::thread::sleep(COALESCE);
             }
         }
         // Every handle is gone.

@@ -271,7 +271,13 @@ async fn when_behind_fail_closed_refuses_with_503_and_counts_the_refusals() {
     gate.open();
     log.shutdown().await.unwrap();
     let kinds = kinds(&dir);
-    assert!(kinds.contains(&("refused".into(), 3)), "{kinds:?}");
+    // Counted in one record or several, as the writer happened to run.
+    let counted: u64 = kinds
+        .iter()
+        .filter(|(k, _)| k == "refused")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(counted, 3, "{kinds:?}");
     assert_eq!(kinds.iter().filter(|(k, _)| k == "request").count(), 1);
 }
 
@@ -285,17 +291,23 @@ async fn when_behind_drop_with_gap_lets_requests_through_and_counts_what_it_drop
     gate.open();
     log.shutdown().await.unwrap();
     let kinds = kinds(&dir);
-    assert!(kinds.contains(&("gap".into(), 4)), "{kinds:?}");
+    let counted: u64 = kinds
+        .iter()
+        .filter(|(k, _)| k == "gap")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(counted, 4, "{kinds:?}");
     let report = moat_audit::verify(&[dir.path().join("audit.jsonl")], &[], &[]).unwrap();
     assert!(report.is_ok());
-    assert!(
-        report
-            .notices
-            .iter()
-            .any(|n| matches!(n, moat_audit::Notice::Dropped { count: 4, .. })),
-        "{:?}",
-        report.notices
-    );
+    let noticed: u64 = report
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            moat_audit::Notice::Dropped { count, .. } => Some(count),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(noticed, 4, "{:?}", report.notices);
 }
 
 #[tokio::test]
@@ -523,7 +535,7 @@ async fn a_webhook_that_is_down_holds_requests_or_refuses_them_as_the_policy_say
         }));
         // The webhook's queue fills, the writer waits on it, then the log's queue fills.
         let mut passed = 0;
-        let mut refused = 0;
+        let mut refused = 0u64;
         let mut held = None;
         for _ in 0..20 {
             let mut service = service.clone();
@@ -586,13 +598,12 @@ async fn a_webhook_that_is_down_holds_requests_or_refuses_them_as_the_policy_say
             .filter(|l| l.contains("\"type\":\"request\""))
             .count();
         assert_eq!(requests, passed, "{on_full:?}");
-        if refused > 0 {
-            assert!(
-                file.iter()
-                    .any(|l| l.contains(&format!("\"count\":{refused}"))
-                        && l.contains("\"refused\"")),
-                "{file:?}"
-            );
-        }
+        let counted: u64 = file
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r["type"] == "refused")
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(counted, refused, "{on_full:?}");
     }
 }
