@@ -94,7 +94,10 @@ pub(crate) struct Links {
 
 /// Reads a record's links, or says why it is not a record.
 pub(crate) fn links(line: &[u8]) -> Result<Links, &'static str> {
-    let mut value: Value = serde_json::from_slice(line).map_err(|_| "not JSON")?;
+    // Strict: a member named twice would let a reader that takes the first copy see other
+    // content than the hash covers.
+    let mut value = moat_core::json::parse_strict(line)
+        .map_err(|_| "not strict JSON (a key given twice, or not JSON)")?;
     let fields = value.as_object_mut().ok_or("not a JSON object")?;
     let claimed = fields
         .remove("hash")

@@ -46,6 +46,9 @@ impl Ending {
     }
 }
 
+/// Bytes kept past the capture limit so the scrubber sees a secret that straddles it whole.
+const SCRUB_SLACK: usize = 4096;
+
 /// A body as it passed: the first bytes (up to the capture limit), a SHA-256 of all of them.
 #[derive(Clone)]
 pub(crate) struct Capture {
@@ -80,28 +83,35 @@ impl Capture {
     pub(crate) fn push(&mut self, data: &[u8]) {
         self.sha.update(data);
         self.bytes += data.len() as u64;
-        let room = self.limit.saturating_sub(self.prefix.len());
+        // A little past the limit, so a secret that straddles it is scrubbed whole before the
+        // text is cut.
+        let room = (self.limit + SCRUB_SLACK).saturating_sub(self.prefix.len());
         self.prefix.extend_from_slice(&data[..room.min(data.len())]);
     }
 
     fn into_value(self, scrubber: &dyn Scrubber, presented: &Literals) -> Value {
-        let truncated = self.bytes > self.prefix.len() as u64;
+        let truncated = self.bytes > self.limit as u64;
         let text = String::from_utf8_lossy(&self.prefix);
+        // The presented key first, whole, before a scrubber could replace part of it.
+        let mut text = scrubber.scrub(&presented.scrub(&text));
+        if truncated {
+            let mut cut = self.limit.min(text.len());
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
         let mut fields = Map::new();
         fields.insert("bytes".into(), self.bytes.into());
         fields.insert("sha256".into(), hex(&self.sha.finalize()).into());
         fields.insert("complete".into(), self.complete.into());
         fields.insert("truncated".into(), truncated.into());
-        fields.insert(
-            "text".into(),
-            presented.scrub(&scrubber.scrub(&text)).into(),
-        );
+        fields.insert("text".into(), text.into());
         Value::Object(fields)
     }
 }
 
 /// One request's record, before it is scrubbed, escaped and chained (on the writer thread).
-#[derive(Debug)]
 pub(crate) struct RequestEvent {
     pub(crate) time: jiff::Timestamp,
     pub(crate) request_id: Option<String>,
@@ -129,6 +139,18 @@ pub(crate) struct RequestEvent {
     pub(crate) level: Level,
     pub(crate) request_body: Option<Capture>,
     pub(crate) response_body: Option<Capture>,
+}
+
+impl std::fmt::Debug for RequestEvent {
+    /// Without the presented key (or anything else a log line must not show).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestEvent")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("status", &self.status)
+            .field("ending", &self.ending)
+            .finish_non_exhaustive()
+    }
 }
 
 fn micros(d: Duration) -> u64 {

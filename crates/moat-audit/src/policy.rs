@@ -128,11 +128,16 @@ impl Policy {
     /// The most a request on `path` could be logged at, whatever its tenant and model: what
     /// must be captured while its bodies pass (tenant and model are known only later).
     pub(crate) fn most_for(&self, path: &str) -> Level {
-        self.rules
-            .iter()
-            .filter(|r| r.route_matches(path))
-            .map(|r| r.level)
-            .fold(self.default, Ord::max)
+        let mut most = Level::None;
+        for rule in self.rules.iter().filter(|r| r.route_matches(path)) {
+            most = most.max(rule.level);
+            if rule.tenants.is_empty() && rule.models.is_empty() {
+                // It matches every request on the path: rules after it and the default are
+                // never reached.
+                return most;
+            }
+        }
+        most.max(self.default)
     }
 }
 
@@ -167,6 +172,16 @@ mod tests {
         let quiet = Policy::new(Level::Metadata)
             .with_rule(LevelRule::new(Level::None).with_routes(["/healthz"]));
         assert_eq!(quiet.level("/healthz", None, None), Level::None);
-        assert_eq!(quiet.most_for("/healthz"), Level::Metadata);
+        assert_eq!(quiet.most_for("/healthz"), Level::None);
+        assert_eq!(quiet.most_for("/v1/chat/completions"), Level::Metadata);
+        // A narrower rule before it can still record some requests on the path.
+        let some = Policy::new(Level::Metadata)
+            .with_rule(
+                LevelRule::new(Level::Request)
+                    .with_routes(["/healthz"])
+                    .with_tenants(["ops"]),
+            )
+            .with_rule(LevelRule::new(Level::None).with_routes(["/healthz"]));
+        assert_eq!(some.most_for("/healthz"), Level::Request);
     }
 }

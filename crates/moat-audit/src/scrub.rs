@@ -95,26 +95,19 @@ fn is_unsafe(c: char) -> bool {
         || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
-/// `text` with every unsafe character written as `\u{XXXX}` (and a backslash before `\u{` that
-/// was there, so the escape cannot be faked).
+/// `text` with every unsafe character written as `\u{XXXX}` and every backslash doubled, so the
+/// escape is reversible and cannot be faked.
 pub fn escape_controls(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(is_unsafe) && !text.contains("\\u{") {
+    if !text.chars().any(|c| c == '\\' || is_unsafe(c)) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 16);
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if rest.starts_with("\\u{") {
-            out.push_str("\\\\u{");
-            rest = &rest[3..];
-            continue;
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if is_unsafe(c) => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            c => out.push(c),
         }
-        if is_unsafe(c) {
-            out.push_str(&format!("\\u{{{:04x}}}", c as u32));
-        } else {
-            out.push(c);
-        }
-        rest = &rest[c.len_utf8()..];
     }
     Cow::Owned(out)
 }
@@ -157,6 +150,9 @@ mod tests {
             "a\\u{000a}b\\u{001b}[31m\\u{0085}\\u{2028}\\u{202e}"
         );
         assert_eq!(escape_controls("x\\u{000a}"), "x\\\\u{000a}");
+        assert_eq!(escape_controls("a\\b"), "a\\\\b");
+        // A backslash before a newline and the text of an escape stay apart.
+        assert_ne!(escape_controls("\\\n"), escape_controls("\\u{000a}"));
     }
 
     #[test]

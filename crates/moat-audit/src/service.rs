@@ -136,6 +136,21 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let config = &self.config;
+        let most = config.policy.most_for(req.uri().path());
+        if most == Level::None {
+            // Never recorded (health probes): not held or refused by the log's queue either.
+            let req = req.map(|body| RequestBody {
+                inner: body,
+                capture: None,
+            });
+            return ResponseFuture {
+                state: State::Calling {
+                    future: self.inner.call(req),
+                },
+                pending: None,
+                hooks: None,
+            };
+        }
         let admission = config.log.admit();
         if admission == Admission::Refuse {
             let rejection = Rejection::new(
@@ -167,7 +182,6 @@ where
                 d
             }
         };
-        let most = config.policy.most_for(req.uri().path());
         let capture = most >= Level::Request;
         // Who called is what the layers inside find out (authentication knows the tenant);
         // the key is fingerprinted on the writer thread only if none of them did.

@@ -77,6 +77,8 @@ pub struct FileSink {
     fsync: Fsync,
     pending: Vec<u8>,
     pending_first: Option<u64>,
+    /// The last record taken (so a retry does not take it twice).
+    accepted: Option<u64>,
     /// Bytes written since the last sync.
     unsynced: bool,
     last_sync: Instant,
@@ -97,6 +99,7 @@ impl FileSink {
             fsync: Fsync::Batch,
             pending: Vec::new(),
             pending_first: None,
+            accepted: None,
             unsynced: false,
             last_sync: Instant::now(),
             sync_interval: IDLE_FLUSH,
@@ -343,6 +346,13 @@ impl Sink for FileSink {
     }
 
     fn write(&mut self, record: &Record) -> io::Result<()> {
+        // A retry after a failed write or sync hands the same record again: it is held already.
+        if self.accepted.is_some_and(|seq| record.seq <= seq) {
+            return match self.fsync {
+                Fsync::Always => self.flush(true),
+                _ => Ok(()),
+            };
+        }
         if self.due() {
             self.write_pending()?;
             let tag = format!("{:012}", self.first_seq.unwrap_or_default());
@@ -353,6 +363,7 @@ impl Sink for FileSink {
         }
         self.pending.extend_from_slice(&record.line);
         self.pending.push(b'\n');
+        self.accepted = Some(record.seq);
         if self.fsync == Fsync::Always {
             self.flush(true)?;
         }

@@ -98,11 +98,6 @@ pub enum Problem {
         /// Why.
         error: CheckpointError,
     },
-    /// A partial line (a crash mid-write) that is not at the end of a file.
-    PartialLine {
-        /// Where.
-        at: Place,
-    },
 }
 
 impl fmt::Display for Problem {
@@ -147,7 +142,6 @@ impl fmt::Display for Problem {
                 size.wrapping_sub(1)
             ),
             Self::Checkpoint { file, error } => write!(f, "{}: {error}", file.display()),
-            Self::PartialLine { at } => write!(f, "{at}: partial record in the middle of a file"),
         }
     }
 }

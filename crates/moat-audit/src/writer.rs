@@ -264,7 +264,7 @@ impl AuditLogBuilder {
         self.checkpoints = Some(Checkpoints {
             signer,
             path: path.into(),
-            every,
+            every: every.max(Duration::from_millis(10)),
         });
         self
     }
@@ -272,6 +272,12 @@ impl AuditLogBuilder {
     /// Resumes the chain from the sinks, writes a `start` record and starts the writer
     /// thread. Needs a Tokio runtime only for [`AuditLog::flush`]'s answer, not to run.
     pub fn start(mut self) -> io::Result<AuditLog> {
+        if self.origin.is_empty() || self.origin.chars().any(char::is_control) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the log's origin must be a non-empty line without control characters",
+            ));
+        }
         let mut head = Head::EMPTY;
         for sink in &mut self.sinks {
             if let Some(found) = sink.resume()? {
@@ -299,7 +305,10 @@ impl AuditLogBuilder {
         // The start record is written before any request's, so a restart is visible in the
         // chain, and a sink that cannot be written fails here rather than later.
         let start = writer.chain.append(event::start(&self.origin));
-        writer.emit(&start)?;
+        writer
+            .sinks
+            .iter_mut()
+            .try_for_each(|sink| sink.write(&start))?;
         writer.flush(true)?;
         std::thread::Builder::new()
             .name("moat-audit".into())
@@ -357,14 +366,13 @@ impl Writer {
                 match msg {
                     Msg::Event(event) => {
                         self.gaps();
-                        let record = self.chain.append(event.into_fields(&*self.scrubber));
-                        self.retry(|w| w.emit(&record));
+                        self.request(*event);
                         events += 1;
                     }
                     Msg::Custom(custom) => {
                         self.gaps();
                         let record = self.chain.append(event::custom(custom.0, custom.1));
-                        self.retry(|w| w.emit(&record));
+                        self.emit(&record);
                         events += 1;
                     }
                     Msg::Flush(ack) => acks.push(ack),
@@ -391,8 +399,24 @@ impl Writer {
                 let _ = ack.send(Ok(self.chain.head()));
             }
             if let Some(ack) = shutdown {
+                // What was sent before the channel closes is written too.
+                let mut late = Vec::new();
+                for msg in rx.try_iter() {
+                    match msg {
+                        Msg::Event(event) => self.request(*event),
+                        Msg::Custom(custom) => {
+                            let record = self.chain.append(event::custom(custom.0, custom.1));
+                            self.emit(&record);
+                        }
+                        Msg::Flush(ack) | Msg::Shutdown(ack) => late.push(ack),
+                    }
+                }
                 drop(rx);
-                let _ = ack.send(self.close());
+                let closed = self.close();
+                for ack in late {
+                    let _ = ack.send(Ok(self.chain.head()));
+                }
+                let _ = ack.send(closed);
                 return;
             }
             if events > 0 && events < self.batch {
@@ -426,15 +450,35 @@ impl Writer {
             let count = counter.swap(0, Ordering::Relaxed);
             if count > 0 {
                 let record = self.chain.append(event::gap(kind, count));
-                self.retry(|w| w.emit(&record));
+                self.emit(&record);
             }
         }
     }
 
-    fn emit(&mut self, record: &Record) -> io::Result<()> {
-        self.sinks
-            .iter_mut()
-            .try_for_each(|sink| sink.write(record))
+    /// Chains a request's event. A scrubber that panics (it reads untrusted bodies) costs the
+    /// event, counted in a gap record, not the writer.
+    fn request(&mut self, event: RequestEvent) {
+        let scrubber = &*self.scrubber;
+        let fields =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| event.into_fields(scrubber)));
+        match fields {
+            Ok(fields) => {
+                let record = self.chain.append(fields);
+                self.emit(&record);
+            }
+            Err(_) => {
+                tracing::error!(target: "moat::audit", "building a record panicked: the event is counted as dropped");
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Writes a record to every sink, retrying each that fails on its own, so no sink gets a
+    /// record twice.
+    fn emit(&mut self, record: &Record) {
+        for i in 0..self.sinks.len() {
+            self.retry(|w| w.sinks[i].write(record));
+        }
     }
 
     fn flush(&mut self, durable: bool) -> io::Result<()> {

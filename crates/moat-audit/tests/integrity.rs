@@ -307,3 +307,21 @@ async fn a_log_in_a_directory_that_does_not_exist_yet_starts_there() {
     log.shutdown().await.unwrap();
     assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
 }
+
+#[tokio::test]
+async fn a_member_given_twice_is_not_a_record() {
+    // A reader that takes the first copy would see 500; the hash covers the last: refused.
+    let log = log_of(2).await;
+    let mut lines = log.lines();
+    lines[1] = lines[1].replacen('{', "{\"http.response.status_code\":500,", 1);
+    log.set_lines(&lines);
+    let report = log.verify();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| matches!(p, Problem::NotARecord { at, .. } if at.line == 2)),
+        "{:?}",
+        report.problems
+    );
+}

@@ -607,3 +607,41 @@ async fn a_webhook_that_is_down_holds_requests_or_refuses_them_as_the_policy_say
         assert_eq!(counted, refused, "{on_full:?}");
     }
 }
+
+/// A sink that fails its first writes of requests' records, as a disk or a peer might.
+struct Flaky(u32);
+
+impl Sink for Flaky {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        if record.seq > 0 && self.0 > 0 {
+            self.0 -= 1;
+            return Err(io::Error::other("not now"));
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, _durable: bool) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_sink_that_fails_is_retried_without_writing_a_record_twice_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::builder("t")
+        .sink(FileSink::new(&path).with_fsync(moat_audit::Fsync::Always))
+        .sink(Flaky(3))
+        .start()
+        .unwrap();
+    let service = AuditLayer::new(log.clone()).layer(service_fn(|_req: Request<_>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    }));
+    for _ in 0..3 {
+        send(&mut service.clone(), Request::new(Full::new(Bytes::new()))).await;
+    }
+    log.shutdown().await.unwrap();
+    assert_eq!(records(&path).len(), 4);
+    let report = moat_audit::verify(&[path], &[], &[]).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}

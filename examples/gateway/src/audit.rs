@@ -110,7 +110,19 @@ const DEFAULT_FILE: &str = "audit/moat-audit.jsonl";
 /// The gateway's own probes, not recorded unless a rule says so.
 const PROBES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
-/// `[audit]`, checked, with the log it starts (once, shared by every reload).
+/// The logs this process started, by file: one writer per file whatever the reloads (two would
+/// fork its chain), shut down at exit.
+static LOGS: Mutex<Vec<(String, AuditLog)>> = Mutex::new(Vec::new());
+
+/// Every audit log this process started, taken for shutdown.
+pub fn take_started() -> Vec<AuditLog> {
+    std::mem::take(&mut *LOGS.lock().unwrap_or_else(PoisonError::into_inner))
+        .into_iter()
+        .map(|(_, log)| log)
+        .collect()
+}
+
+/// `[audit]`, checked; its log is started on first use and shared by every reload.
 #[derive(Clone)]
 pub struct ResolvedAudit {
     config: AuditConfig,
@@ -118,7 +130,6 @@ pub struct ResolvedAudit {
     signing_key: Option<Arc<str>>,
     secrets: Arc<Vec<String>>,
     rotate_bytes: Option<u64>,
-    log: Arc<Mutex<Option<AuditLog>>>,
 }
 
 impl std::fmt::Debug for ResolvedAudit {
@@ -212,7 +223,6 @@ impl AuditConfig {
             signing_key,
             secrets: Arc::new(secrets),
             rotate_bytes,
-            log: Arc::default(),
         })
     }
 
@@ -237,8 +247,8 @@ impl ResolvedAudit {
     /// The log, started on first use: the chain resumes from the file, a `start` record is
     /// written, the writer thread starts.
     pub fn log(&self) -> io::Result<AuditLog> {
-        let mut slot = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(log) = slot.as_ref() {
+        let mut logs = LOGS.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, log)) = logs.iter().find(|(file, _)| file == self.file()) {
             return Ok(log.clone());
         }
         let c = &self.config;
@@ -286,16 +296,17 @@ impl ResolvedAudit {
             tracing::warn!(target: "moat::gateway", "[audit] has no checkpoint_key_env: records are chained, but a cut at the end of the log cannot be detected");
         }
         let log = builder.start()?;
-        *slot = Some(log.clone());
+        logs.push((self.file().to_owned(), log.clone()));
         Ok(log)
     }
 
-    /// The log that was started, if any (to flush it at shutdown).
+    /// The log that was started for this file, if any.
     pub fn started(&self) -> Option<AuditLog> {
-        self.log
-            .lock()
+        LOGS.lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .iter()
+            .find(|(file, _)| file == self.file())
+            .map(|(_, log)| log.clone())
     }
 
     /// The layer, recording to the log (started if it was not).
@@ -309,13 +320,12 @@ impl ResolvedAudit {
         Ok(layer)
     }
 
-    /// For a reload: keep `previous`'s log (one writer per file); say when a sink setting
-    /// changed, which needs a restart.
-    pub(crate) fn take_log_from(&mut self, previous: &ResolvedAudit) {
+    /// For a reload: say when a sink setting changed, which takes effect at the next start (the
+    /// running log keeps its settings; a new file gets a log of its own).
+    pub(crate) fn note_changes_from(&self, previous: &ResolvedAudit) {
         if self.config.sinks_differ(&previous.config) {
-            tracing::warn!(target: "moat::gateway", "[audit] sink changes (file, rotation, fsync, queue, webhook, checkpoints) take effect at the next start");
+            tracing::warn!(target: "moat::gateway", "[audit] sink changes (rotation, fsync, queue, webhook, checkpoints) take effect at the next start");
         }
-        self.log = previous.log.clone();
     }
 }
 

@@ -421,8 +421,8 @@ impl Config {
         if let (Some(new), Some(old)) = (resolved.redact.take(), &previous.redact) {
             resolved.redact = Some(new.with_state_from(old));
         }
-        if let (Some(new), Some(old)) = (&mut resolved.audit, &previous.audit) {
-            new.take_log_from(old);
+        if let (Some(new), Some(old)) = (&resolved.audit, &previous.audit) {
+            new.note_changes_from(old);
         }
         for upstream in &mut resolved.upstreams {
             let kept = previous.upstreams.iter().find_map(|old| {

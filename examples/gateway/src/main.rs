@@ -184,6 +184,9 @@ async fn start_demo() -> Result<(Resolved, Demo), String> {
     Err("built without the demo (feature `demo`): pass --config FILE".into())
 }
 
+/// How long the exit waits for the audit log to write what is queued.
+const AUDIT_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -292,14 +295,18 @@ async fn main() -> ExitCode {
         moat_gateway::shutdown_signal(),
     )
     .await;
-    // In-flight requests are done: every record is written, with a last checkpoint.
-    if let Some(log) = audit.as_ref().and_then(|a| a.started()) {
-        match log.shutdown().await {
-            Ok(head) => {
+    // In-flight requests are done: every record is written, with a last checkpoint (a sink
+    // that stays down does not hold the exit forever).
+    for log in moat_gateway::audit::take_started() {
+        match tokio::time::timeout(AUDIT_SHUTDOWN, log.shutdown()).await {
+            Ok(Ok(head)) => {
                 tracing::info!(target: "moat::gateway", records = head.next_seq, "audit log flushed")
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::error!(target: "moat::gateway", %error, "the audit log could not be flushed")
+            }
+            Err(_) => {
+                tracing::error!(target: "moat::gateway", "the audit log was not flushed within {AUDIT_SHUTDOWN:?}: records still queued are lost")
             }
         }
     }

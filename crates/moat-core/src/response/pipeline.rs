@@ -99,7 +99,9 @@ struct Registry {
 impl Registry {
     fn end_all(&mut self, outcome: BodyOutcome) {
         let report = UsageReport::no_response(outcome);
-        for hook in self.hooks.drain(..) {
+        // Innermost first, as a response's hooks run: an outer hook (audit) then sees what the
+        // inner ones recorded as they ended.
+        for hook in self.hooks.drain(..).rev() {
             hook.on_end(&report);
         }
     }
