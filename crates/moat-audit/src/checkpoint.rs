@@ -62,7 +62,9 @@ fn key_hash(name: &str, public: &[u8]) -> u32 {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && !name.contains(['+', ' ', '\n']) && !name.chars().any(char::is_control)
+    !name.is_empty()
+        && !name.contains('+')
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// Signs checkpoints with an Ed25519 key.

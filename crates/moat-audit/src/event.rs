@@ -153,8 +153,12 @@ impl std::fmt::Debug for RequestEvent {
     }
 }
 
+/// Integers in records stay within 2^53, where every JSON reader (and RFC 8785's number form)
+/// agrees on them.
+const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
 fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+    u64::try_from(d.as_micros()).map_or(MAX_SAFE_INTEGER, |us| us.min(MAX_SAFE_INTEGER))
 }
 
 impl RequestEvent {
