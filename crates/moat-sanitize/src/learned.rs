@@ -6,7 +6,6 @@
 //! highest of them, so a jailbreak buried in a long document still fires and a long benign
 //! document is judged on the same footing as the short rows the model learned from.
 
-use std::collections::HashMap;
 use std::sync::LazyLock;
 
 /// The shipped weights: `MSW1`, u32 bits, f32 scale, f32 bias, f32 threshold alone, f32
@@ -70,10 +69,10 @@ impl Model {
         self.threshold_with_rules
     }
 
-    fn z(&self, features: &HashMap<u32, f64>) -> f64 {
+    fn z(&self, features: &[(u32, f64)]) -> f64 {
         features
             .iter()
-            .map(|(&bucket, &value)| {
+            .map(|&(bucket, value)| {
                 value * f64::from(self.weights[bucket as usize] as i8) * self.scale
             })
             .sum::<f64>()
@@ -84,9 +83,10 @@ impl Model {
     /// its windows.
     pub fn probability(&self, screen: &str) -> f64 {
         let tokens = tokens(screen);
-        let mut z = self.z(&features(&tokens, self.bits));
-        for window in windows(&tokens) {
-            z = z.max(self.z(&features(window, self.bits)));
+        let hashed = Hashed::new(&tokens, self.bits);
+        let mut z = self.z(&hashed.features(0, tokens.len()));
+        for (start, end) in windows(tokens.len()) {
+            z = z.max(self.z(&hashed.features(start, end)));
         }
         1.0 / (1.0 + (-z).exp())
     }
@@ -113,74 +113,178 @@ pub(crate) fn tokens(screen: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Token windows of a long text: none up to `WINDOW` tokens (the whole text is scored).
-fn windows<'a, 'b>(tokens: &'b [&'a str]) -> Vec<&'b [&'a str]> {
+/// Token windows of a long text, as `(start, end)`: none up to `WINDOW` tokens (the whole text
+/// is scored).
+fn windows(tokens: usize) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
-    if tokens.len() <= WINDOW {
+    if tokens <= WINDOW {
         return out;
     }
     let mut start = 0;
     loop {
-        out.push(&tokens[start..(start + WINDOW).min(tokens.len())]);
-        if start + WINDOW >= tokens.len() {
+        out.push((start, (start + WINDOW).min(tokens)));
+        if start + WINDOW >= tokens {
             return out;
         }
         start += STRIDE;
     }
 }
 
-/// FNV-1a, 64 bits.
-pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+/// FNV-1a over `prefix`, then `parts` joined by single spaces, without building the key.
+fn fnv_key(prefix: u8, parts: &[&str]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = (0xcbf2_9ce4_8422_2325 ^ u64::from(prefix)).wrapping_mul(PRIME);
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            h = (h ^ u64::from(b' ')).wrapping_mul(PRIME);
+        }
+        for &b in part.as_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+        }
+    }
+    h
 }
 
-/// Bucket -> value: `1 + ln(count)` per bucket, scaled to unit length.
-pub(crate) fn features(tokens: &[&str], bits: u32) -> HashMap<u32, f64> {
-    let mask = (1u64 << bits) - 1;
-    let mut counts: HashMap<u32, u32> = HashMap::new();
-    let mut key = Vec::with_capacity(64);
-    let mut add = |prefix: u8, parts: &[&str], key: &mut Vec<u8>| {
-        key.clear();
-        key.push(prefix);
-        for (i, part) in parts.iter().enumerate() {
-            if i > 0 {
-                key.push(b' ');
+/// Every key of a token sequence hashed once, so the whole text and each of its windows (whose
+/// keys are the ones inside its span) are scored without hashing again.
+///
+/// Keys: `w` + token, `b` + token + ` ` + next token, `c` + every 3-, 4- and 5-gram of
+/// characters of ` ` + tokens joined by ` ` + ` `; hashed with FNV-1a, the low `bits` kept.
+struct Hashed {
+    words: Vec<u32>,
+    pairs: Vec<u32>,
+    /// Per n (3, 4, 5): the bucket of the n-gram starting at each character.
+    grams: [Vec<u32>; 3],
+    /// The byte offset of each character of the joined text, and its length last.
+    starts: Vec<usize>,
+    /// The byte offset of each token in the joined text, and the text's length last.
+    offsets: Vec<usize>,
+    bits: u32,
+}
+
+impl Hashed {
+    fn new(tokens: &[&str], bits: u32) -> Self {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mask = (1u64 << bits) - 1;
+        let bucket = |h: u64| (h & mask) as u32;
+        let words = tokens.iter().map(|t| bucket(fnv_key(b'w', &[t]))).collect();
+        let pairs = tokens
+            .windows(2)
+            .map(|p| bucket(fnv_key(b'b', p)))
+            .collect();
+        let mut text: Vec<u8> =
+            Vec::with_capacity(tokens.iter().map(|t| t.len() + 1).sum::<usize>() + 1);
+        let mut offsets = Vec::with_capacity(tokens.len() + 1);
+        text.push(b' ');
+        for token in tokens {
+            offsets.push(text.len());
+            text.extend_from_slice(token.as_bytes());
+            text.push(b' ');
+        }
+        offsets.push(text.len());
+        let starts: Vec<usize> = (0..text.len())
+            .filter(|&i| (text[i] as i8) >= -0x40) // not a UTF-8 continuation byte
+            .chain(std::iter::once(text.len()))
+            .collect();
+        let grams = [3, 4, 5].map(|n| {
+            starts
+                .windows(n + 1)
+                .map(|w| {
+                    let mut h = (0xcbf2_9ce4_8422_2325 ^ u64::from(b'c')).wrapping_mul(PRIME);
+                    for &b in &text[w[0]..w[n]] {
+                        h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+                    }
+                    bucket(h)
+                })
+                .collect()
+        });
+        Self {
+            words,
+            pairs,
+            grams,
+            starts,
+            offsets,
+            bits,
+        }
+    }
+
+    /// (bucket, value) pairs of tokens `start..end`: `1 + ln(count)` per bucket, scaled to unit
+    /// length.
+    fn features(&self, start: usize, end: usize) -> Vec<(u32, f64)> {
+        let mut buckets: Vec<u32> = Vec::new();
+        if start < end {
+            buckets.extend_from_slice(&self.words[start..end]);
+            buckets.extend_from_slice(&self.pairs[start..end - 1]);
+        }
+        // The span ` tok_start ... tok_end-1 ` in the joined text, in characters.
+        // From the space before the first token to just after the space after the last: the
+        // next token's offset, or the text's length.
+        let first_byte = self.offsets[start] - 1;
+        let last_byte = self.offsets[end];
+        let first = self.starts.partition_point(|&b| b < first_byte);
+        let last = self.starts.partition_point(|&b| b < last_byte);
+        let chars = last - first;
+        for (i, n) in [3usize, 4, 5].into_iter().enumerate() {
+            if chars >= n {
+                buckets.extend_from_slice(&self.grams[i][first..=last - n]);
             }
-            key.extend_from_slice(part.as_bytes());
         }
-        *counts.entry((fnv1a64(key) & mask) as u32).or_default() += 1;
-    };
-    for token in tokens {
-        add(b'w', &[token], &mut key);
-    }
-    for pair in tokens.windows(2) {
-        add(b'b', pair, &mut key);
-    }
-    let joined = format!(" {} ", tokens.join(" "));
-    let chars: Vec<(usize, char)> = joined.char_indices().collect();
-    for n in 3..=5 {
-        for i in 0..chars.len().saturating_sub(n - 1) {
-            let start = chars[i].0;
-            let end = chars.get(i + n).map_or(joined.len(), |(at, _)| *at);
-            add(b'c', &[&joined[start..end]], &mut key);
+        // Counted in a table reused by the thread (a bucket per entry), not sorted: the buckets
+        // touched are listed as they are first seen, and their entries cleared after.
+        let mut values: Vec<(u32, f64)> = Vec::with_capacity(buckets.len());
+        COUNTS.with(|counts| {
+            let mut counts = counts.borrow_mut();
+            if counts.len() != 1 << self.bits {
+                *counts = vec![0; 1 << self.bits];
+            }
+            let mut touched: Vec<u32> = Vec::with_capacity(buckets.len());
+            for &bucket in &buckets {
+                let count = &mut counts[bucket as usize];
+                if *count == 0 {
+                    touched.push(bucket);
+                }
+                *count += 1;
+            }
+            for bucket in touched {
+                let count = std::mem::take(&mut counts[bucket as usize]);
+                // Most n-grams occur once: skip the logarithm for them.
+                let value = if count == 1 {
+                    1.0
+                } else {
+                    1.0 + f64::from(count).ln()
+                };
+                values.push((bucket, value));
+            }
+        });
+        let norm = values.iter().map(|(_, v)| v * v).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            values.iter_mut().for_each(|(_, v)| *v /= norm);
         }
+        values
     }
-    let mut values: HashMap<u32, f64> = counts
-        .into_iter()
-        .map(|(bucket, count)| (bucket, 1.0 + f64::from(count).ln()))
-        .collect();
-    let norm = values.values().map(|v| v * v).sum::<f64>().sqrt();
-    if norm > 0.0 {
-        values.values_mut().for_each(|v| *v /= norm);
-    }
-    values
+}
+
+thread_local! {
+    /// Per-bucket counts while a text's features are gathered; all zero between calls.
+    static COUNTS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// FNV-1a, 64 bits, as the prototype computes it.
+    fn fnv1a64(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
+
+    #[test]
+    fn keys_hash_as_fnv_of_the_key_text() {
+        assert_eq!(fnv_key(b'w', &["token"]), fnv1a64(b"wtoken"));
+        assert_eq!(fnv_key(b'b', &["two", "words"]), fnv1a64(b"btwo words"));
+    }
 
     #[test]
     fn fnv_matches_its_reference_values() {
@@ -191,12 +295,8 @@ mod tests {
 
     #[test]
     fn windows_cover_a_long_text_and_none_a_short_one() {
-        let short: Vec<&str> = vec!["a"; 96];
-        assert!(windows(&short).is_empty());
-        let long: Vec<&str> = vec!["a"; 200];
-        let w = windows(&long);
+        assert!(windows(96).is_empty());
         // Starts 0, 48, 96, 144: the last reaches the end, shorter.
-        assert_eq!(w.len(), 4);
-        assert_eq!(w[3].len(), 56);
+        assert_eq!(windows(200), [(0, 96), (48, 144), (96, 192), (144, 200)]);
     }
 }

@@ -271,6 +271,28 @@ impl Compiled {
     }
 }
 
+/// What a rule looks for without its look-ahead (the look-ahead only ever rules matches out):
+/// the pre-filter's pattern.
+fn prefilter_pattern(rule: &Rule) -> &'static str {
+    match rule.fancy {
+        // The look-ahead closes the pattern.
+        true => rule
+            .pattern
+            .rsplit_once("(?!")
+            .map_or(rule.pattern, |(head, _)| head),
+        false => rule.pattern,
+    }
+}
+
+/// One pass over the text says which rules can match at all; only those are run.
+static PREFILTER: LazyLock<regex::RegexSet> = LazyLock::new(|| {
+    regex::RegexSetBuilder::new(RULES.iter().map(prefilter_pattern))
+        .size_limit(256 << 20)
+        .dfa_size_limit(64 << 20)
+        .build()
+        .expect("valid rules")
+});
+
 static COMPILED: LazyLock<Vec<Compiled>> = LazyLock::new(|| {
     RULES
         .iter()
@@ -332,7 +354,16 @@ impl RuleHits {
 /// The rule families that fire on a screen text ([`screen_text`](crate::screen_text)).
 pub fn rule_hits(screen: &str) -> RuleHits {
     let mut hits = RuleHits::default();
-    for (rule, compiled) in RULES.iter().zip(COMPILED.iter()) {
+    // On ASCII the set runs as one lazy DFA; on other text its Unicode word boundaries would
+    // send it to the slow engine, so each rule runs on its own there.
+    let candidates = screen.is_ascii().then(|| PREFILTER.matches(screen));
+    if candidates.as_ref().is_some_and(|c| !c.matched_any()) {
+        return hits;
+    }
+    for (i, (rule, compiled)) in RULES.iter().zip(COMPILED.iter()).enumerate() {
+        if candidates.as_ref().is_some_and(|c| !c.matched(i)) {
+            continue;
+        }
         let best = hits.families.iter().position(|(f, _)| *f == rule.family);
         if best.is_some_and(|i| rule.weight <= hits.families[i].1) {
             continue;

@@ -85,6 +85,10 @@ fn confusable(c: char) -> Option<char> {
 
 /// NFKC, invisible characters removed, lookalikes folded, lower case.
 pub(crate) fn normalise(text: &str) -> String {
+    // ASCII is its own NFKC, has no invisible or lookalike characters: only the case changes.
+    if text.is_ascii() {
+        return text.to_ascii_lowercase();
+    }
     let folded: String = text
         .nfkc()
         .filter(|c| !INVISIBLE.contains(c))
@@ -174,6 +178,9 @@ fn despace(text: &str) -> String {
 
 /// Words that mix letters with the digits and symbols of leetspeak, read as letters.
 fn deleet(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(['0', '1', '3', '4', '5', '7', '9', '@', '$']) {
+        return std::borrow::Cow::Borrowed(text);
+    }
     LEET_TOKEN.replace_all(text, |caps: &regex::Captures<'_>| {
         let word = &caps[0];
         if word.contains(['0', '1', '3', '4', '5', '7', '9', '@', '$']) {
