@@ -20,7 +20,9 @@
 //! spaced-out letters joined and leetspeak undone. Rules ([`rule_hits`]) score families of
 //! signals, a quoted mention counting half; the model ([`Model`]) scores hashed word and
 //! character n-grams, over windows of long texts. A text is flagged when the rules reach 1.0 or
-//! the model's probability reaches its threshold.
+//! the model's probability reaches its threshold. Hidden characters ([`find_hidden`]: Unicode
+//! tag characters, bidi overrides, stray zero-width characters; emoji and script joiners left
+//! alone) are found, and can be stripped ([`strip_hidden`]), on their own.
 //!
 //! The model is trained offline by `eval/sanitize/prototype.py` on the training splits of
 //! public corpora (see `eval/sanitize/NOTES.md`); this crate is its exact port, checked against
@@ -29,10 +31,12 @@
 
 #![forbid(unsafe_code)]
 
+mod hidden;
 mod learned;
 mod rules;
 mod screen;
 
+pub use hidden::{find_hidden, strip_hidden, Hidden, HiddenKind};
 pub use learned::Model;
 pub use rules::{rule_hits, RuleHits, RULE_THRESHOLD};
 pub use screen::screen_text;
