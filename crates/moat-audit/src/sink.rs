@@ -32,6 +32,14 @@ pub trait Sink: Send + 'static {
     /// can finish one.
     fn flush(&mut self, durable: bool) -> io::Result<()>;
 
+    /// A signed checkpoint (a C2SP note) was written, committing to every record taken so
+    /// far. A sink that delivers elsewhere (a webhook) should pass it on, so a copy lives where
+    /// whoever can write the log cannot replace it. Default: nothing.
+    fn checkpoint(&mut self, note: &str) -> io::Result<()> {
+        let _ = note;
+        Ok(())
+    }
+
     /// The log is shutting down: deliver everything taken (a sink with its own queue drains
     /// it). Called once, after a durable flush.
     fn close(&mut self) -> io::Result<()> {
@@ -398,6 +406,11 @@ impl Sink for TracingSink {
         Ok(())
     }
 
+    fn checkpoint(&mut self, note: &str) -> io::Result<()> {
+        tracing::info!(target: "moat::audit", checkpoint = note);
+        Ok(())
+    }
+
     fn flush(&mut self, _durable: bool) -> io::Result<()> {
         Ok(())
     }
@@ -445,20 +458,12 @@ impl WebhookSink {
         })
     }
 
-    /// How long shutdown waits for the receiver to take what is queued (default 10 s).
-    #[must_use]
-    pub fn with_drain_timeout(mut self, drain: Duration) -> Self {
-        self.drain = drain;
-        self
-    }
-}
-
-impl Sink for WebhookSink {
-    fn write(&mut self, record: &Record) -> io::Result<()> {
+    /// Queues one line, as [`OnFull`] says when the queue is full.
+    fn send(&mut self, line: Vec<u8>) -> io::Result<()> {
         let Some(tx) = &self.tx else {
             return Err(io::Error::other("the webhook sink is closed"));
         };
-        match tx.try_send(record.line.clone()) {
+        match tx.try_send(line) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(line)) => match self.on_full {
                 OnFull::DropWithGap => {
@@ -474,6 +479,25 @@ impl Sink for WebhookSink {
                 Err(io::Error::other("the webhook thread stopped"))
             }
         }
+    }
+
+    /// How long shutdown waits for the receiver to take what is queued (default 10 s).
+    #[must_use]
+    pub fn with_drain_timeout(mut self, drain: Duration) -> Self {
+        self.drain = drain;
+        self
+    }
+}
+
+impl Sink for WebhookSink {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        self.send(record.line.clone())
+    }
+
+    fn checkpoint(&mut self, note: &str) -> io::Result<()> {
+        // A line of its own beside the records: `{"type":"checkpoint","note":"..."}`.
+        let line = serde_json::json!({"type": "checkpoint", "note": note}).to_string();
+        self.send(line.into_bytes())
     }
 
     fn flush(&mut self, _durable: bool) -> io::Result<()> {

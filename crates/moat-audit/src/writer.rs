@@ -531,6 +531,13 @@ impl Writer {
         let note = c.signer.sign(&Checkpoint::at(&self.origin, head));
         write_atomically(&c.path, note.as_bytes())?;
         tracing::debug!(target: "moat::audit", size = head.next_seq, "checkpoint written");
+        // Also to the sinks that hand checkpoints to someone else (a webhook), so a copy lives
+        // where whoever can write the log cannot replace it.
+        for sink in &mut self.sinks {
+            if let Err(error) = sink.checkpoint(&note) {
+                tracing::error!(target: "moat::audit", %error, "a sink did not take a checkpoint");
+            }
+        }
         self.checkpointed = Some((head.next_seq, Instant::now()));
         Ok(())
     }

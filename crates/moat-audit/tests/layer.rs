@@ -645,3 +645,48 @@ async fn a_sink_that_fails_is_retried_without_writing_a_record_twice_elsewhere()
     let report = moat_audit::verify(&[path], &[], &[]).unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_also_reach_the_webhook() {
+    let accepting = Arc::new(Mutex::new(true));
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let addr = receiver(accepting, got.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (signer, _) = moat_audit::Signer::generate("moat-audit/t").unwrap();
+    let key: moat_audit::VerifierKey = signer.verifier_key().parse().unwrap();
+    let webhook = WebhookSink::new(
+        format!("http://{addr}/audit").parse().unwrap(),
+        16,
+        1024,
+        OnFull::Backpressure,
+    )
+    .unwrap();
+    let log = AuditLog::builder("moat-audit/t")
+        .sink(FileSink::new(&path))
+        .sink(webhook)
+        .checkpoints(
+            signer,
+            dir.path().join("audit.checkpoint"),
+            Duration::from_secs(3600),
+        )
+        .start()
+        .unwrap();
+    let service = AuditLayer::new(log.clone()).layer(service_fn(|_req: Request<_>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    }));
+    for _ in 0..3 {
+        send(&mut service.clone(), Request::new(Full::new(Bytes::new()))).await;
+    }
+    let head = log.shutdown().await.unwrap();
+    let got = got.lock().unwrap().clone();
+    let notes: Vec<String> = got
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["type"] == "checkpoint")
+        .map(|v| v["note"].as_str().unwrap().to_owned())
+        .collect();
+    let last = moat_audit::Checkpoint::open(notes.last().expect("a checkpoint"), &[key]).unwrap();
+    assert_eq!(last.size, head.next_seq);
+    assert_eq!(last.size, records(&path).len() as u64);
+}
