@@ -20,13 +20,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use futures_util::FutureExt;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use moat_audit::{AuditLayer, AuditLog, FileSink, Fsync};
-use tower::{Layer, Service, ServiceExt};
-
-type Plain = Request<Full<Bytes>>;
+use moat_benches::{round_trip, Plain};
+use tower::{Layer, Service};
 
 fn request() -> Plain {
     Request::post("/v1/chat/completions")
@@ -62,33 +60,6 @@ impl<B> Service<Request<B>> for App {
     }
 }
 
-/// One request through `service`, its body read to the end.
-fn round_trip<S, B>(service: &mut S)
-where
-    S: Service<Plain, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-    B: http_body::Body<Data = Bytes>,
-    B::Error: std::fmt::Debug,
-{
-    let response = service
-        .ready()
-        .now_or_never()
-        .unwrap()
-        .unwrap()
-        .call(request())
-        .now_or_never()
-        .unwrap()
-        .unwrap();
-    black_box(
-        response
-            .into_body()
-            .collect()
-            .now_or_never()
-            .unwrap()
-            .unwrap(),
-    );
-}
-
 fn log(dir: &std::path::Path, fsync: Fsync) -> AuditLog {
     AuditLog::builder("moat-audit/bench")
         .sink(FileSink::new(dir.join("moat-audit.jsonl")).with_fsync(fsync))
@@ -104,7 +75,9 @@ fn request_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("audit_request_path");
     let inner = App;
     let mut bare = inner;
-    group.bench_function("bare (baseline)", |b| b.iter(|| round_trip(&mut bare)));
+    group.bench_function("bare (baseline)", |b| {
+        b.iter(|| round_trip(&mut bare, request()))
+    });
 
     let dir = tempfile::tempdir().unwrap();
     let audit = log(dir.path(), Fsync::Batch);
@@ -119,7 +92,7 @@ fn request_path(c: &mut Criterion) {
                 let chunk = left.min(256);
                 let start = Instant::now();
                 for _ in 0..chunk {
-                    round_trip(&mut moat);
+                    round_trip(&mut moat, request());
                 }
                 elapsed += start.elapsed();
                 runtime.block_on(audit.flush()).unwrap();
@@ -145,7 +118,7 @@ fn request_path(c: &mut Criterion) {
     let mut traced = trace.layer(inner);
     tracing::subscriber::with_default(subscriber, || {
         group.bench_function("tower-http TraceLayer (tracing-appender JSON)", |b| {
-            b.iter(|| round_trip(&mut traced))
+            b.iter(|| round_trip(&mut traced, request()))
         });
     });
     drop(guard);
@@ -198,7 +171,7 @@ fn writer(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    round_trip(&mut service);
+                    round_trip(&mut service, request());
                 }
                 runtime.block_on(audit.flush()).unwrap();
                 start.elapsed()
@@ -216,7 +189,7 @@ fn verify(c: &mut Criterion) {
     let audit = log(dir.path(), Fsync::Never);
     let mut service = AuditLayer::new(audit.clone()).layer(App);
     for _ in 0..20_000 {
-        round_trip(&mut service);
+        round_trip(&mut service, request());
     }
     runtime.block_on(audit.shutdown()).unwrap();
     let files = vec![dir.path().join("moat-audit.jsonl")];

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use failsafe::CircuitBreaker as _;
-use futures_util::FutureExt;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
+use moat_benches::{round_trip, Plain};
 use moat_breaker::{Breaker, BreakerConfig, CallOutcome, CircuitBreakerLayer, Window};
-use tower::{Layer, Service, ServiceExt};
+use tower::Layer;
 
 fn moat() -> Breaker {
     Breaker::builder("bench")
@@ -120,8 +120,6 @@ fn closed_call_2_threads(c: &mut Criterion) {
     group.finish();
 }
 
-type Plain = Request<Full<Bytes>>;
-
 fn answer() -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
     response.headers_mut().insert(
@@ -131,41 +129,18 @@ fn answer() -> Response<Full<Bytes>> {
     response
 }
 
-/// One request through `service`, its body read to the end.
-fn round_trip<S, B>(service: &mut S)
-where
-    S: Service<Plain, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-    B: http_body::Body<Data = Bytes>,
-    B::Error: std::fmt::Debug,
-{
-    let response = service
-        .ready()
-        .now_or_never()
-        .unwrap()
-        .unwrap()
-        .call(Request::new(Full::default()))
-        .now_or_never()
-        .unwrap()
-        .unwrap();
-    black_box(
-        response
-            .into_body()
-            .collect()
-            .now_or_never()
-            .unwrap()
-            .unwrap(),
-    );
-}
-
 fn service(c: &mut Criterion) {
     let mut group = c.benchmark_group("breaker_service");
     let inner = tower::service_fn(|_req: Plain| std::future::ready(Ok::<_, Infallible>(answer())));
     let mut bare = inner;
-    group.bench_function("bare (baseline)", |b| b.iter(|| round_trip(&mut bare)));
+    group.bench_function("bare (baseline)", |b| {
+        b.iter(|| round_trip(&mut bare, Request::new(Full::default())))
+    });
 
     let mut moat = CircuitBreakerLayer::new(moat()).layer(inner);
-    group.bench_function("moat", |b| b.iter(|| round_trip(&mut moat)));
+    group.bench_function("moat", |b| {
+        b.iter(|| round_trip(&mut moat, Request::new(Full::default())))
+    });
 
     let resilience = tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
         .failure_rate_threshold(0.5)
@@ -175,7 +150,7 @@ fn service(c: &mut Criterion) {
         .unwrap();
     let mut resilience = resilience.layer(inner);
     group.bench_function("tower-resilience", |b| {
-        b.iter(|| round_trip(&mut resilience))
+        b.iter(|| round_trip(&mut resilience, Request::new(Full::default())))
     });
     group.finish();
 }

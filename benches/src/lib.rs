@@ -1,8 +1,46 @@
 //! Criterion benchmarks for moat; see the `benches/` directory. This library holds what the
-//! non-criterion harnesses share.
+//! benchmarks share.
 
 use std::future::Future;
+use std::hint::black_box;
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{Service, ServiceExt};
+
+/// A request with a whole body, as the service benchmarks send.
+pub type Plain = Request<Full<Bytes>>;
+
+/// One request through a service that answers at once (no runtime needed), its response body
+/// read to the end (where layers record outcomes).
+pub fn round_trip<S, B>(service: &mut S, request: Plain)
+where
+    S: Service<Plain, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let response = service
+        .ready()
+        .now_or_never()
+        .expect("ready at once")
+        .expect("ready")
+        .call(request)
+        .now_or_never()
+        .expect("answers at once")
+        .expect("a response");
+    black_box(
+        response
+            .into_body()
+            .collect()
+            .now_or_never()
+            .expect("a whole body at once")
+            .expect("a body"),
+    );
+}
 
 /// A markdown table row of throughput and latency percentiles: `| label | ops/s | p50 | p99 |`.
 pub fn latency_row(

@@ -1,6 +1,7 @@
 //! The hash chain: every record carries a contiguous sequence number, the hash of the record
 //! before it, and its own hash, SHA-256 over its canonical form without the `hash` member.
 
+use moat_core::hex::{decode_32, Hex};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -101,7 +102,7 @@ pub(crate) fn links(line: &[u8]) -> Result<Links, &'static str> {
     let fields = value.as_object_mut().ok_or("not a JSON object")?;
     let claimed = fields
         .remove("hash")
-        .and_then(|h| h.as_str().and_then(unhex))
+        .and_then(|h| h.as_str().and_then(decode_32))
         .ok_or("no valid hash")?;
     let seq = fields
         .get("seq")
@@ -109,7 +110,7 @@ pub(crate) fn links(line: &[u8]) -> Result<Links, &'static str> {
         .ok_or("no valid seq")?;
     let prev = fields
         .get("prev")
-        .and_then(|p| p.as_str().and_then(unhex))
+        .and_then(|p| p.as_str().and_then(decode_32))
         .ok_or("no valid prev")?;
     let kind = fields
         .get("type")
@@ -130,28 +131,9 @@ pub(crate) fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-/// Lowercase hex.
+/// Lowercase hex of a digest, as records and checkpoints write it.
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    out
-}
-
-pub(crate) fn unhex(text: &str) -> Option<[u8; 32]> {
-    let bytes = text.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
-    let mut out = [0; 32];
-    for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(out)
+    Hex(bytes).to_string()
 }
 
 #[cfg(test)]
@@ -198,7 +180,7 @@ mod tests {
     #[test]
     fn hex_round_trips() {
         let bytes = digest(b"x");
-        assert_eq!(unhex(&hex(&bytes)), Some(bytes));
-        assert_eq!(unhex("zz"), None);
+        assert_eq!(decode_32(&hex(&bytes)), Some(bytes));
+        assert_eq!(decode_32("zz"), None);
     }
 }

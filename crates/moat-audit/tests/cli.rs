@@ -47,27 +47,23 @@ async fn keygen_then_verify_passes_a_log_and_fails_a_tampered_one() {
     let file_arg = file.to_str().unwrap();
     let checkpoint_arg = checkpoint.to_str().unwrap();
 
-    let (code, out) = moat_audit(&[
-        "verify",
-        file_arg,
-        "--checkpoint",
-        checkpoint_arg,
-        "--key",
-        &verifier,
-    ]);
+    let verify = || {
+        moat_audit(&[
+            "verify",
+            file_arg,
+            "--checkpoint",
+            checkpoint_arg,
+            "--key",
+            &verifier,
+        ])
+    };
+    let (code, out) = verify();
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ok: 1 records"), "{out}");
 
     // The log cut to nothing: the signed checkpoint still says one record.
     std::fs::write(&file, "").unwrap();
-    let (code, out) = moat_audit(&[
-        "verify",
-        file_arg,
-        "--checkpoint",
-        checkpoint_arg,
-        "--key",
-        &verifier,
-    ]);
+    let (code, out) = verify();
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("truncated"), "{out}");
 

@@ -9,6 +9,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use moat_audit::verify::{expand, read_checkpoints};
 use moat_audit::{verify, AuditLayer, AuditLog, FileSink, Notice, Problem, Signer, VerifierKey};
+use moat_core::hex::Hex;
 use tower::{service_fn, Layer, ServiceExt};
 
 struct Log {
@@ -196,7 +197,7 @@ async fn a_rewritten_tail_with_fresh_hashes_does_not_match_the_checkpoint() {
     let sorted: std::collections::BTreeMap<_, _> = forged.clone().into_iter().collect();
     let canonical = serde_json::to_vec(&sorted).unwrap();
     let hash: [u8; 32] = sha2_digest(&canonical);
-    forged.insert("hash".into(), hex(&hash).into());
+    forged.insert("hash".into(), Hex(&hash).to_string().into());
     *lines.last_mut().unwrap() = serde_json::Value::Object(forged).to_string();
     log.set_lines(&lines);
     let report = log.verify();
@@ -214,10 +215,6 @@ async fn a_rewritten_tail_with_fresh_hashes_does_not_match_the_checkpoint() {
 fn sha2_digest(bytes: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::test]

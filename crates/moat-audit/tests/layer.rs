@@ -15,6 +15,7 @@ use moat_audit::{
     AuditLayer, AuditLog, FileSink, Level, Literals, OnFull, Policy, Record, Sink, WebhookSink,
 };
 use moat_core::decision::{Decision, Decisions, Outcome};
+use moat_core::hex::Hex;
 use moat_core::reject::{Protocol, Rejection};
 use serde_json::Value;
 use tower::{service_fn, Layer, Service, ServiceExt};
@@ -38,6 +39,32 @@ where
         status,
         response.into_body().collect().await.unwrap().to_bytes(),
     )
+}
+
+/// The layer, recording to `log`, around an app that answers "ok".
+fn audited(
+    log: &AuditLog,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<moat_audit::ResponseBody<Full<Bytes>>>,
+    Error = Infallible,
+> + Clone {
+    AuditLayer::new(log.clone()).layer(service_fn(
+        |_req: Request<moat_audit::RequestBody<Full<Bytes>>>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        },
+    ))
+}
+
+/// A webhook sink posting to the test receiver at `addr`.
+fn webhook(addr: SocketAddr, batch: usize, queue: usize, on_full: OnFull) -> WebhookSink {
+    WebhookSink::new(
+        format!("http://{addr}/audit").parse().unwrap(),
+        batch,
+        queue,
+        on_full,
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -167,11 +194,8 @@ async fn secrets_never_reach_a_record_at_any_level_and_controls_are_escaped() {
                 assert!(body["text"].as_str().unwrap().contains("[REDACTED]"));
                 // The hash is of the raw bytes, secrets and all: it settles a dispute.
                 use sha2::Digest;
-                let raw: String = sha2::Sha256::digest(prompt.as_bytes())
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                assert_eq!(body["sha256"], raw);
+                let raw = sha2::Sha256::digest(prompt.as_bytes());
+                assert_eq!(body["sha256"], Hex(&raw).to_string());
                 assert_eq!(body["complete"], true);
             }
         }
@@ -234,9 +258,7 @@ async fn behind(
         .on_full(on_full)
         .start()
         .unwrap();
-    let service = AuditLayer::new(log.clone()).layer(service_fn(|_req: Request<_>| async {
-        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-    }));
+    let service = audited(&log);
     // The first request's record fills the queue (of one), and holds the writer at the gate.
     let (status, _) = send(&mut service.clone(), Request::new(Full::new(Bytes::new()))).await;
     assert_eq!(status, 200);
@@ -370,21 +392,13 @@ async fn a_webhook_that_is_down_gets_every_record_once_it_is_back() {
     let addr = receiver(accepting.clone(), got.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let webhook = WebhookSink::new(
-        format!("http://{addr}/audit").parse().unwrap(),
-        4,
-        1024,
-        OnFull::Backpressure,
-    )
-    .unwrap();
+    let hook = webhook(addr, 4, 1024, OnFull::Backpressure);
     let log = AuditLog::builder("t")
         .sink(FileSink::new(&path))
-        .sink(webhook)
+        .sink(hook)
         .start()
         .unwrap();
-    let service = AuditLayer::new(log.clone()).layer(service_fn(|_req: Request<_>| async {
-        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-    }));
+    let service = audited(&log);
     for _ in 0..10 {
         send(&mut service.clone(), Request::new(Full::new(Bytes::new()))).await;
     }
@@ -410,21 +424,13 @@ async fn a_slow_webhook_dropping_with_gap_says_how_many_it_missed() {
     let addr = receiver(accepting.clone(), got.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let webhook = WebhookSink::new(
-        format!("http://{addr}/audit").parse().unwrap(),
-        1,
-        2,
-        OnFull::DropWithGap,
-    )
-    .unwrap();
+    let hook = webhook(addr, 1, 2, OnFull::DropWithGap);
     let log = AuditLog::builder("t")
         .sink(FileSink::new(&path))
-        .sink(webhook)
+        .sink(hook)
         .start()
         .unwrap();
-    let service = AuditLayer::new(log.clone()).layer(service_fn(|_req: Request<_>| async {
-        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-    }));
+    let service = audited(&log);
     for _ in 0..20 {
         send(&mut service.clone(), Request::new(Full::new(Bytes::new()))).await;
     }
@@ -484,7 +490,6 @@ async fn an_abandoned_stream_and_a_failed_service_are_recorded() {
     assert_eq!(all[1]["http.response.status_code"], 200);
     assert_eq!(all[2]["moat.outcome"], "failed");
     assert_eq!(all[2]["http.response.status_code"], 0);
-    let _ = Duration::ZERO;
 }
 
 #[tokio::test]
@@ -516,23 +521,15 @@ async fn a_webhook_that_is_down_holds_requests_or_refuses_them_as_the_policy_say
         let addr = receiver(accepting.clone(), got.clone()).await;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let webhook = WebhookSink::new(
-            format!("http://{addr}/audit").parse().unwrap(),
-            1,
-            1,
-            on_full,
-        )
-        .unwrap();
+        let hook = webhook(addr, 1, 1, on_full);
         let log = AuditLog::builder("t")
             .sink(FileSink::new(&path))
-            .sink(webhook)
+            .sink(hook)
             .capacity(2)
             .on_full(on_full)
             .start()
             .unwrap();
-        let service = AuditLayer::new(log.clone()).layer(service_fn(|_req: Request<_>| async {
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-        }));
+        let service = audited(&log);
         // The webhook's queue fills, the writer waits on it, then the log's queue fills.
         let mut passed = 0;
         let mut refused = 0u64;
@@ -634,9 +631,7 @@ async fn a_sink_that_fails_is_retried_without_writing_a_record_twice_elsewhere()
         .sink(Flaky(3))
         .start()
         .unwrap();
-    let service = AuditLayer::new(log.clone()).layer(service_fn(|_req: Request<_>| async {
-        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-    }));
+    let service = audited(&log);
     for _ in 0..3 {
         send(&mut service.clone(), Request::new(Full::new(Bytes::new()))).await;
     }
@@ -655,16 +650,10 @@ async fn checkpoints_also_reach_the_webhook() {
     let path = dir.path().join("audit.jsonl");
     let (signer, _) = moat_audit::Signer::generate("moat-audit/t").unwrap();
     let key: moat_audit::VerifierKey = signer.verifier_key().parse().unwrap();
-    let webhook = WebhookSink::new(
-        format!("http://{addr}/audit").parse().unwrap(),
-        16,
-        1024,
-        OnFull::Backpressure,
-    )
-    .unwrap();
+    let hook = webhook(addr, 16, 1024, OnFull::Backpressure);
     let log = AuditLog::builder("moat-audit/t")
         .sink(FileSink::new(&path))
-        .sink(webhook)
+        .sink(hook)
         .checkpoints(
             signer,
             dir.path().join("audit.checkpoint"),
@@ -672,9 +661,7 @@ async fn checkpoints_also_reach_the_webhook() {
         )
         .start()
         .unwrap();
-    let service = AuditLayer::new(log.clone()).layer(service_fn(|_req: Request<_>| async {
-        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-    }));
+    let service = audited(&log);
     for _ in 0..3 {
         send(&mut service.clone(), Request::new(Full::new(Bytes::new()))).await;
     }

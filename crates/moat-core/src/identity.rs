@@ -50,6 +50,8 @@ use http::Request;
 use ipnet::IpNet;
 use sha2::Sha256;
 
+use crate::hex::Hex;
+
 /// What kind of identity a [`Key`] came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
@@ -135,9 +137,7 @@ impl Key {
                 .map(|c| if c == '{' || c == '}' { '_' } else { c }),
         );
         name.push(':');
-        for b in self.digest() {
-            let _ = write!(name, "{b:02x}");
-        }
+        let _ = write!(name, "{}", Hex(&self.digest()));
         name.push('}');
         name
     }
@@ -160,10 +160,6 @@ fn truncate(digest: &[u8]) -> [u8; 16] {
     id
 }
 
-fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
-    bytes.iter().try_for_each(|b| write!(f, "{b:02x}"))
-}
-
 impl fmt::Display for Key {
     /// A stable, secret-free rendering: `api_key:3f9a…`, `ip:203.0.113.9`, `ip:2001:db8::/64`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -184,7 +180,7 @@ impl fmt::Display for Key {
             KeyKind::Model => "model",
         };
         write!(f, "{prefix}:")?;
-        write_hex(f, &self.id)
+        Hex(&self.id).fmt(f)
     }
 }
 
@@ -213,7 +209,7 @@ impl Fingerprint {
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_hex(f, &self.0)
+        Hex(&self.0).fmt(f)
     }
 }
 

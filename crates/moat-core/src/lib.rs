@@ -68,6 +68,7 @@
 pub mod body;
 pub mod clock;
 pub mod decision;
+pub mod hex;
 pub mod identity;
 pub mod json;
 pub mod kit;

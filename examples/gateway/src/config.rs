@@ -313,7 +313,8 @@ fn add_keys(
             }
             Sha256::digest(key.as_bytes()).into()
         } else if let Some(hex) = &entry.key_sha256 {
-            parse_sha256(hex).ok_or_else(|| err("key_sha256 must be 64 hex digits".into()))?
+            moat::core::hex::decode_32(hex.trim())
+                .ok_or_else(|| err("key_sha256 must be 64 hex digits".into()))?
         } else {
             let name = entry.key_env.as_deref().unwrap_or_default();
             let key = env(name)
@@ -662,18 +663,6 @@ impl Config {
 pub(crate) fn placeholder(name: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(Sha256::digest(name.as_bytes()))
-}
-
-fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 || !hex.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

@@ -1602,12 +1602,7 @@ async fn keys_expire_and_keep_to_their_routes_and_models() {
 #[tokio::test]
 async fn keys_come_from_a_file_of_hashes_that_a_reload_reads_again() {
     use sha2::{Digest, Sha256};
-    let hex = |key: &str| {
-        Sha256::digest(key.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let hex = |key: &str| moat::core::hex::Hex(&Sha256::digest(key.as_bytes())).to_string();
     let mock = MockUpstream::start().await.unwrap();
     let dir = std::env::temp_dir().join(format!("moat-gw-keys-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
