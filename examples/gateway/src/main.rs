@@ -53,8 +53,12 @@ fn load(path: &PathBuf, check: bool) -> Result<Resolved, String> {
     resolved.map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// When the configuration file or its `keys_file` last changed, as far as the file system says.
-fn modified(running: &Resolved, path: &std::path::Path) -> Vec<Option<std::time::SystemTime>> {
+/// When the configuration file and its `keys_file` last changed, and their lengths (a change
+/// within the file system clock's granularity still shows in the length, mostly).
+fn modified(
+    running: &Resolved,
+    path: &std::path::Path,
+) -> Vec<Option<(Option<std::time::SystemTime>, u64)>> {
     let keys = running
         .config
         .keys_file
@@ -62,7 +66,11 @@ fn modified(running: &Resolved, path: &std::path::Path) -> Vec<Option<std::time:
         .map(|f| PathBuf::from(f.get_ref()));
     std::iter::once(path.to_path_buf())
         .chain(keys)
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        })
         .collect()
 }
 
@@ -86,8 +94,9 @@ fn reload_on_sighup(
             return;
         }
     };
+    // Read now, not when the task first runs: a change made right after startup is a change.
+    let mut seen = modified(&running, &path);
     tokio::spawn(async move {
-        let mut seen = modified(&running, &path);
         let mut ticks = tokio::time::interval(std::time::Duration::from_secs(2));
         loop {
             tokio::select! {
@@ -278,15 +287,17 @@ async fn main() -> ExitCode {
             );
         }
     }
-    println!("listening on http://{addr}");
-    if demo.is_some() {
-        println!("try:\n  curl http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello from moat\"}}]}}'");
-    }
     let app = moat_gateway::Reloadable::new(moat_gateway::app(&resolved));
     let limits = resolved.server;
     #[cfg(unix)]
     if let Some(path) = &args.config {
         reload_on_sighup(path.clone(), resolved, app.clone(), args.watch);
+    }
+    // Ready before saying so: a reload asked for (SIGHUP) or a file changed after this line is
+    // seen.
+    println!("listening on http://{addr}");
+    if demo.is_some() {
+        println!("try:\n  curl http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello from moat\"}}]}}'");
     }
     let served = moat_gateway::serve(
         listener,
