@@ -194,17 +194,31 @@ def _quoted(st, m):
     return any(q in before for q in QUOTES) and any(q in after for q in QUOTES)
 
 
+# A match reported rather than said: an auxiliary or "why"/"how" opens the clause before it and
+# its subject is not "you" ("why does the model ignore the system message?", not "can you
+# ignore the previous instructions?").
+_REPORTED = re.compile(r"\b(does|do|did|can|could|would|will|might|may|should|why|how)\b[^.!?\n]{0,30}\Z")
+_ADDRESSED = re.compile(r"\b(you|u|ya)\b")
+
+
+def _reported(st, m):
+    before = st[max(0, m.start() - 40):m.start()]
+    r = _REPORTED.search(before)
+    return r is not None and _ADDRESSED.search(r.group(0)) is None
+
+
 def rule_hits(st):
     """family -> (weight, rule index) for the best matching rule of each family. A match that
-    is quoted (a mention, as in "what does 'ignore previous instructions' mean?") counts half;
-    the first 8 matches of a rule are looked at."""
+    is quoted (a mention, as in "what does 'ignore previous instructions' mean?") or reported
+    ("why does the model ignore the system message?") counts half; the first 8 matches of a
+    rule are looked at."""
     best = {}
     for i, (fam, w, rx) in enumerate(RULES_C):
         if fam in best and w <= best[fam][0]:
             continue
         got = 0.0
         for k, m in enumerate(rx.finditer(st)):
-            got = max(got, w * 0.5 if _quoted(st, m) else w)
+            got = max(got, w * 0.5 if _quoted(st, m) or _reported(st, m) else w)
             if got == w or k >= 7:
                 break
         if got > 0 and (fam not in best or got > best[fam][0]):
@@ -338,7 +352,7 @@ def main():
     ap.add_argument("--fpr", type=float, default=0.004, help="benign FPR budget on val for tuning")
     ap.add_argument("--C", type=float, default=16.0)
     ap.add_argument("--long-weight", type=float, default=10.0, help="sample weight of long benign docs")
-    ap.add_argument("--hard-weight", type=float, default=5.0, help="weight of benign role-play / PI questions")
+    ap.add_argument("--hard-weight", type=float, default=5.0, help="weight of benign role-play, PI questions and code mentions")
     ap.add_argument("--combine", choices=["sum", "or"], default="or")
     ap.add_argument("--window", type=int, default=1, help="1: score token windows of long texts too")
     a = ap.parse_args()
@@ -388,7 +402,7 @@ def main():
     train = (split == "train") & ~is_ev
     # long benign docs are few but are where screeners fail: weight them up
     w = np.where(np.isin(src, list(LONG_SOURCES)), a.long_weight, 1.0)
-    w = np.where(np.isin(src, ["pi_questions", "benign_roleplay"]), a.hard_weight, w)
+    w = np.where(np.isin(src, ["pi_questions", "benign_roleplay", "code_mentions", "llm_code", "dev_snippets"]), a.hard_weight, w)
 
     from sklearn.linear_model import LogisticRegression
     clf = LogisticRegression(C=a.C, class_weight="balanced", max_iter=3000, solver="liblinear")
@@ -564,11 +578,13 @@ def main():
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "report.md"), "w") as f:
             f.write(report + "\n")
-        # weights: 'MSW1' magic, u32 nbits, f32 scale, f32 bias, f32 threshold (learned alone),
-        # f32 threshold (combined), then 2^nbits int8 weights; little-endian.
+        # weights: 'MSW2' magic, u32 nbits, f32 scale, f32 bias, f32 threshold (learned alone),
+        # f32 threshold (rules OR learned), f32 alpha and f32 threshold of the weighted sum
+        # (logit + alpha * rule score), then 2^nbits int8 weights; little-endian.
         import struct
         with open(os.path.join(a.out, "weights.i8.bin"), "wb") as f:
-            f.write(b"MSW1" + struct.pack("<Iffff", NBITS, scale, bias, float(thr_l), float(thr_c)))
+            f.write(b"MSW2" + struct.pack("<Iffffff", NBITS, scale, bias, float(thr_l), float(thr_c),
+                                          float(alpha), float(thr_s)))
             f.write(q.tobytes())
         np.save(os.path.join(a.out, "weights.f32.npy"), coef)
         vecs = []

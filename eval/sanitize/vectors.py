@@ -46,10 +46,10 @@ SENTENCES = [
 
 def load_weights(path):
     raw = open(path, "rb").read()
-    magic, nbits, scale, bias, thr_alone, thr_or = struct.unpack("<4sIffff", raw[:24])
-    assert magic == b"MSW1" and nbits == p.NBITS
-    weights = struct.unpack("<%db" % (1 << nbits), raw[24:])
-    return scale, bias, thr_alone, thr_or, weights
+    magic, nbits, scale, bias, thr_alone, thr_or, alpha, thr_sum = struct.unpack("<4sIffffff", raw[:32])
+    assert magic == b"MSW2" and nbits == p.NBITS
+    weights = struct.unpack("<%db" % (1 << nbits), raw[32:])
+    return scale, bias, thr_alone, thr_or, alpha, thr_sum, weights
 
 
 def z_of(feats, scale, bias, weights):
@@ -61,10 +61,12 @@ def main():
     ap.add_argument("--weights", default="eval/sanitize/out/weights.i8.bin")
     ap.add_argument("--out", default="crates/moat-sanitize/tests/vectors.json")
     a = ap.parse_args()
-    scale, bias, thr_alone, thr_or, weights = load_weights(a.weights)
+    scale, bias, thr_alone, thr_or, alpha, thr_sum, weights = load_weights(a.weights)
     out = {
         "threshold_alone": thr_alone,
         "threshold_or": thr_or,
+        "alpha": alpha,
+        "threshold_sum": thr_sum,
         "fnv": {"": p.fnv1a64(b""), "a": p.fnv1a64(b"a"), "foobar": p.fnv1a64(b"foobar")},
         "samples": [],
     }

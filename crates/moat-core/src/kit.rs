@@ -541,6 +541,31 @@ impl<T> NamedStates<T> {
     }
 }
 
+/// A score between 0 and 1 in a configuration file (a detection threshold), refused outside
+/// that range when deserialized.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Score(f32);
+
+impl Score {
+    /// The score, if it is between 0 and 1.
+    pub fn new(value: f32) -> Option<Self> {
+        (0.0..=1.0).contains(&value).then_some(Self(value))
+    }
+
+    /// Its value.
+    pub fn get(self) -> f32 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Score {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = f32::deserialize(d)?;
+        Self::new(value)
+            .ok_or_else(|| de::Error::custom(format!("a score is between 0 and 1, not {value}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,8 @@ use moat_core::llm::UnknownPolicy;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+pub use moat_core::kit::Score;
+
 use crate::cipher::Cipher;
 use crate::detect::Detector;
 use crate::entity::{Entity, UnknownEntity};
@@ -114,30 +116,6 @@ impl<'de> Deserialize<'de> for EntitySet {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = std::borrow::Cow::<'de, str>::deserialize(d)?;
         text.parse().map_err(de::Error::custom)
-    }
-}
-
-/// A detection score, between 0 and 1.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
-pub struct Score(f32);
-
-impl Score {
-    /// The score, if it is between 0 and 1.
-    pub fn new(value: f32) -> Option<Self> {
-        (0.0..=1.0).contains(&value).then_some(Self(value))
-    }
-
-    /// Its value.
-    pub fn get(self) -> f32 {
-        self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for Score {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let value = f32::deserialize(d)?;
-        Self::new(value)
-            .ok_or_else(|| de::Error::custom(format!("a score is between 0 and 1, not {value}")))
     }
 }
 

@@ -8,8 +8,9 @@
 
 use std::sync::LazyLock;
 
-/// The shipped weights: `MSW1`, u32 bits, f32 scale, f32 bias, f32 threshold alone, f32
-/// threshold beside the rules, then 2^bits int8 weights (little-endian).
+/// The shipped weights: `MSW2`, u32 bits, f32 scale, f32 bias, f32 threshold alone, f32
+/// threshold beside the rules (either flags), f32 alpha and f32 threshold of the weighted sum
+/// (logit + alpha * rule score), then 2^bits int8 weights (little-endian).
 const WEIGHTS: &[u8] = include_bytes!("../model/weights.i8.bin");
 
 const WINDOW: usize = 96;
@@ -23,6 +24,8 @@ pub struct Model {
     bias: f64,
     threshold_alone: f64,
     threshold_with_rules: f64,
+    alpha: f64,
+    threshold_sum: f64,
     weights: &'static [u8],
 }
 
@@ -37,17 +40,19 @@ fn f32_at(bytes: &[u8], at: usize) -> f64 {
 
 impl Model {
     fn parse(bytes: &'static [u8]) -> Option<Self> {
-        if bytes.len() < 24 || &bytes[..4] != b"MSW1" {
+        if bytes.len() < 32 || &bytes[..4] != b"MSW2" {
             return None;
         }
         let bits = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-        let weights = &bytes[24..];
+        let weights = &bytes[32..];
         (bits < 32 && weights.len() == 1 << bits).then(|| Self {
             bits,
             scale: f32_at(bytes, 8),
             bias: f32_at(bytes, 12),
             threshold_alone: f32_at(bytes, 16),
             threshold_with_rules: f32_at(bytes, 20),
+            alpha: f32_at(bytes, 24),
+            threshold_sum: f32_at(bytes, 28),
             weights,
         })
     }
@@ -69,26 +74,32 @@ impl Model {
         self.threshold_with_rules
     }
 
-    fn z(&self, features: &[(u32, f64)]) -> f64 {
-        features
-            .iter()
-            .map(|&(bucket, value)| {
-                value * f64::from(self.weights[bucket as usize] as i8) * self.scale
-            })
-            .sum::<f64>()
-            + self.bias
+    /// The weight of the rule score in the weighted sum `logit + alpha * rules`.
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+
+    /// The weighted sum's threshold, tuned with the rules for the same share of benign
+    /// prompts flagged.
+    pub fn threshold_sum(&self) -> f64 {
+        self.threshold_sum
     }
 
     /// The probability that a screen text is an attack: the highest over the whole text and
     /// its windows.
     pub fn probability(&self, screen: &str) -> f64 {
+        1.0 / (1.0 + (-self.logit(screen)).exp())
+    }
+
+    /// The log-odds that a screen text is an attack (the highest over the text and its windows).
+    pub fn logit(&self, screen: &str) -> f64 {
         let tokens = tokens(screen);
         let hashed = Hashed::new(&tokens, self.bits);
-        let mut z = self.z(&hashed.features(0, tokens.len()));
+        let mut z = hashed.z(0, tokens.len(), self);
         for (start, end) in windows(tokens.len()) {
-            z = z.max(self.z(&hashed.features(start, end)));
+            z = z.max(hashed.z(start, end, self));
         }
-        1.0 / (1.0 + (-z).exp())
+        z
     }
 }
 
@@ -186,18 +197,27 @@ impl Hashed {
             .filter(|&i| (text[i] as i8) >= -0x40) // not a UTF-8 continuation byte
             .chain(std::iter::once(text.len()))
             .collect();
-        let grams = [3, 4, 5].map(|n| {
-            starts
-                .windows(n + 1)
-                .map(|w| {
-                    let mut h = (0xcbf2_9ce4_8422_2325 ^ u64::from(b'c')).wrapping_mul(PRIME);
-                    for &b in &text[w[0]..w[n]] {
-                        h = (h ^ u64::from(b)).wrapping_mul(PRIME);
-                    }
-                    bucket(h)
-                })
-                .collect()
-        });
+        // The 3-, 4- and 5-gram starting at a character share their first bytes: one FNV pass
+        // per start gives all three.
+        let chars = starts.len() - 1;
+        let mut grams = [
+            Vec::with_capacity(chars),
+            Vec::with_capacity(chars),
+            Vec::with_capacity(chars),
+        ];
+        for i in 0..chars {
+            let mut h = (0xcbf2_9ce4_8422_2325 ^ u64::from(b'c')).wrapping_mul(PRIME);
+            let mut at = starts[i];
+            for (n, end) in (1..=5).zip(&starts[i + 1..]) {
+                for &b in &text[at..*end] {
+                    h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+                }
+                at = *end;
+                if n >= 3 {
+                    grams[n - 3].push(bucket(h));
+                }
+            }
+        }
         Self {
             words,
             pairs,
@@ -208,44 +228,45 @@ impl Hashed {
         }
     }
 
-    /// (bucket, value) pairs of tokens `start..end`: `1 + ln(count)` per bucket, scaled to unit
-    /// length.
-    fn features(&self, start: usize, end: usize) -> Vec<(u32, f64)> {
-        let mut buckets: Vec<u32> = Vec::new();
-        if start < end {
-            buckets.extend_from_slice(&self.words[start..end]);
-            buckets.extend_from_slice(&self.pairs[start..end - 1]);
-        }
-        // The span ` tok_start ... tok_end-1 ` in the joined text, in characters.
-        // From the space before the first token to just after the space after the last: the
-        // next token's offset, or the text's length.
+    /// The model's logit over tokens `start..end`: each bucket's value is `1 + ln(count)`, the
+    /// values scaled to unit length, so z = bias + scale * (sum of value * weight) / norm.
+    fn z(&self, start: usize, end: usize, model: &Model) -> f64 {
+        // The span ` tok_start ... tok_end-1 ` in the joined text, in characters: from the
+        // space before the first token to just after the space after the last (the next
+        // token's offset, or the text's length).
         let first_byte = self.offsets[start] - 1;
         let last_byte = self.offsets[end];
         let first = self.starts.partition_point(|&b| b < first_byte);
         let last = self.starts.partition_point(|&b| b < last_byte);
         let chars = last - first;
+        let mut slices: [&[u32]; 5] = [&[]; 5];
+        if start < end {
+            slices[0] = &self.words[start..end];
+            slices[1] = &self.pairs[start..end - 1];
+        }
         for (i, n) in [3usize, 4, 5].into_iter().enumerate() {
             if chars >= n {
-                buckets.extend_from_slice(&self.grams[i][first..=last - n]);
+                slices[2 + i] = &self.grams[i][first..=last - n];
             }
         }
         // Counted in a table reused by the thread (a bucket per entry), not sorted: the buckets
         // touched are listed as they are first seen, and their entries cleared after.
-        let mut values: Vec<(u32, f64)> = Vec::with_capacity(buckets.len());
-        COUNTS.with(|counts| {
-            let mut counts = counts.borrow_mut();
+        COUNTS.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let (counts, touched) = &mut *scratch;
             if counts.len() != 1 << self.bits {
                 *counts = vec![0; 1 << self.bits];
             }
-            let mut touched: Vec<u32> = Vec::with_capacity(buckets.len());
-            for &bucket in &buckets {
+            touched.clear();
+            for &bucket in slices.iter().flat_map(|s| s.iter()) {
                 let count = &mut counts[bucket as usize];
                 if *count == 0 {
                     touched.push(bucket);
                 }
                 *count += 1;
             }
-            for bucket in touched {
+            let (mut dot, mut norm) = (0.0, 0.0);
+            for &bucket in touched.iter() {
                 let count = std::mem::take(&mut counts[bucket as usize]);
                 // Most n-grams occur once: skip the logarithm for them.
                 let value = if count == 1 {
@@ -253,20 +274,22 @@ impl Hashed {
                 } else {
                     1.0 + f64::from(count).ln()
                 };
-                values.push((bucket, value));
+                dot += value * f64::from(model.weights[bucket as usize] as i8);
+                norm += value * value;
             }
-        });
-        let norm = values.iter().map(|(_, v)| v * v).sum::<f64>().sqrt();
-        if norm > 0.0 {
-            values.iter_mut().for_each(|(_, v)| *v /= norm);
-        }
-        values
+            if norm > 0.0 {
+                dot /= norm.sqrt();
+            }
+            dot * model.scale + model.bias
+        })
     }
 }
 
 thread_local! {
-    /// Per-bucket counts while a text's features are gathered; all zero between calls.
-    static COUNTS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-bucket counts while a text's features are gathered (all zero between calls), and
+    /// the buckets touched.
+    static COUNTS: std::cell::RefCell<(Vec<u32>, Vec<u32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 #[cfg(test)]

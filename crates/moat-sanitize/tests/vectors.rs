@@ -15,6 +15,8 @@ fn screen_text_rules_and_model_match_the_prototype() {
     assert!(
         (model.threshold_with_rules() - vectors["threshold_or"].as_f64().unwrap()).abs() < 1e-6
     );
+    assert!((model.alpha() - vectors["alpha"].as_f64().unwrap()).abs() < 1e-6);
+    assert!((model.threshold_sum() - vectors["threshold_sum"].as_f64().unwrap()).abs() < 1e-6);
     for sample in vectors["samples"].as_array().unwrap() {
         let text = sample["text"].as_str().unwrap();
         let screen = screen_text(text);

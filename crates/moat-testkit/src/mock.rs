@@ -24,6 +24,12 @@
 //! | `x-mock-split-bytes: 7` | also cut the streamed bytes into frames of this many bytes |
 //! | `x-mock-tool-call: name` | reply with a call to tool `name`, the reply text as its `input` argument |
 //!
+//! # Prompt Shields
+//!
+//! `POST /contentsafety/text:shieldPrompt` answers like Azure AI Content Safety's Prompt Shields
+//! (`{"userPromptAnalysis": {"attackDetected": ...}, "documentsAnalysis": [...]}`), finding an
+//! attack in each text that contains `[[attack]]`; the fault headers apply to it too.
+//!
 //! # Request log
 //!
 //! `GET /_mock/requests` returns what the mock received (method, path, headers, body as JSON when
@@ -166,6 +172,7 @@ impl Mock {
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/messages", post(messages))
             .route("/v1/models", get(models))
+            .route("/contentsafety/text:shieldPrompt", post(shield_prompt))
             .route_layer(axum::middleware::from_fn_with_state(
                 self.shared.clone(),
                 record,
@@ -845,6 +852,27 @@ fn embed(text: &str) -> Vec<f32> {
         .sqrt()
         .max(f32::EPSILON);
     v.iter().map(|x| x / norm).collect()
+}
+
+async fn shield_prompt(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let call = match read_call(&shared, request, Api::OpenAi).await {
+        Ok(call) => call,
+        Err(response) => return response,
+    };
+    let attack = |v: &Value| v.as_str().is_some_and(|t| t.contains("[[attack]]"));
+    let documents: Vec<Value> = call
+        .body
+        .get("documents")
+        .and_then(Value::as_array)
+        .map(|docs| {
+            docs.iter()
+                .map(|d| json!({"attackDetected": attack(d)}))
+                .collect()
+        })
+        .unwrap_or_default();
+    let user = call.body.get("userPrompt").is_some_and(attack);
+    Json(json!({"userPromptAnalysis": {"attackDetected": user}, "documentsAnalysis": documents}))
+        .into_response()
 }
 
 async fn models() -> Response {

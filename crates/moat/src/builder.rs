@@ -52,6 +52,13 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
         layer: moat_quota::QuotaLayer,
     ) -> ServiceBuilder<Stack<moat_quota::QuotaLayer, L>>;
 
+    /// Adds prompt-injection and jailbreak screening ([`moat_sanitize`]).
+    #[cfg(feature = "sanitize")]
+    fn moat_sanitize(
+        self,
+        layer: moat_sanitize::SanitizeLayer,
+    ) -> ServiceBuilder<Stack<moat_sanitize::SanitizeLayer, L>>;
+
     /// Adds PII and secret redaction, restored in replies ([`moat_redact`]).
     #[cfg(feature = "redact")]
     fn moat_redact(
@@ -89,6 +96,14 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self,
         layer: moat_quota::QuotaLayer,
     ) -> ServiceBuilder<Stack<moat_quota::QuotaLayer, L>> {
+        self.layer(layer)
+    }
+
+    #[cfg(feature = "sanitize")]
+    fn moat_sanitize(
+        self,
+        layer: moat_sanitize::SanitizeLayer,
+    ) -> ServiceBuilder<Stack<moat_sanitize::SanitizeLayer, L>> {
         self.layer(layer)
     }
 

@@ -9,6 +9,7 @@
 //! | `ratelimit` | `moat::ratelimit` | keyed request, token and concurrency limits ([`moat_ratelimit`]) |
 //! | `quota` | `moat::quota` | token and spend budgets, reserved and settled ([`moat_quota`]) |
 //! | `breaker` | `moat::breaker` | circuit breaker, fallback ladder and retry policy for upstream calls ([`moat_breaker`]) |
+//! | `sanitize` | `moat::sanitize` | prompt-injection and jailbreak screening, hidden text, role spoofing, caps ([`moat_sanitize`]) |
 //! | `redact` | `moat::redact` | PII and secrets replaced before the prompt leaves, restored in replies ([`moat_redact`]) |
 //! | `redis` | | limiter state in Redis |
 //! | `full` | | every layer, `redis` and `serde` |
@@ -24,7 +25,7 @@
 //! | [`audit`](moat_audit) | outermost, so it records every decision, the refusals of the layers inside it included |
 //! | [`ratelimit`](moat_ratelimit) | cheap and before any body is read: a flood is refused for the price of a lookup |
 //! | [`quota`](moat_quota) | reserves the estimated tokens and spend before the call; settles from the reply's real usage |
-//! | sanitize (to come) | screens the raw prompt before anything is spent on it upstream |
+//! | [`sanitize`](moat_sanitize) | screens the raw prompt (before redaction changes it) and refuses an attack before anything is spent on it upstream |
 //! | [`redact`](moat_redact) | replaces PII and secrets before the prompt leaves; restores them in the reply |
 //! | moderate (to come) | checks the model's output, seeing placeholders, never the user's raw PII |
 //! | cache (to come) | answers identical requests once; keys and stored replies hold placeholders |
@@ -33,7 +34,7 @@
 //! With [`ServiceBuilderExt`] (in the [`prelude`]) the stack reads top to bottom in that order:
 //!
 //! ```
-//! # #[cfg(all(feature = "audit", feature = "ratelimit", feature = "quota", feature = "redact", feature = "breaker"))] {
+//! # #[cfg(all(feature = "audit", feature = "ratelimit", feature = "quota", feature = "sanitize", feature = "redact", feature = "breaker"))] {
 //! use moat::prelude::*;
 //! use moat::audit::TracingSink;
 //! use moat::core::identity::ApiKey;
@@ -50,6 +51,7 @@
 //!     .moat_quota(QuotaLayer::new(
 //!         Budget::new("daily", ApiKey::default(), Period::Day).tokens(200_000),
 //!     ))
+//!     .moat_sanitize(SanitizeLayer::new(Policy::new()))
 //!     .moat_redact(RedactLayer::new(Redactor::new(&Entity::ALL)))
 //!     .moat_circuit_breaker(Breaker::new("provider"))
 //!     .service(service_fn(|_req: http::Request<_>| async {
@@ -99,6 +101,8 @@ pub mod prelude {
     pub use moat_ratelimit::{Limit, RateLimitLayer, Rule};
     #[cfg(feature = "redact")]
     pub use moat_redact::{Entity, RedactLayer, Redactor};
+    #[cfg(feature = "sanitize")]
+    pub use moat_sanitize::{Action, Policy, SanitizeLayer};
 }
 
 #[cfg(feature = "audit")]
@@ -115,3 +119,5 @@ pub use moat_quota as quota;
 pub use moat_ratelimit as ratelimit;
 #[cfg(feature = "redact")]
 pub use moat_redact as redact;
+#[cfg(feature = "sanitize")]
+pub use moat_sanitize as sanitize;

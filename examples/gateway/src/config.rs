@@ -1,5 +1,6 @@
 //! The gateway's TOML configuration: the top level, `[server]`, `[upstream]` and `[[keys]]`
-//! here; each layer's section in its own module (`identity`, `ratelimit`, `quota`, `redact`),
+//! here; each layer's section in its own module (`identity`, `ratelimit`, `quota`, `sanitize`,
+//! `redact`),
 //! built from the specs the layer crates define.
 
 use std::cell::RefCell;
@@ -14,6 +15,8 @@ use moat::quota::QuotaLayer;
 use moat::ratelimit::RateLimitLayer;
 use moat::redact::spec::RedactSpec;
 use moat::redact::RedactLayer;
+use moat::sanitize::spec::SanitizeSpec;
+use moat::sanitize::SanitizeLayer;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
@@ -63,6 +66,8 @@ pub struct Config {
     pub ratelimit: Option<Spanned<RateLimitConfig>>,
     /// Token and spend budgets.
     pub quota: Option<Spanned<QuotaConfig>>,
+    /// Prompt-injection and jailbreak screening.
+    pub sanitize: Option<Spanned<SanitizeSpec>>,
     /// PII and secret redaction.
     pub redact: Option<Spanned<RedactSpec>>,
     /// The audit log.
@@ -267,6 +272,8 @@ pub struct Resolved {
     pub ratelimit: Option<RateLimitLayer>,
     /// The quota layer, when budgets are configured.
     pub quota: Option<QuotaLayer>,
+    /// The screening layer, when `[sanitize]` is configured.
+    pub sanitize: Option<SanitizeLayer>,
     /// The redaction layer, when `[redact]` is configured.
     pub redact: Option<RedactLayer>,
     /// The audit log, when `[audit]` is configured.
@@ -517,6 +524,25 @@ impl Config {
             Some(section) => section.get_ref().layer(&ctx, section.span())?,
             None => None,
         };
+        let sanitize = config
+            .sanitize
+            .as_ref()
+            .map(|section| {
+                let spec = section.get_ref();
+                let mut layer = spec.layer()?.with_body_limit(max_body_bytes);
+                if let Some(classifier) = &spec.classifier {
+                    layer = layer
+                        .with_classifier(classifier.external(crate::context::side_client(), env)?);
+                }
+                Ok(layer)
+            })
+            .transpose()
+            .map_err(|e: String| {
+                at(
+                    config.sanitize.as_ref().map_or(0..0, Spanned::span),
+                    format!("sanitize.{e}"),
+                )
+            })?;
         let redact = config
             .redact
             .as_ref()
@@ -557,6 +583,7 @@ impl Config {
             resolver,
             ratelimit,
             quota,
+            sanitize,
             redact,
             audit,
             redis,

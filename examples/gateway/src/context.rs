@@ -11,6 +11,24 @@ use moat::core::store::RedisConnection;
 
 use crate::config::ConfigError;
 
+/// The HTTP(S) client of the gateway's side calls (budget alert webhooks, the screening
+/// classifier): HTTP/1.1, Mozilla's roots.
+pub(crate) type SideClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// A new [`SideClient`].
+pub(crate) fn side_client() -> SideClient {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
 /// Where the stores' Redis is: one server, or a cluster by some of its nodes.
 #[derive(Debug, Clone)]
 pub(crate) enum Redis {

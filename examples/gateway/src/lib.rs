@@ -223,8 +223,8 @@ pub mod demo {
     use super::config::Resolved;
 
     /// The demo's protections: per caller (API key, else IP), request and token rates, a daily
-    /// token budget, PII and secrets replaced before they leave (restored in replies), and the
-    /// upstream behind a circuit breaker. (And an audit log, added by [`config`].)
+    /// token budget, prompt-injection screening, PII and secrets replaced before they leave
+    /// (restored in replies), and the upstream behind a circuit breaker. (And an audit log, added by [`config`].)
     pub const LIMITS: &str = r#"
 [[ratelimit.rules]]
 name = "per-caller"
@@ -237,6 +237,12 @@ name = "daily-tokens"
 per = "api_key"
 period = "day"
 tokens = 1000000
+
+[sanitize]
+action = "block"
+# The demo's clients are your own code, which writes the system prompt.
+allow_system_from_client = true
+max_prompt_bytes = 200000
 
 [redact]
 entities = ["all"]

@@ -79,10 +79,7 @@ pub struct PriceConfig {
 /// Posts alerts to a webhook in the background.
 #[derive(Debug, Clone)]
 struct Webhook {
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        http_body_util::Full<bytes::Bytes>,
-    >,
+    client: crate::context::SideClient,
     uri: http::Uri,
 }
 
@@ -206,15 +203,10 @@ impl QuotaConfig {
                         ),
                     )
                 })?;
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_webpki_roots()
-                .https_or_http()
-                .enable_http1()
-                .build();
-            let client =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build(connector);
-            layer = layer.with_alerts(Webhook { client, uri });
+            layer = layer.with_alerts(Webhook {
+                client: crate::context::side_client(),
+                uri,
+            });
         }
         if self.store == StoreKind::Redis {
             let url = self

@@ -6,6 +6,7 @@
 //! authenticate   401 for unknown keys; the Caller every layer below agrees on
 //! ratelimit      cheap, before any body is read
 //! quota          reserves estimated tokens and spend; settles from the reply's usage
+//! sanitize       screens the prompt as the client sent it; refuses attacks before they cost
 //! redact         PII and secrets replaced before the prompt leaves, restored in the reply
 //! upstream       a tower Service: the provider client, or a breaker and fallback around it
 //! ```
@@ -32,6 +33,7 @@ use http_body_util::Either;
 use moat::quota::QuotaLayer;
 use moat::ratelimit::RateLimitLayer;
 use moat::redact::RedactLayer;
+use moat::sanitize::SanitizeLayer;
 use pin_project_lite::pin_project;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service};
@@ -49,6 +51,7 @@ pub struct Stack {
     authenticate: AuthenticateLayer,
     ratelimit: Option<RateLimitLayer>,
     quota: Option<QuotaLayer>,
+    sanitize: Option<SanitizeLayer>,
     redact: Option<RedactLayer>,
 }
 
@@ -59,6 +62,7 @@ impl Stack {
             authenticate: AuthenticateLayer::new(&resolved.keys, resolved.resolver.clone()),
             ratelimit: resolved.ratelimit.clone(),
             quota: resolved.quota.clone(),
+            sanitize: resolved.sanitize.clone(),
             redact: resolved.redact.clone(),
         }
     }
@@ -68,6 +72,7 @@ impl Stack {
         let optional = [
             ("ratelimit", self.ratelimit.is_some()),
             ("quota", self.quota.is_some()),
+            ("sanitize", self.sanitize.is_some()),
             ("redact", self.redact.is_some()),
         ];
         std::iter::once("authenticate")
@@ -96,6 +101,7 @@ impl Stack {
         B::Error: Into<BoxError>,
     {
         let service = stage(self.redact.as_ref(), AnyBody(upstream));
+        let service = stage(self.sanitize.as_ref(), service);
         let service = stage(self.quota.as_ref(), service);
         let service = stage(self.ratelimit.as_ref(), service);
         BoxCloneSyncService::new(self.authenticate.layer(service))
