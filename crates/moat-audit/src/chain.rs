@@ -5,7 +5,7 @@ use moat_core::hex::{decode_32, Hex};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::canonical;
+use moat_core::canonical;
 
 /// The `prev` of the first record: 32 zero bytes.
 pub const GENESIS: [u8; 32] = [0; 32];

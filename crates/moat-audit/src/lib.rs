@@ -109,7 +109,6 @@
 
 #![forbid(unsafe_code)]
 
-mod canonical;
 mod chain;
 pub mod checkpoint;
 mod event;

@@ -6,6 +6,7 @@
 //! - [`identity`]: who is calling: [`KeyExtractor`](identity::KeyExtractor)s and the
 //!   [`Caller`](identity::Caller) stored in the request extensions.
 //! - [`json`]: strict JSON, refusing what parsers read differently (duplicate keys).
+//! - [`canonical`]: canonical JSON (RFC 8785), one byte form per value, for what is hashed.
 //! - [`llm`]: a view over OpenAI and Anthropic request bodies: text segments with role and
 //!   provenance, editable in place; what it does not know is reported, never skipped.
 //! - [`request`]: the request read and parsed once per request and shared by every layer, and
@@ -66,6 +67,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod canonical;
 pub mod clock;
 pub mod decision;
 pub mod hex;

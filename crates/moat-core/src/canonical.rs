@@ -1,4 +1,5 @@
-//! Canonical JSON (RFC 8785, the JSON Canonicalization Scheme) for what the chain hashes.
+//! Canonical JSON (RFC 8785, the JSON Canonicalization Scheme): one byte form for one JSON
+//! value whatever the order of its members, for what is hashed (the audit chain, cache keys).
 //!
 //! Object members sorted by their UTF-16 code units, no whitespace, strings escaped as JCS
 //! (and serde_json) do, integers in decimal. A record is hashed over this form, so a reader that
@@ -9,7 +10,7 @@
 use serde_json::{Map, Value};
 
 /// Appends the canonical form of `value` to `out`.
-pub(crate) fn write(value: &Value, out: &mut Vec<u8>) {
+pub fn write(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
             let mut members: Vec<(&String, &Value)> = map.iter().collect();
@@ -55,7 +56,7 @@ fn utf16_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// The canonical form of the object `fields`, and the canonical form of it with a member
 /// `name: text` added (a member it does not have), serializing the members once.
-pub(crate) fn with_member(
+pub fn with_member(
     fields: &Map<String, Value>,
     name: &str,
     text: impl FnOnce(&[u8]) -> String,
@@ -101,7 +102,7 @@ fn write_str(s: &str, out: &mut Vec<u8>) {
 }
 
 /// The canonical form of `value`.
-pub(crate) fn to_vec(value: &Value) -> Vec<u8> {
+pub fn to_vec(value: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     write(value, &mut out);
     out
