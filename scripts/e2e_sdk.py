@@ -125,6 +125,21 @@ def checks(url, mock):
             log = json.load(resp)
         assert not [q for q in log if "Ignore all previous" in json.dumps(q.get("body"))], "reached the upstream"
 
+    def openai_cache_hit():
+        # The demo caches deterministic requests: the repeat is answered by the gateway (the
+        # mock sees one call), streamed or not, and says so in x-moat-cache.
+        messages = [{"role": "user", "content": "cache me, please"}]
+        first = oa.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=messages, temperature=0)
+        assert first.headers.get("x-moat-cache") == "miss", dict(first.headers)
+        second = oa.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=messages, temperature=0)
+        assert second.headers.get("x-moat-cache") == "hit", dict(second.headers)
+        assert second.parse().choices[0].message.content == "cache me, please"
+        streamed = oa.chat.completions.create(model="gpt-4o-mini", messages=messages, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "cache me, please"
+        with urllib.request.urlopen(mock + "/_mock/requests") as resp:
+            log = json.load(resp)
+        assert len([q for q in log if "cache me, please" in json.dumps(q.get("body"))]) == 1, log
+
     def openai_fallback():
         # The primary answers 503 (the backup ignores the fault header): the demo's breaker
         # counts it and the ladder serves the request from the backup.
@@ -219,6 +234,7 @@ def checks(url, mock):
         openai_error_shape,
         openai_fallback,
         prompt_injection_refused,
+        openai_cache_hit,
         openai_pii_round_trip,
         anthropic_pii_round_trip,
         anthropic_messages,

@@ -250,6 +250,9 @@ pub struct UsageReport {
     pub streamed_text_bytes: u64,
     /// Body bytes passed through.
     pub body_bytes: u64,
+    /// The response was answered from a cache, not by the provider: it cost no provider tokens
+    /// (whatever usage it reports is the original call's).
+    pub from_cache: bool,
 }
 
 impl UsageReport {
@@ -261,6 +264,7 @@ impl UsageReport {
             status: 0,
             streamed_text_bytes: 0,
             body_bytes: 0,
+            from_cache: false,
         }
     }
 }

@@ -589,6 +589,10 @@ impl Settlement {
     /// Uncached prompt tokens, cached prompt tokens and output tokens that were used.
     fn used(&self, report: &UsageReport) -> (u64, u64, u64) {
         match report {
+            // A cache answered: the provider did no work for this request.
+            UsageReport {
+                from_cache: true, ..
+            } => (0, 0, 0),
             UsageReport { usage: Some(u), .. } => {
                 let cached = u.cached_input_tokens.min(u.input_tokens);
                 (u.input_tokens - cached, cached, u.output_tokens)
@@ -624,13 +628,16 @@ impl Settlement {
             decisions.push(Decision::new(
                 "quota",
                 Outcome::UsageSettled {
-                    usage: report.usage.unwrap_or_else(|| {
-                        let mut estimate = Usage::default();
-                        estimate.input_tokens = uncached + cached;
-                        estimate.output_tokens = output;
-                        estimate.total_tokens = uncached + cached + output;
-                        estimate
-                    }),
+                    usage: report
+                        .usage
+                        .filter(|_| !report.from_cache)
+                        .unwrap_or_else(|| {
+                            let mut estimate = Usage::default();
+                            estimate.input_tokens = uncached + cached;
+                            estimate.output_tokens = output;
+                            estimate.total_tokens = uncached + cached + output;
+                            estimate
+                        }),
                     cost_usd_micros: self.price.map(|_| usd.micros()),
                 },
             ));

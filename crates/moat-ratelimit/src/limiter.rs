@@ -969,6 +969,12 @@ impl Hook for Admission {
             // No response: keep the estimate (the provider may have done the work), free the
             // slot.
             BodyOutcome::Failed | BodyOutcome::Abandoned => self.settle(None),
+            // A cache answered: no provider tokens were spent.
+            _ if report.from_cache => {
+                let mut free = report.clone();
+                free.usage = Some(moat_core::usage::Usage::default());
+                self.settle(Some(&free));
+            }
             _ => self.settle(Some(report)),
         }
     }

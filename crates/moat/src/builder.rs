@@ -66,6 +66,13 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
         layer: moat_redact::RedactLayer,
     ) -> ServiceBuilder<Stack<moat_redact::RedactLayer, L>>;
 
+    /// Adds the response cache ([`moat_cache`]).
+    #[cfg(feature = "cache")]
+    fn moat_cache(
+        self,
+        layer: moat_cache::CacheLayer,
+    ) -> ServiceBuilder<Stack<moat_cache::CacheLayer, L>>;
+
     /// Puts the service behind `breaker` ([`moat_breaker`]), with the LLM classifier.
     #[cfg(feature = "breaker")]
     fn moat_circuit_breaker(
@@ -112,6 +119,14 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self,
         layer: moat_redact::RedactLayer,
     ) -> ServiceBuilder<Stack<moat_redact::RedactLayer, L>> {
+        self.layer(layer)
+    }
+
+    #[cfg(feature = "cache")]
+    fn moat_cache(
+        self,
+        layer: moat_cache::CacheLayer,
+    ) -> ServiceBuilder<Stack<moat_cache::CacheLayer, L>> {
         self.layer(layer)
     }
 

@@ -11,6 +11,7 @@
 //! | `breaker` | `moat::breaker` | circuit breaker, fallback ladder and retry policy for upstream calls ([`moat_breaker`]) |
 //! | `sanitize` | `moat::sanitize` | prompt-injection and jailbreak screening, hidden text, role spoofing, caps ([`moat_sanitize`]) |
 //! | `redact` | `moat::redact` | PII and secrets replaced before the prompt leaves, restored in replies ([`moat_redact`]) |
+//! | `cache` | `moat::cache` | identical requests answered once, streamed or not, scoped by tenant ([`moat_cache`]) |
 //! | `redis` | | limiter state in Redis |
 //! | `full` | | every layer, `redis` and `serde` |
 //! | `serde` | | configuration types deserialize with serde |
@@ -28,7 +29,7 @@
 //! | [`sanitize`](moat_sanitize) | screens the raw prompt (before redaction changes it) and refuses an attack before anything is spent on it upstream |
 //! | [`redact`](moat_redact) | replaces PII and secrets before the prompt leaves; restores them in the reply |
 //! | moderate (to come) | checks the model's output, seeing placeholders, never the user's raw PII |
-//! | cache (to come) | answers identical requests once; keys and stored replies hold placeholders |
+//! | [`cache`](moat_cache) | answers identical requests once; keys and stored replies hold placeholders; a hit costs no budget |
 //! | [`breaker`](moat_breaker) | innermost, around the provider: fails fast, falls back, retries what is safe |
 //!
 //! With [`ServiceBuilderExt`] (in the [`prelude`]) the stack reads top to bottom in that order:
@@ -94,6 +95,8 @@ pub mod prelude {
     pub use moat_audit::{AuditLayer, AuditLog, FileSink};
     #[cfg(feature = "breaker")]
     pub use moat_breaker::{Breaker, BreakerConfig, CircuitBreakerLayer, Fallback, Window};
+    #[cfg(feature = "cache")]
+    pub use moat_cache::{CacheLayer, MemoryStore};
     pub use moat_core::decision::Mode;
     #[cfg(feature = "quota")]
     pub use moat_quota::{Budget, Period, QuotaLayer};
@@ -109,6 +112,8 @@ pub mod prelude {
 pub use moat_audit as audit;
 #[cfg(feature = "breaker")]
 pub use moat_breaker as breaker;
+#[cfg(feature = "cache")]
+pub use moat_cache as cache;
 pub use moat_core as core;
 pub use moat_core::{
     Caller, Decision, Decisions, Key, KeyExtractor, Rejection, RequestBody, ResponseBody,

@@ -70,6 +70,8 @@ pub struct Config {
     pub sanitize: Option<Spanned<SanitizeSpec>>,
     /// PII and secret redaction.
     pub redact: Option<Spanned<RedactSpec>>,
+    /// The response cache.
+    pub cache: Option<Spanned<moat::cache::spec::CacheSpec>>,
     /// The audit log.
     pub audit: Option<Spanned<crate::audit::AuditConfig>>,
 }
@@ -276,6 +278,8 @@ pub struct Resolved {
     pub sanitize: Option<SanitizeLayer>,
     /// The redaction layer, when `[redact]` is configured.
     pub redact: Option<RedactLayer>,
+    /// The response cache, when `[cache]` is configured.
+    pub cache: Option<moat::cache::CacheLayer>,
     /// The audit log, when `[audit]` is configured.
     pub audit: Option<crate::audit::ResolvedAudit>,
     /// The Redis connections the stores share (one per server), pinged by `/readyz`.
@@ -412,8 +416,9 @@ impl Config {
 
     /// Parses and checks a new version of the file for a running gateway (a reload): as
     /// [`resolve`](Self::resolve), then the new layers take over `previous`'s state by name:
-    /// rate-limit counters of the rules kept, budgets kept, redaction vaults, and the breaker of
-    /// each upstream kept with the same breaker settings.
+    /// rate-limit counters of the rules kept, budgets kept, redaction vaults, cached replies
+    /// (when the cache's size is kept), and the breaker of each upstream kept with the same
+    /// breaker settings.
     pub fn reload(
         source: &str,
         env: impl Fn(&str) -> Option<String>,
@@ -428,6 +433,9 @@ impl Config {
         }
         if let (Some(new), Some(old)) = (resolved.redact.take(), &previous.redact) {
             resolved.redact = Some(new.with_state_from(old));
+        }
+        if let (Some(new), Some(old)) = (resolved.cache.take(), &previous.cache) {
+            resolved.cache = Some(new.with_state_from(old));
         }
         if let (Some(new), Some(old)) = (&resolved.audit, &previous.audit) {
             new.note_changes_from(old);
@@ -548,6 +556,20 @@ impl Config {
             .as_ref()
             .map(|spec| crate::redact::layer(spec, &ctx))
             .transpose()?;
+        let cache = config
+            .cache
+            .as_ref()
+            .map(|spec| {
+                spec.get_ref()
+                    .layer()
+                    .map(|layer| {
+                        layer
+                            .with_body_limit(max_body_bytes)
+                            .with_caller_resolver(resolver.clone())
+                    })
+                    .map_err(|e| at(spec.span(), format!("cache.{e}")))
+            })
+            .transpose()?;
         let audit = match &config.audit {
             Some(section) => {
                 // Every secret the configuration holds: none may reach a logged body.
@@ -585,6 +607,7 @@ impl Config {
             quota,
             sanitize,
             redact,
+            cache,
             audit,
             redis,
         })

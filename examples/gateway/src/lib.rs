@@ -224,7 +224,8 @@ pub mod demo {
 
     /// The demo's protections: per caller (API key, else IP), request and token rates, a daily
     /// token budget, prompt-injection screening, PII and secrets replaced before they leave
-    /// (restored in replies), and the upstream behind a circuit breaker. (And an audit log, added by [`config`].)
+    /// (restored in replies), deterministic requests answered from a cache, and the upstream
+    /// behind a circuit breaker. (And an audit log, added by [`config`].)
     pub const LIMITS: &str = r#"
 [[ratelimit.rules]]
 name = "per-caller"
@@ -248,6 +249,11 @@ max_prompt_bytes = 200000
 entities = ["all"]
 operator = "pseudonymize"
 restore = true
+
+[cache]
+ttl = "10m"
+scope = "tenant"
+only_deterministic = true
 
 [breaker]
 minimum_calls = 5

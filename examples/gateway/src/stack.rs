@@ -8,6 +8,7 @@
 //! quota          reserves estimated tokens and spend; settles from the reply's usage
 //! sanitize       screens the prompt as the client sent it; refuses attacks before they cost
 //! redact         PII and secrets replaced before the prompt leaves, restored in the reply
+//! cache          identical requests answered once (keys and replies hold placeholders)
 //! upstream       a tower Service: the provider client, or a breaker and fallback around it
 //! ```
 //!
@@ -53,6 +54,7 @@ pub struct Stack {
     quota: Option<QuotaLayer>,
     sanitize: Option<SanitizeLayer>,
     redact: Option<RedactLayer>,
+    cache: Option<moat::cache::CacheLayer>,
 }
 
 impl Stack {
@@ -64,6 +66,7 @@ impl Stack {
             quota: resolved.quota.clone(),
             sanitize: resolved.sanitize.clone(),
             redact: resolved.redact.clone(),
+            cache: resolved.cache.clone(),
         }
     }
 
@@ -74,6 +77,7 @@ impl Stack {
             ("quota", self.quota.is_some()),
             ("sanitize", self.sanitize.is_some()),
             ("redact", self.redact.is_some()),
+            ("cache", self.cache.is_some()),
         ];
         std::iter::once("authenticate")
             .chain(
@@ -100,7 +104,8 @@ impl Stack {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let service = stage(self.redact.as_ref(), AnyBody(upstream));
+        let service = stage(self.cache.as_ref(), AnyBody(upstream));
+        let service = stage(self.redact.as_ref(), service);
         let service = stage(self.sanitize.as_ref(), service);
         let service = stage(self.quota.as_ref(), service);
         let service = stage(self.ratelimit.as_ref(), service);

@@ -1949,3 +1949,188 @@ async fn two_gateways_on_a_redis_cluster_limit_every_caller_and_a_budget() {
     assert_eq!(budget["reserved"]["tokens"], 0, "{usage}");
     assert!(budget["used"]["tokens"].as_u64().unwrap() > 40, "{usage}");
 }
+
+/// A gateway with `[cache]` in front of a fresh mock, keys alice and bob of tenant acme and
+/// carol of tenant zen, and a daily token budget per tenant.
+async fn caching_gateway() -> (MockUpstream, Running) {
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        r#"[upstream]
+base_url = "{}/v1"
+[[keys]]
+id = "alice"
+key = "sk-moat-alice"
+tenant = "acme"
+[[keys]]
+id = "bob"
+key = "sk-moat-bob"
+tenant = "acme"
+[[keys]]
+id = "carol"
+key = "sk-moat-carol"
+tenant = "zen"
+[[quota.budgets]]
+name = "daily"
+per = "tenant"
+period = "day"
+tokens = 1000000
+[cache]
+ttl = "1h"
+max_entry_bytes = 1048576
+max_bytes = 268435456
+scope = "tenant"
+only_deterministic = true
+store = "memory"
+"#,
+        mock.url()
+    );
+    let gw = start(&config, &[]).await;
+    (mock, gw)
+}
+
+fn exact(text: &str, stream: bool) -> Value {
+    json!({"model": "gpt-4o-mini", "stream": stream, "temperature": 0,
+           "messages": [{"role": "user", "content": text}]})
+}
+
+#[tokio::test]
+async fn identical_requests_are_answered_once_streamed_or_not() {
+    let (mock, gw) = caching_gateway().await;
+    let ask = |key: &'static str, body: Value, extra: &[(&'static str, &'static str)]| {
+        let url = gw.url.clone();
+        let mut headers = vec![("authorization", key)];
+        headers.extend_from_slice(extra);
+        async move { call(&url, "POST", "/v1/chat/completions", &headers, Some(body)).await }
+    };
+    let (alice, bob, carol) = (
+        "Bearer sk-moat-alice",
+        "Bearer sk-moat-bob",
+        "Bearer sk-moat-carol",
+    );
+
+    let first = ask(alice, exact("What is 2 + 2?", false), &[]).await;
+    assert_eq!(first.headers["x-moat-cache"], "miss");
+    let answer = first.json()["choices"][0]["message"]["content"].clone();
+    let used = usage_of(&gw.url, alice).await["budgets"][0]["used"]["tokens"].clone();
+    let again = ask(alice, exact("What is 2 + 2?", false), &[]).await;
+    assert_eq!(again.headers["x-moat-cache"], "hit");
+    assert!(again.headers.contains_key("age"));
+    assert_eq!(again.json()["choices"][0]["message"]["content"], answer);
+    assert_eq!(
+        mock.requests().len(),
+        1,
+        "the repeat never reached the upstream"
+    );
+    assert_eq!(
+        usage_of(&gw.url, alice).await["budgets"][0]["used"]["tokens"],
+        used,
+        "a hit costs no budget"
+    );
+    // The same tenant, streamed: replayed as chat chunks that end with [DONE].
+    let streamed_hit = ask(bob, exact("What is 2 + 2?", true), &[]).await;
+    assert_eq!(streamed_hit.headers["x-moat-cache"], "hit");
+    let sse = streamed_hit.body.unwrap();
+    assert_eq!(streamed(&sse), answer.as_str().unwrap());
+    assert!(String::from_utf8_lossy(&sse).ends_with("data: [DONE]\n\n"));
+    // Another tenant is never given acme's answer.
+    let other = ask(carol, exact("What is 2 + 2?", false), &[]).await;
+    assert_eq!(other.headers["x-moat-cache"], "miss");
+    assert_eq!(mock.requests().len(), 2);
+
+    // First seen streamed, then asked as JSON.
+    let stream_first = ask(alice, exact("Name a colour.", true), &[]).await;
+    assert_eq!(stream_first.headers["x-moat-cache"], "miss");
+    let as_json = ask(alice, exact("Name a colour.", false), &[]).await;
+    assert_eq!(as_json.headers["x-moat-cache"], "hit");
+    assert_eq!(as_json.json()["object"], "chat.completion");
+    assert_eq!(
+        as_json.json()["choices"][0]["message"]["content"],
+        "Name a colour."
+    );
+    assert_eq!(mock.requests().len(), 3);
+
+    // Not deterministic, or asked not to: the upstream answers every time.
+    let mut warm = exact("Tell me a story.", false);
+    warm["temperature"] = json!(0.9);
+    for _ in 0..2 {
+        assert_eq!(
+            ask(alice, warm.clone(), &[]).await.headers["x-moat-cache"],
+            "bypass"
+        );
+    }
+    for header in [("x-moat-cache", "bypass"), ("cache-control", "no-store")] {
+        let reply = ask(alice, exact("What is 2 + 2?", false), &[header]).await;
+        assert_eq!(reply.headers["x-moat-cache"], "bypass");
+    }
+    assert_eq!(mock.requests().len(), 7);
+
+    // An error and a cut stream are not stored: the next identical request goes upstream.
+    let failed = ask(
+        alice,
+        exact("Fail once.", false),
+        &[("x-mock-status", "500")],
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    assert_eq!(
+        ask(alice, exact("Fail once.", false), &[]).await.headers["x-moat-cache"],
+        "miss"
+    );
+    let cut = ask(
+        alice,
+        exact("Cut me off.", true),
+        &[("x-mock-cut-after", "2")],
+    )
+    .await;
+    assert!(cut.body.is_err(), "the client sees the stream fail");
+    assert_eq!(
+        ask(alice, exact("Cut me off.", true), &[]).await.headers["x-moat-cache"],
+        "miss"
+    );
+    assert_eq!(mock.requests().len(), 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_misses_make_one_upstream_call() {
+    let (mock, gw) = caching_gateway().await;
+    for stream in [false, true] {
+        mock.clear();
+        let text = format!("Concurrent question, streamed: {stream}");
+        let calls: Vec<_> = (0..50)
+            .map(|_| {
+                let (url, body) = (gw.url.clone(), exact(&text, stream));
+                tokio::spawn(async move {
+                    call(
+                        &url,
+                        "POST",
+                        "/v1/chat/completions",
+                        &[
+                            ("authorization", "Bearer sk-moat-alice"),
+                            ("x-mock-delay-ms", "300"),
+                        ],
+                        Some(body),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut misses = 0;
+        for reply in calls {
+            let reply = reply.await.unwrap();
+            assert_eq!(reply.status, 200);
+            misses += usize::from(reply.headers["x-moat-cache"] == "miss");
+            let body = reply.body.unwrap();
+            let text_back = if stream {
+                streamed(&body)
+            } else {
+                serde_json::from_slice::<Value>(&body).unwrap()["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            };
+            assert_eq!(text_back, text);
+        }
+        assert_eq!(mock.requests().len(), 1, "streamed: {stream}");
+        assert_eq!(misses, 1);
+    }
+}

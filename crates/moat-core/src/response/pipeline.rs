@@ -94,6 +94,7 @@ pub trait Hook: Send + 'static {
 #[derive(Default)]
 struct Registry {
     hooks: Vec<Box<dyn Hook>>,
+    from_cache: bool,
 }
 
 impl Registry {
@@ -144,6 +145,12 @@ impl Hooks {
         self.lock().hooks.push(Box::new(hook));
     }
 
+    /// The response is a cache's, not the provider's: the report every hook gets at the end
+    /// says so ([`UsageReport::from_cache`]), so budgets and token rates charge nothing.
+    pub fn mark_from_cache(&self) {
+        self.lock().from_cache = true;
+    }
+
     /// The inner service failed: every hook still attached ends with
     /// [`BodyOutcome::Failed`].
     pub fn fail(&self) {
@@ -153,7 +160,10 @@ impl Hooks {
     /// Wraps a response's body in the view, if it is the first layer to see it (the hooks are
     /// then taken); later (outer) layers get their body passed through.
     pub fn view<B: Body>(&self, response: http::Response<B>) -> http::Response<ViewBody<B>> {
-        let mut hooks = std::mem::take(&mut self.lock().hooks);
+        let (mut hooks, from_cache) = {
+            let mut registry = self.lock();
+            (std::mem::take(&mut registry.hooks), registry.from_cache)
+        };
         if hooks.is_empty() {
             return response.map(ViewBody::plain);
         }
@@ -184,6 +194,7 @@ impl Hooks {
             streamed_text_bytes: 0,
             body_bytes: 0,
             status: parts.status.as_u16(),
+            from_cache,
             ended: false,
             decoded: metrics::counter!("moat_response_events_total"),
         });
@@ -418,6 +429,8 @@ struct Pipeline {
     streamed_text_bytes: u64,
     body_bytes: u64,
     status: u16,
+    /// A cache answered: said in the report.
+    from_cache: bool,
     ended: bool,
     decoded: metrics::Counter,
 }
@@ -542,6 +555,7 @@ impl Pipeline {
             status: self.status,
             streamed_text_bytes: self.streamed_text_bytes,
             body_bytes: self.body_bytes,
+            from_cache: self.from_cache,
         };
         for hook in self.hooks.drain(..) {
             hook.on_end(&report);
