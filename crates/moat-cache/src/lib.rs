@@ -57,6 +57,13 @@
 //!
 //! [`UsageReport::from_cache`]: moat_core::usage::UsageReport::from_cache
 //!
+//! # Stores
+//!
+//! [`MemoryStore`] keeps replies in this process, bounded by bytes. With the `redis` feature,
+//! [`RedisStore`] (through [`CacheLayer::with_redis`]) shares them between gateways: keys are
+//! the hashes above, bodies deflated, every call under a timeout, and a Redis that fails or is
+//! slow is a miss (the provider answers), never an error. The memory store stays in front.
+//!
 //! # Where it goes
 //!
 //! Innermost, inside redaction: keys and stored replies hold placeholders, never the users'
@@ -67,11 +74,15 @@
 
 mod entry;
 mod key;
+#[cfg(feature = "redis")]
+mod redis_store;
 mod service;
 #[cfg(feature = "serde")]
 pub mod spec;
 mod store;
 
 pub use key::{CacheKey, CacheScope};
+#[cfg(feature = "redis")]
+pub use redis_store::RedisStore;
 pub use service::{CacheLayer, CacheService, ResponseBody, ResponseFuture, X_MOAT_CACHE};
 pub use store::MemoryStore;

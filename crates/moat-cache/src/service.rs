@@ -42,6 +42,8 @@ type InFlight = Arc<Mutex<HashMap<CacheKey, watch::Receiver<bool>>>>;
 #[must_use]
 pub struct CacheLayer {
     store: MemoryStore,
+    #[cfg(feature = "redis")]
+    redis: Option<crate::redis_store::RedisStore>,
     in_flight: InFlight,
     ttl: Duration,
     max_entry_bytes: usize,
@@ -59,6 +61,8 @@ impl CacheLayer {
     pub fn new(store: MemoryStore) -> Self {
         Self {
             store,
+            #[cfg(feature = "redis")]
+            redis: None,
             in_flight: InFlight::default(),
             ttl: Duration::from_secs(3600),
             max_entry_bytes: 1 << 20,
@@ -74,6 +78,14 @@ impl CacheLayer {
     /// The store.
     pub fn store(&self) -> &MemoryStore {
         &self.store
+    }
+
+    /// Also keeps replies in Redis, for every gateway that shares it (feature `redis`); the
+    /// memory store stays in front of it.
+    #[cfg(feature = "redis")]
+    pub fn with_redis(mut self, redis: crate::redis_store::RedisStore) -> Self {
+        self.redis = Some(redis);
+        self
     }
 
     /// How long a reply is served.
@@ -286,7 +298,7 @@ where
             // A reply in the store, or one a request in flight is making.
             let mut leader = None;
             if allowed.read {
-                if let Some(hit) = layer.lookup(&key, sse, include_usage) {
+                if let Some(hit) = layer.lookup(&key, sse, include_usage).await {
                     return Ok(layer.replay(&mut req, hit));
                 }
                 let waiting = {
@@ -312,7 +324,7 @@ where
                 if let Some(mut rx) = waiting {
                     // The leader's reply, once it ended (stored or not).
                     let _ = rx.wait_for(|done| *done).await;
-                    if let Some(hit) = layer.lookup(&key, sse, include_usage) {
+                    if let Some(hit) = layer.lookup(&key, sse, include_usage).await {
                         return Ok(layer.replay(&mut req, hit));
                     }
                 }
@@ -325,6 +337,9 @@ where
                     key,
                     format,
                     store: layer.store.clone(),
+                    #[cfg(feature = "redis")]
+                    redis: layer.redis.clone(),
+                    ttl: layer.ttl,
                     clock: layer.clock.clone(),
                     max: layer.max_entry_bytes,
                     body: Vec::new(),
@@ -359,15 +374,34 @@ struct Hit {
 }
 
 impl CacheLayer {
-    fn lookup(&self, key: &CacheKey, sse: bool, include_usage: bool) -> Option<Hit> {
+    /// The reply stored under `key` in the form asked for: from memory, else from Redis (then
+    /// kept in memory too). A store that fails is a miss.
+    async fn lookup(&self, key: &CacheKey, sse: bool, include_usage: bool) -> Option<Hit> {
         let now = self.clock.now();
-        let entry = self.store.get(key, now, self.ttl)?;
-        let body = entry.body_as(sse, include_usage)?;
-        Some(Hit {
-            body,
-            sse,
-            age: now.saturating_sub(entry.stored),
-        })
+        if let Some(entry) = self.store.get(key, now, self.ttl) {
+            return Some(Hit {
+                body: entry.body_as(sse, include_usage)?,
+                sse,
+                age: now.saturating_sub(entry.stored),
+            });
+        }
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            match redis.get(key).await {
+                Ok(Some((mut entry, age))) if age < self.ttl => {
+                    entry.stored = now.saturating_sub(age);
+                    let body = entry.body_as(sse, include_usage);
+                    self.store.insert(*key, entry);
+                    return body.map(|body| Hit { body, sse, age });
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    metrics::counter!("moat_cache_store_errors_total").increment(1);
+                    tracing::warn!(target: "moat::cache", %error, "redis lookup failed: served by the upstream");
+                }
+            }
+        }
+        None
     }
 
     /// The stored reply as this request's response, through the hooks of the layers outside
@@ -417,6 +451,9 @@ struct Capture {
     key: CacheKey,
     format: WireFormat,
     store: MemoryStore,
+    #[cfg(feature = "redis")]
+    redis: Option<crate::redis_store::RedisStore>,
+    ttl: Duration,
     clock: SharedClock,
     max: usize,
     body: Vec<u8>,
@@ -491,15 +528,25 @@ impl Hook for Capture {
             && self.complete
             && !self.spoiled;
         if whole {
-            self.store.insert(
-                self.key,
-                Entry {
-                    body: Bytes::from(self.body),
-                    sse: self.sse,
-                    format: self.format,
-                    stored: self.clock.now(),
-                },
-            );
+            let entry = Entry {
+                body: Bytes::from(self.body),
+                sse: self.sse,
+                format: self.format,
+                stored: self.clock.now(),
+            };
+            #[cfg(feature = "redis")]
+            if let (Some(redis), Ok(runtime)) =
+                (self.redis.clone(), tokio::runtime::Handle::try_current())
+            {
+                let (key, entry, ttl) = (self.key, entry.clone(), self.ttl);
+                runtime.spawn(async move {
+                    if let Err(error) = redis.insert(&key, &entry, ttl).await {
+                        metrics::counter!("moat_cache_store_errors_total").increment(1);
+                        tracing::warn!(target: "moat::cache", %error, "could not store a reply in redis");
+                    }
+                });
+            }
+            self.store.insert(self.key, entry);
             metrics::counter!("moat_cache_stored_total").increment(1);
         }
         // `_leader` drops here, after the store: whoever waited finds the reply.

@@ -41,9 +41,16 @@ pub struct CacheSpec {
     /// Routes cached whatever their sampling settings, e.g. `["/v1/embeddings"]`.
     #[serde(default)]
     pub routes: Vec<String>,
-    /// Where replies are kept: `memory` (the default, and for now the only store).
+    /// Where replies are kept: `memory` (the default) or `redis` (shared by several
+    /// gateways, with memory in front).
     #[serde(default)]
     pub store: StoreName,
+    /// The Redis server of `store = "redis"`, when not the configuration's shared one.
+    pub redis_url: Option<String>,
+    /// How long a Redis call may take before the request is served by the upstream instead
+    /// (default 50ms).
+    #[serde(default, with = "humantime_serde::option")]
+    pub redis_timeout: Option<Duration>,
 }
 
 /// A store, by name.
@@ -54,16 +61,15 @@ pub enum StoreName {
     /// In this process.
     #[default]
     Memory,
-    /// Redis, shared by several gateways (not built yet: refused with a clear error).
+    /// Redis, shared by several gateways (feature `redis`; the caller connects it, see
+    /// [`CacheLayer::with_redis`](crate::CacheLayer)).
     Redis,
 }
 
 impl CacheSpec {
-    /// The layer the spec describes; an error says what cannot be built.
+    /// The layer the spec describes, with its memory store; with `store = "redis"` the caller
+    /// adds the Redis store over its own connection.
     pub fn layer(&self) -> Result<CacheLayer, String> {
-        if self.store == StoreName::Redis {
-            return Err("store: \"redis\" is not available yet; use \"memory\"".into());
-        }
         if self.ttl == Some(Duration::ZERO) {
             return Err("ttl: must be more than zero".into());
         }

@@ -556,20 +556,27 @@ impl Config {
             .as_ref()
             .map(|spec| crate::redact::layer(spec, &ctx))
             .transpose()?;
-        let cache = config
-            .cache
-            .as_ref()
-            .map(|spec| {
-                spec.get_ref()
+        let cache = match &config.cache {
+            Some(section) => {
+                let spec = section.get_ref();
+                let mut layer = spec
                     .layer()
-                    .map(|layer| {
-                        layer
-                            .with_body_limit(max_body_bytes)
-                            .with_caller_resolver(resolver.clone())
-                    })
-                    .map_err(|e| at(spec.span(), format!("cache.{e}")))
-            })
-            .transpose()?;
+                    .map_err(|e| at(section.span(), format!("cache.{e}")))?
+                    .with_body_limit(max_body_bytes)
+                    .with_caller_resolver(resolver.clone());
+                if spec.store == moat::cache::spec::StoreName::Redis {
+                    let url = spec.redis_url.as_deref().map(|u| (u, section.span()));
+                    let conn = ctx.redis(url, "cache", section.span())?;
+                    let mut redis = moat::cache::RedisStore::new(conn);
+                    if let Some(timeout) = spec.redis_timeout {
+                        redis = redis.with_timeout(timeout);
+                    }
+                    layer = layer.with_redis(redis);
+                }
+                Some(layer)
+            }
+            None => None,
+        };
         let audit = match &config.audit {
             Some(section) => {
                 // Every secret the configuration holds: none may reach a logged body.

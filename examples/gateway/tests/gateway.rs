@@ -2134,3 +2134,73 @@ async fn concurrent_identical_misses_make_one_upstream_call() {
         assert_eq!(misses, 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_a_redis_cache_and_survive_it_going_away() {
+    let redis = moat_testkit::redis::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "[upstream]\nbase_url = \"{}/v1\"\n[cache]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_timeout = \"500ms\"\nscope = \"global\"\n",
+        mock.url(),
+        redis.url()
+    );
+    let a = start(&config, &[]).await;
+    let b = start(&config, &[]).await;
+    let ask = |url: String, text: &'static str, stream: bool| async move {
+        call(
+            &url,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            Some(exact(text, stream)),
+        )
+        .await
+    };
+    assert_eq!(
+        ask(a.url.clone(), "shared answer", false).await.headers["x-moat-cache"],
+        "miss"
+    );
+    // Gateway a writes to Redis once the reply has ended: wait until the entry is there, under
+    // a hashed key (no prompt text in Redis).
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut keys: Vec<String> = Vec::new();
+    for _ in 0..500 {
+        keys = redis::cmd("KEYS")
+            .arg("moat:cache:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].len(), "moat:cache:".len() + 64);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "stored with an expiry");
+    // Gateway b has never seen the request: it replays a's reply, streamed.
+    let reply = ask(b.url.clone(), "shared answer", true).await;
+    assert_eq!(reply.headers["x-moat-cache"], "hit");
+    assert_eq!(streamed(&reply.body.unwrap()), "shared answer");
+    assert_eq!(
+        mock.requests().len(),
+        1,
+        "one upstream call for two gateways"
+    );
+
+    // Redis gone: requests fall through to the upstream, never fail.
+    drop(redis);
+    let reply = ask(b.url.clone(), "after redis went away", false).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["x-moat-cache"], "miss");
+    assert_eq!(
+        reply.json()["choices"][0]["message"]["content"],
+        "after redis went away"
+    );
+}
