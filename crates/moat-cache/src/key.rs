@@ -64,18 +64,12 @@ pub struct CacheKey(pub(crate) [u8; 32]);
 impl CacheKey {
     /// The key of `request` in `scope`.
     pub fn of(request: &LlmRequest, scope: &str) -> Self {
-        let mut json = request.json().clone();
-        if let Some(members) = json.as_object_mut() {
-            for name in IGNORED {
-                members.remove(*name);
-            }
-        }
         let mut hasher = Sha256::new();
         hasher.update(format_name(request.format()).as_bytes());
         hasher.update([0]);
         hasher.update(scope.as_bytes());
         hasher.update([0]);
-        hasher.update(canonical::to_vec(&json));
+        hasher.update(canonical::to_vec_without(request.json(), IGNORED));
         Self(hasher.finalize().into())
     }
 

@@ -339,6 +339,7 @@ where
                     store: layer.store.clone(),
                     #[cfg(feature = "redis")]
                     redis: layer.redis.clone(),
+                    #[cfg(feature = "redis")]
                     ttl: layer.ttl,
                     clock: layer.clock.clone(),
                     max: layer.max_entry_bytes,
@@ -453,6 +454,7 @@ struct Capture {
     store: MemoryStore,
     #[cfg(feature = "redis")]
     redis: Option<crate::redis_store::RedisStore>,
+    #[cfg(feature = "redis")]
     ttl: Duration,
     clock: SharedClock,
     max: usize,

@@ -101,6 +101,31 @@ fn write_str(s: &str, out: &mut Vec<u8>) {
     serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
+/// The canonical form of `value` without the top-level members named in `skip` (when it is an
+/// object), without copying the rest.
+pub fn to_vec_without(value: &Value, skip: &[&str]) -> Vec<u8> {
+    let Value::Object(map) = value else {
+        return to_vec(value);
+    };
+    let mut members: Vec<(&String, &Value)> = map
+        .iter()
+        .filter(|(key, _)| !skip.contains(&key.as_str()))
+        .collect();
+    members.sort_by(|(a, _), (b, _)| utf16_cmp(a, b));
+    let mut out = Vec::with_capacity(512);
+    out.push(b'{');
+    for (i, (key, value)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(key, &mut out);
+        out.push(b':');
+        write(value, &mut out);
+    }
+    out.push(b'}');
+    out
+}
+
 /// The canonical form of `value`.
 pub fn to_vec(value: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
@@ -112,6 +137,16 @@ pub fn to_vec(value: &Value) -> Vec<u8> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn members_are_skipped_at_the_top_level_only() {
+        let value = json!({"stream": true, "b": {"stream": 1}, "a": 2});
+        assert_eq!(
+            String::from_utf8(to_vec_without(&value, &["stream"])).unwrap(),
+            r#"{"a":2,"b":{"stream":1}}"#
+        );
+        assert_eq!(to_vec_without(&json!([1]), &["x"]), to_vec(&json!([1])));
+    }
 
     #[test]
     fn sorts_members_recursively_and_drops_whitespace() {
