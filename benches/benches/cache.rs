@@ -38,17 +38,22 @@ fn reply(text: &str) -> Bytes {
 /// The same handler for every service: answers `reply` at once, with its content type.
 fn upstream<B>(
     reply: Bytes,
-) -> impl tower::Service<http::Request<B>, Response = http::Response<Full<Bytes>>, Error = Infallible, Future = impl Send>
-       + Clone
+) -> impl tower::Service<
+    http::Request<B>,
+    Response = http::Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
        + Send
        + 'static {
     service_fn(move |_req: http::Request<B>| {
         let reply = reply.clone();
         async move {
             let mut response = http::Response::new(Full::new(reply));
-            response
-                .headers_mut()
-                .insert("content-type", http::HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("application/json"),
+            );
             Ok::<_, Infallible>(response)
         }
     })

@@ -44,6 +44,7 @@ struct Config {
     alerts: Arc<dyn AlertSink>,
     headers: bool,
     exact_counting: bool,
+    charge_cache_hits: bool,
     #[cfg(feature = "redis")]
     redis: Option<Arc<crate::redis::RedisStore>>,
 }
@@ -380,6 +381,7 @@ impl QuotaLayer {
                 alerts: Arc::new(TracingAlerts),
                 headers: true,
                 exact_counting: true,
+                charge_cache_hits: false,
                 #[cfg(feature = "redis")]
                 redis: None,
             },
@@ -504,6 +506,13 @@ impl QuotaLayer {
         self.map(|c| c.headers = on)
     }
 
+    /// Whether a reply answered from a cache (moat-cache's hits) is charged the usage it
+    /// reports, as if the provider had answered (default off: a hit cost no provider tokens,
+    /// so it settles at zero, recorded as such).
+    pub fn with_cache_hits_charged(self, charged: bool) -> Self {
+        self.map(|c| c.charge_cache_hits = charged)
+    }
+
     /// Keeps budgets in Redis, shared by every process using the same store and budgets.
     #[cfg(feature = "redis")]
     pub fn with_redis(self, store: crate::redis::RedisStore) -> Self {
@@ -580,6 +589,8 @@ struct Settlement {
     input_estimate: u64,
     /// Remove OpenAI's usage chunk: moat asked for it, the client did not.
     strip: bool,
+    /// Charge a cache's reply as the provider's.
+    charge_cache_hits: bool,
     done: bool,
     /// Where the settled usage and cost are recorded, when an outer layer listens.
     decisions: Option<Decisions>,
@@ -592,7 +603,7 @@ impl Settlement {
             // A cache answered: the provider did no work for this request.
             UsageReport {
                 from_cache: true, ..
-            } => (0, 0, 0),
+            } if !self.charge_cache_hits => (0, 0, 0),
             UsageReport { usage: Some(u), .. } => {
                 let cached = u.cached_input_tokens.min(u.input_tokens);
                 (u.input_tokens - cached, cached, u.output_tokens)
@@ -1017,6 +1028,7 @@ where
                 price: plan.price,
                 input_estimate: plan.estimate,
                 strip: plan.strip,
+                charge_cache_hits: quota.config.charge_cache_hits,
                 done: false,
                 decisions,
             });

@@ -42,6 +42,10 @@ pub struct QuotaConfig {
     pub time_zone: Option<Spanned<String>>,
     /// Tokens reserved for a completion when a request sets no `max_tokens`.
     pub completion_reserve: Option<u64>,
+    /// Charge replies answered by `[cache]` as if the provider had answered (default false:
+    /// a hit costs nothing).
+    #[serde(default)]
+    pub charge_cache_hits: bool,
     /// Write the reserve into requests without `max_tokens`, so none can overrun.
     #[serde(default)]
     pub cap_max_tokens: bool,
@@ -173,7 +177,8 @@ impl QuotaConfig {
             .with_caller_resolver(ctx.resolver.clone())
             .with_clock(ctx.clock.clone())
             .with_body_limit(ctx.max_body_bytes)
-            .with_max_tokens_cap(self.cap_max_tokens);
+            .with_max_tokens_cap(self.cap_max_tokens)
+            .with_cache_hits_charged(self.charge_cache_hits);
         if let Some(max) = self.max_keys {
             layer = layer.with_max_keys(max);
         }

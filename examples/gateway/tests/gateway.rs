@@ -1951,12 +1951,14 @@ async fn two_gateways_on_a_redis_cluster_limit_every_caller_and_a_budget() {
 }
 
 /// A gateway with `[cache]` in front of a fresh mock, keys alice and bob of tenant acme and
-/// carol of tenant zen, and a daily token budget per tenant.
-async fn caching_gateway() -> (MockUpstream, Running) {
+/// carol of tenant zen, and a daily token budget per tenant (`quota`: more `[quota]` lines).
+async fn caching_gateway(quota: &str) -> (MockUpstream, Running) {
     let mock = MockUpstream::start().await.unwrap();
     let config = format!(
         r#"[upstream]
 base_url = "{}/v1"
+[quota]
+{quota}
 [[keys]]
 id = "alice"
 key = "sk-moat-alice"
@@ -1995,7 +1997,7 @@ fn exact(text: &str, stream: bool) -> Value {
 
 #[tokio::test]
 async fn identical_requests_are_answered_once_streamed_or_not() {
-    let (mock, gw) = caching_gateway().await;
+    let (mock, gw) = caching_gateway("").await;
     let ask = |key: &'static str, body: Value, extra: &[(&'static str, &'static str)]| {
         let url = gw.url.clone();
         let mut headers = vec![("authorization", key)];
@@ -2090,9 +2092,40 @@ async fn identical_requests_are_answered_once_streamed_or_not() {
     assert_eq!(mock.requests().len(), 11);
 }
 
+#[tokio::test]
+async fn cache_hits_are_charged_only_when_the_quota_says_so() {
+    let (mock, gw) = caching_gateway("charge_cache_hits = true").await;
+    let key = "Bearer sk-moat-alice";
+    let headers = [("authorization", key)];
+    let mut used = Vec::new();
+    for expected in ["miss", "hit"] {
+        let reply = call(
+            &gw.url,
+            "POST",
+            "/v1/chat/completions",
+            &headers,
+            Some(exact("charge me", false)),
+        )
+        .await;
+        assert_eq!(reply.headers["x-moat-cache"], expected);
+        used.push(
+            usage_of(&gw.url, key).await["budgets"][0]["used"]["tokens"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    assert!(used[0] > 0);
+    assert_eq!(
+        used[1],
+        2 * used[0],
+        "the hit charged what the call reported"
+    );
+    assert_eq!(mock.requests().len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_identical_misses_make_one_upstream_call() {
-    let (mock, gw) = caching_gateway().await;
+    let (mock, gw) = caching_gateway("").await;
     for stream in [false, true] {
         mock.clear();
         let text = format!("Concurrent question, streamed: {stream}");
