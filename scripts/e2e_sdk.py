@@ -140,6 +140,34 @@ def checks(url, mock):
             log = json.load(resp)
         assert len([q for q in log if "cache me, please" in json.dumps(q.get("body"))]) == 1, log
 
+    def cache_replays_in_the_other_form_for_every_api():
+        # Seen once as JSON, asked again streamed (and the other way): the SDKs read the
+        # replayed form as they read the provider's.
+        r = oa.responses.create(model="gpt-4o-mini", input="responses cached", temperature=0)
+        assert r.output_text == "responses cached"
+        deltas, final = "", None
+        for event in oa.responses.create(model="gpt-4o-mini", input="responses cached", temperature=0, stream=True):
+            if event.type == "response.output_text.delta":
+                deltas += event.delta
+            if event.type == "response.completed":
+                final = event.response
+        assert deltas == "responses cached" and final.output_text == "responses cached", (deltas, final)
+        with an.messages.stream(
+            model="claude-haiku-4-5", max_tokens=64, extra_body={"temperature": 0},
+            messages=[{"role": "user", "content": "anthropic cached"}],
+        ) as stream:
+            assert "".join(stream.text_stream) == "anthropic cached"
+        m = an.messages.with_raw_response.create(
+            model="claude-haiku-4-5", max_tokens=64, extra_body={"temperature": 0},
+            messages=[{"role": "user", "content": "anthropic cached"}],
+        )
+        assert m.headers.get("x-moat-cache") == "hit", dict(m.headers)
+        assert m.parse().content[0].text == "anthropic cached"
+        with urllib.request.urlopen(mock + "/_mock/requests") as resp:
+            log = json.load(resp)
+        for text in ("responses cached", "anthropic cached"):
+            assert len([q for q in log if text in json.dumps(q.get("body"))]) == 1, (text, log)
+
     def openai_fallback():
         # The primary answers 503 (the backup ignores the fault header): the demo's breaker
         # counts it and the ladder serves the request from the backup.
@@ -235,6 +263,7 @@ def checks(url, mock):
         openai_fallback,
         prompt_injection_refused,
         openai_cache_hit,
+        cache_replays_in_the_other_form_for_every_api,
         openai_pii_round_trip,
         anthropic_pii_round_trip,
         anthropic_messages,

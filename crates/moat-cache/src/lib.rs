@@ -44,8 +44,10 @@
 //!   no `content_filter` or refusal, at most `max_entry_bytes`. A stream cut short, an error or
 //!   a moderated reply is never stored.
 //! - **Streamed or not**: a reply is stored in the form it came and replayed in the form asked
-//!   for; for OpenAI chat completions a JSON reply replays as `chat.completion.chunk` events
-//!   (usage when asked, then `[DONE]`) and a stream as a `chat.completion`.
+//!   for, for every API that streams: OpenAI chat (`chat.completion` and its
+//!   `chat.completion.chunk` events, usage when asked, then `[DONE]`), legacy completions, the
+//!   Responses API (its `response.*` events) and Anthropic messages (text and tool-use blocks).
+//!   The official SDKs read the replayed form as the provider's (`scripts/e2e_sdk.py`).
 //! - **Once per key in flight**: concurrent identical misses wait for the first one's reply
 //!   (streams included) instead of each calling the provider.
 //! - **Headers**: `x-moat-cache: hit | miss | bypass` on every response, `age` on hits; a

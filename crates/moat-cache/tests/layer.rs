@@ -189,7 +189,7 @@ async fn no_cache_refreshes_and_scopes_separate_callers() {
 }
 
 #[tokio::test]
-async fn other_apis_replay_in_the_form_they_were_stored() {
+async fn anthropic_streams_replay_as_json_and_embeddings_are_always_cached() {
     fn anthropic_stream(_: &Value) -> (&'static str, String) {
         let events = [
             (
@@ -248,13 +248,17 @@ async fn other_apis_replay_in_the_form_they_were_stored() {
         .await;
     assert_eq!((first.0.as_str(), second.0.as_str()), ("miss", "hit"));
     assert_eq!(first.1, second.1, "the same bytes");
-    // Asked as JSON, an Anthropic stream cannot be converted: a miss.
+    // Asked as JSON: the stream replayed as the message it carried.
     let mut whole = anthropic;
     whole["stream"] = json!(false);
-    let (label, _) = upstream
+    let (label, body) = upstream
         .send(&cache, anthropic_stream, "/v1/messages", whole, &[])
         .await;
-    assert_eq!(label, "miss");
+    assert_eq!(label, "hit");
+    let message: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(message["content"][0]["text"], "Bonjour");
+    assert_eq!(message["stop_reason"], "end_turn");
+    assert_eq!(message["usage"]["output_tokens"], 2);
     // Embeddings are deterministic whatever their settings.
     let input = json!({"model": "e", "input": "vector me"});
     for expected in ["miss", "hit"] {
@@ -263,5 +267,5 @@ async fn other_apis_replay_in_the_form_they_were_stored() {
             .await;
         assert_eq!(label, expected);
     }
-    assert_eq!(upstream.calls(), 3);
+    assert_eq!(upstream.calls(), 2);
 }
