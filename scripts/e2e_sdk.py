@@ -221,6 +221,30 @@ def checks(url, mock):
         assert deltas == text, deltas
         assert final is not None and final.output_text == text, final
 
+    def openai_tool_calls_round_trip():
+        # The model calls a tool with the user's email (the mock puts the prompt in the call's
+        # arguments): the provider only ever saw a placeholder, the SDK gets the address back in
+        # the arguments, whole and streamed.
+        tools = [{"type": "function", "function": {"name": "lookup", "description": "Find an order",
+                  "parameters": {"type": "object", "properties": {"input": {"type": "string"}}}}}]
+        text = "orders of jane@example.com"
+        headers = {"x-mock-tool-call": "lookup"}
+        r = oa.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": text}],
+                                       tools=tools, extra_headers=headers)
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "lookup", r
+        assert json.loads(call.function.arguments) == {"input": text}, call
+        args = ""
+        for chunk in oa.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": text}],
+                                                tools=tools, extra_headers=headers, stream=True):
+            if chunk.choices and chunk.choices[0].delta.tool_calls:
+                args += chunk.choices[0].delta.tool_calls[0].function.arguments or ""
+        assert json.loads(args) == {"input": text}, args
+        with urllib.request.urlopen(mock + "/_mock/requests") as resp:
+            log = json.load(resp)
+        sent = [q for q in log if "orders of" in json.dumps(q.get("body"))]
+        assert len(sent) == 2 and all("jane@example.com" not in json.dumps(q["body"]) for q in sent), sent
+
     def anthropic_pii_round_trip():
         text = "My IBAN is GB82 WEST 1234 5698 7654 32, phone +44 20 7946 0958"
         with an.messages.stream(
@@ -265,6 +289,7 @@ def checks(url, mock):
         openai_cache_hit,
         cache_replays_in_the_other_form_for_every_api,
         openai_pii_round_trip,
+        openai_tool_calls_round_trip,
         anthropic_pii_round_trip,
         anthropic_messages,
         anthropic_messages_stream,
