@@ -35,7 +35,7 @@
 //! With [`ServiceBuilderExt`] (in the [`prelude`]) the stack reads top to bottom in that order:
 //!
 //! ```
-//! # #[cfg(all(feature = "audit", feature = "ratelimit", feature = "quota", feature = "sanitize", feature = "redact", feature = "breaker"))] {
+//! # #[cfg(all(feature = "audit", feature = "ratelimit", feature = "quota", feature = "sanitize", feature = "redact", feature = "cache", feature = "breaker"))] {
 //! use moat::prelude::*;
 //! use moat::audit::TracingSink;
 //! use moat::core::identity::ApiKey;
@@ -54,6 +54,7 @@
 //!     ))
 //!     .moat_sanitize(SanitizeLayer::new(Policy::new()))
 //!     .moat_redact(RedactLayer::new(Redactor::new(&Entity::ALL)))
+//!     .moat_cache(CacheLayer::new(MemoryStore::new(256 << 20)))
 //!     .moat_circuit_breaker(Breaker::new("provider"))
 //!     .service(service_fn(|_req: http::Request<_>| async {
 //!         // Your handler, or the client that calls the provider.
