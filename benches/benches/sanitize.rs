@@ -21,8 +21,12 @@ fn prose(bytes: usize, sentence: &str) -> String {
     text
 }
 
+/// Minutes of a meeting: ordinary English the word-level gate clears.
+const MINUTES: &str = "The committee met on Tuesday to review the budget for the coming year. Most of the discussion centred on the cost of repairing the library roof, which has leaked since the storm in March, and on whether the summer reading programme should move to the community hall while the work is done. The treasurer presented three quotes from local builders; the cheapest would finish in six weeks, the most expensive in three. Several members asked whether the grant from the county council could cover part of the work, and the secretary agreed to write to the council before the next meeting. The committee also thanked the volunteers who ran the book sale in May, which raised enough to buy new shelves for the children's section. ";
+
 fn screen(c: &mut Criterion) {
     let screener = Screener::new();
+    let minutes = prose(2048, MINUTES);
     let ascii = prose(
         2048,
         "Please summarise the notes about the quarterly plan and list the open items for the review. ",
@@ -36,6 +40,16 @@ fn screen(c: &mut Criterion) {
         "This document describes the release process, the checks each change goes through, and who signs off. ",
     );
     let mut group = c.benchmark_group("sanitize_screen");
+    assert!(screener.screen(&minutes).cleared_by_gate());
+    assert!(!screener.screen(&ascii).cleared_by_gate());
+    let ungated = screener.without_gate();
+    group.bench_function("2 KB ASCII, cleared by the gate: whole", |b| {
+        b.iter(|| black_box(screener.screen(&minutes)))
+    });
+    group.bench_function(
+        "2 KB ASCII, cleared by the gate: whole without the gate",
+        |b| b.iter(|| black_box(ungated.screen(&minutes))),
+    );
     for (name, text) in [
         ("2 KB ASCII", &ascii),
         ("2 KB non-ASCII", &non_ascii),
@@ -93,6 +107,22 @@ fn layer(c: &mut Criterion) {
     group.bench_function("2 KB chat request: SanitizeLayer (default policy)", |b| {
         b.iter(|| round_trip(&mut guarded, request()))
     });
+    let minutes = Bytes::from(
+        serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prose(2048, MINUTES)}]})
+            .to_string(),
+    );
+    group.bench_function(
+        "2 KB chat request the gate clears: SanitizeLayer (default policy)",
+        |b| {
+            b.iter(|| {
+                let request = http::Request::post("/v1/chat/completions")
+                    .header("content-type", "application/json")
+                    .body(Full::new(minutes.clone()))
+                    .unwrap();
+                round_trip(&mut guarded, request)
+            })
+        },
+    );
     group.finish();
 }
 

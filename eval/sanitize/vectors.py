@@ -59,14 +59,20 @@ def z_of(feats, scale, bias, weights):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default="eval/sanitize/out/weights.i8.bin")
+    ap.add_argument("--gate", default="eval/sanitize/out/gate.i8.bin")
     ap.add_argument("--out", default="crates/moat-sanitize/tests/vectors.json")
     a = ap.parse_args()
     scale, bias, thr_alone, thr_or, alpha, thr_sum, weights = load_weights(a.weights)
+    graw = open(a.gate, "rb").read()
+    gmagic, gbits, gscale, gbias, gthr = struct.unpack("<4sIfff", graw[:20])
+    assert gmagic == b"MSG1" and gbits == p.GATE_BITS
+    gweights = struct.unpack("<%db" % (1 << gbits), graw[20:])
     out = {
         "threshold_alone": thr_alone,
         "threshold_or": thr_or,
         "alpha": alpha,
         "threshold_sum": thr_sum,
+        "gate_threshold": gthr,
         "fnv": {"": p.fnv1a64(b""), "a": p.fnv1a64(b"a"), "foobar": p.fnv1a64(b"foobar")},
         "samples": [],
     }
@@ -89,6 +95,8 @@ def main():
             "z_whole": z_whole,
             "z_max": max(zs),
             "p": 1 / (1 + math.exp(-max(zs))),
+            "z_gate": max(z_of(p.gate_features_tokens(t), gscale, gbias, gweights)
+                          for t in [toks] + p.windows(toks)),
         })
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1, ensure_ascii=False)

@@ -31,6 +31,7 @@ fn main() -> io::Result<()> {
             "rule_score": verdict.rules().score(),
             "probability": verdict.probability(),
             "encoding": verdict.encoding(),
+            "cleared_by_gate": verdict.cleared_by_gate(),
         });
         writeln!(out, "{line}")?;
     }

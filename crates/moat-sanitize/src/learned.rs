@@ -13,6 +13,10 @@ use std::sync::LazyLock;
 /// (logit + alpha * rule score), then 2^bits int8 weights (little-endian).
 const WEIGHTS: &[u8] = include_bytes!("../model/weights.i8.bin");
 
+/// The shipped gate: `MSG1`, u32 bits, f32 scale, f32 bias, f32 threshold, then 2^bits int8
+/// weights over the model's word unigram and bigram keys (the low bits of the same hashes).
+const GATE: &[u8] = include_bytes!("../model/gate.i8.bin");
+
 const WINDOW: usize = 96;
 const STRIDE: usize = 48;
 
@@ -93,13 +97,110 @@ impl Model {
 
     /// The log-odds that a screen text is an attack (the highest over the text and its windows).
     pub fn logit(&self, screen: &str) -> f64 {
+        self.logit_after(screen, None).unwrap_or(f64::NEG_INFINITY)
+    }
+
+    /// The log-odds, unless `gate` clears the text first (`None`): the gate reads only the
+    /// word unigrams and bigrams the model hashes anyway, and the character n-grams (most of
+    /// the work) are only hashed and counted for a text it does not clear.
+    pub fn logit_after(&self, screen: &str, gate: Option<&Gate>) -> Option<f64> {
         let tokens = tokens(screen);
-        let hashed = Hashed::new(&tokens, self.bits);
-        let mut z = hashed.z(0, tokens.len(), self);
-        for (start, end) in windows(tokens.len()) {
-            z = z.max(hashed.z(start, end, self));
+        let mut hashed = Hashed::new(&tokens, self.bits);
+        let spans: Vec<(usize, usize)> = std::iter::once((0, tokens.len()))
+            .chain(windows(tokens.len()))
+            .collect();
+        if let Some(gate) = gate {
+            let cleared = spans.iter().all(|&(start, end)| {
+                hashed.z(
+                    start,
+                    end,
+                    gate.weights,
+                    gate.scale,
+                    gate.bias,
+                    gate.mask(),
+                    false,
+                ) < gate.threshold
+            });
+            if cleared {
+                return None;
+            }
         }
-        z
+        hashed.hash_grams();
+        let mask = (1u32 << self.bits) - 1;
+        Some(
+            spans
+                .iter()
+                .map(|&(start, end)| {
+                    hashed.z(start, end, self.weights, self.scale, self.bias, mask, true)
+                })
+                .fold(f64::NEG_INFINITY, f64::max),
+        )
+    }
+}
+
+/// A word-level linear model that clears benign text before the n-gram [`Model`]: trained
+/// beside it by `eval/sanitize/prototype.py`, its threshold set under every text of the
+/// evaluation sets that a policy threshold of 0.5 or more would flag through the model.
+#[derive(Debug)]
+pub struct Gate {
+    bits: u32,
+    scale: f64,
+    bias: f64,
+    threshold: f64,
+    weights: &'static [u8],
+}
+
+impl Gate {
+    fn parse(bytes: &'static [u8]) -> Option<Self> {
+        if bytes.len() < 20 || &bytes[..4] != b"MSG1" {
+            return None;
+        }
+        let bits = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+        let weights = &bytes[20..];
+        (bits <= 18 && weights.len() == 1 << bits).then(|| Self {
+            bits,
+            scale: f32_at(bytes, 8),
+            bias: f32_at(bytes, 12),
+            threshold: f32_at(bytes, 16),
+            weights,
+        })
+    }
+
+    /// The gate shipped with the crate.
+    pub fn shipped() -> &'static Self {
+        static SHIPPED: LazyLock<Gate> =
+            LazyLock::new(|| Gate::parse(GATE).expect("the shipped gate is well formed"));
+        &SHIPPED
+    }
+
+    /// The gate logit under which a text skips the model.
+    pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+
+    /// The gate's log-odds for a screen text: the highest over the text and its windows.
+    pub fn logit(&self, screen: &str) -> f64 {
+        let tokens = tokens(screen);
+        // The gate's buckets are the low bits of the model's 18-bit ones.
+        let hashed = Hashed::new(&tokens, 18);
+        std::iter::once((0, tokens.len()))
+            .chain(windows(tokens.len()))
+            .map(|(start, end)| {
+                hashed.z(
+                    start,
+                    end,
+                    self.weights,
+                    self.scale,
+                    self.bias,
+                    self.mask(),
+                    false,
+                )
+            })
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    fn mask(&self) -> u32 {
+        (1u32 << self.bits) - 1
     }
 }
 
@@ -164,8 +265,10 @@ fn fnv_key(prefix: u8, parts: &[&str]) -> u64 {
 struct Hashed {
     words: Vec<u32>,
     pairs: Vec<u32>,
-    /// Per n (3, 4, 5): the bucket of the n-gram starting at each character.
+    /// Per n (3, 4, 5): the bucket of the n-gram starting at each character (once hashed).
     grams: [Vec<u32>; 3],
+    /// ` ` + the tokens joined by ` ` + ` `.
+    text: Vec<u8>,
     /// The byte offset of each character of the joined text, and its length last.
     starts: Vec<usize>,
     /// The byte offset of each token in the joined text, and the text's length last.
@@ -175,7 +278,6 @@ struct Hashed {
 
 impl Hashed {
     fn new(tokens: &[&str], bits: u32) -> Self {
-        const PRIME: u64 = 0x0000_0100_0000_01b3;
         let mask = (1u64 << bits) - 1;
         let bucket = |h: u64| (h & mask) as u32;
         let words = tokens.iter().map(|t| bucket(fnv_key(b'w', &[t]))).collect();
@@ -193,6 +295,23 @@ impl Hashed {
             text.push(b' ');
         }
         offsets.push(text.len());
+        Self {
+            words,
+            pairs,
+            grams: [Vec::new(), Vec::new(), Vec::new()],
+            text,
+            starts: Vec::new(),
+            offsets,
+            bits,
+        }
+    }
+
+    /// Hashes the character n-grams (what the gate spares a text it clears).
+    fn hash_grams(&mut self) {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mask = (1u64 << self.bits) - 1;
+        let bucket = |h: u64| (h & mask) as u32;
+        let text = &self.text;
         let starts: Vec<usize> = (0..text.len())
             .filter(|&i| (text[i] as i8) >= -0x40) // not a UTF-8 continuation byte
             .chain(std::iter::once(text.len()))
@@ -218,35 +337,41 @@ impl Hashed {
                 }
             }
         }
-        Self {
-            words,
-            pairs,
-            grams,
-            starts,
-            offsets,
-            bits,
-        }
+        self.grams = grams;
+        self.starts = starts;
     }
 
     /// The model's logit over tokens `start..end`: each bucket's value is `1 + ln(count)`, the
     /// values scaled to unit length, so z = bias + scale * (sum of value * weight) / norm.
-    fn z(&self, start: usize, end: usize, model: &Model) -> f64 {
-        // The span ` tok_start ... tok_end-1 ` in the joined text, in characters: from the
-        // space before the first token to just after the space after the last (the next
-        // token's offset, or the text's length).
-        let first_byte = self.offsets[start] - 1;
-        let last_byte = self.offsets[end];
-        let first = self.starts.partition_point(|&b| b < first_byte);
-        let last = self.starts.partition_point(|&b| b < last_byte);
-        let chars = last - first;
+    #[allow(clippy::too_many_arguments)] // one linear model's parts, and what it reads
+    fn z(
+        &self,
+        start: usize,
+        end: usize,
+        weights: &[u8],
+        scale: f64,
+        bias: f64,
+        mask: u32,
+        grams: bool,
+    ) -> f64 {
         let mut slices: [&[u32]; 5] = [&[]; 5];
         if start < end {
             slices[0] = &self.words[start..end];
             slices[1] = &self.pairs[start..end - 1];
         }
-        for (i, n) in [3usize, 4, 5].into_iter().enumerate() {
-            if chars >= n {
-                slices[2 + i] = &self.grams[i][first..=last - n];
+        if grams {
+            // The span ` tok_start ... tok_end-1 ` in the joined text, in characters: from the
+            // space before the first token to just after the space after the last (the next
+            // token's offset, or the text's length).
+            let first_byte = self.offsets[start] - 1;
+            let last_byte = self.offsets[end];
+            let first = self.starts.partition_point(|&b| b < first_byte);
+            let last = self.starts.partition_point(|&b| b < last_byte);
+            let chars = last - first;
+            for (i, n) in [3usize, 4, 5].into_iter().enumerate() {
+                if chars >= n {
+                    slices[2 + i] = &self.grams[i][first..=last - n];
+                }
             }
         }
         // Counted in a table reused by the thread (a bucket per entry), not sorted: the buckets
@@ -258,7 +383,7 @@ impl Hashed {
                 *counts = vec![0; 1 << self.bits];
             }
             touched.clear();
-            for &bucket in slices.iter().flat_map(|s| s.iter()) {
+            for bucket in slices.iter().flat_map(|s| s.iter()).map(|&b| b & mask) {
                 let count = &mut counts[bucket as usize];
                 if *count == 0 {
                     touched.push(bucket);
@@ -274,13 +399,13 @@ impl Hashed {
                 } else {
                     1.0 + f64::from(count).ln()
                 };
-                dot += value * f64::from(model.weights[bucket as usize] as i8);
+                dot += value * f64::from(weights[bucket as usize] as i8);
                 norm += value * value;
             }
             if norm > 0.0 {
                 dot /= norm.sqrt();
             }
-            dot * model.scale + model.bias
+            dot * scale + bias
         })
     }
 }

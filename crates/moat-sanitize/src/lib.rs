@@ -87,6 +87,11 @@
 //!
 //! # The model
 //!
+//! A word-level [`Gate`] runs first: a text it clears (most benign text) skips the character
+//! n-grams, which are most of the cost; its threshold is set so that it changes no decision on
+//! the evaluation sets at policy thresholds of [`GATE_FLOOR`] (0.5) or more, and it is not used
+//! below that.
+//!
 //! Trained offline by `eval/sanitize/prototype.py` on the training splits of public corpora
 //! (sources, licences and figures in `eval/sanitize/NOTES.md`), shipped as 256 KiB of int8
 //! weights; this crate's screening is its exact port, checked against vectors the prototype
@@ -113,17 +118,22 @@ pub use classifier::{
     MAX_CHARS,
 };
 pub use hidden::{find_hidden, strip_hidden, Hidden, HiddenKind};
-pub use learned::Model;
+pub use learned::{Gate, Model};
 pub use policy::{Action, Finding, FindingKind, Policy, Provenance, Report};
 pub use rules::{rule_hits, RuleHits, RULE_THRESHOLD};
 pub use screen::screen_text;
 pub use service::{ResponseBody, ResponseFuture, Sanitize, SanitizeLayer, PROMPT_SCORE};
 
-/// Screens text with the rules and the shipped model.
+/// Screens text with the rules and the shipped model (behind its word-level gate).
 #[derive(Debug, Clone, Copy)]
 pub struct Screener {
     model: &'static Model,
+    gate: Option<&'static Gate>,
 }
+
+/// The lowest policy threshold the gate is tuned for: below it, every text goes through the
+/// n-gram model.
+pub const GATE_FLOOR: f64 = 0.5;
 
 impl Default for Screener {
     fn default() -> Self {
@@ -132,19 +142,36 @@ impl Default for Screener {
 }
 
 impl Screener {
-    /// The rules and the shipped model, combined as the model was tuned.
+    /// The rules and the shipped model, combined as the model was tuned, behind the shipped
+    /// gate.
     pub fn new() -> Self {
         Self {
             model: Model::shipped(),
+            gate: Some(Gate::shipped()),
         }
     }
 
+    /// Every text through the n-gram model, none cleared by the gate first (slower; the gate
+    /// changes no decision at thresholds of [`GATE_FLOOR`] or more on the evaluation sets).
+    #[must_use]
+    pub fn without_gate(mut self) -> Self {
+        self.gate = None;
+        self
+    }
+
     /// What the rules and the model make of `text`, and of what it hides in hex or rot13 (the
-    /// view that scores highest wins).
+    /// view that scores highest wins), for a policy threshold of [`GATE_FLOOR`] or more.
     pub fn screen(&self, text: &str) -> Verdict {
-        let mut verdict = self.screen_view(text, None);
+        self.screen_for(text, GATE_FLOOR)
+    }
+
+    /// As [`screen`](Self::screen), for a policy flagging at `threshold`: under
+    /// [`GATE_FLOOR`] the gate is not used. A text the gate clears scores on its rules alone.
+    pub fn screen_for(&self, text: &str, threshold: f64) -> Verdict {
+        let gate = self.gate.filter(|_| threshold >= GATE_FLOOR);
+        let mut verdict = self.screen_view(text, None, gate);
         for (encoding, decoded) in decode::encoded_views(text) {
-            let view = self.screen_view(&decoded, Some(encoding));
+            let view = self.screen_view(&decoded, Some(encoding), gate);
             if view.score() > verdict.score() {
                 verdict = view;
             }
@@ -152,11 +179,18 @@ impl Screener {
         verdict
     }
 
-    fn screen_view(&self, text: &str, encoding: Option<&'static str>) -> Verdict {
+    fn screen_view(
+        &self,
+        text: &str,
+        encoding: Option<&'static str>,
+        gate: Option<&Gate>,
+    ) -> Verdict {
         let screen = screen_text(text);
+        let logit = self.model.logit_after(&screen, gate);
         Verdict {
             rules: rule_hits(&screen),
-            logit: self.model.logit(&screen),
+            logit: logit.unwrap_or(f64::NEG_INFINITY),
+            cleared: logit.is_none(),
             model: self.model,
             encoding,
         }
@@ -172,6 +206,8 @@ pub const DEFAULT_THRESHOLD: f64 = 0.8;
 pub struct Verdict {
     rules: RuleHits,
     logit: f64,
+    /// The gate cleared the text: the n-gram model did not run.
+    cleared: bool,
     model: &'static Model,
     encoding: Option<&'static str>,
 }
@@ -188,9 +224,14 @@ impl Verdict {
         &self.rules
     }
 
-    /// The model's probability that the text is an attack.
+    /// The model's probability that the text is an attack (0 when the gate cleared it).
     pub fn probability(&self) -> f64 {
         1.0 / (1.0 + (-self.logit).exp())
+    }
+
+    /// Whether the word-level gate cleared the text, so the n-gram model did not run.
+    pub fn cleared_by_gate(&self) -> bool {
+        self.cleared
     }
 
     /// The encoding (`hex` or `rot13`) the verdict was reached through, when the decoded text

@@ -491,7 +491,7 @@ impl Policy {
         }
         let mut score = 0.0;
         if let Some(threshold) = self.thresholds[provenance.index()] {
-            let verdict = self.screener.screen(text);
+            let verdict = self.screener.screen_for(text, threshold);
             score = verdict.score();
             if score >= threshold {
                 found(FindingKind::Injection {

@@ -17,6 +17,11 @@ fn screen_text_rules_and_model_match_the_prototype() {
     );
     assert!((model.alpha() - vectors["alpha"].as_f64().unwrap()).abs() < 1e-6);
     assert!((model.threshold_sum() - vectors["threshold_sum"].as_f64().unwrap()).abs() < 1e-6);
+    assert!(
+        (moat_sanitize::Gate::shipped().threshold() - vectors["gate_threshold"].as_f64().unwrap())
+            .abs()
+            < 1e-6
+    );
     for sample in vectors["samples"].as_array().unwrap() {
         let text = sample["text"].as_str().unwrap();
         let screen = screen_text(text);
@@ -43,6 +48,12 @@ fn screen_text_rules_and_model_match_the_prototype() {
             assert_eq!(f, ef, "{text}");
             assert!((w - ew).abs() < 1e-9, "{text}: {f} {w} vs {ew}");
         }
+        let z_gate = moat_sanitize::Gate::shipped().logit(&screen);
+        let expected_gate = sample["z_gate"].as_f64().unwrap();
+        assert!(
+            (z_gate - expected_gate).abs() < 1e-6,
+            "{text}: gate {z_gate} vs {expected_gate}"
+        );
         let p = model.probability(&screen);
         let expected_p = sample["p"].as_f64().unwrap();
         assert!(
