@@ -53,6 +53,7 @@ pub struct CacheLayer {
     clock: SharedClock,
     resolver: CallerResolver,
     body_limit: usize,
+    coalesce_wait: Duration,
 }
 
 impl CacheLayer {
@@ -72,6 +73,7 @@ impl CacheLayer {
             clock: clock::system(),
             resolver: CallerResolver::default(),
             body_limit: DEFAULT_BODY_LIMIT,
+            coalesce_wait: Duration::from_secs(30),
         }
     }
 
@@ -117,6 +119,14 @@ impl CacheLayer {
     /// deterministic or not.
     pub fn with_route(mut self, route: impl Into<String>) -> Self {
         self.routes.push(route.into());
+        self
+    }
+
+    /// How long an identical request waits for the reply a request in flight is making before
+    /// it calls the upstream itself (default 30 s: a follower of a long stream does not wait for
+    /// all of it).
+    pub fn with_coalesce_wait(mut self, wait: Duration) -> Self {
+        self.coalesce_wait = wait;
         self
     }
 
@@ -322,8 +332,10 @@ where
                     }
                 };
                 if let Some(mut rx) = waiting {
-                    // The leader's reply, once it ended (stored or not).
-                    let _ = rx.wait_for(|done| *done).await;
+                    // The leader's reply, once it ended (stored or not), or the upstream after
+                    // the longest wait.
+                    let _ =
+                        tokio::time::timeout(layer.coalesce_wait, rx.wait_for(|done| *done)).await;
                     if let Some(hit) = layer.lookup(&key, sse, include_usage).await {
                         return Ok(layer.replay(&mut req, hit));
                     }

@@ -38,6 +38,10 @@ pub struct CacheSpec {
     pub scope: CacheScope,
     /// Cache only deterministic requests (default true).
     pub only_deterministic: Option<bool>,
+    /// How long an identical request waits for one in flight before calling the upstream
+    /// itself (default 30s).
+    #[serde(default, with = "humantime_serde::option")]
+    pub coalesce_wait: Option<Duration>,
     /// Routes cached whatever their sampling settings, e.g. `["/v1/embeddings"]`.
     #[serde(default)]
     pub routes: Vec<String>,
@@ -79,6 +83,9 @@ impl CacheSpec {
             .with_only_deterministic(self.only_deterministic.unwrap_or(true));
         if let Some(ttl) = self.ttl {
             layer = layer.with_ttl(ttl);
+        }
+        if let Some(wait) = self.coalesce_wait {
+            layer = layer.with_coalesce_wait(wait);
         }
         if let Some(bytes) = self.max_entry_bytes {
             layer = layer.with_max_entry_bytes(bytes);

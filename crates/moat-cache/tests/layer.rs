@@ -269,3 +269,53 @@ async fn anthropic_streams_replay_as_json_and_embeddings_are_always_cached() {
     }
     assert_eq!(upstream.calls(), 2);
 }
+
+#[tokio::test]
+async fn followers_stop_waiting_after_the_coalesce_wait() {
+    // A leader whose upstream takes 3 s; followers that wait at most 20 ms call it themselves.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream = {
+        let calls = calls.clone();
+        service_fn(move |req: Request<_>| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let bytes = BodyExt::collect(req.into_body()).await.unwrap().to_bytes();
+                let (content_type, body) = chat_json(&serde_json::from_slice(&bytes).unwrap());
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("content-type", content_type)
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let service = layer()
+        .with_coalesce_wait(Duration::from_millis(20))
+        .layer(upstream);
+    let send = || {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let request = Request::post("/v1/chat/completions")
+                .header("x-api-key", "sk-test")
+                .body(Full::new(Bytes::from(ask("slow").to_string())))
+                .unwrap();
+            let response = service.oneshot(request).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        })
+    };
+    let leader = send();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let followers: Vec<_> = (0..3).map(|_| send()).collect();
+    for task in followers {
+        task.await.unwrap();
+    }
+    leader.await.unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "each follower called the upstream itself"
+    );
+}

@@ -1,14 +1,17 @@
-//! The canary: a random marker put at the start of the system prompt of each request. A model
+//! The canary: a secret marker put at the start of the system prompt of each request. A model
 //! that repeats it is repeating its instructions (an extraction attack that got past the
 //! screening): the reply is withheld from the marker on, streamed or not, and the leak is
 //! recorded and logged as an alert.
 //!
-//! The marker is unique per request, so the part of it sent before it was recognised (a
-//! streamed reply can split it) reveals nothing reusable.
+//! The marker is a keyed hash (a secret drawn when the layer is built) of the request's system
+//! text: unguessable, different for every system prompt, and the same for identical requests,
+//! so a response cache inside the layer still finds them identical.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+
+use moat_core::identity::Fingerprinter;
 
 use moat_core::decision::{Decision, Decisions, Outcome};
 use moat_core::llm::{LlmRequest, Source, WireFormat};
@@ -25,16 +28,30 @@ pub(crate) struct Canary {
     token: String,
 }
 
+/// A keyed hash with a secret drawn from the process's random hash keys (128 bits).
+pub(crate) fn random_key() -> Fingerprinter {
+    let word = || {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u8(0);
+        hasher.finish()
+    };
+    let mut secret = word().to_le_bytes().to_vec();
+    secret.extend_from_slice(&word().to_le_bytes());
+    Fingerprinter::new(&secret)
+}
+
 impl Canary {
-    /// A fresh marker: 128 bits from the process's random hash keys.
-    pub(crate) fn new() -> Self {
-        let word = || {
-            let mut hasher = RandomState::new().build_hasher();
-            hasher.write_u8(0);
-            hasher.finish()
-        };
+    /// The marker of `request`: the keyed hash of its system text.
+    pub(crate) fn of(key: &Fingerprinter, request: &LlmRequest) -> Self {
+        let mut system = Vec::new();
+        for (segment, text) in request.texts() {
+            if segment.source == Source::Instructions {
+                system.extend_from_slice(text.as_bytes());
+                system.push(0);
+            }
+        }
         Self {
-            token: format!("moat-canary-{:016x}{:016x}", word(), word()),
+            token: format!("moat-canary-{}", key.fingerprint(&system)),
         }
     }
 
@@ -207,9 +224,36 @@ impl Hook for CanaryHook {
 mod tests {
     use super::*;
 
+    fn canary(system: &str) -> Canary {
+        let body = serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": "hi"}]});
+        let request =
+            LlmRequest::parse(bytes::Bytes::from(body.to_string()), "/v1/chat/completions")
+                .unwrap();
+        Canary::of(&KEY, &request)
+    }
+
+    static KEY: std::sync::LazyLock<Fingerprinter> = std::sync::LazyLock::new(random_key);
+
+    #[test]
+    fn markers_are_secret_per_system_prompt_and_stable_for_identical_ones() {
+        assert_eq!(canary("Be brief.").token, canary("Be brief.").token);
+        assert_ne!(canary("Be brief.").token, canary("Be verbose.").token);
+        let other_key = random_key();
+        let body = serde_json::json!({"model": "m", "messages": [{"role": "system", "content": "Be brief."}]});
+        let request =
+            LlmRequest::parse(bytes::Bytes::from(body.to_string()), "/v1/chat/completions")
+                .unwrap();
+        assert_ne!(
+            Canary::of(&other_key, &request).token,
+            canary("Be brief.").token,
+            "another layer, another secret"
+        );
+    }
+
     #[test]
     fn a_marker_split_across_deltas_is_found_and_the_rest_withheld() {
-        let canary = Canary::new();
+        let canary = canary("Secret rules.");
         let token = canary.token.clone();
         let mut hook = canary.hook(None);
         let key = (0, 0, false);
@@ -235,7 +279,7 @@ mod tests {
 
     #[test]
     fn replies_without_the_marker_pass_and_tails_stay_short() {
-        let canary = Canary::new();
+        let canary = canary("Other rules.");
         let mut hook = canary.hook(None);
         for _ in 0..100 {
             assert_eq!(

@@ -8,6 +8,7 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
 use moat_core::decision::{Decision, Decisions, Outcome};
+use moat_core::identity::Fingerprinter;
 use moat_core::llm::UnknownPolicy;
 use moat_core::reject::{Protocol, Rejection};
 use moat_core::request::{read_llm_request, LlmBody};
@@ -34,7 +35,8 @@ pub struct SanitizeLayer {
     policy: Arc<Policy>,
     unknown: UnknownPolicy,
     body_limit: usize,
-    canary: bool,
+    /// The canary's secret, when the canary is on.
+    canary: Option<Fingerprinter>,
     classifier: Option<External>,
 }
 
@@ -51,7 +53,7 @@ impl SanitizeLayer {
             policy: Arc::new(policy),
             unknown: UnknownPolicy::default(),
             body_limit: DEFAULT_BODY_LIMIT,
-            canary: false,
+            canary: None,
             classifier: None,
         }
     }
@@ -81,15 +83,16 @@ impl SanitizeLayer {
         self
     }
 
-    /// Puts a random marker, new for each request, first in the system prompt (adding a system
-    /// prompt where the format has one and the request none) and watches the reply for it: a
+    /// Puts a secret marker (a keyed hash of the system prompt, the key drawn now) first in the
+    /// system prompt (adding a system prompt where the format has one and the request none)
+    /// and watches the reply for it: a
     /// model that repeats it is repeating its instructions, so the reply is withheld from the
     /// marker on (streamed: later text dropped and `finish_reason` set to `content_filter`;
     /// whole: the text cut there and a note put in its place), the leak counted in
     /// `moat_sanitize_canary_leaks_total`, logged as a warning and recorded as a decision.
     /// Not in [`Action::Shadow`], which changes nothing. Default off.
     pub fn with_canary(mut self, canary: bool) -> Self {
-        self.canary = canary;
+        self.canary = canary.then(crate::canary::random_key);
         self
     }
 
@@ -293,9 +296,16 @@ where
                     if let Some(rejection) = layer.judge(request.extensions(), &report) {
                         return reject(rejection);
                     }
-                    let canary = (layer.canary && layer.policy.current_action() != Action::Shadow)
-                        .then(Canary::new)
-                        .filter(|canary| llm.with(|r| canary.plant(r)));
+                    let canary = layer
+                        .canary
+                        .as_ref()
+                        .filter(|_| layer.policy.current_action() != Action::Shadow)
+                        .and_then(|key| {
+                            llm.with(|r| {
+                                let canary = Canary::of(key, r);
+                                canary.plant(r).then_some(canary)
+                            })
+                        });
                     (request, report.score, canary)
                 }
                 Ok(LlmBody::Unparsed(request)) => return call_through(&mut inner, request).await,

@@ -2237,3 +2237,33 @@ async fn two_gateways_share_a_redis_cache_and_survive_it_going_away() {
         "after redis went away"
     );
 }
+
+#[tokio::test]
+async fn the_canary_keeps_identical_requests_identical_for_the_cache() {
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "[upstream]\nbase_url = \"{}/v1\"\n[sanitize]\nallow_system_from_client = true\ncanary = true\n[cache]\nscope = \"global\"\n",
+        mock.url()
+    );
+    let gw = start(&config, &[]).await;
+    let body = json!({"model": "gpt-4o-mini", "temperature": 0, "messages": [
+        {"role": "system", "content": "You are Acme's support bot."},
+        {"role": "user", "content": "Where is my parcel?"}]});
+    let first = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(first.headers["x-moat-cache"], "miss");
+    let second = call(&gw.url, "POST", "/v1/chat/completions", &[], Some(body)).await;
+    assert_eq!(second.headers["x-moat-cache"], "hit");
+    // The provider saw the marker first in the system prompt; the client never does.
+    let sent = mock.requests();
+    assert_eq!(sent.len(), 1);
+    let system = sent[0].body["messages"][0]["content"].as_str().unwrap();
+    assert!(system.starts_with("[moat-canary-"), "{system}");
+    assert!(!String::from_utf8_lossy(second.body.as_ref().unwrap()).contains("moat-canary"));
+}
