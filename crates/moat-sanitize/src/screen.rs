@@ -133,8 +133,25 @@ fn decode_run(run: &str) -> Option<String> {
     (chars >= 12 && controls as f64 <= 0.05 * chars as f64).then_some(text)
 }
 
+/// Whether `bytes` holds a run of at least `min` bytes of `class`: a scan far cheaper than a
+/// regex, to skip one that cannot match.
+pub(crate) fn has_run(bytes: &[u8], min: usize, class: impl Fn(u8) -> bool) -> bool {
+    let mut run = 0;
+    for &b in bytes {
+        run = if class(b) { run + 1 } else { 0 };
+        if run >= min {
+            return true;
+        }
+    }
+    false
+}
+
 /// Every decodable base64 run replaced by its text (one level, no recursion).
 fn unbase64(raw: &str) -> std::borrow::Cow<'_, str> {
+    let base64 = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
+    if !has_run(raw.as_bytes(), 24, base64) {
+        return std::borrow::Cow::Borrowed(raw);
+    }
     BASE64_RUN.replace_all(raw, |caps: &regex::Captures<'_>| {
         let run = &caps[0];
         match decode_run(run) {
@@ -146,7 +163,21 @@ fn unbase64(raw: &str) -> std::borrow::Cow<'_, str> {
 
 /// Single letters or digits spaced out ("i g n o r e", four or more) joined up, where neither
 /// end touches another letter or digit.
-fn despace(text: &str) -> String {
+fn despace(text: &str) -> std::borrow::Cow<'_, str> {
+    // Four letters or digits with single spaces between them, or nothing to join.
+    let letter = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let spaced = text.as_bytes().windows(7).any(|w| {
+        letter(w[0])
+            && w[1] == b' '
+            && letter(w[2])
+            && w[3] == b' '
+            && letter(w[4])
+            && w[5] == b' '
+            && letter(w[6])
+    });
+    if !spaced {
+        return std::borrow::Cow::Borrowed(text);
+    }
     let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
@@ -173,7 +204,7 @@ fn despace(text: &str) -> String {
         from = end;
     }
     out.push_str(&text[copied..]);
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// Words that mix letters with the digits and symbols of leetspeak, read as letters.
