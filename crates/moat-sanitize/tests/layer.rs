@@ -131,7 +131,7 @@ async fn false_positive_traps_pass_untouched() {
     let layer = SanitizeLayer::default();
     let long_docs = [
         include_str!("../../moat-ratelimit/src/memory.rs"),
-        include_str!("../../../docs/PERFORMANCE.md"),
+        include_str!("../../moat-breaker/src/lib.rs"),
         include_str!("../../../docs/SECURITY.md"),
         include_str!("../../moat-core/src/request.rs"),
     ];
