@@ -934,11 +934,8 @@ entities = ["all"]
     );
 
     // A long benign request passes, and screening saw it before redaction changed it.
-    let readme = include_str!("../../../docs/PERFORMANCE.md");
-    let text = format!(
-        "Proofread this document; my email is jane@example.com.\n\n{}",
-        &readme[..readme.len().min(15_000)]
-    );
+    let source = include_str!("../../../crates/moat-ratelimit/src/memory.rs");
+    let text = format!("Review this code; my email is jane@example.com.\n\n{source}");
     let passed = post(chat(&text, false)).await;
     assert_eq!(passed.status, 200, "{:?}", passed.body);
     let sent = mock.requests();
