@@ -50,11 +50,19 @@ impl Entry {
     }
 }
 
-/// A `chat.completion` from the `chat.completion.chunk` events of a stream.
-fn chat_stream_to_json(body: &[u8]) -> Option<Value> {
+/// A reply from the chunks of an OpenAI stream (chat or legacy completions): the members that
+/// say what it is from the first chunk, the usage from the chunk that has it, and each choice
+/// started by `blank` (from its index) and grown by `fold` with every piece of it, the finish
+/// reason set last.
+fn openai_stream_to_json(
+    body: &[u8],
+    object: &str,
+    blank: impl Fn(usize) -> Value,
+    fold: impl Fn(&mut Value, &Value) -> Option<()>,
+) -> Option<Value> {
     let events = events(body)?;
-    let head = head_of(&events.first()?.1, OPENAI_HEAD);
-    let mut choices: Vec<Map<String, Value>> = Vec::new();
+    let mut reply = head_of(&events.first()?.1, OPENAI_HEAD);
+    let mut choices: Vec<Value> = Vec::new();
     let mut usage = Value::Null;
     for (_, chunk) in &events {
         if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
@@ -71,105 +79,123 @@ fn chat_stream_to_json(body: &[u8]) -> Option<Value> {
                 return None;
             }
             while choices.len() <= index {
-                let mut fresh = Map::new();
-                fresh.insert("index".into(), json!(choices.len()));
-                fresh.insert(
-                    "message".into(),
-                    json!({"role": "assistant", "content": null}),
-                );
-                fresh.insert("logprobs".into(), Value::Null);
-                fresh.insert("finish_reason".into(), Value::Null);
-                choices.push(fresh);
+                choices.push(blank(choices.len()));
             }
             let target = &mut choices[index];
+            fold(target, choice)?;
             if let Some(reason) = choice.get("finish_reason").filter(|r| !r.is_null()) {
-                target.insert("finish_reason".into(), reason.clone());
-            }
-            let Some(delta) = choice.get("delta") else {
-                continue;
-            };
-            let message = target.get_mut("message")?.as_object_mut()?;
-            for field in ["content", "refusal"] {
-                if let Some(text) = delta.get(field).and_then(Value::as_str) {
-                    let slot = message.entry(field).or_insert(Value::Null);
-                    let joined = format!("{}{text}", slot.as_str().unwrap_or(""));
-                    *slot = Value::String(joined);
-                }
-            }
-            for call in delta
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let at = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
-                let calls = message
-                    .entry("tool_calls")
-                    .or_insert_with(|| json!([]))
-                    .as_array_mut()?;
-                while calls.len() <= at {
-                    calls.push(json!({"id": null, "type": "function", "function": {"name": "", "arguments": ""}}));
-                }
-                let target = &mut calls[at];
-                for name in ["id", "type"] {
-                    if let Some(v) = call.get(name).filter(|v| !v.is_null()) {
-                        target[name] = v.clone();
-                    }
-                }
-                for name in ["name", "arguments"] {
-                    if let Some(piece) = call
-                        .pointer(&format!("/function/{name}"))
-                        .and_then(Value::as_str)
-                    {
-                        let joined =
-                            format!("{}{piece}", target["function"][name].as_str().unwrap_or(""));
-                        target["function"][name] = Value::String(joined);
-                    }
-                }
+                target["finish_reason"] = reason.clone();
             }
         }
     }
-    let mut reply = head;
-    reply.insert("object".into(), json!("chat.completion"));
-    reply.insert(
-        "choices".into(),
-        Value::Array(choices.into_iter().map(Value::Object).collect()),
-    );
+    reply.insert("object".into(), json!(object));
+    reply.insert("choices".into(), Value::Array(choices));
     if !usage.is_null() {
         reply.insert("usage".into(), usage);
     }
     Some(Value::Object(reply))
 }
 
+/// Appends `piece` to the string in `slot` (a null slot becomes the piece), in place.
+fn append(slot: &mut Value, piece: &str) {
+    match slot {
+        Value::String(text) => text.push_str(piece),
+        other => *other = Value::String(piece.to_owned()),
+    }
+}
+
+/// A `chat.completion` from the `chat.completion.chunk` events of a stream.
+fn chat_stream_to_json(body: &[u8]) -> Option<Value> {
+    let blank = |index: usize| {
+        json!({"index": index, "message": {"role": "assistant", "content": null},
+               "logprobs": null, "finish_reason": null})
+    };
+    openai_stream_to_json(body, "chat.completion", blank, |target, choice| {
+        let Some(delta) = choice.get("delta") else {
+            return Some(());
+        };
+        let message = target.get_mut("message")?.as_object_mut()?;
+        for field in ["content", "refusal"] {
+            if let Some(text) = delta.get(field).and_then(Value::as_str) {
+                append(message.entry(field).or_insert(Value::Null), text);
+            }
+        }
+        for call in delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let at = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let calls = message
+                .entry("tool_calls")
+                .or_insert_with(|| json!([]))
+                .as_array_mut()?;
+            while calls.len() <= at {
+                calls.push(json!({"id": null, "type": "function", "function": {"name": "", "arguments": ""}}));
+            }
+            let target = &mut calls[at];
+            for name in ["id", "type"] {
+                if let Some(v) = call.get(name).filter(|v| !v.is_null()) {
+                    target[name] = v.clone();
+                }
+            }
+            for name in ["name", "arguments"] {
+                if let Some(piece) = call
+                    .pointer(&format!("/function/{name}"))
+                    .and_then(Value::as_str)
+                {
+                    append(&mut target["function"][name], piece);
+                }
+            }
+        }
+        Some(())
+    })
+}
+
+/// The events of an OpenAI stream carrying a reply, written one chunk at a time: each chunk
+/// the reply's identifying members, `object` and its choices; then the usage when asked for
+/// and `[DONE]`.
+struct Chunks {
+    head: Map<String, Value>,
+    out: String,
+}
+
+impl Chunks {
+    fn new(reply: &Value, object: &str) -> Self {
+        let mut head = head_of(reply, OPENAI_HEAD);
+        head.insert("object".into(), json!(object));
+        Self {
+            head,
+            out: String::new(),
+        }
+    }
+
+    fn push(&mut self, choices: Value) {
+        let mut chunk = self.head.clone();
+        chunk.insert("choices".into(), choices);
+        self.out.push_str(&event(None, &Value::Object(chunk)));
+    }
+
+    fn finish(mut self, reply: &Value, include_usage: bool) -> Bytes {
+        if let Some(usage) = reply.get("usage").filter(|_| include_usage) {
+            let mut chunk = self.head.clone();
+            chunk.insert("choices".into(), json!([]));
+            chunk.insert("usage".into(), usage.clone());
+            self.out.push_str(&event(None, &Value::Object(chunk)));
+        }
+        self.out.push_str("data: [DONE]\n\n");
+        Bytes::from(self.out)
+    }
+}
+
 /// The events of a stream carrying a `chat.completion`: each choice's message in one delta, a
 /// last chunk with the finish reasons, the usage when asked for, then `[DONE]`.
 fn chat_json_to_stream(body: &[u8], include_usage: bool) -> Option<Bytes> {
     let reply: Value = serde_json::from_slice(body).ok()?;
-    let mut head = Map::new();
-    for name in [
-        "id",
-        "created",
-        "model",
-        "system_fingerprint",
-        "service_tier",
-    ] {
-        if let Some(v) = reply.get(name) {
-            head.insert(name.to_owned(), v.clone());
-        }
-    }
-    head.insert("object".into(), json!("chat.completion.chunk"));
-    let chunk = |choices: Value, usage: Option<&Value>| {
-        let mut c = head.clone();
-        c.insert("choices".into(), choices);
-        if let Some(usage) = usage {
-            c.insert("usage".into(), usage.clone());
-        }
-        event(None, &Value::Object(c))
-    };
-    let mut out = String::new();
-    let choices = reply.get("choices")?.as_array()?;
+    let mut chunks = Chunks::new(&reply, "chat.completion.chunk");
     let mut finishes = Vec::new();
-    for choice in choices {
+    for choice in reply.get("choices")?.as_array()? {
         let index = choice.get("index").cloned().unwrap_or(json!(0));
         let message = choice.get("message")?;
         let mut delta = Map::new();
@@ -191,20 +217,13 @@ fn chat_json_to_stream(body: &[u8], include_usage: bool) -> Option<Bytes> {
                 .collect();
             delta.insert("tool_calls".into(), Value::Array(indexed));
         }
-        out.push_str(&chunk(
+        chunks.push(
             json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}]),
-            None,
-        ));
+        );
         finishes.push(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": choice.get("finish_reason").cloned().unwrap_or(json!("stop"))}));
     }
-    out.push_str(&chunk(Value::Array(finishes), None));
-    if include_usage {
-        if let Some(usage) = reply.get("usage") {
-            out.push_str(&chunk(json!([]), Some(usage)));
-        }
-    }
-    out.push_str("data: [DONE]\n\n");
-    Some(Bytes::from(out))
+    chunks.push(Value::Array(finishes));
+    Some(chunks.finish(&reply, include_usage))
 }
 
 /// The JSON data of every event of a stream (up to `[DONE]`), with its event name.
@@ -236,86 +255,43 @@ fn head_of(value: &Value, names: &[&str]) -> Map<String, Value> {
         .collect()
 }
 
-const OPENAI_HEAD: &[&str] = &["id", "created", "model", "system_fingerprint"];
+const OPENAI_HEAD: &[&str] = &[
+    "id",
+    "created",
+    "model",
+    "system_fingerprint",
+    "service_tier",
+];
 
 /// A `text_completion` from the chunks of a legacy completions stream.
 fn completions_stream_to_json(body: &[u8]) -> Option<Value> {
-    let events = events(body)?;
-    let mut reply = head_of(&events.first()?.1, OPENAI_HEAD);
-    let mut choices: Vec<Value> = Vec::new();
-    let mut usage = Value::Null;
-    for (_, chunk) in &events {
-        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
-            usage = u.clone();
+    let blank =
+        |index: usize| json!({"text": "", "index": index, "logprobs": null, "finish_reason": null});
+    openai_stream_to_json(body, "text_completion", blank, |target, choice| {
+        if let Some(text) = choice.get("text").and_then(Value::as_str) {
+            append(&mut target["text"], text);
         }
-        for choice in chunk
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
-            if index > 1024 {
-                return None;
-            }
-            while choices.len() <= index {
-                choices.push(json!({"text": "", "index": choices.len(), "logprobs": null, "finish_reason": null}));
-            }
-            let target = &mut choices[index];
-            if let Some(text) = choice.get("text").and_then(Value::as_str) {
-                let joined = format!("{}{text}", target["text"].as_str().unwrap_or(""));
-                target["text"] = Value::String(joined);
-            }
-            if let Some(reason) = choice.get("finish_reason").filter(|r| !r.is_null()) {
-                target["finish_reason"] = reason.clone();
-            }
-        }
-    }
-    reply.insert("object".into(), json!("text_completion"));
-    reply.insert("choices".into(), Value::Array(choices));
-    if !usage.is_null() {
-        reply.insert("usage".into(), usage);
-    }
-    Some(Value::Object(reply))
+        Some(())
+    })
 }
 
 /// The chunks of a stream carrying a `text_completion`.
 fn completions_json_to_stream(body: &[u8], include_usage: bool) -> Option<Bytes> {
     let reply: Value = serde_json::from_slice(body).ok()?;
-    let mut head = head_of(&reply, OPENAI_HEAD);
-    head.insert("object".into(), json!("text_completion"));
-    let chunk = |choices: Value, usage: Option<&Value>| {
-        let mut c = head.clone();
-        c.insert("choices".into(), choices);
-        if let Some(usage) = usage {
-            c.insert("usage".into(), usage.clone());
-        }
-        event(None, &Value::Object(c))
-    };
-    let mut out = String::new();
+    let mut chunks = Chunks::new(&reply, "text_completion");
     for choice in reply.get("choices")?.as_array()? {
         let index = choice.get("index").cloned().unwrap_or(json!(0));
         let text = choice.get("text").cloned().unwrap_or(json!(""));
-        out.push_str(&chunk(
-            json!([{"text": text, "index": index, "logprobs": null, "finish_reason": null}]),
-            None,
-        ));
+        chunks
+            .push(json!([{"text": text, "index": index, "logprobs": null, "finish_reason": null}]));
         let reason = choice
             .get("finish_reason")
             .cloned()
             .unwrap_or(json!("stop"));
-        out.push_str(&chunk(
-            json!([{"text": "", "index": index, "logprobs": null, "finish_reason": reason}]),
-            None,
-        ));
+        chunks
+            .push(json!([{"text": "", "index": index, "logprobs": null, "finish_reason": reason}]));
     }
-    if include_usage {
-        if let Some(usage) = reply.get("usage") {
-            out.push_str(&chunk(json!([]), Some(usage)));
-        }
-    }
-    out.push_str("data: [DONE]\n\n");
-    Some(Bytes::from(out))
+    Some(chunks.finish(&reply, include_usage))
 }
 
 /// The response a Responses stream ends with: its `response.completed` event holds it whole.
@@ -414,8 +390,7 @@ fn anthropic_stream_to_json(body: &[u8]) -> Option<Value> {
                 let (block, json) = (blocks.get_mut(index)?, partial_json.get_mut(index)?);
                 let delta = data.get("delta")?;
                 if let Some(text) = delta.get("text").and_then(Value::as_str) {
-                    let joined = format!("{}{text}", block["text"].as_str().unwrap_or(""));
-                    block["text"] = Value::String(joined);
+                    append(&mut block["text"], text);
                 }
                 if let Some(piece) = delta.get("partial_json").and_then(Value::as_str) {
                     json.push_str(piece);
