@@ -270,7 +270,7 @@ where
                 Ok(LlmBody::Parsed { request, llm }) => (request, llm),
                 Ok(LlmBody::Unparsed(request)) => {
                     let response = inner.call(request).await?;
-                    return Ok(response.map(|b| ResponseBody::plain(CoreBody::inner(b))));
+                    return Ok(response.map(ResponseBody::passed));
                 }
                 Err(rejection) => {
                     let response = rejection.with_layer("cache").into_response(protocol);
@@ -299,10 +299,7 @@ where
             else {
                 record(req.extensions(), "bypass");
                 let response = inner.call(req).await?;
-                return Ok(labelled(
-                    response.map(|b| ResponseBody::plain(CoreBody::inner(b))),
-                    "bypass",
-                ));
+                return Ok(labelled(response.map(ResponseBody::passed), "bypass"));
             };
 
             // A reply in the store, or one a request in flight is making.

@@ -29,6 +29,12 @@ macro_rules! layer_response_body {
             pub(crate) fn plain(body: $crate::body::ResponseBody<B>) -> Self {
                 Self::new($crate::response::ViewBody::plain(body))
             }
+
+            /// The inner service's body, passed through untouched.
+            #[allow(dead_code)]
+            pub(crate) fn passed(body: B) -> Self {
+                Self::plain($crate::body::ResponseBody::inner(body))
+            }
         }
 
         impl<B> ::std::fmt::Debug for ResponseBody<B> {

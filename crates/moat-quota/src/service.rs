@@ -993,13 +993,13 @@ where
             {
                 Ok(LlmBody::Parsed { request, llm }) => (request, llm),
                 Ok(LlmBody::Unparsed(request)) => {
-                    return Ok(inner.call(request).await?.map(plain));
+                    return Ok(inner.call(request).await?.map(ResponseBody::passed));
                 }
                 Err(rejection) => return Ok(rejected(rejection, protocol)),
             };
             let plan = match quota.plan(&llm, &RequestHead::of(&req), &caller) {
                 Ok(Some(plan)) => plan,
-                Ok(None) => return Ok(inner.call(req).await?.map(plain)),
+                Ok(None) => return Ok(inner.call(req).await?.map(ResponseBody::passed)),
                 Err(rejection) => return Ok(rejected(rejection, protocol)),
             };
             let tickets = match quota.admit(&plan, req.extensions()).await {
@@ -1047,11 +1047,6 @@ where
             Ok(hooks.view(response).map(ResponseBody::new))
         })
     }
-}
-
-/// The inner service's body, passed through.
-fn plain<B>(body: B) -> ResponseBody<B> {
-    ResponseBody::plain(CoreBody::inner(body))
 }
 
 /// One budget's state for a caller.

@@ -297,7 +297,7 @@ fn finish<B: Body<Data = Bytes>>(
         Some(hooks) => hooks
             .view(response.map(CoreBody::inner))
             .map(ResponseBody::new),
-        None => response.map(|body| ResponseBody::plain(CoreBody::inner(body))),
+        None => response.map(ResponseBody::passed),
     }
 }
 

@@ -308,7 +308,9 @@ where
                         });
                     (request, report.score, canary)
                 }
-                Ok(LlmBody::Unparsed(request)) => return call_through(&mut inner, request).await,
+                Ok(LlmBody::Unparsed(request)) => {
+                    return Ok(inner.call(request).await?.map(ResponseBody::passed))
+                }
                 Err(rejection) => return reject(rejection),
             };
             let annotation = (layer.policy.current_action() == Action::Annotate)
@@ -341,18 +343,4 @@ where
         };
         ResponseFuture::new(future)
     }
-}
-
-/// A request with nothing to screen, handed on.
-async fn call_through<S, ReqBody, ResBody>(
-    inner: &mut S,
-    request: Request<RequestBody<ReqBody>>,
-) -> Result<Response<ResponseBody<ResBody>>, S::Error>
-where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
-{
-    Ok(inner
-        .call(request)
-        .await?
-        .map(|body| ResponseBody::plain(CoreBody::inner(body))))
 }
