@@ -504,22 +504,25 @@ impl Policy {
         if provenance != Provenance::System && exfil::exfiltration(text) {
             found(FindingKind::Exfiltration);
         }
+        // The text without its hidden characters, when it has some: what deny patterns also
+        // read (so hidden characters cannot split a match), and what `strip` sends on.
+        let stripped = (!hidden.is_empty()).then(|| strip_hidden(text).into_owned());
         if let Some(deny) = &self.deny.0 {
-            let stripped = strip_hidden(text);
             let first = deny
                 .matches(text)
-                .iter()
-                .chain(deny.matches(&stripped).iter())
+                .into_iter()
+                .chain(stripped.iter().flat_map(|s| deny.matches(s).into_iter()))
                 .min();
             if let Some(pattern) = first {
                 found(FindingKind::Denied { pattern });
             }
         }
         report.score = report.score.max(score);
-        (self.action == Action::Strip && !hidden.is_empty()).then(|| {
+        if self.action == Action::Strip && stripped.is_some() {
             report.stripped += hidden.len();
-            strip_hidden(text).into_owned()
-        })
+            return stripped;
+        }
+        None
     }
 
     /// Adds a finding for each cap the prompt is over.

@@ -105,13 +105,13 @@ impl SanitizeLayer {
                 .increment(1);
         }
         let refusals: Vec<&Finding> = report.refusals(action).collect();
-        let score = format!("{:.2}", report.score);
+        let score = || format!("{:.2}", report.score);
         let Some(first) = refusals.first() else {
             let decision = match report.findings.first() {
                 // The common case: nothing to say but the score, and only if someone records.
                 None if !Decisions::is_recording(extensions) => return None,
                 None => Decision::new("sanitize", Outcome::Allowed)
-                    .with_detail(format!("score {score}")),
+                    .with_detail(format!("score {}", score())),
                 Some(first) => {
                     let outcome = match action {
                         Action::Shadow => Outcome::ShadowRejected {
@@ -123,7 +123,7 @@ impl SanitizeLayer {
                         _ => Outcome::Allowed,
                     };
                     let why = reasons(report.findings.iter());
-                    tracing::info!(target: "moat::sanitize", action = action.as_str(), score = %score, findings = %why, "prompt let through with findings");
+                    tracing::info!(target: "moat::sanitize", action = action.as_str(), score = %score(), findings = %why, "prompt let through with findings");
                     Decision::new("sanitize", outcome)
                         .with_rule(first.kind.name())
                         .with_detail(why)
@@ -134,7 +134,7 @@ impl SanitizeLayer {
         };
         let code = code_of(refusals.iter().copied());
         let why = reasons(refusals.iter().copied());
-        tracing::info!(target: "moat::sanitize", score = %score, reasons = %why, "prompt rejected");
+        tracing::info!(target: "moat::sanitize", score = %score(), reasons = %why, "prompt rejected");
         Decisions::record(
             extensions,
             Decision::new(
