@@ -24,6 +24,8 @@
 //! - [`clock`]: injectable time.
 //! - [`kit`]: what every layer's configuration shares: a [`Scope`](kit::Scope) per rule, budget
 //!   or policy, the common [`LayerOptions`](kit::LayerOptions), and states kept by name.
+//! - [`text`]: character folding text scanners share (invisible characters, lookalikes,
+//!   leetspeak).
 //! - [`store`]: the failure policy of shared stores, and (feature `redis`) their Redis connection.
 //!
 //! # Example
@@ -81,6 +83,7 @@ pub mod request;
 pub mod response;
 pub mod sse;
 pub mod store;
+pub mod text;
 pub mod tokens;
 pub mod usage;
 

@@ -8,80 +8,9 @@ use std::sync::LazyLock;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
+use moat_core::text::{deleet_char, fold_lookalike, is_invisible};
 use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
-
-/// Characters that render as nothing: removed before anything is matched.
-const INVISIBLE: &[char] = &[
-    '\u{00ad}', '\u{034f}', '\u{061c}', '\u{115f}', '\u{1160}', '\u{17b4}', '\u{17b5}', '\u{180e}',
-    '\u{200b}', '\u{200c}', '\u{200d}', '\u{200e}', '\u{200f}', '\u{202a}', '\u{202b}', '\u{202c}',
-    '\u{202d}', '\u{202e}', '\u{2060}', '\u{2061}', '\u{2062}', '\u{2063}', '\u{2064}', '\u{2066}',
-    '\u{2067}', '\u{2068}', '\u{2069}', '\u{206a}', '\u{206b}', '\u{206c}', '\u{206d}', '\u{206e}',
-    '\u{206f}', '\u{3164}', '\u{feff}', '\u{ffa0}',
-];
-
-/// Cyrillic and Greek letters that look like Latin ones (after NFKC, before lower-casing).
-fn confusable(c: char) -> Option<char> {
-    Some(match c {
-        'а' => 'a',
-        'А' => 'A',
-        'в' => 'b',
-        'В' => 'B',
-        'с' => 'c',
-        'С' => 'C',
-        'е' => 'e',
-        'Е' => 'E',
-        'н' => 'h',
-        'Н' => 'H',
-        'і' => 'i',
-        'І' => 'I',
-        'ј' => 'j',
-        'Ј' => 'J',
-        'к' => 'k',
-        'К' => 'K',
-        'м' => 'm',
-        'М' => 'M',
-        'о' => 'o',
-        'О' => 'O',
-        'р' => 'p',
-        'Р' => 'P',
-        'ѕ' => 's',
-        'Ѕ' => 'S',
-        'т' => 't',
-        'Т' => 'T',
-        'х' => 'x',
-        'Х' => 'X',
-        'у' => 'y',
-        'У' => 'Y',
-        'һ' => 'h',
-        'ԁ' => 'd',
-        'ԛ' => 'q',
-        'ԝ' => 'w',
-        'Α' => 'A',
-        'Β' => 'B',
-        'Ε' => 'E',
-        'Ζ' => 'Z',
-        'Η' => 'H',
-        'Ι' => 'I',
-        'Κ' => 'K',
-        'Μ' => 'M',
-        'Ν' => 'N',
-        'Ο' => 'O',
-        'Ρ' => 'P',
-        'Τ' => 'T',
-        'Υ' => 'Y',
-        'Χ' => 'X',
-        'ο' => 'o',
-        'α' => 'a',
-        'ι' => 'i',
-        'κ' => 'k',
-        'ν' => 'v',
-        'ρ' => 'p',
-        'υ' => 'u',
-        'χ' => 'x',
-        _ => return None,
-    })
-}
 
 /// NFKC, invisible characters removed, lookalikes folded, lower case.
 pub(crate) fn normalise(text: &str) -> String {
@@ -91,8 +20,8 @@ pub(crate) fn normalise(text: &str) -> String {
     }
     let folded: String = text
         .nfkc()
-        .filter(|c| !INVISIBLE.contains(c))
-        .map(|c| confusable(c).unwrap_or(c))
+        .filter(|&c| !is_invisible(c))
+        .map(fold_lookalike)
         .collect();
     folded.to_lowercase()
 }
@@ -215,20 +144,7 @@ fn deleet(text: &str) -> std::borrow::Cow<'_, str> {
     LEET_TOKEN.replace_all(text, |caps: &regex::Captures<'_>| {
         let word = &caps[0];
         if word.contains(['0', '1', '3', '4', '5', '7', '9', '@', '$']) {
-            word.chars()
-                .map(|c| match c {
-                    '0' => 'o',
-                    '1' => 'i',
-                    '3' => 'e',
-                    '4' => 'a',
-                    '5' => 's',
-                    '7' => 't',
-                    '9' => 'g',
-                    '@' => 'a',
-                    '$' => 's',
-                    c => c,
-                })
-                .collect()
+            word.chars().map(|c| deleet_char(c).unwrap_or(c)).collect()
         } else {
             word.to_owned()
         }

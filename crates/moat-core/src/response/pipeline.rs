@@ -196,6 +196,7 @@ impl Hooks {
             status: parts.status.as_u16(),
             from_cache,
             ended: false,
+            ending: None,
             decoded: metrics::counter!("moat_response_events_total"),
         });
         // An empty body is never polled: it is complete already.
@@ -221,6 +222,7 @@ pub struct StreamEvent<'a> {
     removed: bool,
     rewritable: bool,
     out: &'a mut BytesMut,
+    ending: &'a mut Option<Bytes>,
 }
 
 impl fmt::Debug for StreamEvent<'_> {
@@ -309,6 +311,22 @@ impl<'a> StreamEvent<'a> {
     /// Whether a hook removed it.
     pub fn is_removed(&self) -> bool {
         self.removed
+    }
+
+    /// Ends the stream after this event: nothing more is read from the body (the upstream is
+    /// dropped with it), every hook's [`on_stream_end`](Hook::on_stream_end) runs, and `tail`
+    /// is sent last (e.g. a closing event in the client's protocol). Hooks outer to this one
+    /// still see this event. The hooks are told the response [`Completed`](BodyOutcome::Completed)
+    /// with the usage seen so far. The first hook to end the stream decides the tail.
+    pub fn end_stream(&mut self, tail: Bytes) {
+        if self.check_rewritable() && self.ending.is_none() {
+            *self.ending = Some(tail);
+        }
+    }
+
+    /// Whether a hook ended the stream at this event.
+    pub fn is_ending(&self) -> bool {
+        self.ending.is_some()
     }
 
     /// Sends the event: as it came, re-encoded with its edits, or not at all.
@@ -432,6 +450,8 @@ struct Pipeline {
     /// A cache answered: said in the report.
     from_cache: bool,
     ended: bool,
+    /// A hook ended the stream: the tail to send last.
+    ending: Option<Bytes>,
     decoded: metrics::Counter,
 }
 
@@ -455,6 +475,7 @@ impl Pipeline {
             removed: false,
             rewritable: self.interest.rewrite,
             out: &mut self.out,
+            ending: &mut self.ending,
         };
         for hook in &mut self.hooks {
             hook.on_event(&mut event);
@@ -484,8 +505,16 @@ impl Pipeline {
                 }
                 for event in events.drain(..) {
                     self.event(&event);
+                    if self.ending.is_some() {
+                        break;
+                    }
                 }
+                events.clear();
                 self.events = events;
+                if self.ending.is_some() {
+                    self.end(BodyOutcome::Completed);
+                    return None;
+                }
                 (!self.interest.rewrite).then_some(data)
             }
             Reader::Json { buf, overflow } => {
@@ -531,12 +560,20 @@ impl Pipeline {
         let sending = outcome == BodyOutcome::Completed;
         match std::mem::replace(&mut self.reader, Reader::Other) {
             Reader::Sse(mut decoder) => {
-                for event in decoder.finish() {
-                    self.event(&event);
+                if self.ending.is_none() {
+                    for event in decoder.finish() {
+                        self.event(&event);
+                        if self.ending.is_some() {
+                            break;
+                        }
+                    }
                 }
                 if self.interest.rewrite && sending {
                     for hook in &mut self.hooks {
                         hook.on_stream_end(&mut self.out);
+                    }
+                    if let Some(tail) = self.ending.take() {
+                        self.out.extend_from_slice(&tail);
                     }
                 }
             }

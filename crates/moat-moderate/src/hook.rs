@@ -1,0 +1,517 @@
+//! Moderating one reply on the shared response path: streamed events as they pass, or the
+//! whole JSON reply.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use moat_core::decision::{Decision, Decisions, Outcome};
+use moat_core::llm::WireFormat;
+use moat_core::response::{DeltaKind, Hook, Interest, JsonReply, StreamEvent, TextDelta};
+use moat_core::sse::SseEvent;
+use moat_core::usage::UsageReport;
+use serde_json::{json, Value};
+
+use crate::category::Scores;
+use crate::policy::{Action, Policy};
+use crate::scan::{check_text, mask_spans, Flag, Scan};
+
+/// Where a streamed text is: the choice (or output item), the content block (or part), and the
+/// tool call whose arguments it is.
+type StreamKey = (u32, u32, Option<u32>);
+
+fn stream_key(delta: &TextDelta<'_>) -> StreamKey {
+    let tool = match delta.kind {
+        DeltaKind::ToolArguments { index } => Some(index),
+        _ => None,
+    };
+    (delta.choice, delta.part, tool)
+}
+
+/// JSON members that hold no model output: not moderated.
+const NOT_OUTPUT: &[&str] = &[
+    "id",
+    "object",
+    "model",
+    "role",
+    "type",
+    "finish_reason",
+    "stop_reason",
+    "stop_sequence",
+    "system_fingerprint",
+    "created",
+    "created_at",
+    "status",
+    "call_id",
+    "tool_call_id",
+    "name",
+    "service_tier",
+    "logprobs",
+    "usage",
+    "index",
+    "encrypted_content",
+    // Echoes of the request in a Responses object.
+    "instructions",
+    "tools",
+    "tool_choice",
+    "metadata",
+    "user",
+    "prompt",
+];
+
+/// What one reply went through, for the decision and metrics at its end.
+#[derive(Debug, Default)]
+struct Findings {
+    flags: Vec<Flag>,
+    scores: Scores,
+    blocked: bool,
+    masked: usize,
+}
+
+impl Findings {
+    fn take(&mut self, scan: &Scan) {
+        self.scores.merge(&scan.scores());
+        for flag in scan.flags() {
+            if !self.flags.iter().any(|f| f.category == flag.category) {
+                self.flags.push(flag.clone());
+            }
+        }
+    }
+}
+
+/// Moderates one reply: the [`Hook`] a [`Moderate`](crate::Moderate) service attaches.
+pub(crate) struct ReplyHook {
+    policy: Arc<Policy>,
+    format: WireFormat,
+    streams: BTreeMap<StreamKey, Scan>,
+    /// OpenAI choices seen and not finished.
+    open_choices: BTreeSet<u32>,
+    /// The Responses API's `response` object, from `response.created`.
+    response: Option<Value>,
+    findings: Findings,
+    decisions: Option<Decisions>,
+}
+
+impl ReplyHook {
+    pub(crate) fn new(
+        policy: Arc<Policy>,
+        format: WireFormat,
+        decisions: Option<Decisions>,
+    ) -> Self {
+        Self {
+            policy,
+            format,
+            streams: BTreeMap::new(),
+            open_choices: BTreeSet::new(),
+            response: None,
+            findings: Findings::default(),
+            decisions,
+        }
+    }
+
+    fn scan(&mut self, key: StreamKey) -> &mut Scan {
+        let mode = self.policy.stream_mode;
+        self.streams.entry(key).or_insert_with(|| Scan::new(mode))
+    }
+
+    /// Ends a text stream: what it still holds, and whether it blocked.
+    fn finish(&mut self, key: StreamKey) -> (String, bool) {
+        let Some(mut scan) = self.streams.remove(&key) else {
+            return (String::new(), false);
+        };
+        let rest = scan.finish(&self.policy);
+        let blocked = scan.is_blocked();
+        // Kept: a Responses `*.done` event repeats the text, masked the same way.
+        self.streams.insert(key, scan);
+        (rest, blocked)
+    }
+
+    /// The event that carries text a stream still held, in the reply's protocol.
+    fn held_event(&self, key: StreamKey, text: &str) -> Bytes {
+        let (choice, part, tool) = key;
+        let (name, data) = match (self.format, tool) {
+            (WireFormat::AnthropicMessages, None) => (
+                Some("content_block_delta"),
+                json!({"type": "content_block_delta", "index": part, "delta": {"type": "text_delta", "text": text}}),
+            ),
+            (WireFormat::AnthropicMessages, Some(_)) => (
+                Some("content_block_delta"),
+                json!({"type": "content_block_delta", "index": part, "delta": {"type": "input_json_delta", "partial_json": text}}),
+            ),
+            (WireFormat::Responses, None) => (
+                Some("response.output_text.delta"),
+                json!({"type": "response.output_text.delta", "output_index": choice, "content_index": part, "delta": text}),
+            ),
+            (WireFormat::Responses, Some(_)) => (
+                Some("response.function_call_arguments.delta"),
+                json!({"type": "response.function_call_arguments.delta", "output_index": choice, "delta": text}),
+            ),
+            (WireFormat::Completions, _) => (
+                None,
+                json!({"object": "text_completion", "choices": [{"index": choice, "text": text, "finish_reason": null}]}),
+            ),
+            (_, None) => (
+                None,
+                json!({"object": "chat.completion.chunk", "choices": [{"index": choice, "delta": {"content": text}, "finish_reason": null}]}),
+            ),
+            (_, Some(call)) => (
+                None,
+                json!({"object": "chat.completion.chunk", "choices": [{"index": choice, "delta": {"tool_calls": [{"index": call, "function": {"arguments": text}}]}, "finish_reason": null}]}),
+            ),
+        };
+        Bytes::copy_from_slice(SseEvent::new(name, &data.to_string()).raw())
+    }
+
+    /// Ends the text streams `keys` before `event`: what they held goes out first (appended to
+    /// the event's own delta for that stream when it has one). Whether one blocked.
+    fn finish_before(&mut self, event: &mut StreamEvent<'_>, keys: Vec<StreamKey>) -> bool {
+        for key in keys {
+            let (rest, blocked) = self.finish(key);
+            if !rest.is_empty() {
+                let own = event.deltas().iter().position(|d| stream_key(d) == key);
+                match own {
+                    Some(i) => {
+                        let text = format!("{}{rest}", event.deltas()[i].text);
+                        event.set_delta(i, text);
+                    }
+                    None => {
+                        let held = self.held_event(key, &rest);
+                        event.insert_before(&held);
+                    }
+                }
+            }
+            if blocked {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The stream is blocked at `event`: it ends here, in the client's protocol.
+    fn block(&mut self, event: &mut StreamEvent<'_>) {
+        self.findings.blocked = true;
+        let message = &self.policy.message;
+        let tail = match self.format {
+            WireFormat::AnthropicMessages => SseEvent::new(
+                Some("error"),
+                &json!({"type": "error", "error": {"type": "content_filter", "message": message}})
+                    .to_string(),
+            )
+            .raw()
+            .to_vec(),
+            WireFormat::Responses => {
+                let mut response = self
+                    .response
+                    .clone()
+                    .unwrap_or_else(|| json!({"object": "response"}));
+                if let Some(r) = response.as_object_mut() {
+                    r.insert("status".into(), json!("incomplete"));
+                    r.insert(
+                        "incomplete_details".into(),
+                        json!({"reason": "content_filter"}),
+                    );
+                    r.insert("output".into(), json!([]));
+                }
+                SseEvent::new(
+                    Some("response.incomplete"),
+                    &json!({"type": "response.incomplete", "response": response}).to_string(),
+                )
+                .raw()
+                .to_vec()
+            }
+            _ => {
+                let head = event.sse().json().unwrap_or(Value::Null);
+                let mut chunk = serde_json::Map::new();
+                for field in ["id", "object", "created", "model"] {
+                    if let Some(v) = head.get(field) {
+                        chunk.insert(field.into(), v.clone());
+                    }
+                }
+                let completions = self.format == WireFormat::Completions;
+                let mut choices: Vec<u32> = self.open_choices.iter().copied().collect();
+                if choices.is_empty() {
+                    choices.push(0);
+                }
+                let choices: Vec<Value> = choices
+                    .into_iter()
+                    .map(|index| {
+                        if completions {
+                            json!({"index": index, "text": "", "finish_reason": "content_filter"})
+                        } else {
+                            json!({"index": index, "delta": {}, "finish_reason": "content_filter"})
+                        }
+                    })
+                    .collect();
+                chunk.insert("choices".into(), Value::Array(choices));
+                let mut out = SseEvent::new(None, &Value::Object(chunk).to_string())
+                    .raw()
+                    .to_vec();
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                out
+            }
+        };
+        event.end_stream(Bytes::from(tail));
+    }
+
+    /// Every output string of `value` checked as a whole text: masked in place, or blocked.
+    fn check_json(&mut self, value: &mut Value) -> bool {
+        let mut changed = false;
+        match value {
+            Value::String(text) => {
+                let (out, scan) = check_text(text, &self.policy);
+                self.findings.take(&scan);
+                self.findings.masked += scan.masked().len();
+                if scan.is_blocked() {
+                    self.findings.blocked = true;
+                } else if out != *text {
+                    *text = out;
+                    changed = true;
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    changed |= self.check_json(item);
+                }
+            }
+            Value::Object(map) => {
+                for (key, item) in map.iter_mut() {
+                    if !NOT_OUTPUT.contains(&key.as_str()) {
+                        changed |= self.check_json(item);
+                    }
+                }
+            }
+            _ => {}
+        }
+        changed
+    }
+
+    /// A whole reply replaced by the policy's message, in its API's shape.
+    fn replace(&self, doc: &mut Value) {
+        let message = self.policy.message.as_str();
+        match self.format {
+            WireFormat::AnthropicMessages => {
+                doc["content"] = json!([{"type": "text", "text": message}]);
+                doc["stop_reason"] = json!("refusal");
+            }
+            WireFormat::Responses => {
+                doc["output"] = json!([{"type": "message", "id": "msg_moderated", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": message, "annotations": []}]}]);
+                doc["status"] = json!("incomplete");
+                doc["incomplete_details"] = json!({"reason": "content_filter"});
+                if doc.get("output_text").is_some() {
+                    doc["output_text"] = json!(message);
+                }
+            }
+            format => {
+                let Some(choices) = doc.get_mut("choices").and_then(Value::as_array_mut) else {
+                    *doc = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": message}, "finish_reason": "content_filter"}]});
+                    return;
+                };
+                for choice in choices {
+                    if format == WireFormat::Completions {
+                        choice["text"] = json!(message);
+                    } else {
+                        choice["message"] = json!({"role": "assistant", "content": message});
+                    }
+                    choice["finish_reason"] = json!("content_filter");
+                }
+            }
+        }
+    }
+
+    /// Strings of an event that repeats text already streamed (`*.done`, `response.completed`):
+    /// masked as the stream was.
+    fn mask_repeats(&mut self, event: &mut StreamEvent<'_>) {
+        if self.streams.values().all(|s| s.masked().is_empty()) {
+            return;
+        }
+        let policy = self.policy.clone();
+        event.edit_json(|doc| {
+            let mut changed = false;
+            mask_strings(doc, &policy, &mut changed);
+            changed
+        });
+    }
+}
+
+fn mask_strings(value: &mut Value, policy: &Policy, changed: &mut bool) {
+    match value {
+        Value::String(text) => {
+            let (_, scan) = check_text(text, policy);
+            if !scan.masked().is_empty() {
+                *text = mask_spans(text, scan.masked());
+                *changed = true;
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|v| mask_strings(v, policy, changed)),
+        Value::Object(map) => {
+            for (key, item) in map.iter_mut() {
+                if !NOT_OUTPUT.contains(&key.as_str()) {
+                    mask_strings(item, policy, changed);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+impl Hook for ReplyHook {
+    fn interest(&self) -> Interest {
+        // Output too large to read must not reach the client unchecked.
+        Interest::REWRITE.fail_closed()
+    }
+
+    fn on_event(&mut self, event: &mut StreamEvent<'_>) {
+        if event.is_done() {
+            let keys: Vec<StreamKey> = self.streams.keys().copied().collect();
+            if self.finish_before(event, keys) {
+                self.block(event);
+            }
+            return;
+        }
+        if event.view().kind() == Some("response.created") {
+            self.response = event
+                .sse()
+                .json()
+                .and_then(|mut d| d.get_mut("response").map(Value::take));
+        }
+        for i in 0..event.deltas().len() {
+            let delta = &event.deltas()[i];
+            let key = stream_key(delta);
+            self.open_choices.insert(delta.choice);
+            let text = delta.text.to_string();
+            let policy = self.policy.clone();
+            let scan = self.scan(key);
+            let out = scan.push(&text, &policy);
+            let blocked = scan.is_blocked();
+            event.set_delta(i, out);
+            if blocked {
+                return self.block(event);
+            }
+        }
+        let kind = event.view().kind().map(str::to_owned);
+        let (output, part) = event.view().position();
+        let blocked = match kind.as_deref() {
+            None => {
+                let finished: Vec<u32> = event.view().finish_reasons().map(|(c, _)| c).collect();
+                let keys: Vec<StreamKey> = self
+                    .streams
+                    .keys()
+                    .copied()
+                    .filter(|k| finished.contains(&k.0))
+                    .collect();
+                for c in &finished {
+                    self.open_choices.remove(c);
+                }
+                self.finish_before(event, keys)
+            }
+            Some("content_block_stop") => {
+                self.finish_before(event, vec![(0, part, None), (0, part, Some(part))])
+            }
+            Some("response.output_text.done") => {
+                let blocked = self.finish_before(event, vec![(output, part, None)]);
+                self.mask_repeats(event);
+                blocked
+            }
+            Some("response.function_call_arguments.done") => {
+                let blocked = self.finish_before(event, vec![(output, 0, Some(output))]);
+                self.mask_repeats(event);
+                blocked
+            }
+            Some(
+                "response.content_part.done" | "response.output_item.done" | "response.completed",
+            ) => {
+                self.mask_repeats(event);
+                false
+            }
+            _ => false,
+        };
+        if blocked {
+            self.block(event);
+        }
+    }
+
+    fn on_stream_end(&mut self, out: &mut BytesMut) {
+        if self.findings.blocked {
+            return;
+        }
+        let keys: Vec<StreamKey> = self.streams.keys().copied().collect();
+        for key in keys {
+            let (rest, blocked) = self.finish(key);
+            if blocked {
+                // No event left to end on: what was held is withheld.
+                self.findings.blocked = true;
+                return;
+            }
+            if !rest.is_empty() {
+                out.extend_from_slice(&self.held_event(key, &rest));
+            }
+        }
+    }
+
+    fn on_json(&mut self, reply: &mut JsonReply<'_>) {
+        reply.edit(|doc| {
+            if doc.get("error").is_some() {
+                return false;
+            }
+            let changed = self.check_json(doc);
+            if self.findings.blocked {
+                self.replace(doc);
+                return true;
+            }
+            changed
+        });
+    }
+
+    fn on_end(mut self: Box<Self>, _report: &UsageReport) {
+        for scan in std::mem::take(&mut self.streams).values() {
+            self.findings.take(scan);
+            self.findings.masked += scan.masked().len();
+        }
+        let findings = &self.findings;
+        if findings.flags.is_empty() {
+            return;
+        }
+        let action = if findings.blocked {
+            Action::Block
+        } else if findings.masked > 0 {
+            Action::Mask
+        } else {
+            findings.flags[0].action
+        };
+        let categories: Vec<&str> = findings.flags.iter().map(|f| f.category.as_str()).collect();
+        for flag in &findings.flags {
+            metrics::counter!("moat_moderate_flags_total", "category" => flag.category.as_str(), "action" => flag.action.as_str())
+                .increment(1);
+        }
+        let detail = findings
+            .flags
+            .iter()
+            .map(|f| format!("{} {:.2}", f.category, f.score))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::info!(target: "moat::moderate", action = action.as_str(), categories = %detail, "reply moderated");
+        if let Some(decisions) = &self.decisions {
+            let outcome = match action {
+                Action::Block => Outcome::Rejected {
+                    status: 200,
+                    code: "content_filter".into(),
+                },
+                Action::Mask => Outcome::Rewritten {
+                    spans: u32::try_from(findings.masked).unwrap_or(u32::MAX),
+                },
+                Action::Shadow => Outcome::ShadowRejected {
+                    code: "content_filter".into(),
+                },
+                _ => Outcome::Allowed,
+            };
+            decisions.push(
+                Decision::new("moderate", outcome)
+                    .with_rule(categories.join(","))
+                    .with_detail(detail),
+            );
+        }
+    }
+}
