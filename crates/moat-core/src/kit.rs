@@ -667,3 +667,16 @@ mod tests {
         assert_eq!(states.len(), 1);
     }
 }
+
+/// What happens when an external checker (a classifier, a moderator) fails or misses its
+/// latency budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum OnError {
+    /// Go on with the local verdict alone (logged and recorded).
+    #[default]
+    Open,
+    /// Refuse: 503, with a code the layer names.
+    Closed,
+}

@@ -79,6 +79,22 @@ impl Findings {
     }
 }
 
+/// What a reply said, kept for an external moderator asked once the reply is whole.
+#[derive(Debug, Default)]
+pub(crate) struct Capture {
+    /// Each text of the reply as the model wrote it: a whole reply's strings, or a stream's
+    /// texts.
+    pub(crate) texts: Vec<String>,
+    /// For a stream's closing events: its first event (OpenAI) or its `response` object.
+    pub(crate) head: Option<Value>,
+    pub(crate) choices: Vec<u32>,
+    /// The local classifier blocked it already.
+    pub(crate) blocked: bool,
+}
+
+/// Shared between the hook and the service that asks the external moderator.
+pub(crate) type SharedCapture = Arc<std::sync::Mutex<Capture>>;
+
 /// Moderates one reply: the [`Hook`] a [`Moderate`](crate::Moderate) service attaches.
 pub(crate) struct ReplyHook {
     policy: Arc<Policy>,
@@ -90,6 +106,8 @@ pub(crate) struct ReplyHook {
     response: Option<Value>,
     findings: Findings,
     decisions: Option<Decisions>,
+    /// Texts kept for an external moderator, per stream.
+    capture: Option<(SharedCapture, BTreeMap<StreamKey, String>)>,
 }
 
 impl ReplyHook {
@@ -97,6 +115,7 @@ impl ReplyHook {
         policy: Arc<Policy>,
         format: WireFormat,
         decisions: Option<Decisions>,
+        capture: Option<SharedCapture>,
     ) -> Self {
         Self {
             policy,
@@ -106,6 +125,7 @@ impl ReplyHook {
             response: None,
             findings: Findings::default(),
             decisions,
+            capture: capture.map(|c| (c, BTreeMap::new())),
         }
     }
 
@@ -190,67 +210,13 @@ impl ReplyHook {
     /// The stream is blocked at `event`: it ends here, in the client's protocol.
     fn block(&mut self, event: &mut StreamEvent<'_>) {
         self.findings.blocked = true;
-        let message = &self.policy.message;
-        let tail = match self.format {
-            WireFormat::AnthropicMessages => SseEvent::new(
-                Some("error"),
-                &json!({"type": "error", "error": {"type": "content_filter", "message": message}})
-                    .to_string(),
-            )
-            .raw()
-            .to_vec(),
-            WireFormat::Responses => {
-                let mut response = self
-                    .response
-                    .clone()
-                    .unwrap_or_else(|| json!({"object": "response"}));
-                if let Some(r) = response.as_object_mut() {
-                    r.insert("status".into(), json!("incomplete"));
-                    r.insert(
-                        "incomplete_details".into(),
-                        json!({"reason": "content_filter"}),
-                    );
-                    r.insert("output".into(), json!([]));
-                }
-                SseEvent::new(
-                    Some("response.incomplete"),
-                    &json!({"type": "response.incomplete", "response": response}).to_string(),
-                )
-                .raw()
-                .to_vec()
-            }
-            _ => {
-                let head = event.sse().json().unwrap_or(Value::Null);
-                let mut chunk = serde_json::Map::new();
-                for field in ["id", "object", "created", "model"] {
-                    if let Some(v) = head.get(field) {
-                        chunk.insert(field.into(), v.clone());
-                    }
-                }
-                let completions = self.format == WireFormat::Completions;
-                let mut choices: Vec<u32> = self.open_choices.iter().copied().collect();
-                if choices.is_empty() {
-                    choices.push(0);
-                }
-                let choices: Vec<Value> = choices
-                    .into_iter()
-                    .map(|index| {
-                        if completions {
-                            json!({"index": index, "text": "", "finish_reason": "content_filter"})
-                        } else {
-                            json!({"index": index, "delta": {}, "finish_reason": "content_filter"})
-                        }
-                    })
-                    .collect();
-                chunk.insert("choices".into(), Value::Array(choices));
-                let mut out = SseEvent::new(None, &Value::Object(chunk).to_string())
-                    .raw()
-                    .to_vec();
-                out.extend_from_slice(b"data: [DONE]\n\n");
-                out
-            }
+        let head = match self.format {
+            WireFormat::ChatCompletions | WireFormat::Completions => event.sse().json(),
+            _ => self.response.clone(),
         };
-        event.end_stream(Bytes::from(tail));
+        let choices: Vec<u32> = self.open_choices.iter().copied().collect();
+        let tail = blocked_tail(self.format, &self.policy.message, head.as_ref(), &choices);
+        event.end_stream(tail);
     }
 
     /// Every output string of `value` checked as a whole text: masked in place, or blocked.
@@ -258,6 +224,9 @@ impl ReplyHook {
         let mut changed = false;
         match value {
             Value::String(text) => {
+                if let Some((capture, _)) = &self.capture {
+                    lock(capture).texts.push(text.clone());
+                }
                 let (out, scan) = check_text(text, &self.policy);
                 self.findings.take(&scan);
                 self.findings.masked += scan.masked().len();
@@ -285,40 +254,6 @@ impl ReplyHook {
         changed
     }
 
-    /// A whole reply replaced by the policy's message, in its API's shape.
-    fn replace(&self, doc: &mut Value) {
-        let message = self.policy.message.as_str();
-        match self.format {
-            WireFormat::AnthropicMessages => {
-                doc["content"] = json!([{"type": "text", "text": message}]);
-                doc["stop_reason"] = json!("refusal");
-            }
-            WireFormat::Responses => {
-                doc["output"] = json!([{"type": "message", "id": "msg_moderated", "role": "assistant", "status": "completed",
-                    "content": [{"type": "output_text", "text": message, "annotations": []}]}]);
-                doc["status"] = json!("incomplete");
-                doc["incomplete_details"] = json!({"reason": "content_filter"});
-                if doc.get("output_text").is_some() {
-                    doc["output_text"] = json!(message);
-                }
-            }
-            format => {
-                let Some(choices) = doc.get_mut("choices").and_then(Value::as_array_mut) else {
-                    *doc = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": message}, "finish_reason": "content_filter"}]});
-                    return;
-                };
-                for choice in choices {
-                    if format == WireFormat::Completions {
-                        choice["text"] = json!(message);
-                    } else {
-                        choice["message"] = json!({"role": "assistant", "content": message});
-                    }
-                    choice["finish_reason"] = json!("content_filter");
-                }
-            }
-        }
-    }
-
     /// Strings of an event that repeats text already streamed (`*.done`, `response.completed`):
     /// masked as the stream was.
     fn mask_repeats(&mut self, event: &mut StreamEvent<'_>) {
@@ -332,6 +267,109 @@ impl ReplyHook {
             changed
         });
     }
+}
+
+/// The events that end a blocked stream in `format`'s protocol: for OpenAI a chunk with
+/// `finish_reason: "content_filter"` for each open choice (`head`: an event of the stream, for
+/// its `id`, `object`, `created` and `model`) and `[DONE]`; for Anthropic an `error` event; for
+/// the Responses API `response.incomplete` (`head`: the stream's `response` object).
+pub(crate) fn blocked_tail(
+    format: WireFormat,
+    message: &str,
+    head: Option<&Value>,
+    choices: &[u32],
+) -> Bytes {
+    let event =
+        |name: Option<&str>, data: Value| SseEvent::new(name, &data.to_string()).raw().to_vec();
+    let tail = match format {
+        WireFormat::AnthropicMessages => event(
+            Some("error"),
+            json!({"type": "error", "error": {"type": "content_filter", "message": message}}),
+        ),
+        WireFormat::Responses => {
+            let mut response = head
+                .cloned()
+                .unwrap_or_else(|| json!({"object": "response"}));
+            if let Some(r) = response.as_object_mut() {
+                r.insert("status".into(), json!("incomplete"));
+                r.insert(
+                    "incomplete_details".into(),
+                    json!({"reason": "content_filter"}),
+                );
+                r.insert("output".into(), json!([]));
+            }
+            event(
+                Some("response.incomplete"),
+                json!({"type": "response.incomplete", "response": response}),
+            )
+        }
+        _ => {
+            let mut chunk = serde_json::Map::new();
+            for field in ["id", "object", "created", "model"] {
+                if let Some(v) = head.and_then(|h| h.get(field)) {
+                    chunk.insert(field.into(), v.clone());
+                }
+            }
+            let completions = format == WireFormat::Completions;
+            let choices: Vec<Value> = choices
+                .iter()
+                .copied()
+                .chain(choices.is_empty().then_some(0))
+                .map(|index| {
+                    if completions {
+                        json!({"index": index, "text": "", "finish_reason": "content_filter"})
+                    } else {
+                        json!({"index": index, "delta": {}, "finish_reason": "content_filter"})
+                    }
+                })
+                .collect();
+            chunk.insert("choices".into(), Value::Array(choices));
+            let mut out = event(None, Value::Object(chunk));
+            out.extend_from_slice(b"data: [DONE]\n\n");
+            out
+        }
+    };
+    Bytes::from(tail)
+}
+
+/// A whole reply replaced by `message`, in its API's shape (`finish_reason: "content_filter"`,
+/// Anthropic's `stop_reason: "refusal"`, a Responses object `incomplete`).
+pub(crate) fn replace_reply(format: WireFormat, message: &str, doc: &mut Value) {
+    match format {
+        WireFormat::AnthropicMessages => {
+            doc["content"] = json!([{"type": "text", "text": message}]);
+            doc["stop_reason"] = json!("refusal");
+        }
+        WireFormat::Responses => {
+            doc["output"] = json!([{"type": "message", "id": "msg_moderated", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": message, "annotations": []}]}]);
+            doc["status"] = json!("incomplete");
+            doc["incomplete_details"] = json!({"reason": "content_filter"});
+            if doc.get("output_text").is_some() {
+                doc["output_text"] = json!(message);
+            }
+        }
+        format => {
+            let Some(choices) = doc.get_mut("choices").and_then(Value::as_array_mut) else {
+                *doc = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": message}, "finish_reason": "content_filter"}]});
+                return;
+            };
+            for choice in choices {
+                if format == WireFormat::Completions {
+                    choice["text"] = json!(message);
+                } else {
+                    choice["message"] = json!({"role": "assistant", "content": message});
+                }
+                choice["finish_reason"] = json!("content_filter");
+            }
+        }
+    }
+}
+
+pub(crate) fn lock(capture: &SharedCapture) -> std::sync::MutexGuard<'_, Capture> {
+    capture
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn mask_strings(value: &mut Value, policy: &Policy, changed: &mut bool) {
@@ -376,6 +414,22 @@ impl Hook for ReplyHook {
                 .sse()
                 .json()
                 .and_then(|mut d| d.get_mut("response").map(Value::take));
+        }
+        if let Some((capture, texts)) = &mut self.capture {
+            for delta in event.deltas() {
+                texts
+                    .entry(stream_key(delta))
+                    .or_default()
+                    .push_str(&delta.text);
+            }
+            let mut capture = lock(capture);
+            let openai = matches!(
+                self.format,
+                WireFormat::ChatCompletions | WireFormat::Completions
+            );
+            if openai && capture.head.is_none() {
+                capture.head = event.sse().json();
+            }
         }
         for i in 0..event.deltas().len() {
             let delta = &event.deltas()[i];
@@ -458,7 +512,7 @@ impl Hook for ReplyHook {
             }
             let changed = self.check_json(doc);
             if self.findings.blocked {
-                self.replace(doc);
+                replace_reply(self.format, &self.policy.message, doc);
                 return true;
             }
             changed
@@ -469,6 +523,16 @@ impl Hook for ReplyHook {
         for scan in std::mem::take(&mut self.streams).values() {
             self.findings.take(scan);
             self.findings.masked += scan.masked().len();
+        }
+        if let Some((capture, texts)) = self.capture.take() {
+            let mut capture = lock(&capture);
+            let choices: BTreeSet<u32> = texts.keys().map(|k| k.0).collect();
+            capture.choices = choices.into_iter().collect();
+            capture.texts.extend(texts.into_values());
+            capture.blocked = self.findings.blocked;
+            if self.format == WireFormat::Responses {
+                capture.head = self.response.take();
+            }
         }
         let findings = &self.findings;
         if findings.flags.is_empty() {

@@ -127,6 +127,9 @@ pub struct Lexicon {
     /// Every beginning of a word, of a word with repeats cut to one, of a prefix stem and of a
     /// phrase's first word: a word being written that is one of these may still match.
     beginnings: HashSet<String>,
+    /// Your regular expressions, each matched against whole folded words.
+    rules: Vec<(regex::Regex, Hit)>,
+    rule_set: Option<regex::RegexSet>,
 }
 
 impl fmt::Debug for Lexicon {
@@ -135,6 +138,7 @@ impl fmt::Debug for Lexicon {
             .field("words", &self.words.len())
             .field("stems", &self.prefixes.len())
             .field("phrases", &self.phrases.len())
+            .field("rules", &self.rules.len())
             .finish()
     }
 }
@@ -249,9 +253,30 @@ impl Lexicon {
         Ok(())
     }
 
+    /// Adds a rule: a regular expression matched against each whole folded word (lower case,
+    /// leetspeak undone), e.g. `^k+i+l+l+s?$`. With rules, every word being written is held
+    /// until it is whole (a rule could match any word).
+    pub fn add_rule(&mut self, pattern: &str, hit: Hit) -> Result<(), regex::Error> {
+        let regex = regex::Regex::new(pattern)?;
+        self.rules.push((regex, hit));
+        self.rule_set = Some(regex::RegexSet::new(
+            self.rules.iter().map(|(r, _)| r.as_str()),
+        )?);
+        Ok(())
+    }
+
     /// The entry a single word matches, if any (the most severe when several do).
     pub fn word(&self, word: &Word) -> Option<Hit> {
         let found = self.lookup(&word.text);
+        let found = match &self.rule_set {
+            Some(set) => set
+                .matches(&word.text)
+                .iter()
+                .map(|i| self.rules[i].1)
+                .chain(found)
+                .max_by_key(|h| h.severity),
+            None => found,
+        };
         if found.is_some() || !(word.elongated || word.starred) {
             return found;
         }
@@ -309,7 +334,7 @@ impl Lexicon {
     /// Whether a word still being written (`partial`, folded) could become an entry, or the
     /// first word of a phrase, once it is whole.
     pub fn could_complete(&self, partial: &Word) -> bool {
-        if partial.starred {
+        if partial.starred || self.rule_set.is_some() {
             return true;
         }
         let (collapsed, cut) = cut_repeats(&partial.text, 1);
@@ -404,6 +429,23 @@ mod tests {
         assert!(!could("bulb"));
         assert!(could("fuuu"), "elongated");
         assert!(!could("hello") && !could("wonder"));
+    }
+
+    #[test]
+    fn rules_match_whole_folded_words() {
+        let mut l = lexicon();
+        let hit = Hit {
+            category: Category::Violence,
+            severity: Severity::Strong,
+        };
+        l.add_rule("^k+i+l+s?$", hit).unwrap();
+        assert_eq!(l.word(&fold("KIIIILS")), Some(hit));
+        assert_eq!(l.word(&fold("skill")), None);
+        assert!(
+            l.could_complete(&fold("hello")),
+            "any word may match a rule"
+        );
+        assert!(l.add_rule("(", hit).is_err());
     }
 
     #[test]

@@ -15,10 +15,15 @@ use moat_core::response::Hooks;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::category::Category;
 use crate::category::Scores;
-use crate::hook::ReplyHook;
-use crate::policy::{Action, Policy};
+use crate::external::External;
+use crate::hook::{blocked_tail, lock, replace_reply, Capture, ReplyHook, SharedCapture};
+use crate::policy::{Action, Policy, StreamMode};
 use crate::scan::check_text;
+use http_body_util::BodyExt;
+use moat_core::kit::OnError;
+use moat_core::usage::BodyFormat;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -29,6 +34,7 @@ pub struct ModerateLayer {
     policy: Arc<Policy>,
     input: bool,
     body_limit: usize,
+    external: Option<External>,
 }
 
 impl Default for ModerateLayer {
@@ -44,6 +50,7 @@ impl ModerateLayer {
             policy: Arc::new(policy),
             input: false,
             body_limit: DEFAULT_BODY_LIMIT,
+            external: None,
         }
     }
 
@@ -57,6 +64,19 @@ impl ModerateLayer {
     /// [`Action::Mask`], and recorded under the others.
     pub fn with_input(mut self, input: bool) -> Self {
         self.input = input;
+        self
+    }
+
+    /// Also asks an external moderator ([`External`], e.g. [`OpenAiModerations`](crate::OpenAiModerations)):
+    /// about the prompt when [input](Self::with_input) is moderated, about whole (JSON)
+    /// replies, and about streamed replies in [`StreamMode::Buffered`](crate::StreamMode::Buffered),
+    /// each before any of it reaches the client. Its scores have no spans: a flagged category
+    /// whose action is mask blocks. Streams in the other modes are checked by the local
+    /// classifier only. When it fails or is late, [`OnError::Open`](moat_core::kit::OnError)
+    /// goes on with the local verdict; `Closed` withholds the reply (a prompt gets 503
+    /// `moderation_unavailable`).
+    pub fn with_external(mut self, external: External) -> Self {
+        self.external = Some(external);
         self
     }
 
@@ -117,6 +137,175 @@ moat_core::layer_response_body! {
 
 moat_core::layer_response_future! {
     /// The response future of [`Moderate`].
+}
+
+/// The most bytes of a reply read whole for an external moderator (as much as a JSON reply
+/// the response view reads whole).
+const MAX_WHOLE: usize = moat_core::usage::MAX_JSON_BYTES;
+
+/// A body read to its end; `None` when it fails or is larger than [`MAX_WHOLE`].
+async fn read_whole<B>(body: B) -> Option<Bytes>
+where
+    B: Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.as_mut().frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            out.extend_from_slice(&data);
+            if out.len() > MAX_WHOLE {
+                return None;
+            }
+        }
+    }
+    Some(out.freeze())
+}
+
+/// What an external verdict means under the policy: the categories it flags, and whether they
+/// withhold (block, or mask, which has no spans to mask).
+fn external_flags(policy: &Policy, scores: &Scores) -> (Vec<Category>, bool) {
+    let flagged: Vec<Category> = policy.flagged(scores).collect();
+    let withhold = flagged
+        .iter()
+        .any(|&c| matches!(policy.action_of(c), Action::Block | Action::Mask));
+    (flagged, withhold)
+}
+
+/// Records what the external moderator said of a prompt or reply (`what`), or that it gave
+/// no verdict; whether to withhold.
+fn judge_external(
+    layer: &ModerateLayer,
+    verdict: Result<Scores, String>,
+    what: &'static str,
+    record: impl FnOnce(Decision),
+) -> Result<bool, ()> {
+    let scores = match verdict {
+        Ok(scores) => scores,
+        Err(why) => {
+            let closed = layer
+                .external
+                .as_ref()
+                .is_some_and(|e| e.on_error == OnError::Closed);
+            metrics::counter!("moat_moderate_external_errors_total", "on_error" => if closed { "closed" } else { "open" })
+                .increment(1);
+            tracing::warn!(target: "moat::moderate", closed, what, "{why}");
+            if closed {
+                record(
+                    Decision::new(
+                        "moderate",
+                        Outcome::Rejected {
+                            status: if what == "input" { 503 } else { 200 },
+                            code: "moderation_unavailable".into(),
+                        },
+                    )
+                    .with_rule(format!("external_{what}"))
+                    .with_detail(why),
+                );
+                return Err(());
+            }
+            return Ok(false);
+        }
+    };
+    let (flagged, withhold) = external_flags(&layer.policy, &scores);
+    if flagged.is_empty() {
+        return Ok(false);
+    }
+    let detail = flagged
+        .iter()
+        .map(|&c| format!("{c} {:.2}", scores.get(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let shadow = flagged
+        .iter()
+        .all(|&c| layer.policy.action_of(c) == Action::Shadow);
+    let outcome = match (withhold, shadow) {
+        (true, _) => Outcome::Rejected {
+            status: if what == "input" { 400 } else { 200 },
+            code: "content_filter".into(),
+        },
+        (false, true) => Outcome::ShadowRejected {
+            code: "content_filter".into(),
+        },
+        (false, false) => Outcome::Allowed,
+    };
+    for category in &flagged {
+        metrics::counter!("moat_moderate_external_flags_total", "category" => category.as_str(), "what" => what)
+            .increment(1);
+    }
+    tracing::info!(target: "moat::moderate", withhold, what, categories = %detail, "flagged by the external moderator");
+    record(
+        Decision::new("moderate", outcome)
+            .with_rule(format!("external_{what}"))
+            .with_detail(detail),
+    );
+    Ok(withhold)
+}
+
+/// The refusal of a prompt the external moderator flagged, or could not judge (fail closed).
+fn external_prompt_verdict(
+    layer: &ModerateLayer,
+    verdict: Result<Scores, String>,
+    extensions: &http::Extensions,
+) -> Option<Rejection> {
+    let flagged = verdict
+        .as_ref()
+        .map(|scores| external_flags(&layer.policy, scores).0)
+        .unwrap_or_default();
+    match judge_external(layer, verdict, "input", |d| Decisions::record(extensions, d)) {
+        Ok(false) => None,
+        Ok(true) => {
+            let categories: Vec<&str> = flagged.iter().map(|c| c.as_str()).collect();
+            Some(
+                Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    format!(
+                        "The prompt was flagged by content moderation ({}). Rephrase it and try again.",
+                        categories.join(", ")
+                    ),
+                )
+                .with_code("content_filter"),
+            )
+        }
+        Err(()) => Some(
+            Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "The prompt could not be moderated right now; the request was not sent. Please try again shortly.",
+            )
+            .with_code("moderation_unavailable"),
+        ),
+    }
+}
+
+/// Whether a whole reply is withheld on the external moderator's verdict.
+fn withhold_reply(
+    layer: &ModerateLayer,
+    verdict: Result<Scores, String>,
+    decisions: Option<&Decisions>,
+) -> bool {
+    let record = |d| {
+        if let Some(decisions) = decisions {
+            decisions.push(d);
+        }
+    };
+    judge_external(layer, verdict, "output", record).unwrap_or(true)
+}
+
+/// A withheld whole reply: the JSON reply replaced, or a stream that is only its ending.
+fn withheld(
+    format: WireFormat,
+    message: &str,
+    sse: bool,
+    reply: &[u8],
+    captured: &Capture,
+) -> Bytes {
+    if sse {
+        return blocked_tail(format, message, captured.head.as_ref(), &captured.choices);
+    }
+    let mut doc: serde_json::Value = serde_json::from_slice(reply).unwrap_or_default();
+    replace_reply(format, message, &mut doc);
+    Bytes::from(doc.to_string())
 }
 
 /// What the policy makes of a prompt's texts: masked in place, or the refusal.
@@ -217,26 +406,34 @@ where
         let format = output_format(req.uri().path());
         let future = async move {
             let protocol = Protocol::of(&req);
+            let refuse = |rejection: Rejection| {
+                let response = rejection
+                    .with_layer("moderate")
+                    .into_response::<ResBody>(protocol);
+                Ok(response.map(ResponseBody::plain))
+            };
             let mut req = if layer.input && format.is_some() {
                 match read_llm_request(req, layer.body_limit).await {
                     Ok(LlmBody::Parsed { request, llm }) => {
                         let refused =
                             llm.with(|r| moderate_prompt(&layer.policy, r, request.extensions()));
                         if let Some(rejection) = refused {
-                            let response = rejection
-                                .with_layer("moderate")
-                                .into_response::<ResBody>(protocol);
-                            return Ok(response.map(ResponseBody::plain));
+                            return refuse(rejection);
+                        }
+                        if let Some(external) = &layer.external {
+                            let texts: Vec<String> =
+                                llm.with(|r| r.texts().map(|(_, t)| t.to_owned()).collect());
+                            let verdict = external.check(&texts).await;
+                            if let Some(rejection) =
+                                external_prompt_verdict(&layer, verdict, request.extensions())
+                            {
+                                return refuse(rejection);
+                            }
                         }
                         request
                     }
                     Ok(LlmBody::Unparsed(request)) => request,
-                    Err(rejection) => {
-                        let response = rejection
-                            .with_layer("moderate")
-                            .into_response::<ResBody>(protocol);
-                        return Ok(response.map(ResponseBody::plain));
-                    }
+                    Err(rejection) => return refuse(rejection),
                 }
             } else {
                 req.map(RequestBody::original)
@@ -245,17 +442,54 @@ where
                 return Ok(inner.call(req).await?.map(ResponseBody::passed));
             };
             let decisions = req.extensions().get::<Decisions>().cloned();
+            let capture: Option<SharedCapture> = layer.external.as_ref().map(|_| Arc::default());
             let hooks = Hooks::of(req.extensions_mut());
-            hooks.attach(ReplyHook::new(layer.policy.clone(), format, decisions));
-            match inner.call(req).await {
-                Ok(response) => Ok(hooks
-                    .view(response.map(CoreBody::inner))
-                    .map(ResponseBody::new)),
+            hooks.attach(ReplyHook::new(
+                layer.policy.clone(),
+                format,
+                decisions.clone(),
+                capture.clone(),
+            ));
+            let response = match inner.call(req).await {
+                Ok(response) => hooks.view(response.map(CoreBody::inner)),
                 Err(e) => {
                     hooks.fail();
-                    Err(e)
+                    return Err(e);
+                }
+            };
+            let (Some(external), Some(capture)) = (&layer.external, capture) else {
+                return Ok(response.map(ResponseBody::new));
+            };
+            let whole = match BodyFormat::of(response.headers()) {
+                BodyFormat::Json => true,
+                BodyFormat::Sse => layer.policy.stream_mode == StreamMode::Buffered,
+                _ => false,
+            };
+            if !whole || !response.status().is_success() {
+                return Ok(response.map(ResponseBody::new));
+            }
+            // Read whole (the hooks run as it is read), then asked about before it is sent.
+            let (mut parts, body) = response.into_parts();
+            let Some(mut bytes) = read_whole(body).await else {
+                return refuse(Rejection::new(
+                    StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    "The provider's reply could not be read whole for moderation.",
+                ));
+            };
+            let captured = std::mem::take(&mut *lock(&capture));
+            if !captured.blocked && !captured.texts.is_empty() {
+                let verdict = external.check(&captured.texts).await;
+                if withhold_reply(&layer, verdict, decisions.as_ref()) {
+                    let sse = BodyFormat::of(&parts.headers) == BodyFormat::Sse;
+                    bytes = withheld(format, &layer.policy.message, sse, &bytes, &captured);
                 }
             }
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            Ok(Response::from_parts(
+                parts,
+                ResponseBody::plain(CoreBody::full(bytes)),
+            ))
         };
         ResponseFuture::new(future)
     }

@@ -527,3 +527,189 @@ proptest! {
         prop_assert_eq!(finish.as_deref(), Some(want));
     }
 }
+
+/// A moderation endpoint in a tower service: flags `hate` in any input holding "[[hate]]",
+/// fails on "[[fail]]", and counts the inputs it was asked about.
+fn moderations_client(
+    asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    service_fn(move |req: Request<Full<Bytes>>| {
+        let asked = asked.clone();
+        async move {
+            assert_eq!(req.headers()["authorization"], "Bearer k");
+            let body: Value =
+                serde_json::from_slice(&req.into_body().collect().await.unwrap().to_bytes())
+                    .unwrap();
+            assert_eq!(body["model"], "omni-moderation-latest");
+            let inputs = body["input"].as_array().unwrap();
+            asked.fetch_add(inputs.len(), std::sync::atomic::Ordering::SeqCst);
+            if inputs
+                .iter()
+                .any(|i| i.as_str().unwrap().contains("[[fail]]"))
+            {
+                return Ok(Response::builder()
+                    .status(500)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap());
+            }
+            let results: Vec<Value> = inputs
+                .iter()
+                .map(|i| {
+                    let hate = i.as_str().unwrap().contains("[[hate]]");
+                    json!({"flagged": hate, "categories": {"hate": hate}, "category_scores": {"hate": if hate { 0.97 } else { 0.01 }}})
+                })
+                .collect();
+            Ok(Response::new(Full::new(Bytes::from(
+                json!({"results": results}).to_string(),
+            ))))
+        }
+    })
+}
+
+fn external(
+    asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    on_error: moat_moderate::OnError,
+) -> moat_moderate::External {
+    let uri: http::Uri = "http://moderator.test/v1/moderations".parse().unwrap();
+    let moderations = moat_moderate::OpenAiModerations::new(moderations_client(asked), uri)
+        .key(http::HeaderValue::from_static("Bearer k"))
+        .model("omni-moderation-latest");
+    moat_moderate::External::new(moderations).on_error(on_error)
+}
+
+#[tokio::test]
+async fn an_external_moderator_judges_whole_replies_and_buffered_streams_before_they_are_sent() {
+    let asked = std::sync::Arc::default();
+    let layer =
+        ModerateLayer::new(policy(Action::Block).stream_mode(StreamMode::Buffered)).with_external(
+            external(std::sync::Arc::clone(&asked), moat_moderate::OnError::Open),
+        );
+    let whole = |text: &str| {
+        json!({"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+            .to_string()
+    };
+    let reply = send(
+        &layer,
+        "/v1/chat/completions",
+        "hi",
+        vec![Bytes::from(whole("calm [[hate]] text"))],
+        false,
+    )
+    .await;
+    let doc: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(doc["choices"][0]["finish_reason"], "content_filter");
+    assert_eq!(
+        doc["choices"][0]["message"]["content"],
+        moat_moderate::DEFAULT_MESSAGE
+    );
+    assert!(reply
+        .decisions
+        .iter()
+        .any(|d| d.rule.as_deref() == Some("external_output")));
+
+    let reply = send(
+        &layer,
+        "/v1/chat/completions",
+        "hi",
+        vec![Bytes::from(whole("calm text"))],
+        false,
+    )
+    .await;
+    let doc: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(doc["choices"][0]["message"]["content"], "calm text");
+    // Asked again: answered from the verdict cache.
+    let before = asked.load(std::sync::atomic::Ordering::SeqCst);
+    send(
+        &layer,
+        "/v1/chat/completions",
+        "hi",
+        vec![Bytes::from(whole("calm text"))],
+        false,
+    )
+    .await;
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), before);
+
+    // A buffered stream: nothing of it is sent, only its ending.
+    let stream = chat_stream(&["calm ", "[[hate]]", " text"]);
+    let reply = send(
+        &layer,
+        "/v1/chat/completions",
+        "hi",
+        vec![Bytes::from(stream)],
+        true,
+    )
+    .await;
+    let (text, finish, done_last) = chat_text(&reply.body);
+    assert_eq!(text, "");
+    assert_eq!(finish.as_deref(), Some("content_filter"));
+    assert!(done_last);
+}
+
+#[tokio::test]
+async fn an_external_moderator_that_fails_fails_open_or_closed() {
+    let whole = json!({"choices": [{"index": 0, "message": {"content": "[[fail]] text"}, "finish_reason": "stop"}]}).to_string();
+    let open = ModerateLayer::new(policy(Action::Block)).with_external(external(
+        std::sync::Arc::default(),
+        moat_moderate::OnError::Open,
+    ));
+    let reply = send(
+        &open,
+        "/v1/chat/completions",
+        "hi",
+        vec![Bytes::from(whole.clone())],
+        false,
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&reply.body).contains("[[fail]] text"));
+    let closed = ModerateLayer::new(policy(Action::Block)).with_external(external(
+        std::sync::Arc::default(),
+        moat_moderate::OnError::Closed,
+    ));
+    let reply = send(
+        &closed,
+        "/v1/chat/completions",
+        "hi",
+        vec![Bytes::from(whole)],
+        false,
+    )
+    .await;
+    let doc: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(doc["choices"][0]["finish_reason"], "content_filter");
+
+    // Prompts: flagged ones refused with 400, unjudged ones with 503 when closed.
+    let input = ModerateLayer::new(policy(Action::Block))
+        .with_input(true)
+        .with_external(external(
+            std::sync::Arc::default(),
+            moat_moderate::OnError::Closed,
+        ));
+    let ok = json!({"choices": [{"index": 0, "message": {"content": "fine"}}]}).to_string();
+    let reply = send(
+        &input,
+        "/v1/chat/completions",
+        "some [[hate]]",
+        vec![Bytes::from(ok.clone())],
+        false,
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    let reply = send(
+        &input,
+        "/v1/chat/completions",
+        "[[fail]]",
+        vec![Bytes::from(ok)],
+        false,
+    )
+    .await;
+    assert_eq!(reply.status, 503);
+    let doc: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(doc["error"]["code"], "moderation_unavailable");
+}

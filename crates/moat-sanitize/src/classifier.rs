@@ -66,18 +66,7 @@ pub trait Classifier: fmt::Debug + Send + Sync + 'static {
     fn classify(&self, input: ShieldInput) -> ClassifyFuture;
 }
 
-/// What happens to a request when the classifier fails or misses its budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
-#[non_exhaustive]
-pub enum OnError {
-    /// Let it through on the local screening alone (logged and recorded).
-    #[default]
-    Open,
-    /// Refuse it: 503 with code `screening_unavailable`.
-    Closed,
-}
+pub use moat_core::kit::OnError;
 
 /// A classifier with its latency budget and failure policy, for
 /// [`SanitizeLayer::with_classifier`](crate::SanitizeLayer::with_classifier).
