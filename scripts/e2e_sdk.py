@@ -125,6 +125,60 @@ def checks(url, mock):
             log = json.load(resp)
         assert not [q for q in log if "Ignore all previous" in json.dumps(q.get("body"))], "reached the upstream"
 
+    harmful = "Sure. Listen, you worthless fucking idiot, I will kill you."
+
+    def moderated_stream_ends_cleanly():
+        # The demo moderates output: a stream is cut before the offending words and ends the way
+        # OpenAI ends a filtered stream (finish_reason content_filter, then [DONE]): the SDK
+        # iterates to the end without an exception, and no offending word reaches it. A whole
+        # reply is replaced, with the same finish reason; a Responses stream ends incomplete.
+        stream = oa.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "say something"}],
+            stream=True,
+            extra_headers={"x-mock-reply": harmful, "x-mock-chunk-chars": "3"},
+        )
+        text, finish = "", None
+        for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        assert finish == "content_filter", finish
+        assert harmful.startswith(text) and "fucking" not in text, text
+        whole = oa.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "say something"}],
+            extra_headers={"x-mock-reply": harmful},
+        )
+        assert whole.choices[0].finish_reason == "content_filter", whole
+        assert "idiot" not in whole.choices[0].message.content
+        kinds = [
+            e.type
+            for e in oa.responses.create(
+                model="gpt-4o-mini", input="say something", stream=True, extra_headers={"x-mock-reply": harmful}
+            )
+        ]
+        assert kinds[-1] == "response.incomplete", kinds
+
+    def anthropic_moderated_stream_raises_its_error():
+        # Anthropic streams end with an `error` event, which the SDK raises as APIStatusError
+        # (the documented exception) after the text before the offending words.
+        received = ""
+        try:
+            with an.messages.stream(
+                model="claude-haiku-4-5",
+                max_tokens=64,
+                messages=[{"role": "user", "content": "say something"}],
+                extra_headers={"x-mock-reply": harmful, "x-mock-chunk-chars": "3"},
+            ) as stream:
+                for piece in stream.text_stream:
+                    received += piece
+        except anthropic.APIStatusError as e:
+            assert "content_filter" in str(e.body), e.body
+        else:
+            raise AssertionError("a moderated Anthropic stream must raise APIStatusError")
+        assert harmful.startswith(received) and "fucking" not in received, received
+
     def openai_cache_hit():
         # The demo caches deterministic requests: the repeat is answered by the gateway (the
         # mock sees one call), streamed or not, and says so in x-moat-cache.
@@ -286,6 +340,8 @@ def checks(url, mock):
         openai_error_shape,
         openai_fallback,
         prompt_injection_refused,
+        moderated_stream_ends_cleanly,
+        anthropic_moderated_stream_raises_its_error,
         openai_cache_hit,
         cache_replays_in_the_other_form_for_every_api,
         openai_pii_round_trip,

@@ -30,6 +30,12 @@
 //! (`{"userPromptAnalysis": {"attackDetected": ...}, "documentsAnalysis": [...]}`), finding an
 //! attack in each text that contains `[[attack]]`; the fault headers apply to it too.
 //!
+//! # Moderations
+//!
+//! `POST /v1/moderations` answers like OpenAI's moderation API (`{"results": [...]}`, one per
+//! input, every category named), flagging a category in each input that contains `[[category]]`
+//! (e.g. `[[hate]]`, `[[self-harm/intent]]`) with score 0.99; the fault headers apply to it too.
+//!
 //! # Request log
 //!
 //! `GET /_mock/requests` returns what the mock received (method, path, headers, body as JSON when
@@ -173,6 +179,7 @@ impl Mock {
             .route("/v1/messages", post(messages))
             .route("/v1/models", get(models))
             .route("/contentsafety/text:shieldPrompt", post(shield_prompt))
+            .route("/v1/moderations", post(moderations))
             .route_layer(axum::middleware::from_fn_with_state(
                 self.shared.clone(),
                 record,
@@ -873,6 +880,58 @@ async fn shield_prompt(State(shared): State<Arc<Shared>>, request: Request) -> R
     let user = call.body.get("userPrompt").is_some_and(attack);
     Json(json!({"userPromptAnalysis": {"attackDetected": user}, "documentsAnalysis": documents}))
         .into_response()
+}
+
+/// OpenAI's moderation categories, in its order.
+const MODERATION_CATEGORIES: [&str; 13] = [
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+];
+
+async fn moderations(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let call = match read_call(&shared, request, Api::OpenAi).await {
+        Ok(call) => call,
+        Err(response) => return response,
+    };
+    let inputs: Vec<String> = match call.body.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().unwrap_or_default().to_owned())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let results: Vec<Value> = inputs
+        .iter()
+        .map(|text| {
+            let mut categories = serde_json::Map::new();
+            let mut scores = serde_json::Map::new();
+            for name in MODERATION_CATEGORIES {
+                let hit = text.contains(&format!("[[{name}]]"));
+                categories.insert(name.into(), json!(hit));
+                scores.insert(name.into(), json!(if hit { 0.99 } else { 0.001 }));
+            }
+            let flagged = categories.values().any(|v| v == &json!(true));
+            json!({"flagged": flagged, "categories": categories, "category_scores": scores})
+        })
+        .collect();
+    let model = call
+        .body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("omni-moderation-latest");
+    Json(json!({"id": "modr-mock", "model": model, "results": results})).into_response()
 }
 
 async fn models() -> Response {

@@ -66,6 +66,13 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
         layer: moat_redact::RedactLayer,
     ) -> ServiceBuilder<Stack<moat_redact::RedactLayer, L>>;
 
+    /// Adds output moderation ([`moat_moderate`]).
+    #[cfg(feature = "moderate")]
+    fn moat_moderate(
+        self,
+        layer: moat_moderate::ModerateLayer,
+    ) -> ServiceBuilder<Stack<moat_moderate::ModerateLayer, L>>;
+
     /// Adds the response cache ([`moat_cache`]).
     #[cfg(feature = "cache")]
     fn moat_cache(
@@ -119,6 +126,14 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self,
         layer: moat_redact::RedactLayer,
     ) -> ServiceBuilder<Stack<moat_redact::RedactLayer, L>> {
+        self.layer(layer)
+    }
+
+    #[cfg(feature = "moderate")]
+    fn moat_moderate(
+        self,
+        layer: moat_moderate::ModerateLayer,
+    ) -> ServiceBuilder<Stack<moat_moderate::ModerateLayer, L>> {
         self.layer(layer)
     }
 

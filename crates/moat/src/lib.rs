@@ -10,6 +10,7 @@
 //! | `quota` | `moat::quota` | token and spend budgets, reserved and settled ([`moat_quota`]) |
 //! | `breaker` | `moat::breaker` | circuit breaker, fallback ladder and retry policy for upstream calls ([`moat_breaker`]) |
 //! | `sanitize` | `moat::sanitize` | prompt-injection and jailbreak screening, hidden text, role spoofing, caps ([`moat_sanitize`]) |
+//! | `moderate` | `moat::moderate` | the model's output checked before the client sees it, streams included ([`moat_moderate`]) |
 //! | `redact` | `moat::redact` | PII and secrets replaced before the prompt leaves, restored in replies ([`moat_redact`]) |
 //! | `cache` | `moat::cache` | identical requests answered once, streamed or not, scoped by tenant ([`moat_cache`]) |
 //! | `redis` | | limiter state in Redis |
@@ -28,14 +29,14 @@
 //! | [`quota`](moat_quota) | reserves the estimated tokens and spend before the call; settles from the reply's real usage |
 //! | [`sanitize`](moat_sanitize) | screens the raw prompt (before redaction changes it) and refuses an attack before anything is spent on it upstream |
 //! | [`redact`](moat_redact) | replaces PII and secrets before the prompt leaves; restores them in the reply |
-//! | moderate (to come) | checks the model's output, seeing placeholders, never the user's raw PII |
+//! | [`moderate`](moat_moderate) | checks the model's output before the client sees it, streams word by word; it sees placeholders, never the user's raw PII |
 //! | [`cache`](moat_cache) | answers identical requests once; keys and stored replies hold placeholders; a hit costs no budget |
 //! | [`breaker`](moat_breaker) | innermost, around the provider: fails fast, falls back, retries what is safe |
 //!
 //! With [`ServiceBuilderExt`] (in the [`prelude`]) the stack reads top to bottom in that order:
 //!
 //! ```
-//! # #[cfg(all(feature = "audit", feature = "ratelimit", feature = "quota", feature = "sanitize", feature = "redact", feature = "cache", feature = "breaker"))] {
+//! # #[cfg(all(feature = "audit", feature = "ratelimit", feature = "quota", feature = "sanitize", feature = "redact", feature = "moderate", feature = "cache", feature = "breaker"))] {
 //! use moat::prelude::*;
 //! use moat::audit::TracingSink;
 //! use moat::core::identity::ApiKey;
@@ -54,6 +55,7 @@
 //!     ))
 //!     .moat_sanitize(SanitizeLayer::new(Policy::new()))
 //!     .moat_redact(RedactLayer::new(Redactor::new(&Entity::ALL)))
+//!     .moat_moderate(ModerateLayer::default())
 //!     .moat_cache(CacheLayer::new(MemoryStore::new(256 << 20)))
 //!     .moat_circuit_breaker(Breaker::new("provider"))
 //!     .service(service_fn(|_req: http::Request<_>| async {
@@ -99,6 +101,8 @@ pub mod prelude {
     #[cfg(feature = "cache")]
     pub use moat_cache::{CacheLayer, MemoryStore};
     pub use moat_core::decision::Mode;
+    #[cfg(feature = "moderate")]
+    pub use moat_moderate::ModerateLayer;
     #[cfg(feature = "quota")]
     pub use moat_quota::{Budget, Period, QuotaLayer};
     #[cfg(feature = "ratelimit")]
@@ -119,6 +123,8 @@ pub use moat_core as core;
 pub use moat_core::{
     Caller, Decision, Decisions, Key, KeyExtractor, Rejection, RequestBody, ResponseBody,
 };
+#[cfg(feature = "moderate")]
+pub use moat_moderate as moderate;
 #[cfg(feature = "quota")]
 pub use moat_quota as quota;
 #[cfg(feature = "ratelimit")]

@@ -70,6 +70,8 @@ pub struct Config {
     pub sanitize: Option<Spanned<SanitizeSpec>>,
     /// PII and secret redaction.
     pub redact: Option<Spanned<RedactSpec>>,
+    /// Output moderation.
+    pub moderate: Option<Spanned<moat::moderate::spec::ModerateSpec>>,
     /// The response cache.
     pub cache: Option<Spanned<moat::cache::spec::CacheSpec>>,
     /// The audit log.
@@ -278,6 +280,8 @@ pub struct Resolved {
     pub sanitize: Option<SanitizeLayer>,
     /// The redaction layer, when `[redact]` is configured.
     pub redact: Option<RedactLayer>,
+    /// The moderation layer, when `[moderate]` is configured.
+    pub moderate: Option<moat::moderate::ModerateLayer>,
     /// The response cache, when `[cache]` is configured.
     pub cache: Option<moat::cache::CacheLayer>,
     /// The audit log, when `[audit]` is configured.
@@ -556,6 +560,25 @@ impl Config {
             .as_ref()
             .map(|spec| crate::redact::layer(spec, &ctx))
             .transpose()?;
+        let moderate = config
+            .moderate
+            .as_ref()
+            .map(|section| {
+                let spec = section.get_ref();
+                let mut layer = spec.layer()?.with_body_limit(max_body_bytes);
+                if let Some(external) = &spec.external {
+                    layer =
+                        layer.with_external(external.external(crate::context::side_client(), env)?);
+                }
+                Ok(layer)
+            })
+            .transpose()
+            .map_err(|e: String| {
+                at(
+                    config.moderate.as_ref().map_or(0..0, Spanned::span),
+                    format!("moderate.{e}"),
+                )
+            })?;
         let cache = match &config.cache {
             Some(section) => {
                 let spec = section.get_ref();
@@ -614,6 +637,7 @@ impl Config {
             quota,
             sanitize,
             redact,
+            moderate,
             cache,
             audit,
             redis,

@@ -224,7 +224,8 @@ pub mod demo {
 
     /// The demo's protections: per caller (API key, else IP), request and token rates, a daily
     /// token budget, prompt-injection screening, PII and secrets replaced before they leave
-    /// (restored in replies), deterministic requests answered from a cache, and the upstream
+    /// (restored in replies), harmful output withheld (streams cut cleanly), deterministic
+    /// requests answered from a cache, and the upstream
     /// behind a circuit breaker. (And an audit log, added by [`config`].)
     pub const LIMITS: &str = r#"
 [[ratelimit.rules]]
@@ -249,6 +250,11 @@ max_prompt_bytes = 200000
 entities = ["all"]
 operator = "pseudonymize"
 restore = true
+
+[moderate]
+action = "block"
+stream_mode = "hold_back"
+categories = { "sexual/minors" = 0.1 }
 
 [cache]
 ttl = "10m"

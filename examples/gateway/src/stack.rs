@@ -8,6 +8,7 @@
 //! quota          reserves estimated tokens and spend; settles from the reply's usage
 //! sanitize       screens the prompt as the client sent it; refuses attacks before they cost
 //! redact         PII and secrets replaced before the prompt leaves, restored in the reply
+//! moderate       the model's output checked before the client sees it (placeholders, not PII)
 //! cache          identical requests answered once (keys and replies hold placeholders)
 //! upstream       a tower Service: the provider client, or a breaker and fallback around it
 //! ```
@@ -54,6 +55,7 @@ pub struct Stack {
     quota: Option<QuotaLayer>,
     sanitize: Option<SanitizeLayer>,
     redact: Option<RedactLayer>,
+    moderate: Option<moat::moderate::ModerateLayer>,
     cache: Option<moat::cache::CacheLayer>,
 }
 
@@ -66,6 +68,7 @@ impl Stack {
             quota: resolved.quota.clone(),
             sanitize: resolved.sanitize.clone(),
             redact: resolved.redact.clone(),
+            moderate: resolved.moderate.clone(),
             cache: resolved.cache.clone(),
         }
     }
@@ -77,6 +80,7 @@ impl Stack {
             ("quota", self.quota.is_some()),
             ("sanitize", self.sanitize.is_some()),
             ("redact", self.redact.is_some()),
+            ("moderate", self.moderate.is_some()),
             ("cache", self.cache.is_some()),
         ];
         std::iter::once("authenticate")
@@ -105,6 +109,7 @@ impl Stack {
         B::Error: Into<BoxError>,
     {
         let service = stage(self.cache.as_ref(), AnyBody(upstream));
+        let service = stage(self.moderate.as_ref(), service);
         let service = stage(self.redact.as_ref(), service);
         let service = stage(self.sanitize.as_ref(), service);
         let service = stage(self.quota.as_ref(), service);

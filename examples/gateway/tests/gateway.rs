@@ -2250,3 +2250,128 @@ async fn the_canary_keeps_identical_requests_identical_for_the_cache() {
     assert!(system.starts_with("[moat-canary-"), "{system}");
     assert!(!String::from_utf8_lossy(second.body.as_ref().unwrap()).contains("moat-canary"));
 }
+
+/// The text, last finish reason and whether `[DONE]` came last, of an OpenAI chat stream.
+fn stream_ending(bytes: &[u8]) -> (String, Option<String>, bool) {
+    let mut decoder = SseDecoder::new();
+    let events = decoder.decode(bytes).unwrap();
+    let finish = events
+        .iter()
+        .filter_map(moat::core::sse::SseEvent::json)
+        .filter_map(|doc| {
+            doc["choices"][0]["finish_reason"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .last();
+    let done_last = events.last().is_some_and(|e| e.is_done());
+    (streamed(bytes), finish, done_last)
+}
+
+#[tokio::test]
+async fn harmful_output_is_withheld_streamed_or_not() {
+    let (_mock, gw) = gateway_with("[moderate]\naction = \"block\"\n").await;
+    let reply = "Sure. Listen here, you worthless fucking idiot, I will kill you.";
+    let streamed_reply = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("x-mock-reply", reply),
+            ("x-mock-chunk-chars", "3"),
+            ("x-mock-split-bytes", "7"),
+        ],
+        Some(chat("hi", true)),
+    )
+    .await;
+    assert_eq!(streamed_reply.status, 200);
+    let (text, finish, done_last) = stream_ending(streamed_reply.body.as_ref().unwrap());
+    assert!(reply.starts_with(&text), "{text}");
+    assert!(
+        text.len() < reply.find("fucking").unwrap() + 1,
+        "cut before the words: {text}"
+    );
+    assert_eq!(finish.as_deref(), Some("content_filter"));
+    assert!(done_last, "the stream ends with [DONE]");
+
+    let whole = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-reply", reply)],
+        Some(chat("hi", false)),
+    )
+    .await;
+    let doc = whole.json();
+    assert_eq!(doc["choices"][0]["finish_reason"], "content_filter");
+    assert!(!doc.to_string().contains("idiot"));
+
+    // A clean reply passes as it was written, streamed or not.
+    let clean = "The marble statue in the museum of Scunthorpe draws a crowd every spring.";
+    let passed = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-reply", clean), ("x-mock-chunk-chars", "2")],
+        Some(chat("hi", true)),
+    )
+    .await;
+    let (text, finish, _) = stream_ending(passed.body.as_ref().unwrap());
+    assert_eq!(text, clean);
+    assert_eq!(finish.as_deref(), Some("stop"));
+}
+
+#[tokio::test]
+async fn moderation_sees_placeholders_and_asks_the_external_moderator() {
+    let mock = MockUpstream::start().await.unwrap();
+    let config = format!(
+        "[upstream]\nbase_url = \"{url}/v1\"\n[redact]\nentities = [\"all\"]\n[moderate]\nstream_mode = \"buffered\"\n[moderate.external]\nurl = \"{url}/v1/moderations\"\napi_key_env = \"MOD_KEY\"\nmodel = \"omni-moderation-latest\"\ntimeout = \"2s\"\n",
+        url = mock.url()
+    );
+    let gw = start(&config, &[("MOD_KEY", "sk-mod")]).await;
+    let flagged = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("Write to jane.doe@example.com about [[hate]]", true)),
+    )
+    .await;
+    let (text, finish, done_last) = stream_ending(flagged.body.as_ref().unwrap());
+    assert_eq!(
+        text, "",
+        "a buffered stream the moderator flags sends none of its text"
+    );
+    assert_eq!(finish.as_deref(), Some("content_filter"));
+    assert!(done_last);
+    let asked: Vec<_> = mock
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/v1/moderations")
+        .collect();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].headers["authorization"], "Bearer sk-mod");
+    let input = asked[0].body.to_string();
+    assert!(
+        input.contains("[EMAIL_1]"),
+        "the moderator sees placeholders: {input}"
+    );
+    assert!(
+        !input.contains("jane.doe@example.com"),
+        "never the raw value"
+    );
+
+    let passed = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(chat("Write to jane.doe@example.com about lunch", false)),
+    )
+    .await;
+    assert_eq!(
+        passed.json()["choices"][0]["message"]["content"],
+        "Write to jane.doe@example.com about lunch",
+        "restored after moderation"
+    );
+}
