@@ -1,6 +1,10 @@
 //! Lexicons: words and phrases with a category and a severity, matched on whole folded words.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet};
+
+/// Lookups happen for every word of every reply: a fast hash, randomly seeded.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = StdHashSet<K, foldhash::fast::RandomState>;
 use std::fmt;
 
 use crate::category::{Category, UnknownCategory};
@@ -208,7 +212,7 @@ impl Lexicon {
             }
             [word] if !word.contains(['|', '*', '~']) => {
                 let word = word.to_lowercase();
-                let (collapsed, _) = cut_repeats(&word, 1);
+                let collapsed = cut_repeats(&word, 1).0.into_owned();
                 add_beginnings(&mut self.beginnings, &word);
                 add_beginnings(&mut self.beginnings, &collapsed);
                 keep_worst(&mut self.collapsed, collapsed, hit);
@@ -284,7 +288,7 @@ impl Lexicon {
             let (collapsed, _) = cut_repeats(&word.text, 1);
             if let Some(hit) = self
                 .collapsed
-                .get(&collapsed)
+                .get(collapsed.as_ref())
                 .copied()
                 .or_else(|| self.lookup(&collapsed))
             {
@@ -340,7 +344,7 @@ impl Lexicon {
         let (collapsed, cut) = cut_repeats(&partial.text, 1);
         let forms = [
             Some(partial.text.as_str()),
-            cut.then_some(collapsed.as_str()),
+            cut.then_some(collapsed.as_ref()),
         ];
         let could = forms.into_iter().flatten().any(|text| {
             self.beginnings.contains(text)

@@ -144,6 +144,7 @@ impl Tokenizer {
         if self.run.len() >= 3 {
             let joined: String = self.run.iter().map(|r| r.0.text.as_str()).collect();
             let (text, elongated) = cut_repeats(&joined, 2);
+            let text = text.into_owned();
             let last = &self.run[self.run.len() - 1];
             let (span, token_end) = ((self.run[0].1 .0, last.1 .1), last.2);
             let spaced = Some(self.run[1].1 .0);

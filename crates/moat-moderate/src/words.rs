@@ -7,6 +7,8 @@
 //! to two ("fuuuuck" → "fuuck"; the lexicon also tries one). Single letters spaced out
 //! ("f u c k", "f.u.c.k") are joined into one word by the scanner.
 
+use std::borrow::Cow;
+
 use moat_core::text::{deleet_char, fold_lookalike, is_invisible};
 use unicode_normalization::UnicodeNormalization;
 
@@ -85,7 +87,10 @@ pub fn fold(token: &str) -> Word {
         // Numbers: symbols are not letters here ("$100").
         text.retain(char::is_alphanumeric);
     }
-    let (text, elongated) = cut_repeats(&text, 2);
+    let (text, elongated) = match cut_repeats(&text, 2) {
+        (Cow::Owned(cut), true) => (cut, true),
+        _ => (text, false),
+    };
     let starred = text.contains('*');
     Word {
         text,
@@ -96,9 +101,24 @@ pub fn fold(token: &str) -> Word {
 }
 
 /// `text` with every run of one character longer than `keep` cut to `keep`; whether one was.
-pub(crate) fn cut_repeats(text: &str, keep: usize) -> (String, bool) {
+/// Borrowed when there is none (most words).
+pub(crate) fn cut_repeats(text: &str, keep: usize) -> (Cow<'_, str>, bool) {
+    let has_run = {
+        let (mut last, mut run) = (None, 0);
+        text.chars().any(|c| {
+            if Some(c) == last {
+                run += 1;
+            } else {
+                (last, run) = (Some(c), 1);
+            }
+            run > keep
+        })
+    };
+    if !has_run {
+        return (Cow::Borrowed(text), false);
+    }
     let mut out = String::with_capacity(text.len());
-    let (mut last, mut run, mut cut) = (None, 0, false);
+    let (mut last, mut run) = (None, 0);
     for c in text.chars() {
         if Some(c) == last {
             run += 1;
@@ -107,11 +127,9 @@ pub(crate) fn cut_repeats(text: &str, keep: usize) -> (String, bool) {
         }
         if run <= keep {
             out.push(c);
-        } else {
-            cut = true;
         }
     }
-    (out, cut)
+    (Cow::Owned(out), true)
 }
 
 /// Every word of `text`, folded, the way the scanner reads them (spaced-out letters joined):

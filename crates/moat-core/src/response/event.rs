@@ -56,6 +56,9 @@ pub struct TextDelta<'a> {
     pub text: Cow<'a, str>,
     pub(crate) slot: Slot,
     pub(crate) edited: bool,
+    /// Where the text was in the event's data, when it was read without unescaping: an edit
+    /// is then spliced in there, without rebuilding the event from a parsed document.
+    pub(crate) origin: Option<(usize, usize)>,
 }
 
 /// What one streamed event says, whatever the provider: text deltas, finish reasons, usage,
@@ -182,6 +185,7 @@ impl<'a> Choices<'a> {
                     text,
                     slot,
                     edited: false,
+                    origin: None,
                 });
             }
         };
@@ -304,6 +308,7 @@ impl<'a> RawEvent<'a> {
                     text,
                     slot,
                     edited: false,
+                    origin: None,
                 });
             }
         };

@@ -272,6 +272,9 @@ impl<'a> StreamEvent<'a> {
         }
         if let Some(delta) = self.view.deltas.get_mut(index) {
             if delta.text != text {
+                if !delta.edited {
+                    delta.origin = self.sse.data().and_then(|data| origin(data, &delta.text));
+                }
                 delta.text = text.into();
                 delta.edited = true;
                 self.edited = true;
@@ -338,6 +341,10 @@ impl<'a> StreamEvent<'a> {
             self.out.extend_from_slice(self.sse.raw());
             return;
         }
+        if let Some(data) = self.spliced() {
+            self.out.extend_from_slice(self.sse.with_data(&data).raw());
+            return;
+        }
         let mut doc = match self.doc.take().or_else(|| self.sse.json()) {
             Some(doc) => doc,
             None => return self.out.extend_from_slice(self.sse.raw()),
@@ -348,6 +355,49 @@ impl<'a> StreamEvent<'a> {
         self.out
             .extend_from_slice(self.sse.with_data(&doc.to_string()).raw());
     }
+}
+
+impl StreamEvent<'_> {
+    /// The event's data with its edited texts written where they were, when every edit is of a
+    /// text read in place and nothing else changed: no document is built, the rest of the
+    /// event stays byte for byte.
+    fn spliced(&self) -> Option<String> {
+        if self.doc.is_some() {
+            return None;
+        }
+        let data = self.sse.data()?;
+        let mut edits: Vec<((usize, usize), &str)> = Vec::new();
+        for delta in self.view.deltas.iter().filter(|d| d.edited) {
+            edits.push((delta.origin?, &delta.text));
+        }
+        edits.sort_unstable_by_key(|(span, _)| *span);
+        let mut out = String::with_capacity(data.len() + 16);
+        let mut copied = 0;
+        for ((start, end), text) in edits {
+            if start < copied {
+                return None;
+            }
+            out.push_str(&data[copied..start]);
+            let quoted = serde_json::to_string(text).ok()?;
+            out.push_str(&quoted[1..quoted.len() - 1]);
+            copied = end;
+        }
+        out.push_str(&data[copied..]);
+        Some(out)
+    }
+}
+
+/// Where `text` lies in `data`, when it was borrowed from it (a JSON string read without
+/// unescaping, between its quotes).
+fn origin(data: &str, text: &std::borrow::Cow<'_, str>) -> Option<(usize, usize)> {
+    let std::borrow::Cow::Borrowed(text) = text else {
+        return None;
+    };
+    let start = (text.as_ptr() as usize).checked_sub(data.as_ptr() as usize)?;
+    let end = start.checked_add(text.len())?;
+    let bytes = data.as_bytes();
+    let quoted = start > 0 && bytes.get(start - 1) == Some(&b'"') && bytes.get(end) == Some(&b'"');
+    (quoted && data.get(start..end) == Some(*text)).then_some((start, end))
 }
 
 fn write_slot(doc: &mut Value, slot: Slot, text: &str) {
@@ -903,6 +953,59 @@ data: [DONE]\n\n";
                 "removed events still count"
             );
         }
+    }
+
+    /// Appends a quoted word to every delta; ends the stream at an event saying "stop".
+    struct Splice;
+
+    impl Hook for Splice {
+        fn interest(&self) -> Interest {
+            Interest::REWRITE
+        }
+        fn on_event(&mut self, event: &mut StreamEvent<'_>) {
+            for i in 0..event.deltas().len() {
+                let text = format!("{} \"q\"", event.deltas()[i].text);
+                if text.starts_with("stop") {
+                    event.end_stream(Bytes::from_static(b"data: [END]\n\n"));
+                }
+                event.set_delta(i, text);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn edited_texts_are_spliced_in_place_and_a_hook_can_end_the_stream() {
+        let stream = "data: {\"id\":\"x\",  \"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"extra\":[1, 2]}]}\n\n\
+data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\\nb\"}}]}\n\n\
+data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"stop\"}}]}\n\n\
+data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"never sent\"}}]}\n\n\
+data: [DONE]\n\n";
+        let hooks = Hooks::default();
+        hooks.attach(Splice);
+        let body = chunked(&[stream.as_bytes()]);
+        let bytes = hooks
+            .view(response("text/event-stream", body))
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        // Read in place: only the text changed, the layout and unknown members kept.
+        assert!(
+            text.starts_with("data: {\"id\":\"x\",  \"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi \\\"q\\\"\"},\"extra\":[1, 2]}]}\n\n"),
+            "{text}"
+        );
+        // Unescaped when read: rebuilt from the document, still right.
+        assert!(text.contains("\"a\\nb \\\"q\\\"\""), "{text}");
+        assert!(
+            text.ends_with("\"stop \\\"q\\\"\"}}]}\n\ndata: [END]\n\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("never sent") && !text.contains("[DONE]"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
