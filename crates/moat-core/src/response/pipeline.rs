@@ -389,6 +389,7 @@ impl StreamEvent<'_> {
 
 /// Where `text` lies in `data`, when it was borrowed from it (a JSON string read without
 /// unescaping, between its quotes).
+#[allow(clippy::ptr_arg)] // Only a borrowed text lies in `data`: the `Cow` says which.
 fn origin(data: &str, text: &std::borrow::Cow<'_, str>) -> Option<(usize, usize)> {
     let std::borrow::Cow::Borrowed(text) = text else {
         return None;
