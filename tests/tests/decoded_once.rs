@@ -1,6 +1,6 @@
 //! The response view reads each streamed event once per request, however many layers look at
-//! the reply: here rate limits (a token rate), budgets and redaction (restoring placeholders)
-//! together. A metrics recorder counts the events the view decodes.
+//! the reply: here rate limits (a token rate), budgets, redaction (restoring placeholders) and
+//! moderation (checking every word) together. A metrics recorder counts the events the view decodes.
 //!
 //! Its own test binary: the recorder is global to the process.
 
@@ -15,6 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use moat::core::identity::ApiKey;
 use moat::core::sse::SseDecoder;
+use moat::moderate::ModerateLayer;
 use moat::quota::{Budget, Period, QuotaLayer};
 use moat::ratelimit::{Limit, RateLimitLayer, Rule};
 use moat::redact::{Entity, RedactLayer, Redactor};
@@ -55,7 +56,7 @@ fn events_in(bytes: &[u8]) -> usize {
 }
 
 #[tokio::test]
-async fn each_event_is_decoded_once_with_three_layers_on() {
+async fn each_event_is_decoded_once_with_four_layers_on() {
     let decoded = Arc::new(AtomicU64::new(0));
     metrics::set_global_recorder(EventCount(decoded.clone())).unwrap();
     let mock = MockUpstream::start().await.unwrap();
@@ -98,6 +99,7 @@ async fn each_event_is_decoded_once_with_three_layers_on() {
             Budget::new("daily", ApiKey::default(), Period::Day).tokens(1_000_000),
         ))
         .layer(RedactLayer::new(Redactor::new(&Entity::ALL)))
+        .layer(ModerateLayer::default())
         .service(proxy);
     let body = serde_json::json!({"model": "gpt-4o", "stream": true,
         "messages": [{"role": "user", "content": prompt}]});

@@ -513,3 +513,81 @@ mod stack {
         );
     }
 }
+
+mod moderate {
+    use super::*;
+    use moat::moderate::ModerateLayer;
+
+    /// An axum handler that streams a reply it should not: the client of the real server gets
+    /// the text before the offending words, then OpenAI's content-filter ending.
+    #[tokio::test]
+    async fn moderate_layer_on_an_axum_router_cuts_a_stream() {
+        let router = axum::Router::new()
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(|| async {
+                    let mut body = String::new();
+                    for word in ["Sure", ",", " you", " worthless", " fucking", " idiot", "."] {
+                        let chunk = serde_json::json!({"choices": [{"index": 0, "delta": {"content": word}}]});
+                        body.push_str(&format!("data: {chunk}\n\n"));
+                    }
+                    body.push_str("data: [DONE]\n\n");
+                    ([("content-type", "text/event-stream")], body)
+                }),
+            )
+            .layer(ModerateLayer::default());
+        let url = axum_server(router).await;
+        let response = http_client()
+            .request(
+                Request::post(format!("{url}/v1/chat/completions"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(
+                        b"{\"model\":\"m\",\"stream\":true,\"messages\":[]}",
+                    )))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            text.contains("\"finish_reason\":\"content_filter\""),
+            "{text}"
+        );
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert!(
+            !text.contains("fucking") && !text.contains("idiot"),
+            "{text}"
+        );
+    }
+
+    /// On a tonic server it passes gRPC calls through untouched.
+    #[tokio::test]
+    async fn moderate_layer_on_a_tonic_server_passes_grpc() {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(ModerateLayer::default())
+                .add_service(health)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let reply = HealthClient::new(channel)
+            .check(tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            }))
+            .await
+            .unwrap();
+        assert_eq!(reply.into_inner().status, 1, "SERVING");
+    }
+}
