@@ -10,6 +10,8 @@
 //!   together are the stream.
 //! - [`restorer`]: restoring placeholders in a stream gives the same text however it is split,
 //!   and the same text as restoring it whole.
+//! - [`moderation_scan`]: moderating a stream sends the same text and finds the same things
+//!   however it is split, holds back a bounded amount, and sends nothing after a block.
 
 use std::sync::OnceLock;
 
@@ -18,6 +20,7 @@ use moat::core::reject::Rejection;
 use moat::core::response::EventView;
 use moat::core::sse::{SseDecoder, SseEvent};
 use moat::core::tokens::estimate_input_upper_bound;
+use moat::moderate::{check_text, Action, Policy, Scan, StreamMode, MAX_HOLD};
 use moat::redact::{Entity, Redactor, StreamRestorer, Vault};
 
 const PATHS: [&str; 7] = [
@@ -139,4 +142,53 @@ pub fn restorer(data: &[u8]) {
     let mut json = StreamRestorer::json();
     let _ = json.push(text, vault);
     let _ = json.finish(vault);
+}
+
+/// Text moderated as a stream split at two points chosen by the first four bytes, masking or
+/// blocking (the fifth byte), with the built-in lexicon and model.
+pub fn moderation_scan(data: &[u8]) {
+    if data.len() < 5 {
+        return;
+    }
+    let (selector, text) = data.split_at(5);
+    let Ok(text) = std::str::from_utf8(text) else {
+        return;
+    };
+    static POLICIES: OnceLock<[Policy; 2]> = OnceLock::new();
+    let policies = POLICIES.get_or_init(|| {
+        [
+            Policy::new().action(Action::Mask),
+            Policy::new().action(Action::Block),
+        ]
+    });
+    let policy = &policies[usize::from(selector[4] & 1)];
+    let (whole, scan) = check_text(text, policy);
+    let mut cuts: Vec<usize> = [selector[0..2].try_into(), selector[2..4].try_into()]
+        .into_iter()
+        .map(|b: Result<[u8; 2], _>| {
+            usize::from(u16::from_le_bytes(b.unwrap_or_default())) % (text.len() + 1)
+        })
+        .map(|mut at| {
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            at
+        })
+        .collect();
+    cuts.sort_unstable();
+    let mut stream = Scan::new(StreamMode::HoldBack);
+    let mut out = String::new();
+    let mut from = 0;
+    for at in cuts.into_iter().chain([text.len()]) {
+        out.push_str(&stream.push(&text[from..at], policy));
+        assert!(stream.held() <= MAX_HOLD + 4 * 64, "held {}", stream.held());
+        from = at;
+    }
+    out.push_str(&stream.finish(policy));
+    assert_eq!(out, whole, "the same text however it is split");
+    assert_eq!(stream.flags(), scan.flags());
+    assert!(
+        text.starts_with(&whole) || !scan.masked().is_empty(),
+        "a block only cuts"
+    );
 }

@@ -38,3 +38,8 @@ fn sse_decoder_corpus() {
 fn restorer_corpus() {
     replay("restorer", fuzz::restorer);
 }
+
+#[test]
+fn moderation_scan_corpus() {
+    replay("moderation_scan", fuzz::moderation_scan);
+}

@@ -264,8 +264,11 @@ impl Scan {
         &self.masked
     }
 
-    /// Bytes held back now.
+    /// Bytes held back now (none once blocked: the rest is dropped, not held).
     pub fn held(&self) -> usize {
+        if self.cut.is_some() {
+            return 0;
+        }
         self.base + self.buf.len() - self.sent
     }
 
@@ -436,7 +439,9 @@ impl Scan {
         out
     }
 
-    /// The text from `from` to `to` (absolute), masked spans starred.
+    /// The text from `from` to `to` (absolute), masked spans starred. A span that reaches past
+    /// `to` is starred up to it and kept for the rest: starring goes character by character,
+    /// so a span sent in two parts reads as one sent whole.
     fn masked_text(&mut self, from: usize, to: usize) -> String {
         let text = &self.buf[from - self.base..to - self.base];
         if self.masks.is_empty() {
@@ -445,8 +450,8 @@ impl Scan {
         self.masks.sort_unstable();
         let mut out = String::with_capacity(text.len());
         let mut copied = from;
-        for &(s, e) in self.masks.iter().filter(|m| m.1 <= to) {
-            let s = s.max(copied);
+        for &(s, e) in self.masks.iter().filter(|m| m.0 < to) {
+            let (s, e) = (s.max(copied), e.min(to));
             if e <= s {
                 continue;
             }
@@ -629,6 +634,18 @@ mod tests {
         assert_eq!(scan.push("you idi", &p), "you idi");
         assert_eq!(scan.push("ot and more", &p), "");
         assert!(scan.is_blocked(), "a mask of sent text blocks instead");
+    }
+
+    #[test]
+    fn a_mask_that_reaches_past_what_is_sent_is_starred_up_to_it() {
+        // Found by the fuzzer: a phrase masked from its first word while a later word starts
+        // another phrase, which holds the text from there.
+        let p = Policy::new().action(Action::Mask);
+        let text = "how #to make a pipe bomb at home";
+        let whole = check_text(text, &p).0;
+        assert!(whole.starts_with("*****"), "{whole}");
+        let (split, _) = stream(text, &[4, 27], &p);
+        assert_eq!(split, whole);
     }
 
     #[test]
