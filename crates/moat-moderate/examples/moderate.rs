@@ -7,7 +7,17 @@ use std::io::{BufRead, BufWriter, Write};
 use moat_moderate::{check_text, Policy};
 
 fn main() -> std::io::Result<()> {
-    let policy = Policy::new();
+    // For tuning: MOAT_MODEL_MARGIN overrides the shipped model's margin.
+    let mut policy = Policy::new();
+    if let Some(margin) = std::env::var("MOAT_MODEL_MARGIN")
+        .ok()
+        .and_then(|m| m.parse().ok())
+    {
+        let model = moat_moderate::Model::shipped().clone().with_margin(margin);
+        let classifier = moat_moderate::Classifier::new()
+            .model(Some(model), moat_moderate::Category::Harassment);
+        policy = policy.classifier(classifier);
+    }
     let stdin = std::io::stdin();
     let mut out = BufWriter::new(std::io::stdout().lock());
     for line in stdin.lock().lines() {

@@ -8,10 +8,10 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::LazyLock;
 
-/// `MMD1`, u32 bits, f32 scale, f32 bias, f32 threshold (log-odds), u32 window (words), then
-/// 2^bits int8 weights, little-endian.
+/// `MMD2`, u32 bits, f32 scale, f32 bias, f32 threshold (log-odds), u32 window (words), f32
+/// margin (log-odds), then 2^bits int8 weights, little-endian. (`MMD1`: the same without the
+/// margin, which is then 0.)
 const SHIPPED: &[u8] = include_bytes!("../model/toxicity.i8.bin");
-const HEADER: usize = 24;
 
 /// A model file that cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +33,10 @@ pub struct Model {
     bias: f32,
     threshold: f32,
     window: usize,
+    /// How far past the threshold a window must score for the model to flag it alone; at the
+    /// threshold it only confirms a mild lexicon word in the window.
+    margin: f32,
+    header: usize,
     weights: Cow<'static, [u8]>,
 }
 
@@ -70,12 +74,17 @@ impl Model {
     /// Reads a model file (the format `eval/moderate/train.py` writes).
     pub fn from_bytes(bytes: impl Into<Cow<'static, [u8]>>) -> Result<Self, ModelError> {
         let bytes = bytes.into();
-        if bytes.len() < HEADER || &bytes[..4] != b"MMD1" {
-            return Err(ModelError("not an MMD1 file"));
+        let header = match bytes.get(..4) {
+            Some(b"MMD1") => 24,
+            Some(b"MMD2") => 28,
+            _ => return Err(ModelError("not an MMD1 or MMD2 file")),
+        };
+        if bytes.len() < header {
+            return Err(ModelError("the header is cut short"));
         }
         let bits = u32_at(&bytes, 4);
         let window = u32_at(&bytes, 20) as usize;
-        if !(8..=24).contains(&bits) || bytes.len() != HEADER + (1 << bits) {
+        if !(8..=24).contains(&bits) || bytes.len() != header + (1 << bits) {
             return Err(ModelError("the weights do not match the header"));
         }
         if window == 0 || window > 4096 {
@@ -87,6 +96,12 @@ impl Model {
             bias: f32_at(&bytes, 12),
             threshold: f32_at(&bytes, 16),
             window,
+            margin: if header == 28 {
+                f32_at(&bytes, 24)
+            } else {
+                0.0
+            },
+            header,
             weights: bytes,
         })
     }
@@ -106,24 +121,44 @@ impl Model {
     fn weight(&self, hash: u64) -> f32 {
         let mask = (1u64 << self.bits) - 1;
         // Masked to fewer than 2^bits, which the header check made the weights' length.
-        let at = HEADER + (hash & mask) as usize;
+        let at = self.header + (hash & mask) as usize;
         f32::from(self.weights[at] as i8) * self.scale
     }
 
-    /// The score of the text in `window`, from 0 to 1, 0.5 at the tuned threshold.
+    /// The margin past the threshold at which the model flags alone.
+    pub fn margin(&self) -> f32 {
+        self.margin
+    }
+
+    /// The same model with another margin.
+    #[must_use]
+    pub fn with_margin(mut self, margin: f32) -> Self {
+        self.margin = margin;
+        self
+    }
+
+    /// The score of the text in `window`, from 0 to 1, 0.5 at the tuned threshold: what
+    /// confirms a mild word.
     pub(crate) fn score(&self, window: &Window) -> f32 {
         let logit = self.bias + window.sum - self.threshold;
         1.0 / (1.0 + (-logit).exp())
     }
 
-    /// The highest score over every window of `text` (as streamed, one word at a time).
+    /// The score of the model alone: 0.5 at the threshold plus the margin.
+    pub(crate) fn score_alone(&self, window: &Window) -> f32 {
+        let logit = self.bias + window.sum - self.threshold - self.margin;
+        1.0 / (1.0 + (-logit).exp())
+    }
+
+    /// The highest score of the model alone over every window of `text` (as streamed, one
+    /// word at a time).
     pub fn score_text(&self, text: &str) -> f32 {
         let mut window = Window::default();
         crate::words::words(text)
             .iter()
             .map(|w| {
                 window.push(self, w);
-                self.score(&window)
+                self.score_alone(&window)
             })
             .fold(0.0, f32::max)
     }
@@ -211,6 +246,8 @@ mod tests {
         assert!(Model::from_bytes(&b"nope"[..]).is_err());
         let mut bytes = SHIPPED.to_vec();
         bytes.pop();
+        assert!(Model::from_bytes(bytes.clone()).is_err());
+        bytes[..4].copy_from_slice(b"MMD9");
         assert!(Model::from_bytes(bytes).is_err());
     }
 }

@@ -93,7 +93,9 @@ impl Classifier {
         self
     }
 
-    /// Uses `model` (or none) instead of the shipped one, scoring `category`.
+    /// Uses `model` (or none) instead of the shipped one, scoring `category` alone (past its
+    /// [margin](Model::margin)) and confirming the mild lexicon words in its window (at its
+    /// threshold).
     pub fn model(mut self, model: Option<Model>, category: Category) -> Self {
         self.model = model.map(Arc::new);
         self.model_category = category;

@@ -8,7 +8,7 @@
 //! streamed.
 
 use crate::category::{Category, Scores};
-use crate::lexicon::Hit;
+use crate::lexicon::{Hit, Severity};
 use crate::policy::{Action, Policy, StreamMode};
 use crate::words::{cut_repeats, fold, is_token_char, trim, Word, MAX_TOKEN};
 
@@ -185,6 +185,10 @@ pub struct Scan {
     /// Sent up to here (absolute).
     sent: usize,
     tokenizer: Tokenizer,
+    /// Words read so far.
+    words: usize,
+    /// Mild lexicon words in the model's window (the word count when each came, its category).
+    mild: std::collections::VecDeque<(usize, Category)>,
     /// Whether the word being written could still become a lexicon entry (it is then held).
     risky: bool,
     window: crate::model::Window,
@@ -211,6 +215,8 @@ impl Scan {
             base: 0,
             sent: 0,
             tokenizer: Tokenizer::default(),
+            words: 0,
+            mild: std::collections::VecDeque::new(),
             risky: false,
             window: crate::model::Window::default(),
             partials: Vec::new(),
@@ -344,13 +350,37 @@ impl Scan {
             }
         }
         self.partials = next;
+        self.words += 1;
         if let Some(model) = &classifier.model {
+            // Mild words in the window, for the model to confirm.
+            while self
+                .mild
+                .front()
+                .is_some_and(|&(at, _)| at + model.window() <= self.words)
+            {
+                self.mild.pop_front();
+            }
+            for &(hit, _) in &hits {
+                // The model scores abuse: it confirms mild words of its own category only.
+                if hit.severity == Severity::Mild && hit.category == classifier.model_category {
+                    self.mild.push_back((self.words, hit.category));
+                }
+            }
             self.window.push(model, &word.text);
-            let score = model.score(&self.window);
             // The model decides once the word is whole, and a word that cannot become a lexicon
             // entry is sent as it is written: a block it decides cuts after the word, wherever
-            // the text was split.
-            self.judge(classifier.model_category, score, None, token_end, policy);
+            // the text was split (so it masks nothing).
+            let alone = model.score_alone(&self.window);
+            self.judge(classifier.model_category, alone, None, token_end, policy);
+            if !self.mild.is_empty() {
+                let confirmed = model.score(&self.window);
+                let mild: Vec<Category> = self.mild.iter().map(|&(_, c)| c).collect();
+                for category in mild {
+                    if confirmed > Severity::Mild.score() {
+                        self.judge(category, confirmed, None, token_end, policy);
+                    }
+                }
+            }
         }
         for (hit, from) in hits {
             let score = hit.severity.score();

