@@ -22,9 +22,11 @@ use moat_breaker::{Breaker, CircuitBreakerLayer};
 use moat_core::body::{RequestBody, DEFAULT_BODY_LIMIT};
 use moat_core::identity::{ClientIp, Global, PeerAddr};
 use moat_core::request::{read_llm_request, LlmBody};
+use moat_moderate::ModerateLayer;
 use moat_quota::{Budget, Period, QuotaLayer};
 use moat_ratelimit::{Limit, RateLimitLayer, Rule};
 use moat_redact::{Entity, RedactLayer, Redactor};
+use moat_sanitize::SanitizeLayer;
 use tower::{Layer, Service, ServiceBuilder};
 
 const USAGE: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":500,"completion_tokens":20,"total_tokens":520}}"#;
@@ -219,6 +221,23 @@ fn requests(c: &mut Criterion) {
         &body,
         whole,
     );
+    let landed = ServiceBuilder::new()
+        .layer(ratelimit())
+        .layer(quota())
+        .layer(SanitizeLayer::default())
+        .layer(redact())
+        .layer(ModerateLayer::default())
+        .layer(breaker())
+        .service(upstream_for!(
+            RequestBody<RequestBody<RequestBody<RequestBody<RequestBody<Full<Bytes>>>>>>,
+            None
+        ));
+    bench(
+        &mut group,
+        "ratelimit + quota + sanitize + redact + moderate + breaker",
+        &body,
+        landed,
+    );
     group.finish();
 
     // The gateway benchmark's size (scripts/bench-gateway): a 300-byte request.
@@ -276,6 +295,23 @@ fn streams(c: &mut Criterion) {
         "ratelimit + quota + redact + breaker",
         &body,
         whole,
+    );
+    let landed = ServiceBuilder::new()
+        .layer(ratelimit())
+        .layer(quota())
+        .layer(SanitizeLayer::default())
+        .layer(redact())
+        .layer(ModerateLayer::default())
+        .layer(breaker())
+        .service(upstream_for!(
+            RequestBody<RequestBody<RequestBody<RequestBody<RequestBody<Full<Bytes>>>>>>,
+            Some(frames.clone())
+        ));
+    bench(
+        &mut group,
+        "ratelimit + quota + sanitize + redact + moderate + breaker",
+        &body,
+        landed,
     );
     group.finish();
 }
