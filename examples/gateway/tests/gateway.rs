@@ -2375,3 +2375,44 @@ async fn moderation_sees_placeholders_and_asks_the_external_moderator() {
         "restored after moderation"
     );
 }
+
+#[tokio::test]
+async fn masked_words_are_starred_streamed_or_not_and_bad_categories_are_refused() {
+    let (_mock, gw) = gateway_with(
+        "[moderate]\naction = \"mask\"\nwords = [{ category = \"harassment\", words = [\"frak~\"] }]\n",
+    )
+    .await;
+    let reply = "Well, frakking hell, the build is green again.";
+    let expected = "Well, ******** hell, the build is green again.";
+    let streamed_reply = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-reply", reply), ("x-mock-chunk-chars", "2")],
+        Some(chat("hi", true)),
+    )
+    .await;
+    let (text, finish, _) = stream_ending(streamed_reply.body.as_ref().unwrap());
+    assert_eq!(text, expected);
+    assert_eq!(finish.as_deref(), Some("stop"));
+    let whole = call(
+        &gw.url,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-reply", reply)],
+        Some(chat("hi", false)),
+    )
+    .await;
+    assert_eq!(whole.json()["choices"][0]["message"]["content"], expected);
+
+    let bad = Config::resolve(
+        "[upstream]\nbase_url = \"http://127.0.0.1:9/v1\"\n[moderate]\ncategories = { \"gore\" = 0.1 }\n",
+        |_| None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("gore") && bad.contains("violence/graphic"),
+        "{bad}"
+    );
+}
