@@ -13,7 +13,7 @@ use moat_core::usage::UsageReport;
 use serde_json::{json, Value};
 
 use crate::category::Scores;
-use crate::policy::{Action, Policy};
+use crate::policy::{Action, Policy, StreamMode};
 use crate::scan::{check_text, mask_spans, Flag, Scan};
 
 /// Where a streamed text is: the choice (or output item), the content block (or part), and the
@@ -90,7 +90,14 @@ pub(crate) struct Capture {
     pub(crate) choices: Vec<u32>,
     /// The local classifier blocked it already.
     pub(crate) blocked: bool,
+    /// Windows of streamed text ready to be asked about while the stream flows (modes other
+    /// than buffered).
+    pub(crate) ready: Vec<String>,
 }
+
+/// The size of a window of streamed text an external moderator is asked about while the
+/// stream flows: what may reach the client before a verdict on it, beside the verdict's wait.
+pub const STREAM_WINDOW_CHARS: usize = 1_000;
 
 /// Shared between the hook and the service that asks the external moderator.
 pub(crate) type SharedCapture = Arc<std::sync::Mutex<Capture>>;
@@ -254,6 +261,60 @@ impl ReplyHook {
         changed
     }
 
+    /// Keeps what the event says for an external moderator: its texts, cut into windows as
+    /// they grow (all of them when the reply or one of its texts ends), and the stream's head.
+    fn capture_event(&mut self, event: &StreamEvent<'_>) {
+        let Some((capture, texts)) = &mut self.capture else {
+            return;
+        };
+        let windows = self.policy.stream_mode != StreamMode::Buffered;
+        let mut capture = lock(capture);
+        for delta in event.deltas() {
+            let text = texts.entry(stream_key(delta)).or_default();
+            text.push_str(&delta.text);
+            if windows && text.len() >= STREAM_WINDOW_CHARS {
+                // Cut after the last space, so no word is split between two windows.
+                let cut = text
+                    .rfind(char::is_whitespace)
+                    .map_or(text.len(), |i| i + 1);
+                capture.ready.push(text.drain(..cut).collect());
+            }
+        }
+        let ends = event.is_done()
+            || event.view().finish_reasons().next().is_some()
+            || matches!(
+                event.view().kind(),
+                Some(
+                    "content_block_stop"
+                        | "message_delta"
+                        | "response.output_text.done"
+                        | "response.function_call_arguments.done"
+                        | "response.completed"
+                )
+            );
+        if windows && ends {
+            let rest: Vec<String> = texts
+                .values_mut()
+                .filter(|t| !t.is_empty())
+                .map(std::mem::take)
+                .collect();
+            capture.ready.extend(rest);
+        }
+        let openai = matches!(
+            self.format,
+            WireFormat::ChatCompletions | WireFormat::Completions
+        );
+        if openai && capture.head.is_none() {
+            capture.head = event.sse().json();
+        }
+        if event.view().kind() == Some("response.created") {
+            capture.head = event
+                .sse()
+                .json()
+                .and_then(|mut d| d.get_mut("response").map(Value::take));
+        }
+    }
+
     /// Strings of an event that repeats text already streamed (`*.done`, `response.completed`):
     /// masked as the stream was.
     fn mask_repeats(&mut self, event: &mut StreamEvent<'_>) {
@@ -402,6 +463,7 @@ impl Hook for ReplyHook {
     }
 
     fn on_event(&mut self, event: &mut StreamEvent<'_>) {
+        self.capture_event(event);
         if event.is_done() {
             let keys: Vec<StreamKey> = self.streams.keys().copied().collect();
             if self.finish_before(event, keys) {
@@ -414,22 +476,6 @@ impl Hook for ReplyHook {
                 .sse()
                 .json()
                 .and_then(|mut d| d.get_mut("response").map(Value::take));
-        }
-        if let Some((capture, texts)) = &mut self.capture {
-            for delta in event.deltas() {
-                texts
-                    .entry(stream_key(delta))
-                    .or_default()
-                    .push_str(&delta.text);
-            }
-            let mut capture = lock(capture);
-            let openai = matches!(
-                self.format,
-                WireFormat::ChatCompletions | WireFormat::Completions
-            );
-            if openai && capture.head.is_none() {
-                capture.head = event.sse().json();
-            }
         }
         for i in 0..event.deltas().len() {
             let delta = &event.deltas()[i];
@@ -528,7 +574,12 @@ impl Hook for ReplyHook {
             let mut capture = lock(&capture);
             let choices: BTreeSet<u32> = texts.keys().map(|k| k.0).collect();
             capture.choices = choices.into_iter().collect();
-            capture.texts.extend(texts.into_values());
+            let rest = texts.into_values().filter(|t| !t.is_empty());
+            if self.policy.stream_mode == StreamMode::Buffered {
+                capture.texts.extend(rest);
+            } else {
+                capture.ready.extend(rest);
+            }
             capture.blocked = self.findings.blocked;
             if self.format == WireFormat::Responses {
                 capture.head = self.response.take();

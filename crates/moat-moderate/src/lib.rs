@@ -44,10 +44,15 @@
 //! - A small learned [`Model`]: logistic regression over hashed word unigrams and bigrams,
 //!   trained by `eval/moderate/train.py` on public data and shipped as int8 weights, scored
 //!   over a sliding window of words (so a long answer is judged locally, and a stream costs the
-//!   same per word as a whole reply). It scores `harassment`, the catch-all for abuse.
+//!   same per word as a whole reply). It scores `harassment`, the catch-all for abuse: alone
+//!   past a margin, and as the confirmation of a mild word of the lexicon ("stupid", "damn")
+//!   in its window. Clinical, identity and violence words are left out of what it learned, so
+//!   answers about anatomy, history or the news are not abuse to it.
 //! - Optionally an [`External`] moderator: OpenAI's `/v1/moderations` or anything answering its
 //!   shape ([`OpenAiModerations`], itself a tower `Service`), under a latency budget, failing
-//!   open or closed, with a verdict cache.
+//!   open or closed, with a verdict cache. It judges prompts and whole replies before they are
+//!   sent, and streams in windows of [`STREAM_WINDOW_CHARS`] as they flow
+//!   ([`ModerateLayer::with_external`]).
 //!
 //! # Streams
 //!
@@ -118,6 +123,7 @@
 //! (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/messages`).
 #![forbid(unsafe_code)]
 
+mod body;
 mod category;
 mod external;
 mod hook;
@@ -130,14 +136,16 @@ mod service;
 pub mod spec;
 mod words;
 
+pub use body::ResponseBody;
 pub use category::{Category, ModerationResult, Scores, UnknownCategory};
 pub use external::{
     read_results, External, ModerateFuture, Moderator, OpenAiModerations, WINDOW_CHARS,
 };
+pub use hook::STREAM_WINDOW_CHARS;
 pub use lexicon::{Hit, Lexicon, LexiconError, Severity};
 pub use moat_core::kit::OnError;
 pub use model::{Model, ModelError};
 pub use policy::{Action, Classifier, Policy, StreamMode, DEFAULT_MESSAGE, DEFAULT_THRESHOLD};
 pub use scan::{check_text, Flag, Scan, MAX_BUFFERED, MAX_HOLD};
-pub use service::{Moderate, ModerateLayer, ResponseBody, ResponseFuture};
+pub use service::{Moderate, ModerateLayer, ResponseFuture};
 pub use words::{fold, words, Word};

@@ -15,6 +15,7 @@ use moat_core::response::Hooks;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::body::{ResponseBody, Watch};
 use crate::category::Category;
 use crate::category::Scores;
 use crate::external::External;
@@ -70,9 +71,14 @@ impl ModerateLayer {
     /// Also asks an external moderator ([`External`], e.g. [`OpenAiModerations`](crate::OpenAiModerations)):
     /// about the prompt when [input](Self::with_input) is moderated, about whole (JSON)
     /// replies, and about streamed replies in [`StreamMode::Buffered`](crate::StreamMode::Buffered),
-    /// each before any of it reaches the client. Its scores have no spans: a flagged category
-    /// whose action is mask blocks. Streams in the other modes are checked by the local
-    /// classifier only. When it fails or is late, [`OnError::Open`](moat_core::kit::OnError)
+    /// each before any of it reaches the client. Streams in the other modes flow as the local
+    /// classifier lets them, and their text is asked about in windows of
+    /// [`STREAM_WINDOW_CHARS`](crate::STREAM_WINDOW_CHARS) (or less, where a text ends): the
+    /// frame that completes a window waits for its verdict, and a flagged window ends the
+    /// stream there, in the client's protocol. So up to a window's text, less its last frame,
+    /// may reach the client before the verdict on it; the end of the stream always waits for
+    /// the last verdict. Its scores have no spans: a flagged category whose action is mask
+    /// blocks. When it fails or is late, [`OnError::Open`](moat_core::kit::OnError)
     /// goes on with the local verdict; `Closed` withholds the reply (a prompt gets 503
     /// `moderation_unavailable`).
     pub fn with_external(mut self, external: External) -> Self {
@@ -129,10 +135,6 @@ impl<S> Moderate<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
-}
-
-moat_core::layer_response_body! {
-    /// The response body of [`Moderate`]: the inner service's (moderated), or a refusal.
 }
 
 moat_core::layer_response_future! {
@@ -279,7 +281,7 @@ fn external_prompt_verdict(
 }
 
 /// Whether a whole reply is withheld on the external moderator's verdict.
-fn withhold_reply(
+pub(crate) fn withhold_reply(
     layer: &ModerateLayer,
     verdict: Result<Scores, String>,
     decisions: Option<&Decisions>,
@@ -460,13 +462,18 @@ where
             let (Some(external), Some(capture)) = (&layer.external, capture) else {
                 return Ok(response.map(ResponseBody::new));
             };
-            let whole = match BodyFormat::of(response.headers()) {
-                BodyFormat::Json => true,
-                BodyFormat::Sse => layer.policy.stream_mode == StreamMode::Buffered,
-                _ => false,
-            };
-            if !whole || !response.status().is_success() {
+            if !response.status().is_success() {
                 return Ok(response.map(ResponseBody::new));
+            }
+            match (BodyFormat::of(response.headers()), layer.policy.stream_mode) {
+                (BodyFormat::Json, _) | (BodyFormat::Sse, StreamMode::Buffered) => {}
+                (BodyFormat::Sse, _) => {
+                    // Judged in windows as it flows; a flagged window ends it.
+                    let watch =
+                        Watch::new(layer.clone(), external.clone(), capture, format, decisions);
+                    return Ok(response.map(|body| ResponseBody::watched(body, watch)));
+                }
+                _ => return Ok(response.map(ResponseBody::new)),
             }
             // Read whole (the hooks run as it is read), then asked about before it is sent.
             let (mut parts, body) = response.into_parts();

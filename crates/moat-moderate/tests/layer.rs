@@ -713,3 +713,73 @@ async fn an_external_moderator_that_fails_fails_open_or_closed() {
     let doc: Value = serde_json::from_slice(&reply.body).unwrap();
     assert_eq!(doc["error"]["code"], "moderation_unavailable");
 }
+
+#[tokio::test]
+async fn an_external_moderator_judges_a_flowing_stream_in_windows() {
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let layer = ModerateLayer::new(policy(Action::Block)).with_external(external(
+        std::sync::Arc::clone(&asked),
+        moat_moderate::OnError::Open,
+    ));
+    let frames = |stream: Vec<u8>| -> Vec<Bytes> {
+        stream.chunks(200).map(Bytes::copy_from_slice).collect()
+    };
+    // Clean: it flows, every window is asked about, and it ends as it came.
+    let clean: Vec<String> = (0..300).map(|i| format!("word{i} ")).collect();
+    let pieces: Vec<&str> = clean.iter().map(String::as_str).collect();
+    let reply = send(
+        &layer,
+        "/v1/chat/completions",
+        "hi",
+        frames(chat_stream(&pieces)),
+        true,
+    )
+    .await;
+    let (text, finish, done_last) = chat_text(&reply.body);
+    assert_eq!(text, clean.concat());
+    assert_eq!(finish.as_deref(), Some("stop"));
+    assert!(done_last);
+    let windows = asked.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        windows >= 2,
+        "asked in windows of {} characters: {windows}",
+        moat_moderate::STREAM_WINDOW_CHARS
+    );
+
+    // Flagged in its first window: cut at a frame after the verdict, in OpenAI's ending.
+    let mut flagged = vec!["Some [[hate]] here. ".to_owned()];
+    flagged.extend((0..300).map(|i| format!("more{i} ")));
+    let pieces: Vec<&str> = flagged.iter().map(String::as_str).collect();
+    let reply = send(
+        &layer,
+        "/v1/chat/completions",
+        "hi",
+        frames(chat_stream(&pieces)),
+        true,
+    )
+    .await;
+    let (text, finish, done_last) = chat_text(&reply.body);
+    assert_eq!(finish.as_deref(), Some("content_filter"));
+    assert!(done_last);
+    assert!(flagged.concat().starts_with(&text));
+    assert!(text.len() < flagged.concat().len(), "cut before its end");
+    assert!(reply
+        .decisions
+        .iter()
+        .any(|d| d.rule.as_deref() == Some("external_output")));
+
+    // Flagged in its last window: the end is held until the verdict, and withheld.
+    let short = ["A short [[hate]] reply."];
+    let reply = send(
+        &layer,
+        "/v1/chat/completions",
+        "hi",
+        frames(chat_stream(&short)),
+        true,
+    )
+    .await;
+    let (_, finish, done_last) = chat_text(&reply.body);
+    assert_eq!(finish.as_deref(), Some("content_filter"));
+    assert!(done_last);
+    assert!(!String::from_utf8_lossy(&reply.body).contains("\"stop\""));
+}
