@@ -65,8 +65,8 @@ LIMITS_DOCS = {"docs": 0.005, "garak_books": 0.05}
 LIMITS = dict(LIMITS_STRICT)
 # Past the threshold, the model flags alone; at it, it confirms a mild harassment word of the
 # lexicon in its window. Chosen with evaluate.py on the whole classifier: the largest F1 with
-# under 1% of the long benign documents flagged (0: F1 0.56 at 0.9%; a lower confirmation
-# point, 1 under the threshold with the same bar alone: 0.59 at 1.2%; 2 under: 0.62 at 1.4%).
+# under 1% of the long benign documents flagged (with the lexicon of this commit: F1 0.58 at
+# 0.9%; a confirmation point 1 under the threshold, with the same bar alone: 0.60 at 1.2%).
 MARGIN = 0.5
 SEED = 20240611
 
