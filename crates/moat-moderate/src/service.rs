@@ -23,8 +23,9 @@ use crate::hook::{blocked_tail, lock, replace_reply, Capture, ReplyHook, SharedC
 use crate::policy::{Action, Policy, StreamMode};
 use crate::scan::check_text;
 use http_body_util::BodyExt;
-use moat_core::kit::OnError;
+use moat_core::kit::{OnError, Scope};
 use moat_core::usage::BodyFormat;
+use moat_core::Caller;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -36,6 +37,8 @@ pub struct ModerateLayer {
     input: bool,
     body_limit: usize,
     external: Option<External>,
+    /// The requests it applies to (routes, methods, models, tiers); `None`: every LLM route.
+    scope: Option<Scope>,
 }
 
 impl Default for ModerateLayer {
@@ -52,6 +55,7 @@ impl ModerateLayer {
             input: false,
             body_limit: DEFAULT_BODY_LIMIT,
             external: None,
+            scope: None,
         }
     }
 
@@ -83,6 +87,15 @@ impl ModerateLayer {
     /// `moderation_unavailable`).
     pub fn with_external(mut self, external: External) -> Self {
         self.external = Some(external);
+        self
+    }
+
+    /// Moderates only the requests `scope` admits: its routes and methods, the caller's tier
+    /// (moat-core's [`Caller`](moat_core::Caller) in the extensions), and the request's model
+    /// (read from the body, parsed once for every layer). Other requests pass untouched. Its
+    /// key and mode are not used.
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.scope = Some(scope);
         self
     }
 
@@ -405,7 +418,17 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
-        let format = output_format(req.uri().path());
+        let caller = req.extensions().get::<Caller>();
+        let admitted = layer.scope.as_ref().is_none_or(|scope| {
+            let caller = caller.cloned().unwrap_or_default();
+            scope.matches_head(req.method(), req.uri().path(), &caller)
+        });
+        let format = output_format(req.uri().path()).filter(|_| admitted);
+        let by_model = layer
+            .scope
+            .as_ref()
+            .filter(|s| !s.models().is_empty())
+            .cloned();
         let future = async move {
             let protocol = Protocol::of(&req);
             let refuse = |rejection: Rejection| {
@@ -414,22 +437,28 @@ where
                     .into_response::<ResBody>(protocol);
                 Ok(response.map(ResponseBody::plain))
             };
-            let mut req = if layer.input && format.is_some() {
+            let mut req = if (layer.input || by_model.is_some()) && format.is_some() {
                 match read_llm_request(req, layer.body_limit).await {
                     Ok(LlmBody::Parsed { request, llm }) => {
-                        let refused =
-                            llm.with(|r| moderate_prompt(&layer.policy, r, request.extensions()));
-                        if let Some(rejection) = refused {
-                            return refuse(rejection);
+                        let model = llm.with(|r| r.model().map(str::to_owned));
+                        if by_model.is_some_and(|s| !s.matches_model(model.as_deref())) {
+                            return Ok(inner.call(request).await?.map(ResponseBody::passed));
                         }
-                        if let Some(external) = &layer.external {
-                            let texts: Vec<String> =
-                                llm.with(|r| r.texts().map(|(_, t)| t.to_owned()).collect());
-                            let verdict = external.check(&texts).await;
-                            if let Some(rejection) =
-                                external_prompt_verdict(&layer, verdict, request.extensions())
-                            {
+                        if layer.input {
+                            let refused = llm
+                                .with(|r| moderate_prompt(&layer.policy, r, request.extensions()));
+                            if let Some(rejection) = refused {
                                 return refuse(rejection);
+                            }
+                            if let Some(external) = &layer.external {
+                                let texts: Vec<String> =
+                                    llm.with(|r| r.texts().map(|(_, t)| t.to_owned()).collect());
+                                let verdict = external.check(&texts).await;
+                                if let Some(rejection) =
+                                    external_prompt_verdict(&layer, verdict, request.extensions())
+                                {
+                                    return refuse(rejection);
+                                }
                             }
                         }
                         request

@@ -20,7 +20,8 @@
 
 use std::collections::BTreeMap;
 
-use moat_core::kit::{OnError, Score};
+use moat_core::identity::Global;
+use moat_core::kit::{OnError, Scope, Score};
 use serde::Deserialize;
 
 use crate::category::Category;
@@ -50,6 +51,16 @@ pub struct ModerateSpec {
     /// Also moderate the prompt (default false).
     #[serde(default)]
     pub input: bool,
+    /// Only these routes (`/v1/chat/completions`, or `/v1/*` for a prefix); default every LLM
+    /// route.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// Only these models (exact, or `prefix*`); default every model.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Only callers of these tiers; default every caller.
+    #[serde(default)]
+    pub tiers: Vec<String>,
     /// What a blocked whole reply says instead.
     pub message: Option<String>,
     /// Your words, added to the built-in lexicon.
@@ -221,6 +232,20 @@ impl ModerateSpec {
     /// The layer the spec describes, without its external moderator (see
     /// [`ExternalSpec::external`]).
     pub fn layer(&self) -> Result<ModerateLayer, String> {
-        Ok(ModerateLayer::new(self.policy()?).with_input(self.input))
+        let layer = ModerateLayer::new(self.policy()?).with_input(self.input);
+        if self.routes.is_empty() && self.models.is_empty() && self.tiers.is_empty() {
+            return Ok(layer);
+        }
+        let mut scope = Scope::new("moderate", Global);
+        for route in &self.routes {
+            scope = scope.route(route.clone());
+        }
+        for model in &self.models {
+            scope = scope.model(model.clone());
+        }
+        for tier in &self.tiers {
+            scope = scope.tier(tier.clone());
+        }
+        Ok(layer.with_scope(scope))
     }
 }

@@ -783,3 +783,25 @@ async fn an_external_moderator_judges_a_flowing_stream_in_windows() {
     assert!(done_last);
     assert!(!String::from_utf8_lossy(&reply.body).contains("\"stop\""));
 }
+
+#[tokio::test]
+async fn a_scope_limits_moderation_to_its_routes_and_models() {
+    use moat_core::identity::Global;
+    use moat_core::kit::Scope;
+    let harmful = || vec![Bytes::from(chat_stream(&["you ", "idiot"]))];
+    let moderated = |body: &Bytes| chat_text(body).1.as_deref() == Some("content_filter");
+    let scoped = |scope: Scope| ModerateLayer::new(policy(Action::Block)).with_scope(scope);
+
+    let layer = scoped(Scope::new("moderate", Global).model("m"));
+    let reply = send(&layer, "/v1/chat/completions", "hi", harmful(), true).await;
+    assert!(moderated(&reply.body), "the request's model is in scope");
+
+    let layer = scoped(Scope::new("moderate", Global).model("gpt-4o*"));
+    let reply = send(&layer, "/v1/chat/completions", "hi", harmful(), true).await;
+    assert!(!moderated(&reply.body), "another model passes untouched");
+    assert_eq!(chat_text(&reply.body).0, "you idiot");
+
+    let layer = scoped(Scope::new("moderate", Global).route("/v1/messages"));
+    let reply = send(&layer, "/v1/chat/completions", "hi", harmful(), true).await;
+    assert!(!moderated(&reply.body), "another route passes untouched");
+}
