@@ -1,10 +1,11 @@
 //! An axum chat app whose own handler sits behind moat's whole stack, built with
 //! [`ServiceBuilderExt`](moat::ServiceBuilderExt) in the recommended order: audit, rate limits,
-//! budgets, redaction, circuit breaker.
+//! budgets, redaction, output moderation, circuit breaker.
 //!
 //! `cargo run -p axum-chat` serves on a free loopback port, then plays a short session against
 //! itself and checks what each layer did: the handler sees placeholders where the user wrote an
-//! email address, the user gets the address back, the fourth request in a minute is refused
+//! email address, the user gets the address back, an abusive reply is withheld
+//! (`finish_reason: "content_filter"`), the fourth request in a minute is refused
 //! with 429, and the audit log holds all four (the refusal with its reason, the budget's
 //! settled usage) without the user's key or address. It exits 0 when all of that held (CI runs
 //! it).
@@ -58,6 +59,7 @@ fn app(seen: Seen, log: AuditLog) -> Router {
                 .moat_rate_limit(RateLimitLayer::new(per_key))
                 .moat_quota(QuotaLayer::new(daily))
                 .moat_redact(RedactLayer::new(Redactor::new(&Entity::ALL)))
+                .moat_moderate(ModerateLayer::default())
                 .moat_circuit_breaker(Breaker::new("chat-handler")),
         )
 }
@@ -118,9 +120,16 @@ async fn main() {
     );
     assert_eq!(answer, text, "restored in the reply");
 
-    for _ in 0..2 {
-        assert_eq!(ask(&url, "hello").await.0, 200);
-    }
+    // The handler echoes: made to say something abusive, its reply is withheld.
+    let (status, withheld) = ask(&url, "Listen, you worthless idiot.").await;
+    assert_eq!(status, 200);
+    println!(
+        "  an abusive reply:  {} ({})",
+        withheld["choices"][0]["message"]["content"], withheld["choices"][0]["finish_reason"]
+    );
+    assert_eq!(withheld["choices"][0]["finish_reason"], "content_filter");
+    assert!(!withheld.to_string().contains("idiot"));
+    assert_eq!(ask(&url, "hello").await.0, 200);
     let (status, refused) = ask(&url, "one too many").await;
     println!(
         "  the fourth request in a minute: {status} {}",
@@ -144,11 +153,17 @@ async fn main() {
         .iter()
         .any(|d| d["layer"] == "quota" && d["outcome"]["outcome"] == "usage_settled");
     assert!(settled, "{}", records[0]);
+    let moderated = records[1]["moat.decisions"]
+        .as_array()
+        .expect("decisions")
+        .iter()
+        .any(|d| d["layer"] == "moderate");
+    assert!(moderated, "{}", records[1]);
     assert!(!text.contains("sk-user-alice") && !text.contains("jane.doe@example.com"));
     assert!(moat::audit::verify(&[audit_file], &[], &[])
         .expect("readable")
         .is_ok());
-    println!("  the audit log: 4 requests, the refusal's reason, no key or address; it verifies");
+    println!("  the audit log: 4 requests, the refusal's reason, the moderation, no key or address; it verifies");
     let _ = std::fs::remove_dir_all(audit_dir);
     println!("axum-chat: every layer did its job");
 }
