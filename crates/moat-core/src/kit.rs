@@ -94,6 +94,25 @@ impl Scope {
         }
     }
 
+    /// A scope that only says which requests a layer applies to (its key unused): the given
+    /// routes, models and tiers (each empty: all). `None` when all three are empty: every
+    /// request.
+    pub fn filter(
+        name: impl Into<Arc<str>>,
+        routes: &[String],
+        models: &[String],
+        tiers: &[String],
+    ) -> Option<Self> {
+        if routes.is_empty() && models.is_empty() && tiers.is_empty() {
+            return None;
+        }
+        let mut scope = Self::new(name, Global);
+        scope.routes = routes.to_vec();
+        scope.models = models.to_vec();
+        scope.tiers = tiers.to_vec();
+        Some(scope)
+    }
+
     /// The name.
     pub fn name(&self) -> &str {
         &self.name

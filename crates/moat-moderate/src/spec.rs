@@ -20,7 +20,6 @@
 
 use std::collections::BTreeMap;
 
-use moat_core::identity::Global;
 use moat_core::kit::{OnError, Scope, Score};
 use serde::Deserialize;
 
@@ -233,19 +232,11 @@ impl ModerateSpec {
     /// [`ExternalSpec::external`]).
     pub fn layer(&self) -> Result<ModerateLayer, String> {
         let layer = ModerateLayer::new(self.policy()?).with_input(self.input);
-        if self.routes.is_empty() && self.models.is_empty() && self.tiers.is_empty() {
-            return Ok(layer);
-        }
-        let mut scope = Scope::new("moderate", Global);
-        for route in &self.routes {
-            scope = scope.route(route.clone());
-        }
-        for model in &self.models {
-            scope = scope.model(model.clone());
-        }
-        for tier in &self.tiers {
-            scope = scope.tier(tier.clone());
-        }
-        Ok(layer.with_scope(scope))
+        Ok(
+            match Scope::filter("moderate", &self.routes, &self.models, &self.tiers) {
+                Some(scope) => layer.with_scope(scope),
+                None => layer,
+            },
+        )
     }
 }

@@ -9,10 +9,12 @@ use http_body::Body;
 use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
 use moat_core::decision::{Decision, Decisions, Outcome};
 use moat_core::identity::Fingerprinter;
+use moat_core::kit::Scope;
 use moat_core::llm::UnknownPolicy;
 use moat_core::reject::{Protocol, Rejection};
 use moat_core::request::{read_llm_request, LlmBody};
 use moat_core::response::Hooks;
+use moat_core::Caller;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -38,6 +40,8 @@ pub struct SanitizeLayer {
     /// The canary's secret, when the canary is on.
     canary: Option<Fingerprinter>,
     classifier: Option<External>,
+    /// The requests it applies to; `None`: every request.
+    scope: Option<Scope>,
 }
 
 impl Default for SanitizeLayer {
@@ -55,6 +59,7 @@ impl SanitizeLayer {
             body_limit: DEFAULT_BODY_LIMIT,
             canary: None,
             classifier: None,
+            scope: None,
         }
     }
 
@@ -67,6 +72,14 @@ impl SanitizeLayer {
     /// other (the default), refuse the request with 400, or let it through unscreened.
     pub fn with_unknown(mut self, policy: UnknownPolicy) -> Self {
         self.unknown = policy;
+        self
+    }
+
+    /// Screens only the requests `scope` admits: its routes and methods, the caller's tier
+    /// (moat-core's [`Caller`] in the extensions) and the request's model. Other requests
+    /// pass unscreened. Its key and mode are not used.
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.scope = Some(scope);
         self
     }
 
@@ -249,6 +262,22 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
+        let admitted = layer.scope.as_ref().is_none_or(|scope| {
+            let caller = req
+                .extensions()
+                .get::<Caller>()
+                .cloned()
+                .unwrap_or_default();
+            scope.matches_head(req.method(), req.uri().path(), &caller)
+        });
+        if !admitted {
+            return ResponseFuture::new(async move {
+                Ok(inner
+                    .call(req.map(RequestBody::original))
+                    .await?
+                    .map(ResponseBody::passed))
+            });
+        }
         let future = async move {
             let protocol = Protocol::of(&req);
             let reject = |rejection: Rejection| {
@@ -259,6 +288,12 @@ where
             };
             let (mut req, score, canary) = match read_llm_request(req, layer.body_limit).await {
                 Ok(LlmBody::Parsed { request, llm }) => {
+                    let model = llm.with(|r| r.model().map(str::to_owned));
+                    if let Some(scope) = &layer.scope {
+                        if !scope.matches_model(model.as_deref()) {
+                            return Ok(inner.call(request).await?.map(ResponseBody::passed));
+                        }
+                    }
                     if let Err(rejection) = llm.with(|r| layer.unknown.check(r)) {
                         return reject(rejection);
                     }

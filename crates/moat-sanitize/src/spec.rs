@@ -17,7 +17,7 @@
 //! # let _ = layer;
 //! ```
 
-use moat_core::kit::Score;
+use moat_core::kit::{Scope, Score};
 use moat_core::llm::UnknownPolicy;
 use serde::Deserialize;
 
@@ -65,6 +65,15 @@ pub struct SanitizeSpec {
     /// false).
     #[serde(default)]
     pub canary: bool,
+    /// Only these routes (`/v1/chat/completions`, or `/v1/*` for a prefix); default all.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// Only these models (exact, or `prefix*`); default all.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Only callers of these tiers; default all.
+    #[serde(default)]
+    pub tiers: Vec<String>,
     /// An external classifier shaped like Azure's Prompt Shields, asked after the local
     /// screening. The spec holds where and how; the HTTP client is the caller's
     /// ([`ClassifierSpec::external`]).
@@ -179,8 +188,14 @@ impl SanitizeSpec {
 
     /// The layer the spec describes, without its classifier (see [`ClassifierSpec::external`]).
     pub fn layer(&self) -> Result<SanitizeLayer, String> {
-        Ok(SanitizeLayer::new(self.policy()?)
+        let layer = SanitizeLayer::new(self.policy()?)
             .with_unknown(self.unknown)
-            .with_canary(self.canary))
+            .with_canary(self.canary);
+        Ok(
+            match Scope::filter("sanitize", &self.routes, &self.models, &self.tiers) {
+                Some(scope) => layer.with_scope(scope),
+                None => layer,
+            },
+        )
     }
 }
