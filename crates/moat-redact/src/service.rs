@@ -8,10 +8,12 @@ use http::{Request, Response};
 use http_body::Body;
 use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
 use moat_core::decision::{Decision, Decisions, Mode, Outcome};
+use moat_core::kit::Scope;
 use moat_core::llm::{LlmRequest, UnknownPolicy};
 use moat_core::reject::{Protocol, Rejection};
 use moat_core::request::{read_llm_request, LlmBody};
 use moat_core::response::Hooks;
+use moat_core::Caller;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -32,6 +34,8 @@ pub struct RedactLayer {
     mode: Mode,
     unknown: UnknownPolicy,
     body_limit: usize,
+    /// The requests it applies to; `None`: every request.
+    scope: Option<Scope>,
 }
 
 impl RedactLayer {
@@ -45,7 +49,16 @@ impl RedactLayer {
             mode: Mode::Enforce,
             unknown: UnknownPolicy::default(),
             body_limit: DEFAULT_BODY_LIMIT,
+            scope: None,
         }
+    }
+
+    /// Redacts only the requests `scope` admits: its routes and methods, the caller's tier
+    /// (moat-core's [`Caller`] in the extensions) and the request's model. Other requests
+    /// pass untouched, their replies unrestored. Its key and mode are not used.
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.scope = Some(scope);
+        self
     }
 
     /// Whether placeholders in replies are replaced by the originals (default yes).
@@ -164,6 +177,22 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
+        let admitted = layer.scope.as_ref().is_none_or(|scope| {
+            let caller = req
+                .extensions()
+                .get::<Caller>()
+                .cloned()
+                .unwrap_or_default();
+            scope.matches_head(req.method(), req.uri().path(), &caller)
+        });
+        if !admitted {
+            return ResponseFuture::new(async move {
+                Ok(inner
+                    .call(req.map(RequestBody::original))
+                    .await?
+                    .map(ResponseBody::passed))
+            });
+        }
         let future = async move {
             let protocol = Protocol::of(&req);
             let reject = |rejection: Rejection| {
@@ -174,6 +203,12 @@ where
             };
             let (mut req, vault) = match read_llm_request(req, layer.body_limit).await {
                 Ok(LlmBody::Parsed { request, llm }) => {
+                    if let Some(scope) = &layer.scope {
+                        let model = llm.with(|r| r.model().map(str::to_owned));
+                        if !scope.matches_model(model.as_deref()) {
+                            return Ok(inner.call(request).await?.map(ResponseBody::passed));
+                        }
+                    }
                     if let Err(rejection) = llm.with(|r| layer.unknown.check(r)) {
                         return reject(rejection);
                     }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use http::HeaderName;
 use moat_core::decision::Mode;
 use moat_core::identity::Fingerprinter;
+use moat_core::kit::Scope;
 use moat_core::llm::UnknownPolicy;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
@@ -73,6 +74,15 @@ pub struct RedactSpec {
     pub unknown: UnknownPolicy,
     /// One vault per conversation instead of per request.
     pub sessions: Option<SessionsSpec>,
+    /// Only these routes (`/v1/chat/completions`, or `/v1/*` for a prefix); default all.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// Only these models (exact, or `prefix*`); default all.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Only callers of these tiers; default all.
+    #[serde(default)]
+    pub tiers: Vec<String>,
 }
 
 /// A name in `entities`: one entity, `secrets` (every secret kind) or `all` (every entity but
@@ -246,6 +256,9 @@ impl RedactSpec {
                 sessions = sessions.with_max_values(n);
             }
             layer = layer.with_sessions(sessions);
+        }
+        if let Some(scope) = Scope::filter("redact", &self.routes, &self.models, &self.tiers) {
+            layer = layer.with_scope(scope);
         }
         Ok(layer)
     }

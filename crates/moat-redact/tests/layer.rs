@@ -507,3 +507,54 @@ async fn a_reply_too_large_to_scrub_is_cut_off_not_passed() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_scope_limits_redaction_to_its_routes_and_models() {
+    use moat_core::kit::Scope;
+    let mock = MockUpstream::start().await.unwrap();
+    let body = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "Mail jane.doe@example.com"}]});
+    let scoped = |models: &[&str]| {
+        let models: Vec<String> = models.iter().map(|s| s.to_string()).collect();
+        RedactLayer::new(Redactor::new(&Entity::ALL))
+            .with_scope(Scope::filter("redact", &[], &models, &[]).unwrap())
+    };
+    let sent = |i: usize| mock.requests()[i].body.to_string();
+    send_through(
+        scoped(&["gpt-4o*"]),
+        &mock,
+        "/v1/chat/completions",
+        body("gpt-4o-mini"),
+        &[],
+    )
+    .await;
+    assert!(
+        !sent(0).contains("jane.doe@example.com"),
+        "in scope: redacted"
+    );
+    send_through(
+        scoped(&["gpt-4o*"]),
+        &mock,
+        "/v1/chat/completions",
+        body("claude-haiku-4-5"),
+        &[],
+    )
+    .await;
+    assert!(
+        sent(1).contains("jane.doe@example.com"),
+        "another model passes untouched"
+    );
+    let other_route = RedactLayer::new(Redactor::new(&Entity::ALL))
+        .with_scope(Scope::filter("redact", &["/v1/messages".into()], &[], &[]).unwrap());
+    send_through(
+        other_route,
+        &mock,
+        "/v1/chat/completions",
+        body("gpt-4o-mini"),
+        &[],
+    )
+    .await;
+    assert!(
+        sent(2).contains("jane.doe@example.com"),
+        "another route passes untouched"
+    );
+}
