@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use moat_core::decision::{Decision, Decisions, Outcome};
 use moat_core::llm::WireFormat;
-use moat_core::response::{DeltaKind, Hook, Interest, JsonReply, StreamEvent, TextDelta};
+use moat_core::response::{text_event, Hook, Interest, JsonReply, StreamEvent, StreamKey};
 use moat_core::sse::SseEvent;
 use moat_core::usage::UsageReport;
 use serde_json::{json, Value};
@@ -15,18 +15,6 @@ use serde_json::{json, Value};
 use crate::category::Scores;
 use crate::policy::{Action, Policy, StreamMode};
 use crate::scan::{check_text, mask_spans, Flag, Scan};
-
-/// Where a streamed text is: the choice (or output item), the content block (or part), and the
-/// tool call whose arguments it is.
-type StreamKey = (u32, u32, Option<u32>);
-
-fn stream_key(delta: &TextDelta<'_>) -> StreamKey {
-    let tool = match delta.kind {
-        DeltaKind::ToolArguments { index } => Some(index),
-        _ => None,
-    };
-    (delta.choice, delta.part, tool)
-}
 
 /// JSON members that hold no model output: not moderated.
 const NOT_OUTPUT: &[&str] = &[
@@ -155,38 +143,7 @@ impl ReplyHook {
 
     /// The event that carries text a stream still held, in the reply's protocol.
     fn held_event(&self, key: StreamKey, text: &str) -> Bytes {
-        let (choice, part, tool) = key;
-        let (name, data) = match (self.format, tool) {
-            (WireFormat::AnthropicMessages, None) => (
-                Some("content_block_delta"),
-                json!({"type": "content_block_delta", "index": part, "delta": {"type": "text_delta", "text": text}}),
-            ),
-            (WireFormat::AnthropicMessages, Some(_)) => (
-                Some("content_block_delta"),
-                json!({"type": "content_block_delta", "index": part, "delta": {"type": "input_json_delta", "partial_json": text}}),
-            ),
-            (WireFormat::Responses, None) => (
-                Some("response.output_text.delta"),
-                json!({"type": "response.output_text.delta", "output_index": choice, "content_index": part, "delta": text}),
-            ),
-            (WireFormat::Responses, Some(_)) => (
-                Some("response.function_call_arguments.delta"),
-                json!({"type": "response.function_call_arguments.delta", "output_index": choice, "delta": text}),
-            ),
-            (WireFormat::Completions, _) => (
-                None,
-                json!({"object": "text_completion", "choices": [{"index": choice, "text": text, "finish_reason": null}]}),
-            ),
-            (_, None) => (
-                None,
-                json!({"object": "chat.completion.chunk", "choices": [{"index": choice, "delta": {"content": text}, "finish_reason": null}]}),
-            ),
-            (_, Some(call)) => (
-                None,
-                json!({"object": "chat.completion.chunk", "choices": [{"index": choice, "delta": {"tool_calls": [{"index": call, "function": {"arguments": text}}]}, "finish_reason": null}]}),
-            ),
-        };
-        Bytes::copy_from_slice(SseEvent::new(name, &data.to_string()).raw())
+        text_event(self.format, key, text).raw().clone()
     }
 
     /// Ends the text streams `keys` before `event`: what they held goes out first (appended to
@@ -195,7 +152,7 @@ impl ReplyHook {
         for key in keys {
             let (rest, blocked) = self.finish(key);
             if !rest.is_empty() {
-                let own = event.deltas().iter().position(|d| stream_key(d) == key);
+                let own = event.deltas().iter().position(|d| d.stream_key() == key);
                 match own {
                     Some(i) => {
                         let text = format!("{}{rest}", event.deltas()[i].text);
@@ -270,7 +227,7 @@ impl ReplyHook {
         let windows = self.policy.stream_mode != StreamMode::Buffered;
         let mut capture = lock(capture);
         for delta in event.deltas() {
-            let text = texts.entry(stream_key(delta)).or_default();
+            let text = texts.entry(delta.stream_key()).or_default();
             text.push_str(&delta.text);
             if windows && text.len() >= STREAM_WINDOW_CHARS {
                 // Cut after the last space, so no word is split between two windows.
@@ -479,7 +436,7 @@ impl Hook for ReplyHook {
         }
         for i in 0..event.deltas().len() {
             let delta = &event.deltas()[i];
-            let key = stream_key(delta);
+            let key = delta.stream_key();
             self.open_choices.insert(delta.choice);
             let text = delta.text.to_string();
             let policy = self.policy.clone();

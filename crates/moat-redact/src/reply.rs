@@ -5,9 +5,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use moat_core::response::{DeltaKind, Hook, Interest, JsonReply, StreamEvent, TextDelta};
-use moat_core::sse::SseEvent;
-use serde_json::{json, Value};
+use moat_core::llm::WireFormat;
+use moat_core::response::{
+    text_event, DeltaKind, Hook, Interest, JsonReply, StreamEvent, StreamKey,
+};
+use serde_json::Value;
 
 use crate::detect::Finding;
 use crate::redactor::{Redactor, StreamRestorer, Vault};
@@ -148,18 +150,6 @@ enum Dialect {
     Responses,
 }
 
-/// Where a streamed text is: the choice (or output item), the content block (or part), and the
-/// tool call whose arguments it is.
-type StreamKey = (u32, u32, Option<u32>);
-
-fn stream_key(delta: &TextDelta<'_>) -> StreamKey {
-    let tool = match delta.kind {
-        DeltaKind::ToolArguments { index } => Some(index),
-        _ => None,
-    };
-    (delta.choice, delta.part, tool)
-}
-
 impl Rewriter {
     /// Every string of a JSON document: scrubbed, then restored. Whether anything changed.
     pub(crate) fn json(&self, doc: &mut Value) -> bool {
@@ -250,34 +240,12 @@ impl ReplyHook {
         if held.is_empty() {
             return out;
         }
-        let (choice, part, tool) = key;
-        let (name, data) = match (self.dialect, tool) {
-            (Dialect::OpenAi, None) => (
-                None,
-                json!({"choices": [{"index": choice, "delta": {"content": held}}]}),
-            ),
-            (Dialect::OpenAi, Some(call)) => (
-                None,
-                json!({"choices": [{"index": choice, "delta": {"tool_calls": [{"index": call, "function": {"arguments": held}}]}}]}),
-            ),
-            (Dialect::Anthropic, None) => (
-                Some("content_block_delta"),
-                json!({"type": "content_block_delta", "index": part, "delta": {"type": "text_delta", "text": held}}),
-            ),
-            (Dialect::Anthropic, Some(_)) => (
-                Some("content_block_delta"),
-                json!({"type": "content_block_delta", "index": part, "delta": {"type": "input_json_delta", "partial_json": held}}),
-            ),
-            (Dialect::Responses, None) => (
-                Some("response.output_text.delta"),
-                json!({"type": "response.output_text.delta", "output_index": choice, "content_index": part, "delta": held}),
-            ),
-            (Dialect::Responses, Some(_)) => (
-                Some("response.function_call_arguments.delta"),
-                json!({"type": "response.function_call_arguments.delta", "output_index": choice, "delta": held}),
-            ),
+        let format = match self.dialect {
+            Dialect::OpenAi => WireFormat::ChatCompletions,
+            Dialect::Anthropic => WireFormat::AnthropicMessages,
+            Dialect::Responses => WireFormat::Responses,
         };
-        out.extend_from_slice(SseEvent::new(name, &data.to_string()).raw());
+        out.extend_from_slice(text_event(format, key, &held).raw());
         out
     }
 
@@ -358,7 +326,7 @@ impl Hook for ReplyHook {
         }
         for i in 0..event.deltas().len() {
             let delta = &event.deltas()[i];
-            let (key, text) = (stream_key(delta), delta.text.clone());
+            let (key, text) = (delta.stream_key(), delta.text.clone());
             let rewritten = self.push(key, &text);
             event.set_delta(i, rewritten);
         }
@@ -468,6 +436,8 @@ mod stream_tests {
     use super::*;
     use crate::Entity;
     use moat_core::sse::SseDecoder;
+    use moat_core::sse::SseEvent;
+    use serde_json::json;
 
     fn rewriter(vault: Vault) -> Rewriter {
         Rewriter {

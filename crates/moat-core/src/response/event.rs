@@ -6,7 +6,11 @@ use std::fmt;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use serde_json::json;
+
 use crate::lenient::{count, fold_objects, object, objects, text, TextSeed};
+use crate::llm::WireFormat;
+use crate::sse::SseEvent;
 use crate::usage::{RawUsage, Usage};
 
 /// What a streamed piece of text is.
@@ -59,6 +63,60 @@ pub struct TextDelta<'a> {
     /// Where the text was in the event's data, when it was read without unescaping: an edit
     /// is then spliced in there, without rebuilding the event from a parsed document.
     pub(crate) origin: Option<(usize, usize)>,
+}
+
+/// Which streamed text a delta belongs to: the choice (or output item), the content block (or
+/// part), and the tool call whose arguments it is, if any. Hooks that hold text per stream key
+/// their state by it.
+pub type StreamKey = (u32, u32, Option<u32>);
+
+impl TextDelta<'_> {
+    /// The streamed text it belongs to.
+    pub fn stream_key(&self) -> StreamKey {
+        let tool = match self.kind {
+            DeltaKind::ToolArguments { index } => Some(index),
+            DeltaKind::Content => None,
+        };
+        (self.choice, self.part, tool)
+    }
+}
+
+/// An event of `format`'s stream carrying `text` for the stream `key`: how a hook sends text it
+/// held back (OpenAI chat or completions chunks, Anthropic `content_block_delta`, Responses
+/// `*.delta` events).
+pub fn text_event(format: WireFormat, key: StreamKey, text: &str) -> SseEvent {
+    let (choice, part, tool) = key;
+    let (name, data) = match (format, tool) {
+        (WireFormat::AnthropicMessages, None) => (
+            Some("content_block_delta"),
+            json!({"type": "content_block_delta", "index": part, "delta": {"type": "text_delta", "text": text}}),
+        ),
+        (WireFormat::AnthropicMessages, Some(_)) => (
+            Some("content_block_delta"),
+            json!({"type": "content_block_delta", "index": part, "delta": {"type": "input_json_delta", "partial_json": text}}),
+        ),
+        (WireFormat::Responses, None) => (
+            Some("response.output_text.delta"),
+            json!({"type": "response.output_text.delta", "output_index": choice, "content_index": part, "delta": text}),
+        ),
+        (WireFormat::Responses, Some(_)) => (
+            Some("response.function_call_arguments.delta"),
+            json!({"type": "response.function_call_arguments.delta", "output_index": choice, "delta": text}),
+        ),
+        (WireFormat::Completions, _) => (
+            None,
+            json!({"object": "text_completion", "choices": [{"index": choice, "text": text, "finish_reason": null}]}),
+        ),
+        (_, None) => (
+            None,
+            json!({"object": "chat.completion.chunk", "choices": [{"index": choice, "delta": {"content": text}, "finish_reason": null}]}),
+        ),
+        (_, Some(call)) => (
+            None,
+            json!({"object": "chat.completion.chunk", "choices": [{"index": choice, "delta": {"tool_calls": [{"index": call, "function": {"arguments": text}}]}, "finish_reason": null}]}),
+        ),
+    };
+    SseEvent::new(name, &data.to_string())
 }
 
 /// What one streamed event says, whatever the provider: text deltas, finish reasons, usage,

@@ -65,5 +65,5 @@
 mod event;
 mod pipeline;
 
-pub use event::{DeltaKind, EventView, TextDelta};
+pub use event::{text_event, DeltaKind, EventView, StreamKey, TextDelta};
 pub use pipeline::{Hook, Hooks, Interest, JsonReply, StreamEvent, ViewBody};
