@@ -197,6 +197,17 @@ impl Scope {
             && caller.in_tiers(&self.tiers)
     }
 
+    /// Whether it applies to `req`, judged on its head: the method, the path and the tier of
+    /// the [`Caller`] in its extensions (none: a caller without a tier).
+    pub fn matches_request<B>(&self, req: &http::Request<B>) -> bool {
+        let caller = req
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_default();
+        self.matches_head(req.method(), req.uri().path(), &caller)
+    }
+
     /// Whether its model filter admits `model`.
     pub fn matches_model(&self, model: Option<&str>) -> bool {
         model_matches(&self.models, model)

@@ -124,11 +124,6 @@ impl ReplyHook {
         }
     }
 
-    fn scan(&mut self, key: StreamKey) -> &mut Scan {
-        let mode = self.policy.stream_mode;
-        self.streams.entry(key).or_insert_with(|| Scan::new(mode))
-    }
-
     /// Ends a text stream: what it still holds, and whether it blocked.
     fn finish(&mut self, key: StreamKey) -> (String, bool) {
         let Some(mut scan) = self.streams.remove(&key) else {
@@ -436,12 +431,14 @@ impl Hook for ReplyHook {
         }
         for i in 0..event.deltas().len() {
             let delta = &event.deltas()[i];
-            let key = delta.stream_key();
             self.open_choices.insert(delta.choice);
-            let text = delta.text.to_string();
-            let policy = self.policy.clone();
-            let scan = self.scan(key);
-            let out = scan.push(&text, &policy);
+            let mode = self.policy.stream_mode;
+            let scan = self
+                .streams
+                .entry(delta.stream_key())
+                .or_insert_with(|| Scan::new(mode));
+            // Read in place: the event keeps its text until the scan says what to send.
+            let out = scan.push(&delta.text, &self.policy);
             let blocked = scan.is_blocked();
             event.set_delta(i, out);
             if blocked {

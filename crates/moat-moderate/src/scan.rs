@@ -325,31 +325,28 @@ impl Scan {
             }
         }
         let phrases = lexicon.phrases();
-        let mut next = Vec::with_capacity(self.partials.len());
-        for p in self.partials.drain(..) {
+        // Advanced in place: a phrase that takes the word moves on, completes, or is dropped.
+        self.partials.retain_mut(|p| {
             let phrase = &phrases[p.phrase];
             if end - p.start > MAX_PHRASE || !phrase.accepts(p.next, &word.text) {
-                continue;
+                return false;
             }
-            if p.next + 1 == phrase.words.len() {
+            p.next += 1;
+            if p.next == phrase.words.len() {
                 hits.push((phrase.hit, p.start));
-            } else {
-                next.push(Partial {
-                    next: p.next + 1,
-                    ..p
-                });
+                return false;
             }
-        }
+            true
+        });
         for &phrase in lexicon.phrases_starting(&word.text) {
-            if next.len() < MAX_PARTIALS {
-                next.push(Partial {
+            if self.partials.len() < MAX_PARTIALS {
+                self.partials.push(Partial {
                     phrase,
                     next: 1,
                     start,
                 });
             }
         }
-        self.partials = next;
         self.words += 1;
         if let Some(model) = &classifier.model {
             // Mild words in the window, for the model to confirm.
@@ -374,9 +371,9 @@ impl Scan {
             self.judge(classifier.model_category, alone, None, token_end, policy);
             if !self.mild.is_empty() {
                 let confirmed = model.score(&self.window);
-                let mild: Vec<Category> = self.mild.iter().map(|&(_, c)| c).collect();
-                for category in mild {
-                    if confirmed > Severity::Mild.score() {
+                if confirmed > Severity::Mild.score() {
+                    for i in 0..self.mild.len() {
+                        let category = self.mild[i].1;
                         self.judge(category, confirmed, None, token_end, policy);
                     }
                 }

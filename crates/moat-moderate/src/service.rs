@@ -25,7 +25,6 @@ use crate::scan::check_text;
 use http_body_util::BodyExt;
 use moat_core::kit::{OnError, Scope};
 use moat_core::usage::BodyFormat;
-use moat_core::Caller;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -418,11 +417,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
-        let caller = req.extensions().get::<Caller>();
-        let admitted = layer.scope.as_ref().is_none_or(|scope| {
-            let caller = caller.cloned().unwrap_or_default();
-            scope.matches_head(req.method(), req.uri().path(), &caller)
-        });
+        let admitted = layer.scope.as_ref().is_none_or(|s| s.matches_request(&req));
         let format = output_format(req.uri().path()).filter(|_| admitted);
         let by_model = layer
             .scope

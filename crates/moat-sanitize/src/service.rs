@@ -14,7 +14,6 @@ use moat_core::llm::UnknownPolicy;
 use moat_core::reject::{Protocol, Rejection};
 use moat_core::request::{read_llm_request, LlmBody};
 use moat_core::response::Hooks;
-use moat_core::Caller;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -76,7 +75,7 @@ impl SanitizeLayer {
     }
 
     /// Screens only the requests `scope` admits: its routes and methods, the caller's tier
-    /// (moat-core's [`Caller`] in the extensions) and the request's model. Other requests
+    /// (moat-core's [`Caller`](moat_core::Caller) in the extensions) and the request's model. Other requests
     /// pass unscreened. Its key and mode are not used.
     pub fn with_scope(mut self, scope: Scope) -> Self {
         self.scope = Some(scope);
@@ -262,14 +261,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
-        let admitted = layer.scope.as_ref().is_none_or(|scope| {
-            let caller = req
-                .extensions()
-                .get::<Caller>()
-                .cloned()
-                .unwrap_or_default();
-            scope.matches_head(req.method(), req.uri().path(), &caller)
-        });
+        let admitted = layer.scope.as_ref().is_none_or(|s| s.matches_request(&req));
         if !admitted {
             return ResponseFuture::new(async move {
                 Ok(inner
