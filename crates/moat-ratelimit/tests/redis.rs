@@ -291,3 +291,256 @@ async fn two_limiters_on_a_redis_cluster_admit_exactly_the_limit_on_every_node()
         assert_eq!(allowed, 3, "caller {caller}");
     }
 }
+
+/// A limiter over `conn` with one generous rule: every request is decided by Redis (or by the
+/// fail-closed policy when Redis cannot answer).
+fn generous(conn: std::sync::Arc<moat_core::store::RedisConnection>) -> RateLimitLayer {
+    let store = RedisStore::with_connection(conn)
+        .with_on_error(OnStoreError::FailClosed)
+        .with_timeout(Duration::from_millis(500));
+    // Per day, so a caller's state outlives the test (it expires once fully reset).
+    RateLimitLayer::new(Rule::new("generous", ApiKey::default()).limit(Limit::per_day(10_000)))
+        .with_redis(store)
+}
+
+/// Every key stored on the cluster's running nodes, with the slot Redis computes for it.
+fn keys_and_slots(
+    cluster: &moat_testkit::redis::RedisCluster,
+    password: &str,
+) -> std::collections::HashMap<String, u16> {
+    let mut found = std::collections::HashMap::new();
+    for node in cluster.nodes().iter().filter(|n| n.is_running()) {
+        let url = format!("redis://:{password}@127.0.0.1:{}", node.port());
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+        for key in keys {
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(&key)
+                .query(&mut conn)
+                .unwrap();
+            found.insert(key, slot);
+        }
+    }
+    found
+}
+
+/// A Redis Cluster of three primaries with a replica each, behind a password. Callers are
+/// placed by where their key landed; then one primary is killed. Its callers get the
+/// fail-closed policy (503) while no node serves their slots, every other caller is decided
+/// as before, and once the replica is promoted the same limiter decides for everyone again,
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_primary_affects_only_its_callers_until_its_replica_takes_over() {
+    use moat_core::store::RedisConnection;
+    use std::sync::Arc;
+    const PASSWORD: &str = "cluster-secret";
+    let mut cluster = moat_testkit::redis::RedisCluster::start_with(
+        3,
+        1,
+        // Without `cluster-require-full-coverage no`, Redis itself refuses every key while any
+        // slot is unserved; with it, only the dead primary's slots are.
+        &[
+            "--requirepass",
+            PASSWORD,
+            "--masterauth",
+            PASSWORD,
+            "--cluster-require-full-coverage",
+            "no",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let urls: Vec<String> = cluster
+        .urls()
+        .iter()
+        .map(|u| u.replace("redis://", &format!("redis://:{PASSWORD}@")))
+        .collect();
+    let layer = generous(Arc::new(RedisConnection::open_cluster(&urls).unwrap()));
+    let inner = usage_service(0);
+
+    // Where each caller's state lives: the primary serving the slot of the key its first
+    // request stored.
+    let mut placed: Vec<(String, usize)> = Vec::new();
+    let mut before = keys_and_slots(&cluster, PASSWORD);
+    for caller in 0..24 {
+        let key = format!("sk-failover-{caller}");
+        let (status, _, body) = send(&layer, inner.clone(), req(&key)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let after = keys_and_slots(&cluster, PASSWORD);
+        let (stored, slot) = after
+            .iter()
+            .find(|(k, _)| !before.contains_key(*k))
+            .expect("the caller's state is stored");
+        assert!(
+            stored.contains('{') && stored.ends_with('}'),
+            "hash-tagged: {stored}"
+        );
+        placed.push((
+            key,
+            cluster
+                .primary_of(*slot)
+                .expect("a primary serves the slot"),
+        ));
+        before = after;
+    }
+    let victim = placed[0].1;
+    let (affected, unaffected): (Vec<_>, Vec<_>) =
+        placed.iter().partition(|(_, node)| *node == victim);
+    assert!(
+        !unaffected.is_empty(),
+        "24 callers all on one primary: {placed:?}"
+    );
+
+    cluster.stop(victim);
+    // No replica is promoted before the node timeout (2 s): the dead primary's callers fail
+    // closed, the others do not notice.
+    let (status, _, body) = send(&layer, inner.clone(), req(&affected[0].0)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    for (key, node) in &unaffected {
+        let (status, _, body) = send(&layer, inner.clone(), req(key)).await;
+        assert_eq!(status, StatusCode::OK, "caller on node {node}: {body}");
+    }
+
+    // The replica is promoted; the same limiter follows the new topology. Meanwhile (the
+    // cluster marks the primary failed after 2 s) the other callers are still decided.
+    let mut resumed = false;
+    for round in 0..150 {
+        let (status, _, _) = send(&layer, inner.clone(), req(&affected[0].0)).await;
+        if status == StatusCode::OK {
+            resumed = true;
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let (key, _) = unaffected[round % unaffected.len()];
+        let (status, _, body) = send(&layer, inner.clone(), req(key)).await;
+        assert_eq!(status, StatusCode::OK, "during the failover: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(resumed, "decisions never resumed after the failover");
+    cluster.wait_until_ok().unwrap();
+    for (key, _) in &placed {
+        let (status, _, body) = send(&layer, inner.clone(), req(key)).await;
+        assert_eq!(status, StatusCode::OK, "{key}: {body}");
+    }
+}
+
+/// A primary with a replica behind a password, found through three sentinels. Killing the
+/// primary fails requests closed until Sentinel promotes the replica, then the same
+/// connection asks the sentinels again and decides on the new primary. Meanwhile a burst of
+/// requests does not make a burst of reconnections: the sentinels answer a handful of
+/// commands, not one per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_is_followed_without_a_reconnection_stampede() {
+    use moat_core::store::RedisConnection;
+    use moat_testkit::redis::RedisSentinel;
+    use std::sync::Arc;
+    const PASSWORD: &str = "sentinel-secret";
+    let mut set = RedisSentinel::start(
+        1,
+        &["--requirepass", PASSWORD, "--masterauth", PASSWORD],
+        Some(PASSWORD),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let conn = RedisConnection::open_sentinel(
+        RedisSentinel::MASTER,
+        &set.sentinel_urls(),
+        &format!("redis://:{PASSWORD}@primary/0"),
+    )
+    .unwrap();
+    let layer = generous(Arc::new(conn));
+    let inner = usage_service(0);
+    let (status, _, body) = send(&layer, inner.clone(), req("sk-sentinel")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let old = set.primary_port().unwrap();
+    set.stop_server(old);
+    // Commands the sentinels have answered (each reconnection asks them for the primary).
+    let commands = || -> u64 {
+        set.sentinel_urls()
+            .iter()
+            .map(|url| {
+                let mut c = redis::Client::open(url.as_str())
+                    .unwrap()
+                    .get_connection()
+                    .unwrap();
+                let info: String = redis::cmd("INFO").arg("stats").query(&mut c).unwrap();
+                info.lines()
+                    .find_map(|l| l.strip_prefix("total_commands_processed:"))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap()
+            })
+            .sum()
+    };
+    let seen_before = commands();
+    let burst: Vec<_> = (0..200)
+        .map(|_| {
+            let (layer, inner) = (layer.clone(), inner.clone());
+            tokio::spawn(async move { send(&layer, inner, req("sk-sentinel")).await.0 })
+        })
+        .collect();
+    for task in burst {
+        // Right after the kill no replica is promoted yet (down after 1 s): all fail closed.
+        assert_eq!(task.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    // Our own INFO commands, the sentinels' pings to each other, and a few reconnection
+    // attempts; 200 requests reconnecting each would be hundreds.
+    let asked = commands() - seen_before;
+    assert!(
+        asked < 60,
+        "the sentinels answered {asked} commands during 200 requests"
+    );
+
+    let mut resumed = false;
+    for _ in 0..300 {
+        let (status, _, _) = send(&layer, inner.clone(), req("sk-sentinel")).await;
+        if status == StatusCode::OK {
+            resumed = true;
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(resumed, "decisions never resumed after Sentinel's failover");
+    assert_ne!(set.primary_port(), Some(old), "a replica was promoted");
+}
+
+/// TLS with a private certificate authority and an ACL user: decided with the authority's
+/// certificate and the user's password; refused (fail closed) without the certificate, or
+/// with a wrong password, so neither check is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_authority_and_an_acl_user() {
+    use moat_core::store::{RedisConnection, RedisTopology};
+    use moat_testkit::redis::TlsFiles;
+    use std::sync::Arc;
+    let tls = TlsFiles::generate().unwrap_or_else(|e| panic!("{e}"));
+    let redis = RedisServer::start_tls(
+        &tls,
+        &[
+            "--user", "moat", "on", ">s3cret", "~*", "&*", "+@all", "--user", "default", "off",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ca = std::fs::read(&tls.ca).unwrap();
+    let url = redis
+        .tls_url()
+        .unwrap()
+        .replace("rediss://", "rediss://moat:s3cret@");
+    let inner = usage_service(0);
+
+    let trusted = RedisConnection::connect(&RedisTopology::Node(url.clone()), Some(&ca)).unwrap();
+    let (status, _, body) = send(&generous(Arc::new(trusted)), inner.clone(), req("sk-tls")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let untrusted = RedisConnection::open(&url).unwrap();
+    let (status, _, _) = send(&generous(Arc::new(untrusted)), inner.clone(), req("sk-tls")).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a certificate no one vouches for"
+    );
+
+    let wrong = url.replace("s3cret", "guess");
+    let wrong = RedisConnection::connect(&RedisTopology::Node(wrong), Some(&ca)).unwrap();
+    let (status, _, _) = send(&generous(Arc::new(wrong)), inner.clone(), req("sk-tls")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "a wrong password");
+}
