@@ -139,7 +139,7 @@ mod redis_connection {
     use super::StoreError;
 
     /// Where the Redis a store talks to lives.
-    #[derive(Debug, Clone, PartialEq, Eq)]
+    #[derive(Debug, Clone, PartialEq, Eq, Hash)]
     #[non_exhaustive]
     pub enum RedisTopology {
         /// One server: `redis://[USER:PASSWORD@]HOST:PORT/DB`, `rediss://` for TLS.

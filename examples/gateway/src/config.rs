@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use moat::core::identity::CallerResolver;
+use moat::core::store::RedisTopology;
 use moat::quota::QuotaLayer;
 use moat::ratelimit::RateLimitLayer;
 use moat::redact::spec::RedactSpec;
@@ -21,7 +22,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use crate::context::{Context, Redis};
+use crate::context::Context;
 use crate::identity::IdentityConfig;
 use crate::quota::QuotaConfig;
 use crate::ratelimit::RateLimitConfig;
@@ -56,6 +57,11 @@ pub struct Config {
     pub redis_url: Option<Spanned<String>>,
     /// Or a Redis Cluster (any of its nodes; the rest are discovered) for those sections.
     pub redis_cluster: Option<Spanned<Vec<String>>>,
+    /// Or the primary that Redis Sentinel names.
+    pub redis_sentinel: Option<Spanned<SentinelConfig>>,
+    /// The authority (a PEM file) that signed the Redis servers' TLS certificates
+    /// (`rediss://`), when it is not one the system trusts.
+    pub redis_ca_file: Option<Spanned<String>>,
     /// Deadlines and caps for clients.
     #[serde(default)]
     pub server: ServerConfig,
@@ -181,6 +187,19 @@ impl Default for UpstreamTimeouts {
             idle: Duration::from_secs(300),
         }
     }
+}
+
+/// `redis_sentinel = { master = "mymaster", nodes = [...], primary = "redis://:secret@primary/0" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The name the sentinels monitor the primary under.
+    pub master: String,
+    /// The sentinels' URLs (with their own user and password, if they want them).
+    pub nodes: Vec<String>,
+    /// User, password, database and TLS (`rediss://`) for the primary, as a URL whose host is
+    /// a placeholder: the sentinels name the primary. Default `redis://primary/0`.
+    pub primary: Option<String>,
 }
 
 /// One `[[keys]]` entry.
@@ -510,24 +529,24 @@ impl Config {
             .identity
             .resolver(env)
             .map_err(|(span, m)| at(span, m))?;
-        let default_redis = match (&config.redis_url, &config.redis_cluster) {
-            (Some(_), Some(cluster)) => {
-                return Err(at(
-                    cluster.span(),
-                    "redis_cluster: set redis_url or redis_cluster, not both".into(),
-                ))
-            }
-            (Some(url), None) => Some((Redis::Node(url.get_ref().clone()), url.span())),
-            (None, Some(nodes)) if nodes.get_ref().is_empty() => {
-                return Err(at(
-                    nodes.span(),
-                    "redis_cluster: name at least one node".into(),
-                ))
-            }
-            (None, Some(nodes)) => Some((Redis::Cluster(nodes.get_ref().clone()), nodes.span())),
-            (None, None) => None,
+        let default_redis = config.default_redis().map_err(|(span, m)| at(span, m))?;
+        let redis_ca = match &config.redis_ca_file {
+            Some(file) => Some(std::fs::read(file.get_ref()).map_err(|e| {
+                at(
+                    file.span(),
+                    format!("redis_ca_file: cannot read {}: {e}", file.get_ref()),
+                )
+            })?),
+            None => None,
         };
-        let ctx = Context::new(source, resolver.clone(), max_body_bytes, env, default_redis);
+        let ctx = Context::new(
+            source,
+            resolver.clone(),
+            max_body_bytes,
+            env,
+            default_redis,
+            redis_ca,
+        );
         let ratelimit = match &config.ratelimit {
             Some(section) => section.get_ref().layer(&ctx, section.span())?,
             None => None,
@@ -693,6 +712,63 @@ impl Config {
         Ok(keys)
     }
 
+    /// The top level's Redis (`redis_url`, `redis_cluster` or `redis_sentinel`: at most one),
+    /// for the sections with `store = "redis"` that name none of their own.
+    fn default_redis(
+        &self,
+    ) -> Result<Option<(RedisTopology, Range<usize>)>, (Range<usize>, String)> {
+        let mut named = Vec::new();
+        if let Some(url) = &self.redis_url {
+            named.push((
+                "redis_url",
+                url.span(),
+                RedisTopology::Node(url.get_ref().clone()),
+            ));
+        }
+        if let Some(nodes) = &self.redis_cluster {
+            if nodes.get_ref().is_empty() {
+                return Err((nodes.span(), "redis_cluster: name at least one node".into()));
+            }
+            named.push((
+                "redis_cluster",
+                nodes.span(),
+                RedisTopology::Cluster(nodes.get_ref().clone()),
+            ));
+        }
+        if let Some(sentinel) = &self.redis_sentinel {
+            let spec = sentinel.get_ref();
+            if spec.nodes.is_empty() {
+                return Err((
+                    sentinel.span(),
+                    "redis_sentinel.nodes: name at least one sentinel".into(),
+                ));
+            }
+            let topology = RedisTopology::Sentinel {
+                master: spec.master.clone(),
+                nodes: spec.nodes.clone(),
+                primary: spec
+                    .primary
+                    .clone()
+                    .unwrap_or_else(|| "redis://primary/0".to_owned()),
+            };
+            named.push(("redis_sentinel", sentinel.span(), topology));
+        }
+        match named.len() {
+            0 => Ok(None),
+            1 => {
+                let (_, span, topology) = named.remove(0);
+                Ok(Some((topology, span)))
+            }
+            _ => Err((
+                named[1].1.clone(),
+                format!(
+                    "{}: set one of redis_url, redis_cluster and redis_sentinel, not {} and {}",
+                    named[1].0, named[0].0, named[1].0
+                ),
+            )),
+        }
+    }
+
     /// Every tier a rule or budget is limited to must be some key's tier (or the spike guard's
     /// quarantine tier): a misspelt tier would make the rule apply to nobody, silently.
     fn check_tiers(&self, keys: &[ResolvedKey]) -> Result<(), (Range<usize>, String)> {
@@ -770,6 +846,32 @@ tier = "free"
 id = "bob"
 key_sha256 = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7"
 "#;
+
+    #[test]
+    fn one_redis_topology_at_a_time_and_a_readable_authority() {
+        let env = |name: &str| (name == "OPENAI_API_KEY").then(|| "sk-real".to_owned());
+        let both = format!(
+            "redis_url = \"redis://127.0.0.1:1\"\nredis_sentinel = {{ master = \"m\", nodes = [\"redis://127.0.0.1:2\"] }}\n{GOOD}"
+        );
+        let error = Config::resolve(&both, env).unwrap_err().to_string();
+        assert!(
+            error
+                .contains("redis_sentinel: set one of redis_url, redis_cluster and redis_sentinel"),
+            "{error}"
+        );
+        let no_nodes = format!("redis_sentinel = {{ master = \"m\", nodes = [] }}\n{GOOD}");
+        let error = Config::resolve(&no_nodes, env).unwrap_err().to_string();
+        assert!(
+            error.contains("redis_sentinel.nodes: name at least one"),
+            "{error}"
+        );
+        let missing = format!("redis_ca_file = \"/nonexistent/ca.pem\"\n{GOOD}");
+        let error = Config::resolve(&missing, env).unwrap_err().to_string();
+        assert!(
+            error.contains("redis_ca_file: cannot read /nonexistent/ca.pem"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn a_good_file_resolves() {

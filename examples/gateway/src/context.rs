@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use moat::core::clock::SharedClock;
 use moat::core::identity::CallerResolver;
-use moat::core::store::RedisConnection;
+use moat::core::store::{RedisConnection, RedisTopology};
 
 use crate::config::ConfigError;
 
@@ -29,13 +29,6 @@ pub(crate) fn side_client() -> SideClient {
         .build(connector)
 }
 
-/// Where the stores' Redis is: one server, or a cluster by some of its nodes.
-#[derive(Debug, Clone)]
-pub(crate) enum Redis {
-    Node(String),
-    Cluster(Vec<String>),
-}
-
 /// The build context: the caller resolver (and its fingerprinter) every layer identifies
 /// callers with, the clock they read, the body limit every layer reads up to, environment lookups, and
 /// one Redis connection per server, shared by every store that uses it.
@@ -45,16 +38,20 @@ pub(crate) struct Context<'a> {
     pub(crate) clock: SharedClock,
     pub(crate) max_body_bytes: usize,
     pub(crate) env: &'a dyn Fn(&str) -> Option<String>,
-    /// The top level's `redis_url` or `redis_cluster`, for sections that name none of their own.
-    pub(crate) default_redis: Option<(Redis, Range<usize>)>,
-    redis: RefCell<HashMap<String, Arc<RedisConnection>>>,
+    /// The top level's `redis_url`, `redis_cluster` or `redis_sentinel`, for sections that
+    /// name none of their own.
+    pub(crate) default_redis: Option<(RedisTopology, Range<usize>)>,
+    /// `redis_ca_file`'s certificate.
+    redis_ca: Option<Vec<u8>>,
+    redis: RefCell<HashMap<RedisTopology, Arc<RedisConnection>>>,
 }
 
 impl std::fmt::Debug for Context<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
             .field("max_body_bytes", &self.max_body_bytes)
-            .field("redis", &self.redis.borrow().keys().collect::<Vec<_>>())
+            // Not the URLs: they may hold passwords.
+            .field("redis_connections", &self.redis.borrow().len())
             .finish()
     }
 }
@@ -65,7 +62,8 @@ impl<'a> Context<'a> {
         resolver: CallerResolver,
         max_body_bytes: usize,
         env: &'a dyn Fn(&str) -> Option<String>,
-        default_redis: Option<(Redis, Range<usize>)>,
+        default_redis: Option<(RedisTopology, Range<usize>)>,
+        redis_ca: Option<Vec<u8>>,
     ) -> Self {
         Self {
             source,
@@ -74,6 +72,7 @@ impl<'a> Context<'a> {
             max_body_bytes,
             env,
             default_redis,
+            redis_ca,
             redis: RefCell::default(),
         }
     }
@@ -92,34 +91,29 @@ impl<'a> Context<'a> {
         section: &str,
         span: Range<usize>,
     ) -> Result<Arc<RedisConnection>, ConfigError> {
-        let (target, span) = match url {
-            Some((url, span)) => (Redis::Node(url.to_owned()), span),
+        let (topology, span) = match url {
+            Some((url, ref span)) => (RedisTopology::Node(url.to_owned()), span.clone()),
             None => self.default_redis.clone().ok_or_else(|| {
                 self.error(
                     span,
-                    format!("{section}.redis_url (or a top-level redis_url or redis_cluster) is required with store = \"redis\""),
+                    format!("{section}.redis_url (or a top-level redis_url, redis_cluster or redis_sentinel) is required with store = \"redis\""),
                 )
             })?,
         };
-        let name = match &target {
-            Redis::Node(url) => url.clone(),
-            Redis::Cluster(nodes) => format!("cluster:{}", nodes.join(",")),
-        };
-        if let Some(conn) = self.redis.borrow().get(&name) {
+        if let Some(conn) = self.redis.borrow().get(&topology) {
             return Ok(conn.clone());
         }
-        let opened = match &target {
-            Redis::Node(url) => RedisConnection::open(url),
-            Redis::Cluster(nodes) => RedisConnection::open_cluster(nodes),
-        };
-        let conn = Arc::new(opened.map_err(|e| {
-            let key = match target {
-                Redis::Node(_) => format!("{section}.redis_url"),
-                Redis::Cluster(_) => "redis_cluster".to_owned(),
+        let conn = RedisConnection::connect(&topology, self.redis_ca.as_deref()).map_err(|e| {
+            let key = match (&topology, url) {
+                (_, Some(_)) => format!("{section}.redis_url"),
+                (RedisTopology::Cluster(_), None) => "redis_cluster".to_owned(),
+                (RedisTopology::Sentinel { .. }, None) => "redis_sentinel".to_owned(),
+                (_, None) => "redis_url".to_owned(),
             };
             self.error(span, format!("{key}: {e}"))
-        })?);
-        self.redis.borrow_mut().insert(name, conn.clone());
+        })?;
+        let conn = Arc::new(conn);
+        self.redis.borrow_mut().insert(topology, conn.clone());
         Ok(conn)
     }
 

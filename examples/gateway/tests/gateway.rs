@@ -1940,6 +1940,71 @@ async fn two_gateways_on_a_redis_cluster_limit_every_caller_and_a_budget() {
     assert!(budget["used"]["tokens"].as_u64().unwrap() > 40, "{usage}");
 }
 
+/// Two gateways whose limits live on the primary Sentinel names (behind a password), and one
+/// reaching Redis over TLS with a private authority (`redis_ca_file`) as an ACL user: each
+/// admits exactly the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_on_sentinel_and_on_tls_redis_limit_exactly() {
+    use moat_testkit::redis::{RedisSentinel, RedisServer, TlsFiles};
+    let sentinel = RedisSentinel::start(
+        1,
+        &["--requirepass", "pw", "--masterauth", "pw"],
+        Some("pw"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let tls = TlsFiles::generate().unwrap_or_else(|e| panic!("{e}"));
+    let tls_redis = RedisServer::start_tls(
+        &tls,
+        &[
+            "--user", "moat", "on", ">s3cret", "~*", "&*", "+@all", "--user", "default", "off",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mock = MockUpstream::start().await.unwrap();
+    let limits = "[ratelimit]\nstore = \"redis\"\n[[ratelimit.rules]]\nname = \"per-user\"\nkey = \"header:x-user\"\nlimits = [\"3/hour\"]\n";
+    let nodes: Vec<String> = sentinel
+        .sentinel_urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect();
+    let on_sentinel = format!(
+        "redis_sentinel = {{ master = \"{}\", nodes = [{}], primary = \"redis://:pw@primary/0\" }}\n[upstream]\nbase_url = \"{}/v1\"\n{limits}",
+        RedisSentinel::MASTER,
+        nodes.join(", "),
+        mock.url()
+    );
+    let on_tls =
+        format!(
+        "redis_url = \"{}\"\nredis_ca_file = \"{}\"\n[upstream]\nbase_url = \"{}/v1\"\n{limits}",
+        tls_redis.tls_url().unwrap().replace("rediss://", "rediss://moat:s3cret@"),
+        tls.ca.display(),
+        mock.url()
+    );
+    let (a, b) = (
+        start(&on_sentinel, &[]).await,
+        start(&on_sentinel, &[]).await,
+    );
+    let c = start(&on_tls, &[]).await;
+    for (gateways, user) in [
+        (vec![&a.url, &b.url], "sentinel-user"),
+        (vec![&c.url], "tls-user"),
+    ] {
+        let mut statuses = Vec::new();
+        for i in 0..6 {
+            let reply = call(
+                gateways[i % gateways.len()],
+                "POST",
+                "/v1/chat/completions",
+                &[("x-user", user)],
+                Some(chat("x", false)),
+            )
+            .await;
+            statuses.push(reply.status);
+        }
+        assert_eq!(statuses, [200, 200, 200, 429, 429, 429], "{user}");
+    }
+}
+
 /// A gateway with `[cache]` in front of a fresh mock, keys alice and bob of tenant acme and
 /// carol of tenant zen, and a daily token budget per tenant (`quota`: more `[quota]` lines).
 async fn caching_gateway(quota: &str) -> (MockUpstream, Running) {
