@@ -86,7 +86,9 @@ fn main() {
         let row = moat_benches::latency_row(clients, &mut latencies, elapsed);
         let per_request: f64 = scripts
             .iter()
-            .map(|s| 1.0 / moat_benches::redis_benchmark(redis.port(), s, clients, PER_ROW))
+            .map(|s| {
+                1.0 / moat_benches::redis_benchmark(redis.port(), false, s, clients, PER_ROW).rps
+            })
             .sum();
         let peer = 1.0 / per_request;
         println!("{row} {peer:.0} | {:.0}% |", 100.0 * moat / peer);

@@ -158,27 +158,59 @@ fn monitor_args(line: &str) -> Vec<String> {
     args
 }
 
-/// `redis-benchmark` running one captured `EVALSHA` with `clients` connections, `total` times,
-/// its keys spread over 1,000 values the way the layers' benchmarks spread theirs: requests per
-/// second.
-pub fn redis_benchmark(port: u16, command: &[String], clients: usize, total: usize) -> f64 {
+/// What `redis-benchmark` measured: requests per second and the 99th percentile latency.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// Requests per second.
+    pub rps: f64,
+    /// 99th percentile latency.
+    pub p99: Duration,
+}
+
+/// Runs `command` (an `EVALSHA` captured by [`capture_evalsha`]) with `redis-benchmark` against
+/// the server on `port` (with `cluster`, the whole Redis Cluster it belongs to: each client sends
+/// to one node, its keys tagged for that node's slots), its keys spread over 1,000 values.
+pub fn redis_benchmark(
+    port: u16,
+    cluster: bool,
+    command: &[String],
+    clients: usize,
+    total: usize,
+) -> Measured {
     let mut command = command.to_vec();
     let keys: usize = command[2].parse().expect("EVALSHA sha numkeys key...");
     for (i, key) in command[3..3 + keys].iter_mut().enumerate() {
-        // redis-benchmark writes a 12-digit number under 1,000 where it sees `__rand_int__`.
-        *key = format!("moat-bench:{{__rand_int__}}:{i}");
+        // redis-benchmark writes a 12-digit number under 1,000 where it sees `__rand_int__`,
+        // and in a cluster a tag of the client's node where it sees `{tag}`.
+        *key = if cluster {
+            format!("moat-bench:{{tag}}:__rand_int__:{i}")
+        } else {
+            format!("moat-bench:{{__rand_int__}}:{i}")
+        };
     }
     let output = std::process::Command::new("redis-benchmark")
         .args(["-p", &port.to_string(), "-c", &clients.to_string()])
         .args(["-n", &total.to_string(), "-r", "1000", "--csv"])
+        .args(cluster.then_some("--cluster"))
         .args(&command)
         .output()
         .expect("redis-benchmark is installed with redis-server");
     let text = String::from_utf8_lossy(&output.stdout);
-    // `"test","rps",...` then `"EVALSHA ...","12345.67",...`.
-    text.lines()
-        .nth(1)
-        .and_then(|row| row.split("\",\"").nth(1))
-        .and_then(|rps| rps.trim_matches('"').parse().ok())
-        .unwrap_or_else(|| panic!("redis-benchmark said: {text}"))
+    // `"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms",
+    // "p99_latency_ms","max_latency_ms"` then one row.
+    let row: Vec<f64> = text
+        .lines()
+        .find(|l| l.starts_with("\"EVALSHA"))
+        .map(|row| {
+            row.split("\",\"")
+                .skip(1)
+                .filter_map(|v| v.trim_matches('"').parse().ok())
+                .collect()
+        })
+        .filter(|values: &Vec<f64>| values.len() >= 6)
+        .unwrap_or_else(|| panic!("redis-benchmark said: {text}"));
+    Measured {
+        rps: row[0],
+        p99: Duration::from_secs_f64(row[5] / 1000.0),
+    }
 }

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use crate::context::Context;
+use crate::context::{Context, DefaultRedis};
 use crate::identity::IdentityConfig;
 use crate::quota::QuotaConfig;
 use crate::ratelimit::RateLimitConfig;
@@ -714,9 +714,7 @@ impl Config {
 
     /// The top level's Redis (`redis_url`, `redis_cluster` or `redis_sentinel`: at most one),
     /// for the sections with `store = "redis"` that name none of their own.
-    fn default_redis(
-        &self,
-    ) -> Result<Option<(RedisTopology, Range<usize>)>, (Range<usize>, String)> {
+    fn default_redis(&self) -> Result<DefaultRedis, (Range<usize>, String)> {
         let mut named = Vec::new();
         if let Some(url) = &self.redis_url {
             named.push((

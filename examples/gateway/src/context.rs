@@ -29,6 +29,9 @@ pub(crate) fn side_client() -> SideClient {
         .build(connector)
 }
 
+/// The top level's Redis and where the file names it.
+pub(crate) type DefaultRedis = Option<(RedisTopology, Range<usize>)>;
+
 /// The build context: the caller resolver (and its fingerprinter) every layer identifies
 /// callers with, the clock they read, the body limit every layer reads up to, environment lookups, and
 /// one Redis connection per server, shared by every store that uses it.
@@ -40,7 +43,7 @@ pub(crate) struct Context<'a> {
     pub(crate) env: &'a dyn Fn(&str) -> Option<String>,
     /// The top level's `redis_url`, `redis_cluster` or `redis_sentinel`, for sections that
     /// name none of their own.
-    pub(crate) default_redis: Option<(RedisTopology, Range<usize>)>,
+    pub(crate) default_redis: DefaultRedis,
     /// `redis_ca_file`'s certificate.
     redis_ca: Option<Vec<u8>>,
     redis: RefCell<HashMap<RedisTopology, Arc<RedisConnection>>>,
@@ -62,7 +65,7 @@ impl<'a> Context<'a> {
         resolver: CallerResolver,
         max_body_bytes: usize,
         env: &'a dyn Fn(&str) -> Option<String>,
-        default_redis: Option<(RedisTopology, Range<usize>)>,
+        default_redis: DefaultRedis,
         redis_ca: Option<Vec<u8>>,
     ) -> Self {
         Self {
