@@ -96,66 +96,18 @@ where
 /// The commands a Redis-backed layer sends, captured with `MONITOR` while `run` sends some:
 /// each as its arguments (`["EVALSHA", sha, "1", key, ...]`), `EVALSHA` calls only.
 pub fn capture_evalsha(port: u16, run: impl FnOnce()) -> Vec<Vec<String>> {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let mut monitor = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "monitor"])
-        .stdout(Stdio::piped())
-        .spawn()
+    let monitor = moat_testkit::redis::Monitor::start(&[port], None)
         .expect("redis-cli is installed with redis-server");
-    let mut lines = BufReader::new(monitor.stdout.take().expect("piped"));
-    let mut ok = String::new();
-    lines.read_line(&mut ok).expect("MONITOR answers OK");
     run();
-    // A marker the monitor sees after everything `run` sent.
-    let _ = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "echo", "moat-bench-capture-end"])
-        .output();
-    let mut commands = Vec::new();
-    for line in lines.lines() {
-        let line = line.expect("monitor output");
-        if line.contains("moat-bench-capture-end") {
-            break;
-        }
-        let args = monitor_args(&line);
-        if args
-            .first()
-            .is_some_and(|c| c.eq_ignore_ascii_case("evalsha"))
-        {
-            commands.push(args);
-        }
-    }
-    let _ = monitor.kill();
-    let _ = monitor.wait();
-    commands
-}
-
-/// The quoted arguments of one `MONITOR` line: `1.2 [0 127.0.0.1:5] "EVALSHA" "ab" "1"`.
-fn monitor_args(line: &str) -> Vec<String> {
-    let mut args = Vec::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c != '"' {
-            continue;
-        }
-        let mut arg = String::new();
-        while let Some(c) = chars.next() {
-            match c {
-                '"' => break,
-                '\\' => match chars.next() {
-                    Some('x') => {
-                        let hex: String = chars.by_ref().take(2).collect();
-                        arg.push(char::from(u8::from_str_radix(&hex, 16).unwrap_or(b'?')));
-                    }
-                    Some(other) => arg.push(other),
-                    None => {}
-                },
-                c => arg.push(c),
-            }
-        }
-        args.push(arg);
-    }
-    args
+    monitor
+        .finish()
+        .into_iter()
+        .flat_map(|(_, commands)| commands)
+        .filter(|args| {
+            args.first()
+                .is_some_and(|c| c.eq_ignore_ascii_case("evalsha"))
+        })
+        .collect()
 }
 
 /// What `redis-benchmark` measured: requests per second and the 99th percentile latency.

@@ -346,6 +346,29 @@ impl RedisCluster {
             .position(|n| n.port == port && n.is_running())
     }
 
+    /// Watches every running node (see [`Monitor`]).
+    pub fn monitor(&self) -> Result<Monitor, RedisError> {
+        let ports: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.port)
+            .collect();
+        let args: Vec<&str> = self.nodes[0].args.iter().map(String::as_str).collect();
+        Monitor::start(&ports, password_in(&args))
+    }
+
+    /// The slot Redis puts `key` in (`CLUSTER KEYSLOT`).
+    pub fn slot_of(&self, key: &str) -> Option<u16> {
+        self.nodes
+            .iter()
+            .find(|n| n.is_running())?
+            .redis_cli(&["cluster", "keyslot", key])?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Stops node `index` (a primary's slots fail over to its replica).
     pub fn stop(&mut self, index: usize) {
         self.nodes[index].stop();
@@ -576,6 +599,112 @@ fn wait_for_replicas(servers: &[RedisServer]) -> Result<(), RedisError> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Err(RedisError::NotReady("the replicas did not sync".into()))
+}
+
+/// Every command some Redis servers run while it watches (`redis-cli MONITOR` on each), each
+/// as its arguments (`["EVALSHA", sha, "1", key, ...]`), for tests and benchmarks that check
+/// what a client really sent.
+#[derive(Debug)]
+pub struct Monitor {
+    watchers: Vec<Watcher>,
+}
+
+#[derive(Debug)]
+struct Watcher {
+    port: u16,
+    password: Option<String>,
+    child: Child,
+    lines: std::thread::JoinHandle<Vec<Vec<String>>>,
+}
+
+/// Echoed to every watched server at the end: its arrival means everything before it is seen.
+const MONITOR_END: &str = "moat-monitor-end";
+
+impl Monitor {
+    /// Starts watching the servers on `ports` (with `password`, if they want one); returns
+    /// once every one of them is being watched.
+    pub fn start(ports: &[u16], password: Option<&str>) -> Result<Self, RedisError> {
+        use std::io::{BufRead, BufReader};
+        let mut watchers = Vec::new();
+        for &port in ports {
+            let mut cli = Command::new("redis-cli");
+            cli.args(["-p", &port.to_string(), "monitor"]);
+            if let Some(password) = password {
+                cli.env("REDISCLI_AUTH", password);
+            }
+            let mut child = cli
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(RedisError::Io)?;
+            let mut reader = BufReader::new(child.stdout.take().expect("piped"));
+            let mut ok = String::new();
+            reader.read_line(&mut ok).map_err(RedisError::Io)?;
+            let lines = std::thread::spawn(move || {
+                reader
+                    .lines()
+                    .map_while(Result::ok)
+                    .take_while(|line| !line.contains(MONITOR_END))
+                    .map(|line| monitor_args(&line))
+                    .collect()
+            });
+            watchers.push(Watcher {
+                port,
+                password: password.map(str::to_owned),
+                child,
+                lines,
+            });
+        }
+        Ok(Self { watchers })
+    }
+
+    /// Stops watching: what each server ran meanwhile, by port.
+    pub fn finish(self) -> Vec<(u16, Vec<Vec<String>>)> {
+        self.watchers
+            .into_iter()
+            .map(|mut w| {
+                let mut echo = Command::new("redis-cli");
+                echo.args(["-p", &w.port.to_string(), "echo", MONITOR_END]);
+                if let Some(password) = &w.password {
+                    echo.env("REDISCLI_AUTH", password);
+                }
+                let _ = echo.output();
+                let commands = w.lines.join().unwrap_or_default();
+                let _ = w.child.kill();
+                let _ = w.child.wait();
+                (w.port, commands)
+            })
+            .collect()
+    }
+}
+
+/// The quoted arguments of one `MONITOR` line: `1.2 [0 127.0.0.1:5] "EVALSHA" "ab" "1"`.
+fn monitor_args(line: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            continue;
+        }
+        let mut arg = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => break,
+                '\\' => match chars.next() {
+                    Some('x') => {
+                        let hex: String = chars.by_ref().take(2).collect();
+                        arg.push(char::from(u8::from_str_radix(&hex, 16).unwrap_or(b'?')));
+                    }
+                    Some(other) => arg.push(other),
+                    None => {}
+                },
+                c => arg.push(c),
+            }
+        }
+        args.push(arg);
+    }
+    args
 }
 
 /// The value after `--requirepass` in `args`.

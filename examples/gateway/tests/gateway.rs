@@ -1889,13 +1889,16 @@ async fn with_watch_a_changed_file_is_reloaded_without_a_signal() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Two gateways sharing a 3-primary Redis Cluster for rate limits, two budgets and the cache.
+/// Every caller gets exactly its limit, the budget is settled, and every script that ran on
+/// any node (watched with `MONITOR`) touched keys of one slot, a slot that node serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_on_a_redis_cluster_limit_every_caller_and_a_budget() {
     let cluster = moat_testkit::redis::RedisCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
     let mock = MockUpstream::start().await.unwrap();
     let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
     let config = format!(
-        "redis_cluster = [{}]\n[upstream]\nbase_url = \"{}/v1\"\n[ratelimit]\nstore = \"redis\"\n[[ratelimit.rules]]\nname = \"per-key\"\nkey = \"header:x-user\"\nlimits = [\"2/hour\"]\n[quota]\nstore = \"redis\"\n[[quota.budgets]]\nname = \"everyone\"\nper = \"global\"\nperiod = \"day\"\ntokens = 1000000\n[[quota.budgets]]\nname = \"per-user\"\nper = \"header:x-user\"\nperiod = \"day\"\ntokens = 1000000\n",
+        "redis_cluster = [{}]\n[upstream]\nbase_url = \"{}/v1\"\n[ratelimit]\nstore = \"redis\"\n[[ratelimit.rules]]\nname = \"per-key\"\nkey = \"header:x-user\"\nlimits = [\"2/hour\", \"100/day\"]\ntokens = [\"1000000/day\"]\n[quota]\nstore = \"redis\"\n[[quota.budgets]]\nname = \"everyone\"\nper = \"global\"\nperiod = \"day\"\ntokens = 1000000\n[[quota.budgets]]\nname = \"per-user\"\nper = \"header:x-user\"\nperiod = \"day\"\ntokens = 1000000\n[cache]\nstore = \"redis\"\nscope = \"global\"\n",
         nodes.join(", "),
         mock.url()
     );
@@ -1903,22 +1906,25 @@ async fn two_gateways_on_a_redis_cluster_limit_every_caller_and_a_budget() {
     assert_eq!(
         resolved.redis.len(),
         1,
-        "one cluster connection for both stores"
+        "one cluster connection for every store"
     );
     let a = start(&config, &[]).await;
     let b = start(&config, &[]).await;
-    // 20 callers: their keys' slots land on every primary.
+    let monitor = cluster.monitor().unwrap();
+    // 20 callers: their keys' slots land on every primary. Their second call asks what the
+    // first asked (deterministic), so the cache reads and writes too.
     for user in 0..20 {
         let header = format!("user-{user}");
         let mut ok = 0;
         for i in 0..4 {
             let url = if i % 2 == 0 { &a.url } else { &b.url };
+            let body = json!({"model": "gpt-4o-mini", "temperature": 0, "messages": [{"role": "user", "content": format!("hello from {user}, {}", i / 2)}]});
             let reply = call(
                 url,
                 "POST",
                 "/v1/chat/completions",
                 &[("x-user", &header)],
-                Some(chat("x", false)),
+                Some(body),
             )
             .await;
             assert!(
@@ -1937,7 +1943,41 @@ async fn two_gateways_on_a_redis_cluster_limit_every_caller_and_a_budget() {
         .json();
     let budget = &usage["budgets"][0];
     assert_eq!(budget["reserved"]["tokens"], 0, "{usage}");
-    assert!(budget["used"]["tokens"].as_u64().unwrap() > 40, "{usage}");
+    assert!(budget["used"]["tokens"].as_u64().unwrap() > 20, "{usage}");
+
+    let ports: Vec<u16> = cluster.nodes().iter().map(|n| n.port()).collect();
+    let mut scripts = std::collections::BTreeSet::new();
+    let mut runs = 0;
+    for (port, commands) in monitor.finish() {
+        let node = ports.iter().position(|&p| p == port).unwrap();
+        for args in commands {
+            let Some(command) = args.first().map(|c| c.to_ascii_uppercase()) else {
+                continue;
+            };
+            if command != "EVALSHA" && command != "EVAL" {
+                continue;
+            }
+            let count: usize = args[2].parse().unwrap();
+            let slots: std::collections::BTreeSet<u16> = args[3..3 + count]
+                .iter()
+                .map(|key| cluster.slot_of(key).unwrap())
+                .collect();
+            assert_eq!(slots.len(), 1, "one slot per script: {args:?}");
+            let slot = *slots.first().unwrap();
+            assert_eq!(
+                cluster.primary_of(slot),
+                Some(node),
+                "{args:?} ran where its slot is"
+            );
+            runs += 1;
+            if command == "EVALSHA" {
+                scripts.insert(args[1].clone());
+            }
+        }
+    }
+    // Rate decisions and charges, reservations and settlements, cache reads and writes.
+    assert!(scripts.len() >= 5, "{} distinct scripts ran", scripts.len());
+    assert!(runs >= 200, "{runs} script runs");
 }
 
 /// Two gateways whose limits live on the primary Sentinel names (behind a password), and one
