@@ -506,7 +506,8 @@ async fn sentinel_failover_is_followed_without_a_reconnection_stampede() {
 
 /// TLS with a private certificate authority and an ACL user: decided with the authority's
 /// certificate and the user's password; refused (fail closed) without the certificate, or
-/// with a wrong password, so neither check is skipped.
+/// with a wrong password, so neither check is skipped. Then a whole cluster, and Sentinel with
+/// the primary it names, over TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_private_authority_and_an_acl_user() {
     use moat_core::store::{RedisConnection, RedisTopology};
@@ -543,4 +544,45 @@ async fn tls_with_a_private_authority_and_an_acl_user() {
     let wrong = RedisConnection::connect(&RedisTopology::Node(wrong), Some(&ca)).unwrap();
     let (status, _, _) = send(&generous(Arc::new(wrong)), inner.clone(), req("sk-tls")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "a wrong password");
+
+    // A cluster over TLS, same user: callers on every node are decided.
+    let cluster = moat_testkit::redis::RedisCluster::start_tls(
+        3,
+        0,
+        &tls,
+        &["--user", "moat", "on", ">s3cret", "~*", "&*", "+@all"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let nodes: Vec<String> = cluster
+        .tls_urls()
+        .iter()
+        .map(|u| u.replace("rediss://", "rediss://moat:s3cret@"))
+        .collect();
+    let layer = generous(Arc::new(
+        RedisConnection::connect(&RedisTopology::Cluster(nodes), Some(&ca)).unwrap(),
+    ));
+    for caller in 0..30 {
+        let (status, _, body) = send(&layer, inner.clone(), req(&format!("sk-tls-{caller}"))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    // Sentinel over TLS: the sentinels and the primary they name, both by TLS, the primary
+    // behind a password.
+    let sentinel = moat_testkit::redis::RedisSentinel::start_tls(
+        1,
+        &tls,
+        &["--requirepass", "pw", "--masterauth", "pw"],
+        Some("pw"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let topology = RedisTopology::Sentinel {
+        master: moat_testkit::redis::RedisSentinel::MASTER.to_owned(),
+        nodes: sentinel.sentinel_tls_urls(),
+        primary: "rediss://:pw@primary/0".to_owned(),
+    };
+    let layer = generous(Arc::new(
+        RedisConnection::connect(&topology, Some(&ca)).unwrap(),
+    ));
+    let (status, _, body) = send(&layer, inner.clone(), req("sk-tls-sentinel")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }

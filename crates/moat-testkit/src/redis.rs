@@ -96,6 +96,13 @@ impl RedisServer {
     /// the server certificate of `tls` (clients are not asked for one).
     pub fn start_tls(tls: &TlsFiles, args: &[&str]) -> Result<Self, RedisError> {
         let mut server = Self::prepare(args)?;
+        server.add_tls(tls)?;
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Listens for TLS too, on a new port, with `tls`'s server certificate.
+    fn add_tls(&mut self, tls: &TlsFiles) -> Result<(), RedisError> {
         let tls_port = free_port().map_err(RedisError::Io)?;
         let mut tls_args = vec!["--tls-port".to_owned(), tls_port.to_string()];
         for (flag, file) in [
@@ -107,17 +114,28 @@ impl RedisServer {
             tls_args.push(file.display().to_string());
         }
         tls_args.extend(["--tls-auth-clients".to_owned(), "no".to_owned()]);
-        tls_args.append(&mut server.args);
-        server.args = tls_args;
-        server.tls_port = Some(tls_port);
-        server.spawn()?;
-        Ok(server)
+        tls_args.append(&mut self.args);
+        self.args = tls_args;
+        self.tls_port = Some(tls_port);
+        Ok(())
     }
 
     /// Starts a sentinel watching the primary on `primary_port` as `master` (quorum 2, down
-    /// after one second), with these extra config lines (`sentinel auth-pass ...`).
-    fn start_sentinel(master: &str, primary_port: u16, extra: &str) -> Result<Self, RedisError> {
+    /// after one second), with these extra config lines (`sentinel auth-pass ...`); with `tls`,
+    /// it takes TLS connections too and speaks TLS to the servers.
+    fn start_sentinel(
+        master: &str,
+        primary_port: u16,
+        extra: &str,
+        tls: Option<&TlsFiles>,
+    ) -> Result<Self, RedisError> {
         let mut server = Self::prepare(&["--sentinel"])?;
+        if let Some(tls) = tls {
+            server.add_tls(tls)?;
+            server
+                .args
+                .extend(["--tls-replication".to_owned(), "yes".to_owned()]);
+        }
         let config = server.dir.join("sentinel.conf");
         let text = format!(
             "sentinel monitor {master} 127.0.0.1 {primary_port} 2\n\
@@ -256,6 +274,27 @@ impl RedisCluster {
         replicas: usize,
         args: &[&str],
     ) -> Result<Self, RedisError> {
+        Self::launch(primaries, replicas, args, None)
+    }
+
+    /// As [`start_with`](Self::start_with), every node also taking TLS connections (its
+    /// [`RedisServer::tls_url`]) with `tls`'s server certificate; the nodes speak TLS to each
+    /// other, and a client connected by TLS is told the nodes' TLS ports.
+    pub fn start_tls(
+        primaries: usize,
+        replicas: usize,
+        tls: &TlsFiles,
+        args: &[&str],
+    ) -> Result<Self, RedisError> {
+        Self::launch(primaries, replicas, args, Some(tls))
+    }
+
+    fn launch(
+        primaries: usize,
+        replicas: usize,
+        args: &[&str],
+        tls: Option<&TlsFiles>,
+    ) -> Result<Self, RedisError> {
         let count = primaries.max(3) * (1 + replicas);
         let mut node_args = vec![
             "--cluster-enabled",
@@ -269,8 +308,14 @@ impl RedisCluster {
             "0",
         ];
         node_args.extend_from_slice(args);
+        if tls.is_some() {
+            node_args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+        }
         let nodes = (0..count)
-            .map(|_| RedisServer::start_with(&node_args))
+            .map(|_| match tls {
+                Some(tls) => RedisServer::start_tls(tls, &node_args),
+                None => RedisServer::start_with(&node_args),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let addrs: Vec<String> = nodes
             .iter()
@@ -305,6 +350,12 @@ impl RedisCluster {
     /// Every node's URL, `redis://127.0.0.1:PORT`.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Every node's TLS URL, `rediss://127.0.0.1:PORT`, for a cluster started with
+    /// [`start_tls`](Self::start_tls).
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.nodes.iter().filter_map(RedisServer::tls_url).collect()
     }
 
     /// The nodes, in the order they were started.
@@ -411,22 +462,52 @@ impl RedisSentinel {
         args: &[&str],
         password: Option<&str>,
     ) -> Result<Self, RedisError> {
+        Self::launch(replicas, args, password, None)
+    }
+
+    /// As [`start`](Self::start), everything also taking TLS connections with `tls`'s server
+    /// certificate, replicas and sentinels speaking TLS to the primary: the sentinels name
+    /// the primary's TLS port.
+    pub fn start_tls(
+        replicas: usize,
+        tls: &TlsFiles,
+        args: &[&str],
+        password: Option<&str>,
+    ) -> Result<Self, RedisError> {
+        Self::launch(replicas, args, password, Some(tls))
+    }
+
+    fn launch(
+        replicas: usize,
+        args: &[&str],
+        password: Option<&str>,
+        tls: Option<&TlsFiles>,
+    ) -> Result<Self, RedisError> {
         let mut primary_args = vec!["--repl-diskless-sync-delay", "0"];
+        if tls.is_some() {
+            primary_args.extend(["--tls-replication", "yes"]);
+        }
         primary_args.extend_from_slice(args);
-        let primary = RedisServer::start_with(&primary_args)?;
-        let replica_of = primary.port.to_string();
+        let start = |args: &[&str]| match tls {
+            Some(tls) => RedisServer::start_tls(tls, args),
+            None => RedisServer::start_with(args),
+        };
+        let primary = start(&primary_args)?;
+        // Replicas and sentinels reach the primary by the port its clients use.
+        let primary_port = primary.tls_port.unwrap_or(primary.port);
+        let replica_of = primary_port.to_string();
         let mut servers = vec![primary];
         for _ in 0..replicas {
             let mut replica_args = vec!["--replicaof", "127.0.0.1", &replica_of];
             replica_args.extend_from_slice(&primary_args);
-            servers.push(RedisServer::start_with(&replica_args)?);
+            servers.push(start(&replica_args)?);
         }
         wait_for_replicas(&servers)?;
         let auth = password
             .map(|p| format!("sentinel auth-pass {} {p}", Self::MASTER))
             .unwrap_or_default();
         let sentinels = (0..3)
-            .map(|_| RedisServer::start_sentinel(Self::MASTER, servers[0].port, &auth))
+            .map(|_| RedisServer::start_sentinel(Self::MASTER, primary_port, &auth, tls))
             .collect::<Result<Vec<_>, _>>()?;
         let set = Self { servers, sentinels };
         // Ready once every sentinel has seen every replica (else it could not promote one).
@@ -451,6 +532,14 @@ impl RedisSentinel {
         self.sentinels.iter().map(RedisServer::url).collect()
     }
 
+    /// The sentinels' TLS URLs, for a set started with [`start_tls`](Self::start_tls).
+    pub fn sentinel_tls_urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .filter_map(RedisServer::tls_url)
+            .collect()
+    }
+
     /// The data servers, the first started as the primary.
     pub fn servers(&self) -> &[RedisServer] {
         &self.servers
@@ -466,9 +555,13 @@ impl RedisSentinel {
         out.lines().nth(1)?.trim().parse().ok()
     }
 
-    /// Stops the data server on `port`.
+    /// Stops the data server on `port` (plain or TLS).
     pub fn stop_server(&mut self, port: u16) {
-        if let Some(server) = self.servers.iter_mut().find(|s| s.port == port) {
+        if let Some(server) = self
+            .servers
+            .iter_mut()
+            .find(|s| s.port == port || s.tls_port == Some(port))
+        {
             server.stop();
         }
     }
