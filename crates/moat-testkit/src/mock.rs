@@ -261,6 +261,11 @@ impl MockUpstream {
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
         let router = mock.router();
+        // Streamed frames leave at once, as from a real provider (Nagle's algorithm would hold
+        // small frames until the client's delayed ACK, 40 ms later).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, router)
                 .with_graceful_shutdown(async {
