@@ -252,13 +252,14 @@ async fn token_charges_settle_in_redis() {
     panic!("token charges never settled to the real usage");
 }
 
-/// Two limiters on a real 3-primary Redis Cluster: callers whose keys hash to every node's slots
+/// Two limiters on a real 3-primary Redis Cluster with a replica each: callers whose keys hash to every node's slots
 /// each get exactly their limit, however the two limiters share their requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_limiters_on_a_redis_cluster_admit_exactly_the_limit_on_every_node() {
     use moat_core::store::RedisConnection;
     use std::sync::Arc;
-    let cluster = moat_testkit::redis::RedisCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
+    let cluster =
+        moat_testkit::redis::RedisCluster::start_with(3, 1, &[]).unwrap_or_else(|e| panic!("{e}"));
     let urls = cluster.urls();
     let limiter = || {
         let conn = Arc::new(RedisConnection::open_cluster(&urls).unwrap());

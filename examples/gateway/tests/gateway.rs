@@ -1889,12 +1889,13 @@ async fn with_watch_a_changed_file_is_reloaded_without_a_signal() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// Two gateways sharing a 3-primary Redis Cluster for rate limits, two budgets and the cache.
+/// Two gateways sharing a 3-primary Redis Cluster (a replica each) for rate limits, two budgets and the cache.
 /// Every caller gets exactly its limit, the budget is settled, and every script that ran on
 /// any node (watched with `MONITOR`) touched keys of one slot, a slot that node serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_on_a_redis_cluster_limit_every_caller_and_a_budget() {
-    let cluster = moat_testkit::redis::RedisCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
+    let cluster =
+        moat_testkit::redis::RedisCluster::start_with(3, 1, &[]).unwrap_or_else(|e| panic!("{e}"));
     let mock = MockUpstream::start().await.unwrap();
     let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
     let config = format!(
