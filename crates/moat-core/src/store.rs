@@ -158,6 +158,22 @@ mod redis_connection {
         },
     }
 
+    impl RedisTopology {
+        /// Whether any of its URLs is `rediss://`.
+        fn uses_tls(&self) -> bool {
+            let tls = |url: &String| {
+                url.as_str()
+                    .into_connection_info()
+                    .is_ok_and(|info| matches!(info.addr, ConnectionAddr::TcpTls { .. }))
+            };
+            match self {
+                Self::Node(url) => tls(url),
+                Self::Cluster(nodes) => nodes.iter().any(tls),
+                Self::Sentinel { nodes, primary, .. } => tls(primary) || nodes.iter().any(tls),
+            }
+        }
+    }
+
     /// A multiplexed Redis connection, made on first use, that reconnects by itself: to one
     /// server, to a Redis Cluster (slot routing, `MOVED`/`ASK`, topology refresh by the redis
     /// crate's cluster client), or to the primary that Sentinel names (asked again whenever the
@@ -307,9 +323,12 @@ mod redis_connection {
             topology: &RedisTopology,
             root_certificate: Option<&[u8]>,
         ) -> Result<Self, RedisError> {
+            // The authority is for `rediss://` servers; plain ones beside them (a section's own
+            // `redis_url`) connect as their URLs say.
+            let certs = certificates(root_certificate).filter(|_| topology.uses_tls());
             let target = match topology {
                 RedisTopology::Node(url) => Target::Node {
-                    client: match certificates(root_certificate) {
+                    client: match certs {
                         Some(certs) => redis::Client::build_with_tls(url.as_str(), certs)?,
                         None => redis::Client::open(url.as_str())?,
                     },
@@ -319,7 +338,7 @@ mod redis_connection {
                     let mut builder =
                         redis::cluster::ClusterClientBuilder::new(nodes.iter().map(String::as_str))
                             .connection_timeout(CONNECT_TIMEOUT);
-                    if let Some(certs) = certificates(root_certificate) {
+                    if let Some(certs) = certs {
                         builder = builder.certs(certs);
                     }
                     Target::Cluster {
@@ -333,7 +352,7 @@ mod redis_connection {
                     primary,
                 } => Target::Sentinel(Box::new(SentinelTarget {
                     resolver: tokio::sync::Mutex::new(Resolver {
-                        client: sentinel_client(master, nodes, primary, root_certificate)?,
+                        client: sentinel_client(master, nodes, primary, certs)?,
                         generation: 0,
                         failures: 0,
                         retry_at: None,
@@ -438,7 +457,7 @@ mod redis_connection {
         master: &str,
         nodes: &[String],
         primary: &str,
-        root_certificate: Option<&[u8]>,
+        certs: Option<TlsCertificates>,
     ) -> Result<SentinelClient, RedisError> {
         let sentinels = nodes
             .iter()
@@ -472,7 +491,7 @@ mod redis_connection {
         if let ConnectionAddr::TcpTls { insecure, .. } = primary.addr {
             builder = builder.set_client_to_redis_tls_mode(tls_mode(insecure));
         }
-        if let Some(certs) = certificates(root_certificate) {
+        if let Some(certs) = certs {
             builder = builder
                 .set_client_to_sentinel_certificates(certs.clone())
                 .set_client_to_redis_certificates(certs);
@@ -561,6 +580,26 @@ mod redis_connection {
 mod tests {
     use super::*;
     use crate::identity::KeyKind;
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn an_authority_applies_to_tls_servers_only() {
+        use super::{RedisConnection, RedisTopology};
+        let pem = b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n";
+        let plain = RedisTopology::Node("redis://127.0.0.1:6379".to_owned());
+        assert!(RedisConnection::connect(&plain, Some(pem)).is_ok());
+        let cluster = RedisTopology::Cluster(vec!["redis://127.0.0.1:7000".to_owned()]);
+        assert!(RedisConnection::connect(&cluster, Some(pem)).is_ok());
+        let sentinel = RedisTopology::Sentinel {
+            master: "mymaster".to_owned(),
+            nodes: vec!["redis://127.0.0.1:26379".to_owned()],
+            primary: "redis://primary/0".to_owned(),
+        };
+        assert!(RedisConnection::connect(&sentinel, Some(pem)).is_ok());
+        // A TLS server does get the authority (this one is not a certificate at all).
+        let tls = RedisTopology::Node("rediss://127.0.0.1:6380".to_owned());
+        assert!(RedisConnection::connect(&tls, Some(pem)).is_err());
+    }
 
     #[test]
     fn key_hashes_separate_kinds_and_spread_over_shards() {
