@@ -78,11 +78,15 @@ fn lookalike(c: char) -> Option<char> {
 
 /// Whether `c` renders as nothing (zero-width characters, bidi controls, soft hyphens, fillers).
 pub fn is_invisible(c: char) -> bool {
-    INVISIBLE.contains(&c)
+    // Every one is above ASCII; the list is sorted.
+    c >= '\u{00ad}' && INVISIBLE.binary_search(&c).is_ok()
 }
 
 /// `c`, or the Latin letter it looks like when it is a Cyrillic or Greek lookalike.
 pub fn fold_lookalike(c: char) -> char {
+    if c.is_ascii() {
+        return c;
+    }
     lookalike(c).unwrap_or(c)
 }
 
@@ -113,5 +117,12 @@ mod tests {
         assert_eq!(fold_lookalike('z'), 'z');
         assert_eq!(deleet_char('0'), Some('o'));
         assert_eq!(deleet_char('x'), None);
+    }
+
+    #[test]
+    fn the_invisible_list_is_sorted_so_every_entry_is_found() {
+        assert!(INVISIBLE.windows(2).all(|w| w[0] < w[1]));
+        assert!(INVISIBLE.iter().all(|&c| is_invisible(c)));
+        assert!(!is_invisible('\u{00ac}') && !is_invisible('\u{ffa1}'));
     }
 }

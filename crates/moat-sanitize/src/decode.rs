@@ -50,7 +50,14 @@ pub(crate) fn encoded_views(text: &str) -> Vec<(&'static str, String)> {
     // a mention of rot13 or a Caesar cipher. Most text has neither: skip the regex.
     let bytes = text.as_bytes();
     let hexish = |b: u8| b.is_ascii_hexdigit() || b == b' ' || b == b':';
-    let mention = text.contains("13") || bytes.windows(5).any(|w| w.eq_ignore_ascii_case(b"aesar"));
+    // "aesar" found from its `s` (a fast byte search), in any case.
+    let mention = memchr::memmem::find(bytes, b"13").is_some()
+        || memchr::memchr2_iter(b's', b'S', bytes).any(|at| {
+            at >= 3
+                && bytes
+                    .get(at - 3..at + 2)
+                    .is_some_and(|w| w.eq_ignore_ascii_case(b"aesar"))
+        });
     if !mention && !crate::screen::has_run(bytes, 24, hexish) {
         return views;
     }

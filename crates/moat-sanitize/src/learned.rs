@@ -104,11 +104,10 @@ impl Model {
     /// word unigrams and bigrams the model hashes anyway, and the character n-grams (most of
     /// the work) are only hashed and counted for a text it does not clear.
     pub fn logit_after(&self, screen: &str, gate: Option<&Gate>) -> Option<f64> {
-        let tokens = tokens(screen);
-        let mut hashed = Hashed::new(&tokens, self.bits);
-        let spans: Vec<(usize, usize)> = std::iter::once((0, tokens.len()))
-            .chain(windows(tokens.len()))
-            .collect();
+        let mut hashed = Hashed::new(screen, self.bits);
+        let count = hashed.tokens.len();
+        let spans: Vec<(usize, usize)> =
+            std::iter::once((0, count)).chain(windows(count)).collect();
         if let Some(gate) = gate {
             let cleared = spans.iter().all(|&(start, end)| {
                 hashed.z(
@@ -180,11 +179,10 @@ impl Gate {
 
     /// The gate's log-odds for a screen text: the highest over the text and its windows.
     pub fn logit(&self, screen: &str) -> f64 {
-        let tokens = tokens(screen);
         // The gate's buckets are the low bits of the model's 18-bit ones.
-        let hashed = Hashed::new(&tokens, 18);
-        std::iter::once((0, tokens.len()))
-            .chain(windows(tokens.len()))
+        let hashed = Hashed::new(screen, 18);
+        std::iter::once((0, hashed.tokens.len()))
+            .chain(windows(hashed.tokens.len()))
             .map(|(start, end)| {
                 hashed.z(
                     start,
@@ -218,11 +216,32 @@ fn is_separator(c: char) -> bool {
         || (0xff1a..=0xff20).contains(&code)
 }
 
-pub(crate) fn tokens(screen: &str) -> Vec<&str> {
-    screen
-        .split(is_separator)
-        .filter(|t| !t.is_empty())
-        .collect()
+fn tokens(screen: &str) -> Vec<&str> {
+    if !screen.is_ascii() {
+        return screen
+            .split(is_separator)
+            .filter(|t| !t.is_empty())
+            .collect();
+    }
+    // ASCII: the same tokens, cut at bytes without decoding characters.
+    let bytes = screen.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() / 5);
+    let mut start = None;
+    for (at, &b) in bytes.iter().enumerate() {
+        let word = b.is_ascii_lowercase() || b.is_ascii_digit();
+        match (word, start) {
+            (true, None) => start = Some(at),
+            (false, Some(from)) => {
+                out.push(&screen[from..at]);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(from) = start {
+        out.push(&screen[from..]);
+    }
+    out
 }
 
 /// Token windows of a long text, as `(start, end)`: none up to `WINDOW` tokens (the whole text
@@ -242,16 +261,17 @@ fn windows(tokens: usize) -> Vec<(usize, usize)> {
     }
 }
 
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
 /// FNV-1a over `prefix`, then `parts` joined by single spaces, without building the key.
 fn fnv_key(prefix: u8, parts: &[&str]) -> u64 {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h = (0xcbf2_9ce4_8422_2325 ^ u64::from(prefix)).wrapping_mul(PRIME);
+    let mut h = (0xcbf2_9ce4_8422_2325 ^ u64::from(prefix)).wrapping_mul(FNV_PRIME);
     for (i, part) in parts.iter().enumerate() {
         if i > 0 {
-            h = (h ^ u64::from(b' ')).wrapping_mul(PRIME);
+            h = (h ^ u64::from(b' ')).wrapping_mul(FNV_PRIME);
         }
         for &b in part.as_bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+            h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
         }
     }
     h
@@ -262,56 +282,74 @@ fn fnv_key(prefix: u8, parts: &[&str]) -> u64 {
 ///
 /// Keys: `w` + token, `b` + token + ` ` + next token, `c` + every 3-, 4- and 5-gram of
 /// characters of ` ` + tokens joined by ` ` + ` `; hashed with FNV-1a, the low `bits` kept.
-struct Hashed {
+struct Hashed<'a> {
+    tokens: Vec<&'a str>,
     words: Vec<u32>,
     pairs: Vec<u32>,
     /// Per n (3, 4, 5): the bucket of the n-gram starting at each character (once hashed).
     grams: [Vec<u32>; 3],
-    /// ` ` + the tokens joined by ` ` + ` `.
-    text: Vec<u8>,
-    /// The byte offset of each character of the joined text, and its length last.
+    /// The byte offset of each character of the joined text (` ` + the tokens joined by ` ` +
+    /// ` `), and its length last; built with the n-grams.
     starts: Vec<usize>,
-    /// The byte offset of each token in the joined text, and the text's length last.
+    /// The byte offset of each token in the joined text, and the text's length last; built
+    /// with the n-grams.
     offsets: Vec<usize>,
     bits: u32,
 }
 
-impl Hashed {
-    fn new(tokens: &[&str], bits: u32) -> Self {
+impl<'a> Hashed<'a> {
+    fn new(screen: &'a str, bits: u32) -> Self {
+        let tokens = tokens(screen);
         let mask = (1u64 << bits) - 1;
         let bucket = |h: u64| (h & mask) as u32;
-        let words = tokens.iter().map(|t| bucket(fnv_key(b'w', &[t]))).collect();
-        let pairs = tokens
-            .windows(2)
-            .map(|p| bucket(fnv_key(b'b', p)))
-            .collect();
-        let mut text: Vec<u8> =
-            Vec::with_capacity(tokens.iter().map(|t| t.len() + 1).sum::<usize>() + 1);
-        let mut offsets = Vec::with_capacity(tokens.len() + 1);
-        text.push(b' ');
-        for token in tokens {
-            offsets.push(text.len());
-            text.extend_from_slice(token.as_bytes());
-            text.push(b' ');
+        // `w` + token, and `b` + previous token + ` ` + token, hashed in one pass over each
+        // token: the pair's hash goes on from the previous token's `b` + token + ` `, and the
+        // three independent chains of multiplications overlap in the processor.
+        let mut words = Vec::with_capacity(tokens.len());
+        let mut pairs = Vec::with_capacity(tokens.len().saturating_sub(1));
+        let mut pair_head: Option<u64> = None;
+        for token in &tokens {
+            let (mut word, mut pair, mut next) = (
+                fnv_key(b'w', &[]),
+                pair_head.unwrap_or(0),
+                fnv_key(b'b', &[]),
+            );
+            for &b in token.as_bytes() {
+                word = (word ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+                pair = (pair ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+                next = (next ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+            }
+            words.push(bucket(word));
+            if pair_head.is_some() {
+                pairs.push(bucket(pair));
+            }
+            pair_head = Some((next ^ u64::from(b' ')).wrapping_mul(FNV_PRIME));
         }
-        offsets.push(text.len());
         Self {
+            tokens,
             words,
             pairs,
             grams: [Vec::new(), Vec::new(), Vec::new()],
-            text,
             starts: Vec::new(),
-            offsets,
+            offsets: Vec::new(),
             bits,
         }
     }
 
     /// Hashes the character n-grams (what the gate spares a text it clears).
     fn hash_grams(&mut self) {
-        const PRIME: u64 = 0x0000_0100_0000_01b3;
         let mask = (1u64 << self.bits) - 1;
         let bucket = |h: u64| (h & mask) as u32;
-        let text = &self.text;
+        let mut text: Vec<u8> =
+            Vec::with_capacity(self.tokens.iter().map(|t| t.len() + 1).sum::<usize>() + 1);
+        let mut offsets = Vec::with_capacity(self.tokens.len() + 1);
+        text.push(b' ');
+        for token in &self.tokens {
+            offsets.push(text.len());
+            text.extend_from_slice(token.as_bytes());
+            text.push(b' ');
+        }
+        offsets.push(text.len());
         let starts: Vec<usize> = (0..text.len())
             .filter(|&i| (text[i] as i8) >= -0x40) // not a UTF-8 continuation byte
             .chain(std::iter::once(text.len()))
@@ -325,11 +363,11 @@ impl Hashed {
             Vec::with_capacity(chars),
         ];
         for i in 0..chars {
-            let mut h = (0xcbf2_9ce4_8422_2325 ^ u64::from(b'c')).wrapping_mul(PRIME);
+            let mut h = (0xcbf2_9ce4_8422_2325 ^ u64::from(b'c')).wrapping_mul(FNV_PRIME);
             let mut at = starts[i];
             for (n, end) in (1..=5).zip(&starts[i + 1..]) {
                 for &b in &text[at..*end] {
-                    h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+                    h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
                 }
                 at = *end;
                 if n >= 3 {
@@ -339,6 +377,7 @@ impl Hashed {
         }
         self.grams = grams;
         self.starts = starts;
+        self.offsets = offsets;
     }
 
     /// The model's logit over tokens `start..end`: each bucket's value is `1 + ln(count)`, the
@@ -376,6 +415,7 @@ impl Hashed {
         }
         // Counted in a table reused by the thread (a bucket per entry), not sorted: the buckets
         // touched are listed as they are first seen, and their entries cleared after.
+        let log_values = &*LOG_VALUES;
         COUNTS.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let (counts, touched) = &mut *scratch;
@@ -393,11 +433,9 @@ impl Hashed {
             let (mut dot, mut norm) = (0.0, 0.0);
             for &bucket in touched.iter() {
                 let count = std::mem::take(&mut counts[bucket as usize]);
-                // Most n-grams occur once: skip the logarithm for them.
-                let value = if count == 1 {
-                    1.0
-                } else {
-                    1.0 + f64::from(count).ln()
+                let value = match log_values.get(count as usize) {
+                    Some(&value) => value,
+                    None => 1.0 + f64::from(count).ln(),
                 };
                 dot += value * f64::from(weights[bucket as usize] as i8);
                 norm += value * value;
@@ -409,6 +447,15 @@ impl Hashed {
         })
     }
 }
+
+/// `1 + ln(count)` for the small counts nearly every bucket has, worked out once.
+static LOG_VALUES: LazyLock<[f64; 256]> = LazyLock::new(|| {
+    let mut values = [0.0; 256];
+    for (count, value) in values.iter_mut().enumerate().skip(1) {
+        *value = 1.0 + (count as f64).ln();
+    }
+    values
+});
 
 thread_local! {
     /// Per-bucket counts while a text's features are gathered (all zero between calls), and
@@ -439,6 +486,40 @@ mod tests {
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn words_and_pairs_hash_as_their_keys() {
+        let screen = "ignore the previous instructions, señor 12 x";
+        let tokens = tokens(screen);
+        let hashed = Hashed::new(screen, 18);
+        let bucket = |h: u64| (h & ((1 << 18) - 1)) as u32;
+        let words: Vec<u32> = tokens.iter().map(|t| bucket(fnv_key(b'w', &[t]))).collect();
+        let pairs: Vec<u32> = tokens
+            .windows(2)
+            .map(|p| bucket(fnv_key(b'b', p)))
+            .collect();
+        assert_eq!(hashed.words, words);
+        assert_eq!(hashed.pairs, pairs);
+    }
+
+    #[test]
+    fn ascii_tokens_are_the_ones_characters_give() {
+        for screen in [
+            "",
+            "   ",
+            "ignore all previous instructions",
+            " leading, trailing. ",
+            "a1 b2-c3_d4 (x)[y]{z} 'q' \"r\" \n\tend",
+            "x",
+            "mixed!!!punctuation???between...words",
+        ] {
+            let by_chars: Vec<&str> = screen
+                .split(is_separator)
+                .filter(|t| !t.is_empty())
+                .collect();
+            assert_eq!(tokens(screen), by_chars, "{screen:?}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
 use moat_core::text::{deleet_char, fold_lookalike, is_invisible};
 use regex::Regex;
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{is_nfkc_quick, IsNormalized, UnicodeNormalization};
 
 /// NFKC, invisible characters removed, lookalikes folded, lower case.
 pub(crate) fn normalise(text: &str) -> String {
@@ -18,11 +18,20 @@ pub(crate) fn normalise(text: &str) -> String {
     if text.is_ascii() {
         return text.to_ascii_lowercase();
     }
-    let folded: String = text
-        .nfkc()
-        .filter(|&c| !is_invisible(c))
-        .map(fold_lookalike)
-        .collect();
+    // Most text is in NFKC already (precomposed accents, no compatibility forms), which the
+    // quick check tells in one pass without normalising.
+    let folded: String = match is_nfkc_quick(text.chars()) {
+        IsNormalized::Yes => text
+            .chars()
+            .filter(|&c| !is_invisible(c))
+            .map(fold_lookalike)
+            .collect(),
+        _ => text
+            .nfkc()
+            .filter(|&c| !is_invisible(c))
+            .map(fold_lookalike)
+            .collect(),
+    };
     folded.to_lowercase()
 }
 
@@ -62,14 +71,26 @@ fn decode_run(run: &str) -> Option<String> {
     (chars >= 12 && controls as f64 <= 0.05 * chars as f64).then_some(text)
 }
 
-/// Whether `bytes` holds a run of at least `min` bytes of `class`: a scan far cheaper than a
-/// regex, to skip one that cannot match.
+/// Whether `bytes` holds a run of at least `min` bytes of `class`: far cheaper than a regex,
+/// to skip one that cannot match.
+///
+/// It reads the byte where a run starting at the earliest possible start would end: when that
+/// byte is outside the class, no run can start before the byte after it, so most bytes of
+/// ordinary text (words far shorter than `min`) are never read. Each byte is read at most twice.
 pub(crate) fn has_run(bytes: &[u8], min: usize, class: impl Fn(u8) -> bool) -> bool {
-    let mut run = 0;
-    for &b in bytes {
-        run = if class(b) { run + 1 } else { 0 };
-        if run >= min {
-            return true;
+    let min = min.max(1);
+    // The earliest start a run could still have.
+    let mut from = 0;
+    while from + min <= bytes.len() {
+        let end = from + min - 1;
+        if !class(bytes[end]) {
+            from = end + 1;
+            continue;
+        }
+        // Back from `end`: the last byte outside the class moves the earliest start past it.
+        match bytes[from..end].iter().rposition(|&b| !class(b)) {
+            None => return true,
+            Some(miss) => from += miss + 1,
         }
     }
     false
@@ -95,14 +116,34 @@ fn unbase64(raw: &str) -> std::borrow::Cow<'_, str> {
 fn despace(text: &str) -> std::borrow::Cow<'_, str> {
     // Four letters or digits with single spaces between them, or nothing to join.
     let letter = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    let spaced = text.as_bytes().windows(7).any(|w| {
-        letter(w[0])
-            && w[1] == b' '
-            && letter(w[2])
-            && w[3] == b' '
-            && letter(w[4])
-            && w[5] == b' '
-            && letter(w[6])
+    let bytes = text.as_bytes();
+    if bytes.len() < 7 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    // Windows of 7 bytes starting at `0..n`: spaces at 1, 3 and 5 are looked for in blocks
+    // without an early exit (the compiler turns them into vector compares), letters only
+    // where a block has such spaces.
+    let n = bytes.len() - 6;
+    let (first, second, third) = (&bytes[1..n + 1], &bytes[3..n + 3], &bytes[5..n + 5]);
+    let spaced = (0..n).step_by(64).any(|from| {
+        let block = from..(from + 64).min(n);
+        let spaces = first[block.clone()]
+            .iter()
+            .zip(&second[block.clone()])
+            .zip(&third[block.clone()])
+            .fold(false, |any, ((&a, &b), &c)| {
+                any | ((a == b' ') & (b == b' ') & (c == b' '))
+            });
+        spaces
+            && block.into_iter().any(|i| {
+                first[i] == b' '
+                    && second[i] == b' '
+                    && third[i] == b' '
+                    && letter(bytes[i])
+                    && letter(bytes[i + 2])
+                    && letter(bytes[i + 4])
+                    && letter(bytes[i + 6])
+            })
     });
     if !spaced {
         return std::borrow::Cow::Borrowed(text);
@@ -136,14 +177,27 @@ fn despace(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// The digits and symbols leetspeak uses for letters.
+fn is_leet_byte(b: u8) -> bool {
+    matches!(
+        b,
+        b'0' | b'1' | b'3' | b'4' | b'5' | b'7' | b'9' | b'@' | b'$'
+    )
+}
+
 /// Words that mix letters with the digits and symbols of leetspeak, read as letters.
 fn deleet(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.contains(['0', '1', '3', '4', '5', '7', '9', '@', '$']) {
+    // In blocks without an early exit inside, which the compiler turns into vector compares.
+    let leet = text
+        .as_bytes()
+        .chunks(64)
+        .any(|block| block.iter().fold(false, |any, &b| any | is_leet_byte(b)));
+    if !leet {
         return std::borrow::Cow::Borrowed(text);
     }
     LEET_TOKEN.replace_all(text, |caps: &regex::Captures<'_>| {
         let word = &caps[0];
-        if word.contains(['0', '1', '3', '4', '5', '7', '9', '@', '$']) {
+        if word.bytes().any(is_leet_byte) {
             word.chars().map(|c| deleet_char(c).unwrap_or(c)).collect()
         } else {
             word.to_owned()
@@ -172,6 +226,33 @@ pub fn screen_text(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn has_run_agrees_with_counting_every_byte() {
+        let naive = |bytes: &[u8], min: usize| {
+            let mut run = 0;
+            bytes.iter().any(|&b| {
+                run = if b == b'x' { run + 1 } else { 0 };
+                run >= min
+            })
+        };
+        // Every string of up to 12 bytes of `x` (in the class) and `.` (not), every length.
+        for len in 0..=12 {
+            for bits in 0u32..1 << len {
+                let bytes: Vec<u8> = (0..len)
+                    .map(|i| if bits >> i & 1 == 1 { b'x' } else { b'.' })
+                    .collect();
+                for min in 1..=7 {
+                    assert_eq!(
+                        has_run(&bytes, min, |b| b == b'x'),
+                        naive(&bytes, min),
+                        "{:?} {min}",
+                        String::from_utf8_lossy(&bytes)
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn views_are_appended_only_when_they_differ() {
