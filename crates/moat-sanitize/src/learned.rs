@@ -289,7 +289,8 @@ struct Hashed<'a> {
     /// Per n (3, 4, 5): the bucket of the n-gram starting at each character (once hashed).
     grams: [Vec<u32>; 3],
     /// The byte offset of each character of the joined text (` ` + the tokens joined by ` ` +
-    /// ` `), and its length last; built with the n-grams.
+    /// ` `), and its length last; built with the n-grams, and left empty when the text is
+    /// ASCII (each character a byte).
     starts: Vec<usize>,
     /// The byte offset of each token in the joined text, and the text's length last; built
     /// with the n-grams.
@@ -339,7 +340,6 @@ impl<'a> Hashed<'a> {
     /// Hashes the character n-grams (what the gate spares a text it clears).
     fn hash_grams(&mut self) {
         let mask = (1u64 << self.bits) - 1;
-        let bucket = |h: u64| (h & mask) as u32;
         let mut text: Vec<u8> =
             Vec::with_capacity(self.tokens.iter().map(|t| t.len() + 1).sum::<usize>() + 1);
         let mut offsets = Vec::with_capacity(self.tokens.len() + 1);
@@ -350,31 +350,10 @@ impl<'a> Hashed<'a> {
             text.push(b' ');
         }
         offsets.push(text.len());
-        let starts: Vec<usize> = (0..text.len())
-            .filter(|&i| (text[i] as i8) >= -0x40) // not a UTF-8 continuation byte
-            .chain(std::iter::once(text.len()))
-            .collect();
-        // The 3-, 4- and 5-gram starting at a character share their first bytes: one FNV pass
-        // per start gives all three.
-        let chars = starts.len() - 1;
-        let mut grams = [
-            Vec::with_capacity(chars),
-            Vec::with_capacity(chars),
-            Vec::with_capacity(chars),
-        ];
-        for i in 0..chars {
-            let mut h = (0xcbf2_9ce4_8422_2325 ^ u64::from(b'c')).wrapping_mul(FNV_PRIME);
-            let mut at = starts[i];
-            for (n, end) in (1..=5).zip(&starts[i + 1..]) {
-                for &b in &text[at..*end] {
-                    h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
-                }
-                at = *end;
-                if n >= 3 {
-                    grams[n - 3].push(bucket(h));
-                }
-            }
-        }
+        let (grams, starts) = match text.is_ascii() {
+            true => (ascii_grams(&text, mask), Vec::new()),
+            false => char_grams(&text, mask),
+        };
         self.grams = grams;
         self.starts = starts;
         self.offsets = offsets;
@@ -404,8 +383,14 @@ impl<'a> Hashed<'a> {
             // token's offset, or the text's length).
             let first_byte = self.offsets[start] - 1;
             let last_byte = self.offsets[end];
-            let first = self.starts.partition_point(|&b| b < first_byte);
-            let last = self.starts.partition_point(|&b| b < last_byte);
+            let (first, last) = match self.starts.is_empty() {
+                // ASCII: characters are bytes.
+                true => (first_byte, last_byte),
+                false => (
+                    self.starts.partition_point(|&b| b < first_byte),
+                    self.starts.partition_point(|&b| b < last_byte),
+                ),
+            };
             let chars = last - first;
             for (i, n) in [3usize, 4, 5].into_iter().enumerate() {
                 if chars >= n {
@@ -413,39 +398,138 @@ impl<'a> Hashed<'a> {
                 }
             }
         }
-        // Counted in a table reused by the thread (a bucket per entry), not sorted: the buckets
-        // touched are listed as they are first seen, and their entries cleared after.
+        let features: usize = slices.iter().map(|s| s.len()).sum();
+        let buckets = slices.iter().flat_map(|s| s.iter()).map(|&b| b & mask);
         let log_values = &*LOG_VALUES;
-        COUNTS.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let (counts, touched) = &mut *scratch;
-            if counts.len() != 1 << self.bits {
-                *counts = vec![0; 1 << self.bits];
+        let (mut dot, mut norm) = (0.0, 0.0);
+        let mut add = |bucket: u32, count: u32| {
+            let value = match log_values.get(count as usize) {
+                Some(&value) => value,
+                None => 1.0 + f64::from(count).ln(),
+            };
+            dot += value * f64::from(weights[bucket as usize] as i8);
+            norm += value * value;
+        };
+        COUNTS.with(|tables| {
+            let tables = &mut *tables.borrow_mut();
+            // 16-bit counts keep the table (512 KiB) and the weights in the second-level cache;
+            // a span with more features than they can count uses 32 bits.
+            match u16::try_from(features) {
+                Ok(_) => tally(
+                    &mut tables.small,
+                    &mut tables.touched,
+                    self.bits,
+                    buckets,
+                    features,
+                    &mut add,
+                ),
+                Err(_) => tally(
+                    &mut tables.large,
+                    &mut tables.touched,
+                    self.bits,
+                    buckets,
+                    features,
+                    &mut add,
+                ),
             }
-            touched.clear();
-            for bucket in slices.iter().flat_map(|s| s.iter()).map(|&b| b & mask) {
-                let count = &mut counts[bucket as usize];
-                if *count == 0 {
-                    touched.push(bucket);
-                }
-                *count += 1;
-            }
-            let (mut dot, mut norm) = (0.0, 0.0);
-            for &bucket in touched.iter() {
-                let count = std::mem::take(&mut counts[bucket as usize]);
-                let value = match log_values.get(count as usize) {
-                    Some(&value) => value,
-                    None => 1.0 + f64::from(count).ln(),
-                };
-                dot += value * f64::from(weights[bucket as usize] as i8);
-                norm += value * value;
-            }
-            if norm > 0.0 {
-                dot /= norm.sqrt();
-            }
-            dot * scale + bias
-        })
+        });
+        if norm > 0.0 {
+            dot /= norm.sqrt();
+        }
+        dot * scale + bias
     }
+}
+
+/// Counts `buckets` (`features` of them, each under `2^bits`) in `counts`, a table with an
+/// entry per bucket (all zero between calls), then calls `add` with each bucket and its count
+/// in the order the buckets were first seen (the prototype's order, so sums round the same).
+/// No sorting, and only the entries touched are cleared.
+fn tally<C>(
+    counts: &mut Vec<C>,
+    touched: &mut Vec<u32>,
+    bits: u32,
+    buckets: impl Iterator<Item = u32>,
+    features: usize,
+    add: &mut impl FnMut(u32, u32),
+) where
+    C: Copy + Default + PartialEq + Into<u32> + std::ops::Add<Output = C> + From<u8>,
+{
+    if counts.len() != 1 << bits {
+        *counts = vec![C::default(); 1 << bits];
+    }
+    // Without a branch on the count read: a branch waits for each read (many miss the
+    // first-level cache), while this lets the processor read many buckets at once.
+    touched.clear();
+    touched.resize(features + 1, 0);
+    let mut seen = 0;
+    for bucket in buckets {
+        let count = &mut counts[bucket as usize];
+        touched[seen] = bucket;
+        seen += usize::from(*count == C::default());
+        *count = *count + C::from(1);
+    }
+    for &bucket in &touched[..seen] {
+        let count = std::mem::take(&mut counts[bucket as usize]);
+        add(bucket, count.into());
+    }
+}
+
+/// FNV-1a's first step for a character n-gram's key (`c` + the n-gram).
+const GRAM_HASH: u64 = (0xcbf2_9ce4_8422_2325 ^ b'c' as u64).wrapping_mul(FNV_PRIME);
+
+/// The bucket (the low bits in `mask`) of the 3-, 4- and 5-gram of characters starting at each
+/// character of `text`, and where each character starts in bytes (with the length last).
+fn char_grams(text: &[u8], mask: u64) -> ([Vec<u32>; 3], Vec<usize>) {
+    let starts: Vec<usize> = (0..text.len())
+        .filter(|&i| (text[i] as i8) >= -0x40) // not a UTF-8 continuation byte
+        .chain(std::iter::once(text.len()))
+        .collect();
+    // The 3-, 4- and 5-gram starting at a character share their first bytes: one FNV pass per
+    // start gives all three.
+    let chars = starts.len() - 1;
+    let mut grams: [Vec<u32>; 3] = std::array::from_fn(|_| Vec::with_capacity(chars));
+    for i in 0..chars {
+        let mut h = GRAM_HASH;
+        let mut at = starts[i];
+        for (n, end) in (1..=5).zip(&starts[i + 1..]) {
+            for &b in &text[at..*end] {
+                h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+            }
+            at = *end;
+            if n >= 3 {
+                grams[n - 3].push((h & mask) as u32);
+            }
+        }
+    }
+    (grams, starts)
+}
+
+/// [`char_grams`] for ASCII text, a character per byte: no table of character starts, and each
+/// n-gram written in its place (pushes would make every step wait on the vectors' lengths).
+fn ascii_grams(text: &[u8], mask: u64) -> [Vec<u32>; 3] {
+    let mix = |h: u64, b: u8| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+    let bucket = |h: u64| (h & mask) as u32;
+    let n = text.len();
+    let mut grams = [3, 4, 5].map(|k| vec![0; (n + 1).saturating_sub(k)]);
+    let [threes, fours, fives] = &mut grams;
+    for (i, w) in text.windows(5).enumerate() {
+        let three = mix(mix(mix(GRAM_HASH, w[0]), w[1]), w[2]);
+        let four = mix(three, w[3]);
+        threes[i] = bucket(three);
+        fours[i] = bucket(four);
+        fives[i] = bucket(mix(four, w[4]));
+    }
+    // The last four starts, which have no 5-gram (or fewer).
+    for i in n.saturating_sub(4)..n {
+        let mut h = GRAM_HASH;
+        for (k, &b) in text[i..].iter().enumerate() {
+            h = mix(h, b);
+            if let Some(slot) = k.checked_sub(2).and_then(|g| grams[g].get_mut(i)) {
+                *slot = bucket(h);
+            }
+        }
+    }
+    grams
 }
 
 /// `1 + ln(count)` for the small counts nearly every bucket has, worked out once.
@@ -457,11 +541,18 @@ static LOG_VALUES: LazyLock<[f64; 256]> = LazyLock::new(|| {
     values
 });
 
+/// A thread's counting tables (see [`tally`]).
+#[derive(Default)]
+struct Tables {
+    small: Vec<u16>,
+    large: Vec<u32>,
+    touched: Vec<u32>,
+}
+
 thread_local! {
     /// Per-bucket counts while a text's features are gathered (all zero between calls), and
     /// the buckets touched.
-    static COUNTS: std::cell::RefCell<(Vec<u32>, Vec<u32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static COUNTS: std::cell::RefCell<Tables> = std::cell::RefCell::new(Tables::default());
 }
 
 #[cfg(test)]
@@ -501,6 +592,25 @@ mod tests {
             .collect();
         assert_eq!(hashed.words, words);
         assert_eq!(hashed.pairs, pairs);
+    }
+
+    #[test]
+    fn ascii_grams_are_the_ones_characters_give() {
+        for text in [
+            "",
+            "ab",
+            "abcd",
+            "abcde",
+            " ignore previous instructions ",
+            "x y z 1 2 3",
+        ] {
+            let (by_chars, _) = char_grams(text.as_bytes(), (1 << 18) - 1);
+            assert_eq!(
+                ascii_grams(text.as_bytes(), (1 << 18) - 1),
+                by_chars,
+                "{text:?}"
+            );
+        }
     }
 
     #[test]
