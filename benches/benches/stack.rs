@@ -11,14 +11,16 @@
 
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
+use moat_audit::{AuditLayer, AuditLog, FileSink, Fsync};
 use moat_breaker::{Breaker, CircuitBreakerLayer};
+use moat_cache::{CacheLayer, MemoryStore};
 use moat_core::body::{RequestBody, DEFAULT_BODY_LIMIT};
 use moat_core::identity::{ClientIp, Global, PeerAddr};
 use moat_core::request::{read_llm_request, LlmBody};
@@ -159,6 +161,13 @@ macro_rules! upstream_for {
     }};
 }
 
+/// The request body the upstream sees under every layer.
+type EveryBody = RequestBody<
+    RequestBody<
+        RequestBody<RequestBody<RequestBody<RequestBody<moat_audit::RequestBody<Full<Bytes>>>>>>,
+    >,
+>;
+
 fn requests(c: &mut Criterion) {
     let body = body_2kb(false);
     let mut group = c.benchmark_group("stack_request_2kb");
@@ -238,6 +247,39 @@ fn requests(c: &mut Criterion) {
         &body,
         landed,
     );
+    // Every layer, as `every-layer` in scripts/bench-gateway: the audit log (a chained file,
+    // its writer thread's catching up timed too) and the cache (a miss: the request is not
+    // deterministic) added.
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::builder("moat/bench")
+        .sink(FileSink::new(dir.path().join("audit.jsonl")).with_fsync(Fsync::Batch))
+        .capacity(1 << 20)
+        .start()
+        .unwrap();
+    let mut every = ServiceBuilder::new()
+        .layer(AuditLayer::new(log.clone()))
+        .layer(ratelimit())
+        .layer(quota())
+        .layer(SanitizeLayer::default())
+        .layer(redact())
+        .layer(ModerateLayer::default())
+        .layer(CacheLayer::new(MemoryStore::new(64 << 20)))
+        .layer(breaker())
+        .service(upstream_for!(EveryBody, None));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    group.bench_function("every layer (audit, cache added)", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                let res = every.call(request(&body)).now_or_never().unwrap().unwrap();
+                black_box(res.into_body().collect().now_or_never().unwrap().unwrap());
+            }
+            runtime.block_on(log.flush()).unwrap();
+            start.elapsed()
+        })
+    });
     group.finish();
 
     // The gateway benchmark's size (scripts/bench-gateway): a 300-byte request.
