@@ -193,17 +193,29 @@ async fn start_demo() -> Result<(Resolved, Demo), String> {
     Err("built without the demo (feature `demo`): pass --config FILE".into())
 }
 
+/// Log lines queued for stderr before new ones are dropped (a few MB at most).
+const LOG_QUEUE_LINES: usize = 16_384;
+
 /// How long the exit waits for the audit log to write what is queued.
 const AUDIT_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    // Lines go to stderr from a thread of their own, in batches: a request never waits on a
+    // write (or on a slow reader of stderr, which would otherwise stall the workers). When the
+    // queue is full, lines are dropped rather than requests held. Flushed when `_log_guard`
+    // drops at the end of `main`.
+    let (log_writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .thread_name("moat-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr);
+        .with_writer(log_writer);
     match args.log_format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs

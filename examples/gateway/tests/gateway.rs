@@ -2522,3 +2522,39 @@ async fn masked_words_are_starred_streamed_or_not_and_bad_categories_are_refused
         "{bad}"
     );
 }
+
+#[tokio::test]
+async fn a_stderr_nobody_reads_never_holds_a_request() {
+    let mock = MockUpstream::start().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("moat-gw-stderr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}/v1\"\n",
+            mock.url()
+        ),
+    )
+    .unwrap();
+    // Logs on a pipe nobody reads: its buffer (64 KiB on Linux) is full after a few hundred
+    // request lines, and a gateway writing them from its workers would stop answering there.
+    let (child, url) = run_binary(&["--config", path.to_str().unwrap()], true).await;
+    let served = tokio::time::timeout(Duration::from_secs(120), async {
+        for _ in 0..1500 {
+            let reply = call(
+                &url,
+                "POST",
+                "/v1/chat/completions",
+                &[],
+                Some(chat("x", false)),
+            )
+            .await;
+            assert_eq!(reply.status, 200);
+        }
+    })
+    .await;
+    assert!(served.is_ok(), "requests were held behind a full stderr");
+    drop(child);
+    std::fs::remove_dir_all(dir).unwrap();
+}
