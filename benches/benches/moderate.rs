@@ -128,6 +128,7 @@ fn layer(c: &mut Criterion) {
     // The same handler for both: it answers the stream at once.
     fn upstream<B>(
         stream: Bytes,
+        content_type: &'static str,
     ) -> impl tower::Service<
         http::Request<B>,
         Response = http::Response<Full<Bytes>>,
@@ -141,7 +142,7 @@ fn layer(c: &mut Criterion) {
             async move {
                 Ok::<_, Infallible>(
                     http::Response::builder()
-                        .header("content-type", "text/event-stream")
+                        .header("content-type", content_type)
                         .body(Full::new(stream))
                         .unwrap(),
                 )
@@ -150,12 +151,13 @@ fn layer(c: &mut Criterion) {
     }
     let mut group = c.benchmark_group("moderate_layer");
     group.throughput(Throughput::Elements(pieces.len() as u64));
-    let mut bare = upstream(stream.clone());
+    let mut bare = upstream(stream.clone(), "text/event-stream");
     group.bench_function(
         format!("{}-event chat stream: bare service", pieces.len()),
         |b| b.iter(|| round_trip(&mut bare, request())),
     );
-    let mut guarded = ModerateLayer::new(Policy::new()).layer(upstream(stream.clone()));
+    let mut guarded =
+        ModerateLayer::new(Policy::new()).layer(upstream(stream.clone(), "text/event-stream"));
     group.bench_function(
         format!(
             "{}-event chat stream: ModerateLayer (hold-back)",
@@ -163,6 +165,24 @@ fn layer(c: &mut Criterion) {
         ),
         |b| b.iter(|| round_trip(&mut guarded, request())),
     );
+    // The same answer whole, as a JSON chat completion.
+    let reply = Bytes::from(
+        serde_json::json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+            "model": "gpt-4o-mini", "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 200, "total_tokens": 210}})
+        .to_string(),
+    );
+    group.throughput(Throughput::Bytes(reply.len() as u64));
+    let mut bare = upstream(reply.clone(), "application/json");
+    group.bench_function("1 KB JSON reply: bare service", |b| {
+        b.iter(|| round_trip(&mut bare, request()))
+    });
+    let mut guarded =
+        ModerateLayer::new(Policy::new()).layer(upstream(reply.clone(), "application/json"));
+    group.bench_function("1 KB JSON reply: ModerateLayer", |b| {
+        b.iter(|| round_trip(&mut guarded, request()))
+    });
     group.finish();
 }
 

@@ -13,39 +13,9 @@ use moat_core::usage::UsageReport;
 use serde_json::{json, Value};
 
 use crate::category::Scores;
+use crate::output::{output_texts, NOT_OUTPUT};
 use crate::policy::{Action, Policy, StreamMode};
 use crate::scan::{check_text, mask_spans, Flag, Scan};
-
-/// JSON members that hold no model output: not moderated.
-const NOT_OUTPUT: &[&str] = &[
-    "id",
-    "object",
-    "model",
-    "role",
-    "type",
-    "finish_reason",
-    "stop_reason",
-    "stop_sequence",
-    "system_fingerprint",
-    "created",
-    "created_at",
-    "status",
-    "call_id",
-    "tool_call_id",
-    "name",
-    "service_tier",
-    "logprobs",
-    "usage",
-    "index",
-    "encrypted_content",
-    // Echoes of the request in a Responses object.
-    "instructions",
-    "tools",
-    "tool_choice",
-    "metadata",
-    "user",
-    "prompt",
-];
 
 /// What one reply went through, for the decision and metrics at its end.
 #[derive(Debug, Default)]
@@ -179,6 +149,12 @@ impl ReplyHook {
     }
 
     /// Every output string of `value` checked as a whole text: masked in place, or blocked.
+    /// Whether `text` has nothing to record or change.
+    fn clean(&self, text: &str) -> bool {
+        let (out, scan) = check_text(text, &self.policy);
+        scan.flags().is_empty() && !scan.is_blocked() && scan.masked().is_empty() && out == text
+    }
+
     fn check_json(&mut self, value: &mut Value) -> bool {
         let mut changed = false;
         match value {
@@ -506,6 +482,16 @@ impl Hook for ReplyHook {
     }
 
     fn on_json(&mut self, reply: &mut JsonReply<'_>) {
+        // Most replies hold nothing to moderate: their strings are checked where they lie, and
+        // only a reply where something is found (or one an external moderator will read) is
+        // parsed into a document, checked again there and rewritten.
+        if self.capture.is_none() {
+            match output_texts(reply.bytes()) {
+                None => return,
+                Some(texts) if texts.iter().all(|text| self.clean(text)) => return,
+                Some(_) => {}
+            }
+        }
         reply.edit(|doc| {
             if doc.get("error").is_some() {
                 return false;

@@ -129,6 +129,7 @@ mod external;
 mod hook;
 mod lexicon;
 mod model;
+mod output;
 mod policy;
 mod scan;
 mod service;
