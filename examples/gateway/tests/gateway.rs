@@ -125,6 +125,13 @@ fn chat(text: &str, stream: bool) -> Value {
     json!({"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": text}]})
 }
 
+/// A fresh directory for one test's files, named for it and this process.
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn streamed(bytes: &[u8]) -> String {
     let mut decoder = SseDecoder::new();
     let events = decoder.decode(bytes).unwrap();
@@ -391,8 +398,7 @@ async fn graceful_shutdown_lets_an_in_flight_stream_finish() {
 
 #[test]
 fn check_config_names_the_key_and_line_and_exits_2() {
-    let dir = std::env::temp_dir().join(format!("moat-gw-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("moat-gw");
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "listen = \"127.0.0.1:8080\"\n[upstream]\nbase_url = \"http://127.0.0.1:1/v1\"\ntimeout = 5\n").unwrap();
     let out = std::process::Command::new(binary())
@@ -1642,8 +1648,7 @@ async fn upstreams_route_by_model_and_an_unserved_model_is_refused() {
 async fn sighup_reloads_keeping_counters_and_a_bad_file_keeps_the_running_config() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mock = MockUpstream::start().await.unwrap();
-    let dir = std::env::temp_dir().join(format!("moat-gw-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("moat-gw-reload");
     let path = dir.join("gateway.toml");
     let config = |extra: &str| {
         format!(
@@ -1778,8 +1783,7 @@ async fn keys_come_from_a_file_of_hashes_that_a_reload_reads_again() {
     use sha2::{Digest, Sha256};
     let hex = |key: &str| moat::core::hex::Hex(&Sha256::digest(key.as_bytes())).to_string();
     let mock = MockUpstream::start().await.unwrap();
-    let dir = std::env::temp_dir().join(format!("moat-gw-keys-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("moat-gw-keys");
     let file = dir.join("keys.toml");
     std::fs::write(
         &file,
@@ -1840,8 +1844,7 @@ async fn keys_come_from_a_file_of_hashes_that_a_reload_reads_again() {
 async fn with_watch_a_changed_file_is_reloaded_without_a_signal() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mock = MockUpstream::start().await.unwrap();
-    let dir = std::env::temp_dir().join(format!("moat-gw-watch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("moat-gw-watch");
     let path = dir.join("gateway.toml");
     let open = format!(
         "listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}/v1\"\n",
@@ -2526,8 +2529,7 @@ async fn masked_words_are_starred_streamed_or_not_and_bad_categories_are_refused
 #[tokio::test]
 async fn a_stderr_nobody_reads_never_holds_a_request() {
     let mock = MockUpstream::start().await.unwrap();
-    let dir = std::env::temp_dir().join(format!("moat-gw-stderr-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("moat-gw-stderr");
     let path = dir.join("gateway.toml");
     std::fs::write(
         &path,
