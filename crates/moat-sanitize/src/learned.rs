@@ -486,26 +486,29 @@ fn char_grams(text: &[u8], mask: u64) -> ([Vec<u32>; 3], Vec<usize>) {
         .collect();
     // The 3-, 4- and 5-gram starting at a character share their first bytes: one FNV pass per
     // start gives all three.
+    // Each n-gram is written in its place, as in `ascii_grams`.
     let chars = starts.len() - 1;
-    let mut grams: [Vec<u32>; 3] = std::array::from_fn(|_| Vec::with_capacity(chars));
+    let mut grams = [3, 4, 5].map(|n| vec![0; (chars + 1).saturating_sub(n)]);
     for i in 0..chars {
         let mut h = GRAM_HASH;
         let mut at = starts[i];
-        for (n, end) in (1..=5).zip(&starts[i + 1..]) {
-            for &b in &text[at..*end] {
+        // `n` characters from `i` end at `starts[i + n]`: there are such grams while i + n
+        // <= chars, which is where the zip stops.
+        for (n, &end) in (1..=5).zip(&starts[i + 1..]) {
+            for &b in &text[at..end] {
                 h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
             }
-            at = *end;
+            at = end;
             if n >= 3 {
-                grams[n - 3].push((h & mask) as u32);
+                grams[n - 3][i] = (h & mask) as u32;
             }
         }
     }
     (grams, starts)
 }
 
-/// [`char_grams`] for ASCII text, a character per byte: no table of character starts, and each
-/// n-gram written in its place (pushes would make every step wait on the vectors' lengths).
+/// [`char_grams`] for ASCII text, a character per byte: no table of character starts. Each
+/// n-gram is written in its place (pushes would make every step wait on the vectors' lengths).
 fn ascii_grams(text: &[u8], mask: u64) -> [Vec<u32>; 3] {
     let mix = |h: u64, b: u8| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
     let bucket = |h: u64| (h & mask) as u32;
