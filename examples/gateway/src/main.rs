@@ -193,8 +193,9 @@ async fn start_demo() -> Result<(Resolved, Demo), String> {
     Err("built without the demo (feature `demo`): pass --config FILE".into())
 }
 
-/// Log lines queued for stderr before new ones are dropped (a few MB at most).
-const LOG_QUEUE_LINES: usize = 16_384;
+/// Log lines queued for stderr before new ones are dropped (about 1 MB at most): a healthy
+/// stderr drains it at once, and one that stalls should cost lines, not memory.
+const LOG_QUEUE_LINES: usize = 4_096;
 
 /// How long the exit waits for the audit log to write what is queued.
 const AUDIT_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(30);
@@ -211,6 +212,8 @@ async fn main() -> ExitCode {
         .lossy(true)
         .thread_name("moat-log")
         .finish(std::io::BufWriter::new(std::io::stderr()));
+    let dropped = log_writer.error_counter();
+    moat_gateway::observe::count_dropped_log_lines(move || dropped.dropped_lines());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

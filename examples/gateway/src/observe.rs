@@ -43,8 +43,20 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// How many log lines were dropped because stderr could not keep up (set by `main`).
+static DROPPED_LOG_LINES: OnceLock<Box<dyn Fn() -> usize + Send + Sync>> = OnceLock::new();
+
+/// Makes `/metrics` report `moat_gateway_log_lines_dropped_total` from `dropped`: the lines a
+/// non-blocking log writer gave up on.
+pub fn count_dropped_log_lines(dropped: impl Fn() -> usize + Send + Sync + 'static) {
+    let _ = DROPPED_LOG_LINES.set(Box::new(dropped));
+}
+
 /// `GET /metrics`.
 pub(crate) async fn metrics() -> Response {
+    if let Some(dropped) = DROPPED_LOG_LINES.get() {
+        metrics::counter!("moat_gateway_log_lines_dropped_total").absolute(dropped() as u64);
+    }
     match METRICS.get().and_then(Option::as_ref) {
         Some(handle) => (
             [(

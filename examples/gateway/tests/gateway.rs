@@ -2541,9 +2541,10 @@ async fn a_stderr_nobody_reads_never_holds_a_request() {
     .unwrap();
     // Logs on a pipe nobody reads: its buffer (64 KiB on Linux) is full after a few hundred
     // request lines, and a gateway writing them from its workers would stop answering there.
+    // More requests than the pipe and the gateway's queue of lines (4,096) hold together.
     let (child, url) = run_binary(&["--config", path.to_str().unwrap()], true).await;
     let served = tokio::time::timeout(Duration::from_secs(120), async {
-        for _ in 0..1500 {
+        for _ in 0..5000 {
             let reply = call(
                 &url,
                 "POST",
@@ -2557,6 +2558,17 @@ async fn a_stderr_nobody_reads_never_holds_a_request() {
     })
     .await;
     assert!(served.is_ok(), "requests were held behind a full stderr");
+    // The lines given up on are counted where an operator looks.
+    let metrics = call(&url, "GET", "/metrics", &[], None).await;
+    let text = String::from_utf8_lossy(metrics.body.as_ref().unwrap()).into_owned();
+    let dropped: u64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("moat_gateway_log_lines_dropped_total "))
+        .expect("the dropped lines are reported")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(dropped > 0, "{text}");
     drop(child);
     std::fs::remove_dir_all(dir).unwrap();
 }
