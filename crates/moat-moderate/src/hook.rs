@@ -148,13 +148,13 @@ impl ReplyHook {
         event.end_stream(tail);
     }
 
-    /// Every output string of `value` checked as a whole text: masked in place, or blocked.
     /// Whether `text` has nothing to record or change.
     fn clean(&self, text: &str) -> bool {
         let (out, scan) = check_text(text, &self.policy);
         scan.flags().is_empty() && !scan.is_blocked() && scan.masked().is_empty() && out == text
     }
 
+    /// Every output string of `value` checked as a whole text: masked in place, or blocked.
     fn check_json(&mut self, value: &mut Value) -> bool {
         let mut changed = false;
         match value {

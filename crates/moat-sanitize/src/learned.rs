@@ -261,20 +261,14 @@ fn windows(tokens: usize) -> Vec<(usize, usize)> {
     }
 }
 
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+/// One step of FNV-1a (64 bits): `h` with byte `b` mixed in.
+const fn fnv_step(h: u64, b: u8) -> u64 {
+    (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+}
 
-/// FNV-1a over `prefix`, then `parts` joined by single spaces, without building the key.
-fn fnv_key(prefix: u8, parts: &[&str]) -> u64 {
-    let mut h = (0xcbf2_9ce4_8422_2325 ^ u64::from(prefix)).wrapping_mul(FNV_PRIME);
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            h = (h ^ u64::from(b' ')).wrapping_mul(FNV_PRIME);
-        }
-        for &b in part.as_bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
-        }
-    }
-    h
+/// FNV-1a of the one byte `prefix`: where every key of a kind starts.
+const fn fnv_start(prefix: u8) -> u64 {
+    fnv_step(0xcbf2_9ce4_8422_2325, prefix)
 }
 
 /// Every key of a token sequence hashed once, so the whole text and each of its windows (whose
@@ -310,21 +304,18 @@ impl<'a> Hashed<'a> {
         let mut pairs = Vec::with_capacity(tokens.len().saturating_sub(1));
         let mut pair_head: Option<u64> = None;
         for token in &tokens {
-            let (mut word, mut pair, mut next) = (
-                fnv_key(b'w', &[]),
-                pair_head.unwrap_or(0),
-                fnv_key(b'b', &[]),
-            );
-            for &b in token.as_bytes() {
-                word = (word ^ u64::from(b)).wrapping_mul(FNV_PRIME);
-                pair = (pair ^ u64::from(b)).wrapping_mul(FNV_PRIME);
-                next = (next ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+            let (mut word, mut pair, mut next) =
+                (fnv_start(b'w'), pair_head.unwrap_or(0), fnv_start(b'b'));
+            for b in token.bytes() {
+                word = fnv_step(word, b);
+                pair = fnv_step(pair, b);
+                next = fnv_step(next, b);
             }
             words.push(bucket(word));
             if pair_head.is_some() {
                 pairs.push(bucket(pair));
             }
-            pair_head = Some((next ^ u64::from(b' ')).wrapping_mul(FNV_PRIME));
+            pair_head = Some(fnv_step(next, b' '));
         }
         Self {
             tokens,
@@ -460,7 +451,7 @@ fn tally<C>(
     // Without a branch on the count read: a branch waits for each read (many miss the
     // first-level cache), while this lets the processor read many buckets at once.
     touched.clear();
-    touched.resize(features + 1, 0);
+    touched.resize(features, 0);
     let mut seen = 0;
     for bucket in buckets {
         let count = &mut counts[bucket as usize];
@@ -474,8 +465,8 @@ fn tally<C>(
     }
 }
 
-/// FNV-1a's first step for a character n-gram's key (`c` + the n-gram).
-const GRAM_HASH: u64 = (0xcbf2_9ce4_8422_2325 ^ b'c' as u64).wrapping_mul(FNV_PRIME);
+/// Where a character n-gram's key (`c` + the n-gram) starts.
+const GRAM_HASH: u64 = fnv_start(b'c');
 
 /// The bucket (the low bits in `mask`) of the 3-, 4- and 5-gram of characters starting at each
 /// character of `text`, and where each character starts in bytes (with the length last).
@@ -485,8 +476,7 @@ fn char_grams(text: &[u8], mask: u64) -> ([Vec<u32>; 3], Vec<usize>) {
         .chain(std::iter::once(text.len()))
         .collect();
     // The 3-, 4- and 5-gram starting at a character share their first bytes: one FNV pass per
-    // start gives all three.
-    // Each n-gram is written in its place, as in `ascii_grams`.
+    // start gives all three, each written in its place (as in `ascii_grams`).
     let chars = starts.len() - 1;
     let mut grams = [3, 4, 5].map(|n| vec![0; (chars + 1).saturating_sub(n)]);
     for i in 0..chars {
@@ -495,9 +485,7 @@ fn char_grams(text: &[u8], mask: u64) -> ([Vec<u32>; 3], Vec<usize>) {
         // `n` characters from `i` end at `starts[i + n]`: there are such grams while i + n
         // <= chars, which is where the zip stops.
         for (n, &end) in (1..=5).zip(&starts[i + 1..]) {
-            for &b in &text[at..end] {
-                h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
-            }
+            h = text[at..end].iter().copied().fold(h, fnv_step);
             at = end;
             if n >= 3 {
                 grams[n - 3][i] = (h & mask) as u32;
@@ -510,23 +498,22 @@ fn char_grams(text: &[u8], mask: u64) -> ([Vec<u32>; 3], Vec<usize>) {
 /// [`char_grams`] for ASCII text, a character per byte: no table of character starts. Each
 /// n-gram is written in its place (pushes would make every step wait on the vectors' lengths).
 fn ascii_grams(text: &[u8], mask: u64) -> [Vec<u32>; 3] {
-    let mix = |h: u64, b: u8| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
     let bucket = |h: u64| (h & mask) as u32;
     let n = text.len();
     let mut grams = [3, 4, 5].map(|k| vec![0; (n + 1).saturating_sub(k)]);
     let [threes, fours, fives] = &mut grams;
     for (i, w) in text.windows(5).enumerate() {
-        let three = mix(mix(mix(GRAM_HASH, w[0]), w[1]), w[2]);
-        let four = mix(three, w[3]);
+        let three = fnv_step(fnv_step(fnv_step(GRAM_HASH, w[0]), w[1]), w[2]);
+        let four = fnv_step(three, w[3]);
         threes[i] = bucket(three);
         fours[i] = bucket(four);
-        fives[i] = bucket(mix(four, w[4]));
+        fives[i] = bucket(fnv_step(four, w[4]));
     }
     // The last four starts, which have no 5-gram (or fewer).
     for i in n.saturating_sub(4)..n {
         let mut h = GRAM_HASH;
         for (k, &b) in text[i..].iter().enumerate() {
-            h = mix(h, b);
+            h = fnv_step(h, b);
             if let Some(slot) = k.checked_sub(2).and_then(|g| grams[g].get_mut(i)) {
                 *slot = bucket(h);
             }
@@ -561,6 +548,18 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// FNV-1a over `prefix`, then `parts` joined by single spaces, without building the key.
+    fn fnv_key(prefix: u8, parts: &[&str]) -> u64 {
+        let mut h = fnv_start(prefix);
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                h = fnv_step(h, b' ');
+            }
+            h = part.bytes().fold(h, fnv_step);
+        }
+        h
+    }
 
     /// FNV-1a, 64 bits, as the prototype computes it.
     fn fnv1a64(bytes: &[u8]) -> u64 {

@@ -18,19 +18,17 @@ pub(crate) fn normalise(text: &str) -> String {
     if text.is_ascii() {
         return text.to_ascii_lowercase();
     }
+    fn fold(chars: impl Iterator<Item = char>) -> String {
+        chars
+            .filter(|&c| !is_invisible(c))
+            .map(fold_lookalike)
+            .collect()
+    }
     // Most text is in NFKC already (precomposed accents, no compatibility forms), which the
     // quick check tells in one pass without normalising.
-    let folded: String = match is_nfkc_quick(text.chars()) {
-        IsNormalized::Yes => text
-            .chars()
-            .filter(|&c| !is_invisible(c))
-            .map(fold_lookalike)
-            .collect(),
-        _ => text
-            .nfkc()
-            .filter(|&c| !is_invisible(c))
-            .map(fold_lookalike)
-            .collect(),
+    let folded = match is_nfkc_quick(text.chars()) {
+        IsNormalized::Yes => fold(text.chars()),
+        _ => fold(text.nfkc()),
     };
     folded.to_lowercase()
 }
