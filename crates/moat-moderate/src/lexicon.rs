@@ -125,6 +125,9 @@ pub struct Lexicon {
     /// Words with every repeated letter cut to one, for elongated words ("fuuuuck").
     collapsed: HashMap<String, Hit>,
     prefixes: HashMap<String, Vec<(String, Hit)>>,
+    /// Words and stems by their first letter, for censored words ("f**k", "b**ch"); a stem's
+    /// flag is `true`.
+    by_first: HashMap<char, Vec<(String, bool, Hit)>>,
     phrases: Vec<Phrase>,
     /// Phrases by a word their first position accepts (wildcard starts are not indexed).
     phrase_starts: HashMap<String, Vec<usize>>,
@@ -216,6 +219,7 @@ impl Lexicon {
                 add_beginnings(&mut self.beginnings, &word);
                 add_beginnings(&mut self.beginnings, &collapsed);
                 keep_worst(&mut self.collapsed, collapsed, hit);
+                self.add_censorable(&word, false, hit);
                 keep_worst(&mut self.words, word, hit);
                 Ok(())
             }
@@ -250,11 +254,21 @@ impl Lexicon {
         }
         let stem = stem.to_ascii_lowercase();
         add_beginnings(&mut self.beginnings, &stem);
+        self.add_censorable(&stem, true, hit);
         self.prefixes
             .entry(stem[..STEM_KEY].to_owned())
             .or_default()
             .push((stem, hit));
         Ok(())
+    }
+
+    fn add_censorable(&mut self, entry: &str, stem: bool, hit: Hit) {
+        if let Some(first) = entry.chars().next() {
+            self.by_first
+                .entry(first)
+                .or_default()
+                .push((entry.to_owned(), stem, hit));
+        }
     }
 
     /// Adds a rule: a regular expression matched against each whole folded word (lower case,
@@ -296,27 +310,37 @@ impl Lexicon {
             }
         }
         if word.starred {
-            // "f*ck", "f**k": each star a letter, or the stars dropped ("f*u*c*k").
+            // "f*u*c*k": the stars dropped; "f*ck", "f**king", "b**ch": each star a letter.
             let unstarred: String = word.text.chars().filter(|&c| c != '*').collect();
-            if let Some(hit) = self.lookup(&unstarred) {
-                return Some(hit);
-            }
-            if word.text.matches('*').count() <= 2 {
-                return self.starred(&word.text, 0);
-            }
+            return self.lookup(&unstarred).or_else(|| self.censored(&word.text));
         }
         None
     }
 
-    fn starred(&self, text: &str, from: usize) -> Option<Hit> {
-        let Some(at) = text[from..].find('*').map(|i| i + from) else {
-            return self.lookup(text);
+    /// The most severe word or stem that `text` spells with some letters starred, each star
+    /// standing for one letter; of equally severe ones, the first listed ("f***": the
+    /// profanity, not a slur further down). The first letter must be written: "****" could be
+    /// anything.
+    fn censored(&self, text: &str) -> Option<Hit> {
+        let first = text.chars().next().filter(|c| c.is_alphabetic())?;
+        let spells = |entry: &str, stem: bool| {
+            let mut written = text.chars();
+            for letter in entry.chars() {
+                match written.next() {
+                    Some(c) if c == letter || c == '*' => {}
+                    _ => return false,
+                }
+            }
+            // A stem may go on ("f**king"); a word must end here.
+            stem || written.next().is_none()
         };
-        "aeiouy".chars().find_map(|vowel| {
-            let mut guess = text.to_owned();
-            guess.replace_range(at..at + 1, vowel.encode_utf8(&mut [0; 4]));
-            self.starred(&guess, at + 1)
-        })
+        self.by_first
+            .get(&first)?
+            .iter()
+            .filter(|(entry, stem, _)| spells(entry, *stem))
+            .map(|&(_, _, hit)| hit)
+            .rev() // `max_by_key` keeps the last of equals
+            .max_by_key(|h| h.severity)
     }
 
     fn lookup(&self, text: &str) -> Option<Hit> {
@@ -418,6 +442,14 @@ mod tests {
         assert_eq!(hit("shitake"), None);
         assert_eq!(hit("fuuuuck"), Some(Category::Harassment));
         assert_eq!(hit("f*ck"), Some(Category::Harassment));
+        assert_eq!(hit("f**king"), Some(Category::Harassment), "a star per letter");
+        assert_eq!(hit("f***"), Some(Category::Harassment));
+        assert_eq!(hit("f*u*c*k"), Some(Category::Harassment), "stars between letters");
+        assert_eq!(hit("id**t"), Some(Category::Harassment));
+        assert_eq!(hit("id**ts"), None, "a word ends where it ends");
+        assert_eq!(hit("i**"), None, "as many letters as stars");
+        assert_eq!(hit("****"), None);
+        assert_eq!(hit("x**2"), None);
         assert_eq!(hit("1d10t"), Some(Category::Harassment));
         assert_eq!(l.word(&fold("nude")).unwrap().severity, Severity::Mild);
         assert_eq!(l.phrases().len(), 1);

@@ -54,6 +54,9 @@ pub(crate) struct Tokenizer {
     run: Vec<(Word, (usize, usize), usize)>,
     /// Separator characters since the last word.
     gap: usize,
+    /// Whether a token opened markdown emphasis (`**bold`) that no token has closed yet on
+    /// this line: trailing stars then close it rather than censor letters.
+    emphasis: bool,
 }
 
 impl Tokenizer {
@@ -94,6 +97,9 @@ impl Tokenizer {
                     self.end_token(buf, base, at, emit);
                 }
                 self.gap += 1;
+                if c == '\n' {
+                    self.emphasis = false;
+                }
                 if c == '\n' || self.gap > 1 {
                     self.flush_run(emit);
                 }
@@ -120,7 +126,14 @@ impl Tokenizer {
             return;
         };
         let token = &buf[start - base..end - base];
-        let Some((s, e)) = trim(token) else {
+        let trimmed = trim(token, self.emphasis);
+        let (lead, trail) = trimmed.map_or(("", ""), |(s, e)| (&token[..s], &token[e..]));
+        match (lead.contains('*'), trail.contains('*')) {
+            (true, false) => self.emphasis = true,
+            (false, true) => self.emphasis = false,
+            _ => {}
+        }
+        let Some((s, e)) = trimmed else {
             // Only marks ("**", "!!"): a separator.
             self.gap += 2;
             self.flush_run(emit);
@@ -293,7 +306,7 @@ impl Scan {
         // The word being written is held only if it could still become a lexicon entry.
         self.risky = self.tokenizer.token_start.is_some_and(|start| {
             let partial = &self.buf[start - self.base..];
-            match trim(partial) {
+            match trim(partial, self.tokenizer.emphasis) {
                 Some((s, e)) => policy
                     .classifier
                     .lexicon
@@ -581,6 +594,7 @@ mod tests {
         "He said he would slit her throat. Later: peaceful résumé, naïve café, 日本語のテキスト.",
         "Nothing to see: a long, calm answer about gardening, compost, and tomato grapes.",
         "I will kill the process with SIGTERM, then the fuuuuucking idiot script restarts.",
+        "Point that f**king camera away, you id**t and sh**. Math: x**2 + y**2, **bold**, note*.",
     ];
 
     proptest! {
@@ -626,6 +640,22 @@ mod tests {
         assert_eq!(scan.push("ok idiot", &p), "ok ");
         assert_eq!(scan.push(" and more", &p), "");
         assert_eq!(scan.finish(&p), "");
+    }
+
+    #[test]
+    fn censored_words_are_read_with_a_letter_per_star() {
+        let p = policy(Action::Mask, StreamMode::HoldBack, false);
+        let (out, scan) = stream(REPLIES[6], &[8, 14, 30, 40], &p);
+        assert_eq!(
+            out,
+            "Point that ******* camera away, you ***** and ****. Math: x**2 + y**2, **bold**, note*."
+        );
+        assert_eq!(scan.masked().len(), 3);
+        // Markdown is not censoring: "sh**" here closes the bold its line opened.
+        let clean = "x**2 + **bold** and a footnote* here, **then the sh**.\nsh";
+        let (out, scan) = stream(clean, &[3, 40], &p);
+        assert!(scan.flags().is_empty(), "{:?}", scan.flags());
+        assert_eq!(out, clean);
     }
 
     #[test]

@@ -45,12 +45,21 @@ impl Word {
 }
 
 /// The part of a token that is a word (leading and trailing quotes, `!` and `*` trimmed),
-/// as byte offsets into the token; `None` when no letter or digit is left.
-pub(crate) fn trim(token: &str) -> Option<(usize, usize)> {
+/// as byte offsets into the token; `None` when no letter or digit is left. Two or more
+/// trailing stars stay when none leads and no emphasis is open (`emphasis`: an earlier token
+/// opened `**bold` or `*italic` on this line): they are then censored letters ("f***",
+/// "sh**"), not the end of emphasis ("CLI**") or a footnote mark ("word*").
+pub(crate) fn trim(token: &str, emphasis: bool) -> Option<(usize, usize)> {
     let lead: &[char] = &['\'', '\u{2019}', '!', '*'];
     let trail: &[char] = &['\'', '\u{2019}', '!', '*', '@', '$'];
     let start = token.len() - token.trim_start_matches(lead).len();
-    let end = token.trim_end_matches(trail).len();
+    let mut end = token.trim_end_matches(trail).len();
+    if !emphasis && !token[..start].contains('*') {
+        let stars = token[end..].bytes().take_while(|&b| b == b'*').count();
+        if stars >= 2 {
+            end += stars;
+        }
+    }
     (start < end && token[start..end].chars().any(char::is_alphanumeric)).then_some((start, end))
 }
 
@@ -101,12 +110,13 @@ pub fn fold(token: &str) -> Word {
 }
 
 /// `text` with every run of one character longer than `keep` cut to `keep`; whether one was.
-/// Borrowed when there is none (most words).
+/// Stars are censored letters, one each, and never cut. Borrowed when there is none (most
+/// words).
 pub(crate) fn cut_repeats(text: &str, keep: usize) -> (Cow<'_, str>, bool) {
     let has_run = {
         let (mut last, mut run) = (None, 0);
         text.chars().any(|c| {
-            if Some(c) == last {
+            if Some(c) == last && c != '*' {
                 run += 1;
             } else {
                 (last, run) = (Some(c), 1);
@@ -120,7 +130,7 @@ pub(crate) fn cut_repeats(text: &str, keep: usize) -> (Cow<'_, str>, bool) {
     let mut out = String::with_capacity(text.len());
     let (mut last, mut run) = (None, 0);
     for c in text.chars() {
-        if Some(c) == last {
+        if Some(c) == last && c != '*' {
             run += 1;
         } else {
             (last, run) = (Some(c), 1);
@@ -164,13 +174,20 @@ mod tests {
     #[test]
     fn trims_quotes_and_marks() {
         let t = "'idiot!'";
-        let (s, e) = trim(t).unwrap();
+        let (s, e) = trim(t, false).unwrap();
         assert_eq!(&t[s..e], "idiot");
-        assert_eq!(trim("**"), None);
-        assert_eq!(trim("!!!"), None);
+        assert_eq!(trim("**", false), None);
+        assert_eq!(trim("!!!", false), None);
         let t = "@ss";
-        let (s, e) = trim(t).unwrap();
+        let (s, e) = trim(t, false).unwrap();
         assert_eq!(&t[s..e], "@ss");
+        let kept = |t: &str| trim(t, false).map(|(s, e)| t[s..e].to_owned());
+        assert_eq!(kept("f***").as_deref(), Some("f***"), "censored letters");
+        assert_eq!(kept("'d**!'").as_deref(), Some("d**"));
+        assert_eq!(kept("*word*").as_deref(), Some("word"), "emphasis");
+        assert_eq!(kept("**bold**").as_deref(), Some("bold"));
+        assert_eq!(kept("note*").as_deref(), Some("note"), "a footnote mark");
+        assert_eq!(trim("CLI**", true), Some((0, 3)), "closes emphasis");
     }
 
     #[test]
