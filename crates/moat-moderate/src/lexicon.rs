@@ -312,7 +312,9 @@ impl Lexicon {
         if word.starred {
             // "f*u*c*k": the stars dropped; "f*ck", "f**king", "b**ch": each star a letter.
             let unstarred: String = word.text.chars().filter(|&c| c != '*').collect();
-            return self.lookup(&unstarred).or_else(|| self.censored(&word.text));
+            return self
+                .lookup(&unstarred)
+                .or_else(|| self.censored(&word.text));
         }
         None
     }
@@ -442,9 +444,17 @@ mod tests {
         assert_eq!(hit("shitake"), None);
         assert_eq!(hit("fuuuuck"), Some(Category::Harassment));
         assert_eq!(hit("f*ck"), Some(Category::Harassment));
-        assert_eq!(hit("f**king"), Some(Category::Harassment), "a star per letter");
+        assert_eq!(
+            hit("f**king"),
+            Some(Category::Harassment),
+            "a star per letter"
+        );
         assert_eq!(hit("f***"), Some(Category::Harassment));
-        assert_eq!(hit("f*u*c*k"), Some(Category::Harassment), "stars between letters");
+        assert_eq!(
+            hit("f*u*c*k"),
+            Some(Category::Harassment),
+            "stars between letters"
+        );
         assert_eq!(hit("id**t"), Some(Category::Harassment));
         assert_eq!(hit("id**ts"), None, "a word ends where it ends");
         assert_eq!(hit("i**"), None, "as many letters as stars");
