@@ -9,6 +9,9 @@
 //!   `ip`, `tenant`, `model`, `global`, `header:NAME`) and which methods, the same in every
 //!   layer's configuration; each layer crate's `spec` module (feature `serde`) builds its rules
 //!   from them.
+//! - [`Policies`]: a layer's policy per scope (the first scope that admits a request chooses
+//!   its policy, the default serves the rest), so one layer can screen, moderate or redact
+//!   routes, models and tiers differently.
 //! - [`NamedStates`]: a layer's counters, budgets or vaults, by rule name rather than by
 //!   position, shared by every layer built from one configuration: a builder call after a
 //!   handle was taken does not fork them, and a layer rebuilt from a new configuration (a
@@ -113,6 +116,29 @@ impl Scope {
         Some(scope)
     }
 
+    /// The scope of the `index`th entry of a layer's `policies` in a configuration file: its
+    /// routes, models and tiers, of which it must give at least one (an entry for every
+    /// request would hide the default). `layer_keys` are the keys that belong to the whole
+    /// layer, each with whether the entry sets it: none may be. The error names the entry and
+    /// the key.
+    pub fn for_policy(
+        name: impl Into<Arc<str>>,
+        index: usize,
+        [routes, models, tiers]: [&[String]; 3],
+        layer_keys: &[(&str, bool)],
+    ) -> Result<Self, String> {
+        if let Some((key, _)) = layer_keys.iter().find(|(_, set)| *set) {
+            return Err(format!(
+                "policies[{index}].{key}: set it in the section: it applies to the whole layer"
+            ));
+        }
+        Self::filter(name, routes, models, tiers).ok_or_else(|| {
+            format!(
+                "policies[{index}]: give `routes`, `models` or `tiers`: which requests it is for"
+            )
+        })
+    }
+
     /// The name.
     pub fn name(&self) -> &str {
         &self.name
@@ -200,12 +226,15 @@ impl Scope {
     /// Whether it applies to `req`, judged on its head: the method, the path and the tier of
     /// the [`Caller`] in its extensions (none: a caller without a tier).
     pub fn matches_request<B>(&self, req: &http::Request<B>) -> bool {
-        let caller = req
-            .extensions()
-            .get::<Caller>()
-            .cloned()
-            .unwrap_or_default();
-        self.matches_head(req.method(), req.uri().path(), &caller)
+        let anonymous;
+        let caller = match req.extensions().get::<Caller>() {
+            Some(caller) => caller,
+            None => {
+                anonymous = Caller::default();
+                &anonymous
+            }
+        };
+        self.matches_head(req.method(), req.uri().path(), caller)
     }
 
     /// Whether its model filter admits `model`.
@@ -218,6 +247,12 @@ impl Scope {
         self.matches_head(head.method, head.uri.path(), caller) && self.matches_model(model)
     }
 
+    /// Whether it admits `req` (its head, judged as [`matches_request`](Self::matches_request)
+    /// does) for `model`, the model its body asks for.
+    pub fn admits<B>(&self, req: &http::Request<B>, model: Option<&str>) -> bool {
+        self.matches_model(model) && self.matches_request(req)
+    }
+
     /// Whose request it is: the key, or, for a request without what the key reads (no API key,
     /// say), its client IP, so that leaving something out never escapes a limit; with neither,
     /// everyone's.
@@ -227,6 +262,83 @@ impl Scope {
             .ok()
             .or_else(|| caller.ip.map(Key::ip))
             .unwrap_or(Key::GLOBAL)
+    }
+}
+
+/// A layer's policies: a default, and policies for the requests particular [`Scope`]s admit
+/// (their routes, methods, tiers and models; their keys and modes are not used). A request
+/// gets the policy of the first scope that admits it, or the default. Clones share the
+/// policies; adding one after a clone does not change the clone.
+///
+/// ```
+/// use moat_core::kit::{Policies, Scope};
+/// use moat_core::identity::Global;
+///
+/// let policies = Policies::new("strict")
+///     .with(Scope::new("docs", Global).route("/v1/embeddings"), "lenient")
+///     .with(Scope::new("mini", Global).model("gpt-4o-mini"), "light");
+/// let chat = http::Request::post("/v1/chat/completions").body(()).unwrap();
+/// let embed = http::Request::post("/v1/embeddings").body(()).unwrap();
+/// assert_eq!(**policies.select(&chat, Some("gpt-4o")), "strict");
+/// assert_eq!(**policies.select(&chat, Some("gpt-4o-mini")), "light");
+/// assert_eq!(**policies.select(&embed, Some("gpt-4o-mini")), "lenient", "the first scope wins");
+/// assert!(policies.needs_model());
+/// ```
+#[derive(Debug)]
+pub struct Policies<P> {
+    default: Arc<P>,
+    scoped: Arc<Vec<(Scope, Arc<P>)>>,
+}
+
+impl<P> Clone for Policies<P> {
+    fn clone(&self) -> Self {
+        Self {
+            default: Arc::clone(&self.default),
+            scoped: Arc::clone(&self.scoped),
+        }
+    }
+}
+
+impl<P> Policies<P> {
+    /// Only `default`, for every request.
+    pub fn new(default: P) -> Self {
+        Self {
+            default: Arc::new(default),
+            scoped: Arc::new(Vec::new()),
+        }
+    }
+
+    /// Adds `policy` for the requests `scope` admits, after the scopes already added.
+    #[must_use]
+    pub fn with(mut self, scope: Scope, policy: P) -> Self {
+        Arc::make_mut(&mut self.scoped).push((scope, Arc::new(policy)));
+        self
+    }
+
+    /// The default policy.
+    pub fn default_policy(&self) -> &Arc<P> {
+        &self.default
+    }
+
+    /// The scoped policies, in the order they are tried.
+    pub fn scoped(&self) -> impl Iterator<Item = (&Scope, &Arc<P>)> + '_ {
+        self.scoped.iter().map(|(scope, policy)| (scope, policy))
+    }
+
+    /// Whether choosing needs the request's model (a scope filters by model): the body must
+    /// be read first.
+    pub fn needs_model(&self) -> bool {
+        self.scoped
+            .iter()
+            .any(|(scope, _)| !scope.models().is_empty())
+    }
+
+    /// The policy for `req`, whose body asks for `model`.
+    pub fn select<B>(&self, req: &http::Request<B>, model: Option<&str>) -> &Arc<P> {
+        self.scoped
+            .iter()
+            .find(|(scope, _)| scope.admits(req, model))
+            .map_or(&self.default, |(_, policy)| policy)
     }
 }
 

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use pin_project_lite::pin_project;
 use crate::category::Scores;
 use crate::external::External;
 use crate::hook::{blocked_tail, lock, SharedCapture};
+use crate::policy::Policy;
 
 type Verdict = Pin<Box<dyn Future<Output = Result<Scores, String>> + Send>>;
 
@@ -27,7 +29,7 @@ type Verdict = Pin<Box<dyn Future<Output = Result<Scores, String>> + Send>>;
 /// verdict, and a flagged window ends the stream there instead. Text of a window still filling
 /// flows: that is what may reach the client before its verdict.
 pub(crate) struct Watch {
-    pub(crate) layer: crate::ModerateLayer,
+    pub(crate) policy: Arc<Policy>,
     pub(crate) external: External,
     pub(crate) capture: SharedCapture,
     pub(crate) format: WireFormat,
@@ -44,14 +46,14 @@ pub(crate) struct Watch {
 
 impl Watch {
     pub(crate) fn new(
-        layer: crate::ModerateLayer,
+        policy: Arc<Policy>,
         external: External,
         capture: SharedCapture,
         format: WireFormat,
         decisions: Option<Decisions>,
     ) -> Self {
         Self {
-            layer,
+            policy,
             external,
             capture,
             format,
@@ -78,12 +80,17 @@ impl Watch {
     fn judged(&mut self, cx: &mut Context<'_>) -> bool {
         while let Poll::Ready(Some(verdict)) = self.pending.poll_next_unpin(cx) {
             let decisions = self.decisions.clone();
-            let withhold = crate::service::withhold_reply(&self.layer, verdict, decisions.as_ref());
+            let withhold = crate::service::withhold_reply(
+                &self.external,
+                &self.policy,
+                verdict,
+                decisions.as_ref(),
+            );
             if withhold {
                 let capture = lock(&self.capture);
                 self.tail = Some(blocked_tail(
                     self.format,
-                    &self.layer.policy().message,
+                    &self.policy.message,
                     capture.head.as_ref(),
                     &capture.choices,
                 ));

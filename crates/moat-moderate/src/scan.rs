@@ -438,6 +438,13 @@ impl Scan {
                 span,
                 action,
             });
+        } else if action == Action::Block {
+            // A category first masked, then withheld (the model, with nothing to mask): what
+            // was done is the block.
+            if let Some(flag) = self.flags.iter_mut().find(|f| f.category == category) {
+                flag.action = Action::Block;
+                flag.score = flag.score.max(score);
+            }
         }
     }
 
@@ -673,6 +680,18 @@ mod tests {
         );
         assert!(scan.flags().is_empty());
         assert!(scan.scores().get(Category::Sexual) > 0.0);
+    }
+
+    #[test]
+    fn a_masked_category_the_model_then_withholds_is_reported_as_blocked() {
+        let p = Policy::new().action(Action::Mask);
+        let (out, scan) = check_text("That is fucking great news, really.", &p);
+        // The word is masked, then the shipped model scores its window as abuse: there is
+        // nothing to mask for that, so the rest is withheld.
+        assert!(scan.is_blocked(), "{out}");
+        assert!(out.starts_with("That is *******"), "{out}");
+        assert_eq!(scan.flags().len(), 1);
+        assert_eq!(scan.flags()[0].action, Action::Block);
     }
 
     #[test]

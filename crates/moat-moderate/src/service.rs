@@ -23,7 +23,7 @@ use crate::hook::{blocked_tail, lock, replace_reply, Capture, ReplyHook, SharedC
 use crate::policy::{Action, Policy, StreamMode};
 use crate::scan::check_text;
 use http_body_util::BodyExt;
-use moat_core::kit::{OnError, Scope};
+use moat_core::kit::{OnError, Policies, Scope};
 use moat_core::usage::BodyFormat;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -32,7 +32,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct ModerateLayer {
-    policy: Arc<Policy>,
+    policies: Policies<Policy>,
     input: bool,
     body_limit: usize,
     external: Option<External>,
@@ -50,7 +50,7 @@ impl ModerateLayer {
     /// Moderates replies by `policy`.
     pub fn new(policy: Policy) -> Self {
         Self {
-            policy: Arc::new(policy),
+            policies: Policies::new(policy),
             input: false,
             body_limit: DEFAULT_BODY_LIMIT,
             external: None,
@@ -58,9 +58,23 @@ impl ModerateLayer {
         }
     }
 
-    /// The policy.
+    /// The default policy.
     pub fn policy(&self) -> &Policy {
-        &self.policy
+        self.policies.default_policy()
+    }
+
+    /// Moderates the requests `scope` admits (its routes, methods, caller tiers and models;
+    /// its key and mode are not used) by `policy` instead of the default: the first such
+    /// scope that admits a request chooses its policy. Within the layer's own
+    /// [scope](Self::with_scope), if it has one.
+    pub fn with_policy_for(mut self, scope: Scope, policy: Policy) -> Self {
+        self.policies = self.policies.with(scope, policy);
+        self
+    }
+
+    /// The default policy and the scoped ones.
+    pub fn policies(&self) -> &Policies<Policy> {
+        &self.policies
     }
 
     /// Also moderates the prompt (default off): a flagged prompt is refused with 400
@@ -188,7 +202,8 @@ fn external_flags(policy: &Policy, scores: &Scores) -> (Vec<Category>, bool) {
 /// Records what the external moderator said of a prompt or reply (`what`), or that it gave
 /// no verdict; whether to withhold.
 fn judge_external(
-    layer: &ModerateLayer,
+    external: &External,
+    policy: &Policy,
     verdict: Result<Scores, String>,
     what: &'static str,
     record: impl FnOnce(Decision),
@@ -196,10 +211,7 @@ fn judge_external(
     let scores = match verdict {
         Ok(scores) => scores,
         Err(why) => {
-            let closed = layer
-                .external
-                .as_ref()
-                .is_some_and(|e| e.on_error == OnError::Closed);
+            let closed = external.on_error == OnError::Closed;
             metrics::counter!("moat_moderate_external_errors_total", "on_error" => if closed { "closed" } else { "open" })
                 .increment(1);
             tracing::warn!(target: "moat::moderate", closed, what, "{why}");
@@ -220,7 +232,7 @@ fn judge_external(
             return Ok(false);
         }
     };
-    let (flagged, withhold) = external_flags(&layer.policy, &scores);
+    let (flagged, withhold) = external_flags(policy, &scores);
     if flagged.is_empty() {
         return Ok(false);
     }
@@ -231,7 +243,7 @@ fn judge_external(
         .join(", ");
     let shadow = flagged
         .iter()
-        .all(|&c| layer.policy.action_of(c) == Action::Shadow);
+        .all(|&c| policy.action_of(c) == Action::Shadow);
     let outcome = match (withhold, shadow) {
         (true, _) => Outcome::Rejected {
             status: if what == "input" { 400 } else { 200 },
@@ -257,15 +269,16 @@ fn judge_external(
 
 /// The refusal of a prompt the external moderator flagged, or could not judge (fail closed).
 fn external_prompt_verdict(
-    layer: &ModerateLayer,
+    external: &External,
+    policy: &Policy,
     verdict: Result<Scores, String>,
     extensions: &http::Extensions,
 ) -> Option<Rejection> {
     let flagged = verdict
         .as_ref()
-        .map(|scores| external_flags(&layer.policy, scores).0)
+        .map(|scores| external_flags(policy, scores).0)
         .unwrap_or_default();
-    match judge_external(layer, verdict, "input", |d| Decisions::record(extensions, d)) {
+    match judge_external(external, policy, verdict, "input", |d| Decisions::record(extensions, d)) {
         Ok(false) => None,
         Ok(true) => {
             let categories: Vec<&str> = flagged.iter().map(|c| c.as_str()).collect();
@@ -294,7 +307,8 @@ fn external_prompt_verdict(
 
 /// Whether a whole reply is withheld on the external moderator's verdict.
 pub(crate) fn withhold_reply(
-    layer: &ModerateLayer,
+    external: &External,
+    policy: &Policy,
     verdict: Result<Scores, String>,
     decisions: Option<&Decisions>,
 ) -> bool {
@@ -303,7 +317,7 @@ pub(crate) fn withhold_reply(
             decisions.push(d);
         }
     };
-    judge_external(layer, verdict, "output", record).unwrap_or(true)
+    judge_external(external, policy, verdict, "output", record).unwrap_or(true)
 }
 
 /// A withheld whole reply: the JSON reply replaced, or a stream that is only its ending.
@@ -432,16 +446,18 @@ where
                     .into_response::<ResBody>(protocol);
                 Ok(response.map(ResponseBody::plain))
             };
-            let mut req = if (layer.input || by_model.is_some()) && format.is_some() {
+            let reads_body = layer.input || by_model.is_some() || layer.policies.needs_model();
+            let (mut req, policy) = if reads_body && format.is_some() {
                 match read_llm_request(req, layer.body_limit).await {
                     Ok(LlmBody::Parsed { request, llm }) => {
                         let model = llm.with(|r| r.model().map(str::to_owned));
                         if by_model.is_some_and(|s| !s.matches_model(model.as_deref())) {
                             return Ok(inner.call(request).await?.map(ResponseBody::passed));
                         }
+                        let policy = layer.policies.select(&request, model.as_deref()).clone();
                         if layer.input {
-                            let refused = llm
-                                .with(|r| moderate_prompt(&layer.policy, r, request.extensions()));
+                            let refused =
+                                llm.with(|r| moderate_prompt(&policy, r, request.extensions()));
                             if let Some(rejection) = refused {
                                 return refuse(rejection);
                             }
@@ -449,20 +465,27 @@ where
                                 let texts: Vec<String> =
                                     llm.with(|r| r.texts().map(|(_, t)| t.to_owned()).collect());
                                 let verdict = external.check(&texts).await;
-                                if let Some(rejection) =
-                                    external_prompt_verdict(&layer, verdict, request.extensions())
-                                {
+                                if let Some(rejection) = external_prompt_verdict(
+                                    external,
+                                    &policy,
+                                    verdict,
+                                    request.extensions(),
+                                ) {
                                     return refuse(rejection);
                                 }
                             }
                         }
-                        request
+                        (request, policy)
                     }
-                    Ok(LlmBody::Unparsed(request)) => request,
+                    Ok(LlmBody::Unparsed(request)) => {
+                        let policy = layer.policies.select(&request, None).clone();
+                        (request, policy)
+                    }
                     Err(rejection) => return refuse(rejection),
                 }
             } else {
-                req.map(RequestBody::original)
+                let policy = layer.policies.select(&req, None).clone();
+                (req.map(RequestBody::original), policy)
             };
             let Some(format) = format else {
                 return Ok(inner.call(req).await?.map(ResponseBody::passed));
@@ -471,7 +494,7 @@ where
             let capture: Option<SharedCapture> = layer.external.as_ref().map(|_| Arc::default());
             let hooks = Hooks::of(req.extensions_mut());
             hooks.attach(ReplyHook::new(
-                layer.policy.clone(),
+                policy.clone(),
                 format,
                 decisions.clone(),
                 capture.clone(),
@@ -489,12 +512,11 @@ where
             if !response.status().is_success() {
                 return Ok(response.map(ResponseBody::new));
             }
-            match (BodyFormat::of(response.headers()), layer.policy.stream_mode) {
+            match (BodyFormat::of(response.headers()), policy.stream_mode) {
                 (BodyFormat::Json, _) | (BodyFormat::Sse, StreamMode::Buffered) => {}
                 (BodyFormat::Sse, _) => {
                     // Judged in windows as it flows; a flagged window ends it.
-                    let watch =
-                        Watch::new(layer.clone(), external.clone(), capture, format, decisions);
+                    let watch = Watch::new(policy, external.clone(), capture, format, decisions);
                     return Ok(response.map(|body| ResponseBody::watched(body, watch)));
                 }
                 _ => return Ok(response.map(ResponseBody::new)),
@@ -511,9 +533,9 @@ where
             let captured = std::mem::take(&mut *lock(&capture));
             if !captured.blocked && !captured.texts.is_empty() {
                 let verdict = external.check(&captured.texts).await;
-                if withhold_reply(&layer, verdict, decisions.as_ref()) {
+                if withhold_reply(external, &policy, verdict, decisions.as_ref()) {
                     let sse = BodyFormat::of(&parts.headers) == BodyFormat::Sse;
-                    bytes = withheld(format, &layer.policy.message, sse, &bytes, &captured);
+                    bytes = withheld(format, &policy.message, sse, &bytes, &captured);
                 }
             }
             parts.headers.remove(http::header::CONTENT_LENGTH);

@@ -78,6 +78,13 @@ pub struct ModerateSpec {
     /// spec holds where and how; the HTTP client is the caller's
     /// ([`ExternalSpec::external`]).
     pub external: Option<ExternalSpec>,
+    /// Policies of their own for some routes, models or tiers (`[[moderate.policies]]`), tried
+    /// in order: the first whose `routes`, `models` and `tiers` admit a request moderates it,
+    /// the section's policy moderates the rest. Each is a whole policy (a key it leaves out
+    /// takes its default, not the section's value); `input` and `external` are the section's
+    /// alone.
+    #[serde(default)]
+    pub policies: Vec<ModerateSpec>,
 }
 
 /// Words of one category and severity (`[[moderate.words]]`).
@@ -231,7 +238,18 @@ impl ModerateSpec {
     /// The layer the spec describes, without its external moderator (see
     /// [`ExternalSpec::external`]).
     pub fn layer(&self) -> Result<ModerateLayer, String> {
-        let layer = ModerateLayer::new(self.policy()?).with_input(self.input);
+        let mut layer = ModerateLayer::new(self.policy()?).with_input(self.input);
+        for (i, spec) in self.policies.iter().enumerate() {
+            let filters = [&spec.routes[..], &spec.models, &spec.tiers];
+            let layer_keys = [
+                ("input", spec.input),
+                ("external", spec.external.is_some()),
+                ("policies", !spec.policies.is_empty()),
+            ];
+            let scope = Scope::for_policy("moderate", i, filters, &layer_keys)?;
+            let policy = spec.policy().map_err(|e| format!("policies[{i}].{e}"))?;
+            layer = layer.with_policy_for(scope, policy);
+        }
         Ok(
             match Scope::filter("moderate", &self.routes, &self.models, &self.tiers) {
                 Some(scope) => layer.with_scope(scope),

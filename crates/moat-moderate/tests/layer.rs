@@ -805,3 +805,50 @@ async fn a_scope_limits_moderation_to_its_routes_and_models() {
     let reply = send(&layer, "/v1/chat/completions", "hi", harmful(), true).await;
     assert!(!moderated(&reply.body), "another route passes untouched");
 }
+
+#[tokio::test]
+async fn scoped_policies_moderate_their_routes_and_models_and_the_default_the_rest() {
+    use moat_core::identity::Global;
+    use moat_core::kit::Scope;
+    let harmful = || vec![Bytes::from(chat_stream(&["you ", "idiot"]))];
+    let chat = "/v1/chat/completions";
+
+    // By model (the body is read to choose): the first scope that admits the request.
+    let layer = ModerateLayer::new(policy(Action::Block))
+        .with_policy_for(
+            Scope::new("gpt", Global).model("gpt-4o*"),
+            policy(Action::Flag),
+        )
+        .with_policy_for(Scope::new("m", Global).model("m"), policy(Action::Mask))
+        .with_policy_for(
+            Scope::new("all-m", Global).model("m*"),
+            policy(Action::Flag),
+        );
+    let reply = send(&layer, chat, "hi", harmful(), true).await;
+    let (text, finish, _) = chat_text(&reply.body);
+    assert_eq!(text, "you *****", "model m's policy masks");
+    assert_eq!(finish.as_deref(), Some("stop"));
+
+    // By route: another route's policy leaves this one to the default.
+    let layer = ModerateLayer::new(policy(Action::Block)).with_policy_for(
+        Scope::new("legacy", Global).route("/v1/completions"),
+        policy(Action::Flag),
+    );
+    let reply = send(&layer, chat, "hi", harmful(), true).await;
+    assert_eq!(chat_text(&reply.body).1.as_deref(), Some("content_filter"));
+
+    let layer = ModerateLayer::new(policy(Action::Flag)).with_policy_for(
+        Scope::new("chat", Global).route(chat),
+        policy(Action::Block),
+    );
+    let reply = send(&layer, chat, "hi", harmful(), true).await;
+    assert_eq!(
+        chat_text(&reply.body).1.as_deref(),
+        Some("content_filter"),
+        "the route's policy blocks where the default only flags"
+    );
+    assert!(matches!(
+        reply.decisions[0].outcome,
+        Outcome::Rejected { .. }
+    ));
+}

@@ -1,6 +1,5 @@
 //! [`SanitizeLayer`]: every prompt screened before it is sent.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -9,7 +8,7 @@ use http_body::Body;
 use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
 use moat_core::decision::{Decision, Decisions, Outcome};
 use moat_core::identity::Fingerprinter;
-use moat_core::kit::Scope;
+use moat_core::kit::{Policies, Scope};
 use moat_core::llm::UnknownPolicy;
 use moat_core::reject::{Protocol, Rejection};
 use moat_core::request::{read_llm_request, LlmBody};
@@ -33,7 +32,7 @@ const MAX_REASONS: usize = 5;
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct SanitizeLayer {
-    policy: Arc<Policy>,
+    policies: Policies<Policy>,
     unknown: UnknownPolicy,
     body_limit: usize,
     /// The canary's secret, when the canary is on.
@@ -53,7 +52,7 @@ impl SanitizeLayer {
     /// Screens by `policy`.
     pub fn new(policy: Policy) -> Self {
         Self {
-            policy: Arc::new(policy),
+            policies: Policies::new(policy),
             unknown: UnknownPolicy::default(),
             body_limit: DEFAULT_BODY_LIMIT,
             canary: None,
@@ -62,9 +61,23 @@ impl SanitizeLayer {
         }
     }
 
-    /// The policy.
+    /// The default policy.
     pub fn policy(&self) -> &Policy {
-        &self.policy
+        self.policies.default_policy()
+    }
+
+    /// Screens the requests `scope` admits (its routes, methods, caller tiers and models; its
+    /// key and mode are not used) by `policy` instead of the default: the first such scope
+    /// that admits a request chooses its policy. Within the layer's own
+    /// [scope](Self::with_scope), if it has one.
+    pub fn with_policy_for(mut self, scope: Scope, policy: Policy) -> Self {
+        self.policies = self.policies.with(scope, policy);
+        self
+    }
+
+    /// The default policy and the scoped ones.
+    pub fn policies(&self) -> &Policies<Policy> {
+        &self.policies
     }
 
     /// What to do with text in parts of a request the parser does not know: screen it like any
@@ -108,10 +121,10 @@ impl SanitizeLayer {
         self
     }
 
-    /// What the policy makes of the request, counted in metrics and recorded as a decision;
+    /// What `policy` makes of the request, counted in metrics and recorded as a decision;
     /// the refusal, if any.
-    fn judge(&self, extensions: &http::Extensions, report: &Report) -> Option<Rejection> {
-        let action = self.policy.current_action();
+    fn judge(policy: &Policy, extensions: &http::Extensions, report: &Report) -> Option<Rejection> {
+        let action = policy.current_action();
         for finding in &report.findings {
             metrics::counter!("moat_sanitize_findings_total", "finding" => finding.kind.name(), "action" => action.as_str())
                 .increment(1);
@@ -278,7 +291,9 @@ where
                     .into_response::<ResBody>(protocol);
                 Ok(response.map(ResponseBody::plain))
             };
-            let (mut req, score, canary) = match read_llm_request(req, layer.body_limit).await {
+            let (mut req, score, canary, action) = match read_llm_request(req, layer.body_limit)
+                .await
+            {
                 Ok(LlmBody::Parsed { request, llm }) => {
                     let model = llm.with(|r| r.model().map(str::to_owned));
                     if let Some(scope) = &layer.scope {
@@ -286,14 +301,13 @@ where
                             return Ok(inner.call(request).await?.map(ResponseBody::passed));
                         }
                     }
+                    let policy = layer.policies.select(&request, model.as_deref());
                     if let Err(rejection) = llm.with(|r| layer.unknown.check(r)) {
                         return reject(rejection);
                     }
-                    let mut report = llm.with(|r| layer.policy.inspect(r, layer.unknown));
-                    layer
-                        .policy
-                        .check_tokens(&mut report, || llm.input_tokens(true).tokens);
-                    let action = layer.policy.current_action();
+                    let mut report = llm.with(|r| policy.inspect(r, layer.unknown));
+                    policy.check_tokens(&mut report, || llm.input_tokens(true).tokens);
+                    let action = policy.current_action();
                     if let Some(external) = layer
                         .classifier
                         .as_ref()
@@ -320,27 +334,29 @@ where
                             }
                         }
                     }
-                    if let Some(rejection) = layer.judge(request.extensions(), &report) {
+                    if let Some(rejection) =
+                        SanitizeLayer::judge(policy, request.extensions(), &report)
+                    {
                         return reject(rejection);
                     }
                     let canary = layer
                         .canary
                         .as_ref()
-                        .filter(|_| layer.policy.current_action() != Action::Shadow)
+                        .filter(|_| action != Action::Shadow)
                         .and_then(|key| {
                             llm.with(|r| {
                                 let canary = Canary::of(key, r);
                                 canary.plant(r).then_some(canary)
                             })
                         });
-                    (request, report.score, canary)
+                    (request, report.score, canary, action)
                 }
                 Ok(LlmBody::Unparsed(request)) => {
                     return Ok(inner.call(request).await?.map(ResponseBody::passed))
                 }
                 Err(rejection) => return reject(rejection),
             };
-            let annotation = (layer.policy.current_action() == Action::Annotate)
+            let annotation = (action == Action::Annotate)
                 .then(|| HeaderValue::try_from(format!("{score:.2}")).ok())
                 .flatten();
             if let Some(value) = &annotation {

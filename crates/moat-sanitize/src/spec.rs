@@ -78,6 +78,13 @@ pub struct SanitizeSpec {
     /// screening. The spec holds where and how; the HTTP client is the caller's
     /// ([`ClassifierSpec::external`]).
     pub classifier: Option<ClassifierSpec>,
+    /// Policies of their own for some routes, models or tiers (`[[sanitize.policies]]`), tried
+    /// in order: the first whose `routes`, `models` and `tiers` admit a request screens it,
+    /// the section's policy screens the rest. Each is a whole policy (a key it leaves out takes
+    /// its default, not the section's value); `unknown`, `canary` and `classifier` are the
+    /// section's alone.
+    #[serde(default)]
+    pub policies: Vec<SanitizeSpec>,
 }
 
 /// An external classifier (`[sanitize.classifier]`).
@@ -188,9 +195,21 @@ impl SanitizeSpec {
 
     /// The layer the spec describes, without its classifier (see [`ClassifierSpec::external`]).
     pub fn layer(&self) -> Result<SanitizeLayer, String> {
-        let layer = SanitizeLayer::new(self.policy()?)
+        let mut layer = SanitizeLayer::new(self.policy()?)
             .with_unknown(self.unknown)
             .with_canary(self.canary);
+        for (i, spec) in self.policies.iter().enumerate() {
+            let filters = [&spec.routes[..], &spec.models, &spec.tiers];
+            let layer_keys = [
+                ("unknown", spec.unknown != UnknownPolicy::default()),
+                ("canary", spec.canary),
+                ("classifier", spec.classifier.is_some()),
+                ("policies", !spec.policies.is_empty()),
+            ];
+            let scope = Scope::for_policy("sanitize", i, filters, &layer_keys)?;
+            let policy = spec.policy().map_err(|e| format!("policies[{i}].{e}"))?;
+            layer = layer.with_policy_for(scope, policy);
+        }
         Ok(
             match Scope::filter("sanitize", &self.routes, &self.models, &self.tiers) {
                 Some(scope) => layer.with_scope(scope),

@@ -2572,3 +2572,84 @@ async fn a_stderr_nobody_reads_never_holds_a_request() {
     drop(child);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn sections_take_policies_per_route_and_model() {
+    let (mock, gw) = gateway_with(
+        r#"[sanitize]
+deny = ["(?i)\\bpineapple\\b"]
+
+[[sanitize.policies]]
+models = ["gpt-4o-mini"]
+action = "shadow"
+
+[moderate]
+action = "block"
+words = [{ category = "harassment", words = ["frak~"] }]
+
+[[moderate.policies]]
+routes = ["/v1/chat/completions"]
+models = ["gpt-4o-mini"]
+action = "mask"
+words = [{ category = "harassment", words = ["frak~"] }]
+"#,
+    )
+    .await;
+    let for_model = |text: &str, model: &str, stream: bool| {
+        let mut body = chat(text, stream);
+        body["model"] = json!(model);
+        body
+    };
+    let post = |body: Value, headers: &'static [(&'static str, &'static str)]| {
+        call(&gw.url, "POST", "/v1/chat/completions", headers, Some(body))
+    };
+
+    // Screening: the model's policy only records; every other model gets the section's.
+    let question = "Is pineapple on pizza fine?";
+    let refused = post(for_model(question, "gpt-4o", false), &[]).await;
+    assert_eq!(refused.status, 400, "{:?}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "prompt_rejected");
+    assert!(mock.requests().is_empty());
+    let shadowed = post(for_model(question, "gpt-4o-mini", false), &[]).await;
+    assert_eq!(shadowed.status, 200, "{:?}", shadowed.body);
+    assert_eq!(mock.requests().len(), 1);
+
+    // Moderation: masked for the model on this route, blocked for the rest.
+    let rude = &[(
+        "x-mock-reply",
+        "Well, frakking hell, the build is green again.",
+    )];
+    let masked = post(for_model("hi", "gpt-4o-mini", false), rude).await;
+    let doc = masked.json();
+    assert_eq!(
+        doc["choices"][0]["message"]["content"],
+        "Well, ******** hell, the build is green again."
+    );
+    let blocked = post(for_model("hi", "gpt-4o", true), rude).await;
+    let (_, finish, done_last) = stream_ending(blocked.body.as_ref().unwrap());
+    assert_eq!(finish.as_deref(), Some("content_filter"));
+    assert!(done_last);
+
+    // An entry must say which requests it is for, and keep to what can differ per policy.
+    let resolve = |sections: &str| {
+        Config::resolve(
+            &format!("[upstream]\nbase_url = \"{}/v1\"\n{sections}", mock.url()),
+            |_| None,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    let error = resolve("[sanitize]\n[[sanitize.policies]]\naction = \"shadow\"\n");
+    assert!(
+        error.contains("sanitize.policies[0]: give `routes`, `models` or `tiers`"),
+        "{error}"
+    );
+    let error = resolve("[moderate]\n[[moderate.policies]]\nroutes = [\"/v1/*\"]\ninput = true\n");
+    assert!(
+        error.contains("moderate.policies[0].input: set it in the section"),
+        "{error}"
+    );
+    let error = resolve("[sanitize]\n[[sanitize.policies]]\ntiers = [\"free\"]\ndeny = [\"(\"]\n");
+    assert!(error.contains("sanitize.policies[0].deny"), "{error}");
+}
