@@ -119,24 +119,17 @@ impl Scope {
     /// The scope of the `index`th entry of a layer's `policies` in a configuration file: its
     /// routes, models and tiers, of which it must give at least one (an entry for every
     /// request would hide the default). `layer_keys` are the keys that belong to the whole
-    /// layer, each with whether the entry sets it: none may be. The error names the entry and
-    /// the key.
+    /// layer, each with whether the entry sets it: none may be.
     pub fn for_policy(
         name: impl Into<Arc<str>>,
         index: usize,
         [routes, models, tiers]: [&[String]; 3],
-        layer_keys: &[(&str, bool)],
-    ) -> Result<Self, String> {
-        if let Some((key, _)) = layer_keys.iter().find(|(_, set)| *set) {
-            return Err(format!(
-                "policies[{index}].{key}: set it in the section: it applies to the whole layer"
-            ));
+        layer_keys: &[(&'static str, bool)],
+    ) -> Result<Self, PolicyEntryError> {
+        if let Some(&(key, _)) = layer_keys.iter().find(|(_, set)| *set) {
+            return Err(PolicyEntryError::LayerKey { index, key });
         }
-        Self::filter(name, routes, models, tiers).ok_or_else(|| {
-            format!(
-                "policies[{index}]: give `routes`, `models` or `tiers`: which requests it is for"
-            )
-        })
+        Self::filter(name, routes, models, tiers).ok_or(PolicyEntryError::Unscoped { index })
     }
 
     /// The name.
@@ -341,6 +334,55 @@ impl<P> Policies<P> {
             .map_or(&self.default, |(_, policy)| policy)
     }
 }
+
+/// An entry of a layer's `policies` in a configuration file that cannot be one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PolicyEntryError {
+    /// It sets a key that belongs to the whole layer.
+    LayerKey {
+        /// The entry, counted from 0.
+        index: usize,
+        /// The key.
+        key: &'static str,
+    },
+    /// It gives no routes, models or tiers.
+    Unscoped {
+        /// The entry, counted from 0.
+        index: usize,
+    },
+}
+
+impl PolicyEntryError {
+    /// The key at fault (`routes` when none is given).
+    pub fn key(&self) -> &'static str {
+        match self {
+            Self::LayerKey { key, .. } => key,
+            Self::Unscoped { .. } => "routes",
+        }
+    }
+
+    /// What is wrong, without where.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::LayerKey { .. } => "set it in the section: it applies to the whole layer",
+            Self::Unscoped { .. } => "give `routes`, `models` or `tiers`: which requests it is for",
+        }
+    }
+}
+
+impl fmt::Display for PolicyEntryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::LayerKey { index, key } => {
+                write!(f, "policies[{index}].{key}: {}", self.reason())
+            }
+            Self::Unscoped { index } => write!(f, "policies[{index}]: {}", self.reason()),
+        }
+    }
+}
+
+impl std::error::Error for PolicyEntryError {}
 
 /// Whether `path` is `route`, or lies under it when `route` ends in `/*` (`/v1/chat/*` matches
 /// `/v1/chat` and `/v1/chat/completions`, not `/v1/chatter`).

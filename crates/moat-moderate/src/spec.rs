@@ -246,7 +246,8 @@ impl ModerateSpec {
                 ("external", spec.external.is_some()),
                 ("policies", !spec.policies.is_empty()),
             ];
-            let scope = Scope::for_policy("moderate", i, filters, &layer_keys)?;
+            let scope = Scope::for_policy("moderate", i, filters, &layer_keys)
+                .map_err(|e| e.to_string())?;
             let policy = spec.policy().map_err(|e| format!("policies[{i}].{e}"))?;
             layer = layer.with_policy_for(scope, policy);
         }

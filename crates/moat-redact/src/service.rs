@@ -8,7 +8,7 @@ use http::{Request, Response};
 use http_body::Body;
 use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
 use moat_core::decision::{Decision, Decisions, Mode, Outcome};
-use moat_core::kit::Scope;
+use moat_core::kit::{Policies, Scope};
 use moat_core::llm::{LlmRequest, UnknownPolicy};
 use moat_core::reject::{Protocol, Rejection};
 use moat_core::request::{read_llm_request, LlmBody};
@@ -26,8 +26,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct RedactLayer {
-    redactor: Arc<Redactor>,
-    scrub: Option<Arc<Redactor>>,
+    policies: Policies<RedactPolicy>,
+    /// Whether replies are scrubbed (with the chosen policy's detector).
+    reply_side: bool,
     sessions: Option<Sessions>,
     restore: bool,
     mode: Mode,
@@ -41,8 +42,8 @@ impl RedactLayer {
     /// Redacts with `redactor` and restores replies.
     pub fn new(redactor: Redactor) -> Self {
         Self {
-            redactor: Arc::new(redactor),
-            scrub: None,
+            policies: Policies::new(RedactPolicy::new(redactor)),
+            reply_side: false,
             sessions: None,
             restore: true,
             mode: Mode::Enforce,
@@ -71,7 +72,17 @@ impl RedactLayer {
     /// client sees it, streamed replies with a bounded carry ([`MAX_CARRY`](crate::MAX_CARRY)).
     /// Default no.
     pub fn with_reply_side(mut self, scrub: bool) -> Self {
-        self.scrub = scrub.then(|| Arc::new(self.redactor.redacting()));
+        self.reply_side = scrub;
+        self
+    }
+
+    /// Redacts the requests `scope` admits (its routes, methods, caller tiers and models; its
+    /// key and mode are not used) with `redactor` instead of the default: the first such
+    /// scope that admits a request chooses. Within the layer's own
+    /// [scope](Self::with_scope), if it has one; restoring, reply-side scrubbing, the mode and
+    /// the conversation vaults are the layer's.
+    pub fn with_policy_for(mut self, scope: Scope, redactor: Redactor) -> Self {
+        self.policies = self.policies.with(scope, RedactPolicy::new(redactor));
         self
     }
 
@@ -193,14 +204,16 @@ where
                     .into_response::<ResBody>(protocol);
                 Ok(response.map(ResponseBody::plain))
             };
-            let (mut req, vault) = match read_llm_request(req, layer.body_limit).await {
+            let (mut req, vault, policy) = match read_llm_request(req, layer.body_limit).await {
                 Ok(LlmBody::Parsed { request, llm }) => {
-                    if let Some(scope) = &layer.scope {
-                        let model = llm.with(|r| r.model().map(str::to_owned));
-                        if !scope.matches_model(model.as_deref()) {
-                            return Ok(inner.call(request).await?.map(ResponseBody::passed));
-                        }
+                    let by_model = layer.scope.as_ref().filter(|s| !s.models().is_empty());
+                    let model = (by_model.is_some() || layer.policies.needs_model())
+                        .then(|| llm.with(|r| r.model().map(str::to_owned)))
+                        .flatten();
+                    if by_model.is_some_and(|s| !s.matches_model(model.as_deref())) {
+                        return Ok(inner.call(request).await?.map(ResponseBody::passed));
                     }
+                    let policy = layer.policies.select(&request, model.as_deref()).clone();
                     if let Err(rejection) = llm.with(|r| layer.unknown.check(r)) {
                         return reject(rejection);
                     }
@@ -220,7 +233,7 @@ where
                         }
                         None => SharedVault::default(),
                     };
-                    let spans = llm.with(|r| layer.redact(r, &vault));
+                    let spans = llm.with(|r| layer.redact(&policy.redactor, r, &vault));
                     if spans > 0 {
                         let shadow = layer.mode == Mode::Shadow;
                         let spans = u32::try_from(spans).unwrap_or(u32::MAX);
@@ -233,14 +246,18 @@ where
                         };
                         Decisions::record(request.extensions(), decision);
                     }
-                    (request, vault)
+                    (request, vault, policy)
                 }
-                Ok(LlmBody::Unparsed(request)) => (request, SharedVault::default()),
+                Ok(LlmBody::Unparsed(request)) => {
+                    let policy = layer.policies.select(&request, None).clone();
+                    (request, SharedVault::default(), policy)
+                }
                 Err(rejection) => return reject(rejection),
             };
             let rewriter = Rewriter {
-                redactor: layer.redactor.clone(),
-                scrub: layer.scrub.clone().filter(|_| layer.mode == Mode::Enforce),
+                scrub: (layer.reply_side && layer.mode == Mode::Enforce)
+                    .then(|| policy.scrub.clone()),
+                redactor: policy.redactor.clone(),
                 vault,
                 restore: layer.restore,
             };
@@ -265,10 +282,27 @@ where
     }
 }
 
+/// What a request is redacted with: a redactor, and the same detector redacting everything,
+/// for replies scrubbed on the way back.
+#[derive(Debug)]
+struct RedactPolicy {
+    redactor: Arc<Redactor>,
+    scrub: Arc<Redactor>,
+}
+
+impl RedactPolicy {
+    fn new(redactor: Redactor) -> Self {
+        Self {
+            scrub: Arc::new(redactor.redacting()),
+            redactor: Arc::new(redactor),
+        }
+    }
+}
+
 impl RedactLayer {
     /// Redacts every segment the unknown policy lets it scan, counting what it finds; the number
     /// of values found.
-    fn redact(&self, request: &mut LlmRequest, vault: &SharedVault) -> usize {
+    fn redact(&self, redactor: &Redactor, request: &mut LlmRequest, vault: &SharedVault) -> usize {
         let shadow = self.mode == Mode::Shadow;
         let mode = if shadow { "shadow" } else { "enforce" };
         let mut vault = lock(vault);
@@ -280,7 +314,7 @@ impl RedactLayer {
             let Some(text) = request.text(i) else {
                 continue;
             };
-            let found = self.redactor.detector().find(text);
+            let found = redactor.detector().find(text);
             for f in &found {
                 metrics::counter!("moat_redact_values_total", "entity" => f.entity.name(), "mode" => mode)
                     .increment(1);
@@ -289,11 +323,7 @@ impl RedactLayer {
             if shadow || found.is_empty() {
                 continue;
             }
-            let text = self
-                .redactor
-                .replace(text, &found, &mut vault)
-                .text
-                .into_owned();
+            let text = redactor.replace(text, &found, &mut vault).text.into_owned();
             request.set_text(i, text);
         }
         spans

@@ -83,6 +83,13 @@ pub struct RedactSpec {
     /// Only callers of these tiers; default all.
     #[serde(default)]
     pub tiers: Vec<String>,
+    /// Redaction of its own for some routes, models or tiers (`[[redact.policies]]`), tried in
+    /// order: the first whose `routes`, `models` and `tiers` admit a request redacts it, the
+    /// section's entities and operators the rest. Each is a whole policy (a key it leaves out
+    /// takes its default, not the section's value); `mode`, `unknown`, `restore`,
+    /// `reply_side` and `sessions` are the section's alone.
+    #[serde(default)]
+    pub policies: Vec<RedactSpec>,
 }
 
 /// A name in `entities`: one entity, `secrets` (every secret kind) or `all` (every entity but
@@ -170,12 +177,17 @@ pub struct SessionsSpec {
 pub struct RedactSpecError {
     /// The key at fault, e.g. `entities`.
     pub key: &'static str,
+    /// The entry of `policies` it is in, if it is in one.
+    pub policy: Option<usize>,
     message: String,
 }
 
 impl fmt::Display for RedactSpecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "redact.{}: {}", self.key, self.message)
+        match self.policy {
+            Some(i) => write!(f, "redact.policies[{i}].{}: {}", self.key, self.message),
+            None => write!(f, "redact.{}: {}", self.key, self.message),
+        }
     }
 }
 
@@ -184,6 +196,7 @@ impl std::error::Error for RedactSpecError {}
 fn error(key: &'static str, message: impl fmt::Display) -> RedactSpecError {
     RedactSpecError {
         key,
+        policy: None,
         message: message.to_string(),
     }
 }
@@ -209,6 +222,58 @@ impl RedactSpec {
         fingerprinter: &Fingerprinter,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<RedactLayer, RedactSpecError> {
+        let mut layer = RedactLayer::new(self.redactor(fingerprinter, env)?)
+            .with_mode(self.mode)
+            .with_unknown(self.unknown)
+            .with_restore(self.restore.unwrap_or(true))
+            .with_reply_side(self.reply_side.unwrap_or(false));
+        for (i, spec) in self.policies.iter().enumerate() {
+            let in_entry = |mut e: RedactSpecError| {
+                e.policy = Some(i);
+                e
+            };
+            let filters = [&spec.routes[..], &spec.models, &spec.tiers];
+            let layer_keys = [
+                ("mode", spec.mode != Mode::default()),
+                ("unknown", spec.unknown != UnknownPolicy::default()),
+                ("restore", spec.restore.is_some()),
+                ("reply_side", spec.reply_side.is_some()),
+                ("sessions", spec.sessions.is_some()),
+                ("policies", !spec.policies.is_empty()),
+            ];
+            let scope = Scope::for_policy("redact", i, filters, &layer_keys)
+                .map_err(|e| in_entry(error(e.key(), e.reason())))?;
+            layer =
+                layer.with_policy_for(scope, spec.redactor(fingerprinter, env).map_err(in_entry)?);
+        }
+        if let Some(s) = &self.sessions {
+            let mut sessions = Sessions::new();
+            if let Some(header) = &s.header {
+                sessions = sessions.with_header(header.clone());
+            }
+            if let Some(ttl) = s.ttl_secs {
+                sessions = sessions.with_ttl(Duration::from_secs(ttl));
+            }
+            if let Some(n) = s.max_sessions {
+                sessions = sessions.with_max_sessions(n);
+            }
+            if let Some(n) = s.max_values {
+                sessions = sessions.with_max_values(n);
+            }
+            layer = layer.with_sessions(sessions);
+        }
+        if let Some(scope) = Scope::filter("redact", &self.routes, &self.models, &self.tiers) {
+            layer = layer.with_scope(scope);
+        }
+        Ok(layer)
+    }
+
+    /// The redactor: the detector of its entities, thresholds and lists, with its operators.
+    fn redactor(
+        &self,
+        fingerprinter: &Fingerprinter,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Redactor, RedactSpecError> {
         let operator =
             |name: OperatorName, key: &'static str| -> Result<Operator, RedactSpecError> {
                 Ok(match name {
@@ -236,31 +301,7 @@ impl RedactSpec {
         for (&entity, &name) in &self.operators {
             redactor = redactor.with_operator_for(entity, operator(name, "operators")?);
         }
-        let mut layer = RedactLayer::new(redactor)
-            .with_mode(self.mode)
-            .with_unknown(self.unknown)
-            .with_restore(self.restore.unwrap_or(true))
-            .with_reply_side(self.reply_side.unwrap_or(false));
-        if let Some(s) = &self.sessions {
-            let mut sessions = Sessions::new();
-            if let Some(header) = &s.header {
-                sessions = sessions.with_header(header.clone());
-            }
-            if let Some(ttl) = s.ttl_secs {
-                sessions = sessions.with_ttl(Duration::from_secs(ttl));
-            }
-            if let Some(n) = s.max_sessions {
-                sessions = sessions.with_max_sessions(n);
-            }
-            if let Some(n) = s.max_values {
-                sessions = sessions.with_max_values(n);
-            }
-            layer = layer.with_sessions(sessions);
-        }
-        if let Some(scope) = Scope::filter("redact", &self.routes, &self.models, &self.tiers) {
-            layer = layer.with_scope(scope);
-        }
-        Ok(layer)
+        Ok(redactor)
     }
 
     /// The cipher for `encrypt`: its key from the environment variable the spec names.

@@ -558,3 +558,33 @@ async fn a_scope_limits_redaction_to_its_routes_and_models() {
         "another route passes untouched"
     );
 }
+
+#[tokio::test]
+async fn scoped_redactors_serve_their_models_and_the_default_the_rest() {
+    use moat_core::identity::Global;
+    use moat_core::kit::Scope;
+    let mock = MockUpstream::start().await.unwrap();
+    let body = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "Mail jane.doe@example.com or call +1 415 555 0132"}]});
+    // A provider under a data agreement may see emails, never phone numbers.
+    let layer = || {
+        RedactLayer::new(Redactor::new(&Entity::ALL)).with_policy_for(
+            Scope::new("trusted", Global).model("claude-*"),
+            Redactor::new(&[Entity::Phone]),
+        )
+    };
+    let sent = |i: usize| mock.requests()[i].body.to_string();
+    let (status, _, _) = send_through(
+        layer(),
+        &mock,
+        "/v1/chat/completions",
+        body("claude-haiku-4-5"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(sent(0).contains("jane.doe@example.com"), "{}", sent(0));
+    assert!(!sent(0).contains("555 0132"), "{}", sent(0));
+    send_through(layer(), &mock, "/v1/chat/completions", body("gpt-4o"), &[]).await;
+    assert!(!sent(1).contains("jane.doe@example.com"), "{}", sent(1));
+    assert!(!sent(1).contains("555 0132"), "{}", sent(1));
+}

@@ -2653,3 +2653,35 @@ words = [{ category = "harassment", words = ["frak~"] }]
     let error = resolve("[sanitize]\n[[sanitize.policies]]\ntiers = [\"free\"]\ndeny = [\"(\"]\n");
     assert!(error.contains("sanitize.policies[0].deny"), "{error}");
 }
+
+#[tokio::test]
+async fn redaction_takes_policies_per_model() {
+    let (mock, gw) = gateway_with(
+        "[redact]\nentities = \"all\"\n[[redact.policies]]\nmodels = [\"claude-*\"]\nentities = [\"phone\"]\n",
+    )
+    .await;
+    let text = "Mail jane.doe@example.com or call +1 415 555 0132";
+    for model in ["claude-haiku-4-5", "gpt-4o-mini"] {
+        let mut body = chat(text, false);
+        body["model"] = json!(model);
+        let reply = call(&gw.url, "POST", "/v1/chat/completions", &[], Some(body)).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+    let sent: Vec<String> = mock.requests().iter().map(|r| r.body.to_string()).collect();
+    assert!(sent[0].contains("jane.doe@example.com") && !sent[0].contains("555 0132"));
+    assert!(!sent[1].contains("jane.doe@example.com") && !sent[1].contains("555 0132"));
+
+    let bad = Config::resolve(
+        &format!(
+            "[upstream]\nbase_url = \"{}/v1\"\n[redact]\nentities = \"all\"\n[[redact.policies]]\ntiers = [\"free\"]\nentities = [\"email\"]\nsessions = {{}}\n",
+            mock.url()
+        ),
+        |_| None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("redact.policies[0].sessions: set it in the section"),
+        "{bad}"
+    );
+}
