@@ -98,12 +98,18 @@
 //!         .stream_mode(StreamMode::HoldBack)
 //!         .message("I can't help with that."),
 //! )
-//! .with_input(true); // also refuse flagged prompts (400 content_filter)
+//! .with_input(true) // also refuse flagged prompts (400 content_filter)
+//! // Another policy for some routes, models or tiers: the first scope that admits a request
+//! // chooses its policy, the default moderates the rest.
+//! .with_policy_for(
+//!     moat_core::kit::Scope::new("staff", moat_core::identity::Global).tier("internal"),
+//!     Policy::new().action(Action::Flag),
+//! );
 //! # let _ = layer;
 //! ```
 //!
 //! With the `serde` feature, [`spec::ModerateSpec`] reads the same from a configuration file
-//! (the gateway's `[moderate]`).
+//! (the gateway's `[moderate]`, with `[[moderate.policies]]`).
 //!
 //! # axum and tonic
 //!

@@ -91,6 +91,9 @@
 //! - [`RedactLayer::with_sessions`] keeps one vault per conversation ([`Sessions`]: the caller's
 //!   tenant plus an `x-moat-conversation` header, bounded and expiring), so a value keeps its
 //!   placeholder across turns; tenants never share one.
+//! - [`RedactLayer::with_policy_for`] redacts the requests a [`Scope`](moat_core::kit::Scope)
+//!   admits (routes, models, tiers) with another [`Redactor`]: a provider under a data
+//!   agreement may see emails, another none (the gateway's `[[redact.policies]]`).
 //! - [`Redactor::redact_str`] and [`Redactor::redact_json`] serve other uses, such as scrubbing
 //!   audit records.
 //!

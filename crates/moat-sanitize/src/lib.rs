@@ -71,12 +71,18 @@
 //!         .max_prompt_bytes(200_000)
 //!         .max_messages(200),
 //! )
-//! .with_canary(true);
+//! .with_canary(true)
+//! // Another policy for some routes, models or tiers: the first scope that admits a request
+//! // chooses its policy, the default screens the rest.
+//! .with_policy_for(
+//!     moat_core::kit::Scope::new("batch", moat_core::identity::Global).route("/v1/batch/*"),
+//!     Policy::new().action(Action::Shadow),
+//! );
 //! # let _ = layer;
 //! ```
 //!
 //! With the `serde` feature, [`spec::SanitizeSpec`] reads the same from a configuration file
-//! (the gateway's `[sanitize]`).
+//! (the gateway's `[sanitize]`, with `[[sanitize.policies]]`).
 //!
 //! # axum and tonic
 //!
