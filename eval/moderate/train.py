@@ -19,7 +19,7 @@ Needs the crate's tokenizer (`cargo build --release -p moat-moderate --example w
 the words are exactly the ones the crate reads. Deterministic: fixed seeds, liblinear.
 
 The model mirrors crates/moat-moderate/src/model.rs exactly: each word's unigram and each pair
-of consecutive words inside the window ("prev word") hashed with FNV-1a 64 into one table of
+of consecutive words inside the window ("prev word") hashed with FNV-1a 64, mixed (fmix64), into one table of
 2^bits int8 weights (counts, not binary); logit = bias + scale * sum of weights; the crate scores
 after every word the window of the last W words, and a text is flagged when any window's logit
 reaches the threshold. Everything here (tuning included) scores the *quantized* model that way.
@@ -64,10 +64,11 @@ LIMITS_STRICT = {"long": 0.005, "garak_books": 0.05}
 LIMITS_DOCS = {"docs": 0.005, "garak_books": 0.05}
 LIMITS = dict(LIMITS_STRICT)
 # Past the threshold, the model flags alone; at it, it confirms a mild harassment word of the
-# lexicon in its window. Chosen with evaluate.py on the whole classifier: the largest F1 with
-# under 1% of the long benign documents flagged (with the lexicon of this commit: F1 0.58 at
-# 0.9%; a confirmation point 1 under the threshold, with the same bar alone: 0.60 at 1.2%).
-MARGIN = 0.5
+# lexicon in its window. Chosen with evaluate.py on the whole classifier (MOAT_MODEL_MARGIN
+# overrides it there): the largest F1 with under 1% of the long benign documents flagged. With
+# the MMD3 model and lexicon of this commit: margin 0.5 F1 0.549 at 0.58%, 0 F1 0.554 at
+# 0.87%, -0.5 F1 0.573 at 1.45%, -1 F1 0.599 at 2.0%.
+MARGIN = 0.0
 SEED = 20240611
 
 OFFSET, PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
@@ -104,6 +105,19 @@ def fnv_py(s):
     h = 0xCBF29CE484222325
     for b in s.encode("utf-8"):
         h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def fmix64(h):
+    """MurmurHash3's 64-bit finalizer (the crate's `mix`): FNV-1a's low bits alone are weak,
+    and made "encoding" and "idiotic" share a weight."""
+    h = h.copy()
+    with np.errstate(over="ignore"):
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
     return h
 
 
@@ -164,9 +178,10 @@ class Corpus:
         assert fnv_py("a") == 0xAF63DC4C8601EC8C
 
     def buckets(self, bits):
+        """Each position's unigram and bigram weight index: the hash mixed (fmix64), masked."""
         mask = np.uint64((1 << bits) - 1)
-        u = (self.uni & mask).astype(np.int64)
-        b = (self.bi & mask).astype(np.int64)
+        u = (fmix64(self.uni) & mask).astype(np.int64)
+        b = (fmix64(self.bi) & mask).astype(np.int64)
         return u, b
 
 
@@ -376,7 +391,7 @@ def fit(corpus, samples, bits, W, C, class_weight, idx, long_weight=None, rounds
 
 
 def write(model, path):
-    hdr = b"MMD2" + struct.pack("<IfffIf", model["bits"], model["scale"], model["bias"],
+    hdr = b"MMD3" + struct.pack("<IfffIf", model["bits"], model["scale"], model["bias"],
                                 model["threshold"], model["window"], model.get("margin", 0.0))
     assert len(hdr) == 28
     with open(path, "wb") as f:
@@ -391,7 +406,7 @@ def load(path=OUT):
         bits, scale, bias, thr, W = struct.unpack("<IfffI", b[4:24])
         margin, q = 0.0, np.frombuffer(b[24:], dtype=np.int8)
     else:
-        assert b[:4] == b"MMD2"
+        assert b[:4] == b"MMD3", "retrain: models before MMD3 index weights by the unmixed hash"
         bits, scale, bias, thr, W, margin = struct.unpack("<IfffIf", b[4:28])
         q = np.frombuffer(b[28:], dtype=np.int8)
     assert len(q) == 1 << bits

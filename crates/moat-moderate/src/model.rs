@@ -8,9 +8,10 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::LazyLock;
 
-/// `MMD2`, u32 bits, f32 scale, f32 bias, f32 threshold (log-odds), u32 window (words), f32
-/// margin (log-odds), then 2^bits int8 weights, little-endian. (`MMD1`: the same without the
-/// margin, which is then 0.)
+/// `MMD3`, u32 bits, f32 scale, f32 bias, f32 threshold (log-odds), u32 window (words), f32
+/// margin (log-odds), then 2^bits int8 weights, little-endian; a feature's weight is at its
+/// FNV-1a hash mixed by [`mix`], masked to `bits`. (`MMD2`: the hash masked unmixed; `MMD1`:
+/// that, without the margin, which is then 0.)
 const SHIPPED: &[u8] = include_bytes!("../model/toxicity.i8.bin");
 
 /// A model file that cannot be read.
@@ -36,6 +37,8 @@ pub struct Model {
     /// How far past the threshold a window must score for the model to flag it alone; at the
     /// threshold it only confirms a mild lexicon word in the window.
     margin: f32,
+    /// Whether a hash is mixed before it is masked (`MMD3`).
+    mixed: bool,
     header: usize,
     weights: Cow<'static, [u8]>,
 }
@@ -70,14 +73,24 @@ pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
     hash
 }
 
+/// MurmurHash3's 64-bit finalizer: every bit of the hash reaches the low bits a table is
+/// indexed by. FNV-1a's low bits alone made "encoding" and "idiotic" share a weight.
+fn mix(mut hash: u64) -> u64 {
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^ (hash >> 33)
+}
+
 impl Model {
     /// Reads a model file (the format `eval/moderate/train.py` writes).
     pub fn from_bytes(bytes: impl Into<Cow<'static, [u8]>>) -> Result<Self, ModelError> {
         let bytes = bytes.into();
         let header = match bytes.get(..4) {
             Some(b"MMD1") => 24,
-            Some(b"MMD2") => 28,
-            _ => return Err(ModelError("not an MMD1 or MMD2 file")),
+            Some(b"MMD2" | b"MMD3") => 28,
+            _ => return Err(ModelError("not an MMD1, MMD2 or MMD3 file")),
         };
         if bytes.len() < header {
             return Err(ModelError("the header is cut short"));
@@ -101,6 +114,7 @@ impl Model {
             } else {
                 0.0
             },
+            mixed: bytes.starts_with(b"MMD3"),
             header,
             weights: bytes,
         })
@@ -120,6 +134,7 @@ impl Model {
 
     fn weight(&self, hash: u64) -> f32 {
         let mask = (1u64 << self.bits) - 1;
+        let hash = if self.mixed { mix(hash) } else { hash };
         // Masked to fewer than 2^bits, which the header check made the weights' length.
         let at = self.header + (hash & mask) as usize;
         f32::from(self.weights[at] as i8) * self.scale
@@ -238,6 +253,27 @@ mod tests {
                 window.sum,
                 fresh.sum
             );
+        }
+    }
+
+    #[test]
+    fn technical_words_keep_weights_of_their_own() {
+        // Indexed by FNV-1a's low bits, "encoding" read "idiotic"'s weight, and "Base64
+        // encoding and URL encoding" was harassment.
+        let model = Model::shipped();
+        let mask = (1u64 << model.bits) - 1;
+        let at = |word: &str| mix(fnv1a(&[word.as_bytes()])) & mask;
+        assert_eq!(
+            fnv1a(&[b"encoding"]) & mask,
+            fnv1a(&[b"idiotic"]) & mask,
+            "the collision"
+        );
+        assert_ne!(at("encoding"), at("idiotic"));
+        for text in [
+            "Base64 encoding and URL encoding are different.",
+            "Set the encoding to UTF-8: the default encoding differs, so pass the encoding.",
+        ] {
+            assert!(model.score_text(text) < 0.5, "{text}");
         }
     }
 

@@ -684,12 +684,27 @@ mod tests {
 
     #[test]
     fn a_masked_category_the_model_then_withholds_is_reported_as_blocked() {
-        let p = Policy::new().action(Action::Mask);
-        let (out, scan) = check_text("That is fucking great news, really.", &p);
-        // The word is masked, then the shipped model scores its window as abuse: there is
-        // nothing to mask for that, so the rest is withheld.
+        // A model that scores every word alike: any window of four words or more flags.
+        let mut bytes = b"MMD3".to_vec();
+        bytes.extend(8u32.to_le_bytes());
+        for value in [1.0f32, -50.0, 0.0] {
+            bytes.extend(value.to_le_bytes()); // scale, bias, threshold
+        }
+        bytes.extend(12u32.to_le_bytes());
+        bytes.extend(0.0f32.to_le_bytes()); // margin
+        bytes.extend([10u8; 256]);
+        let model = crate::Model::from_bytes(bytes).unwrap();
+        let base = policy(Action::Mask, StreamMode::HoldBack, false);
+        let classifier = base
+            .classifier
+            .clone()
+            .model(Some(model), Category::Harassment);
+        let p = base.classifier(classifier);
+        let (out, scan) = check_text("Fucking hell, that is great news.", &p);
+        // The word is masked, then the model scores a window as abuse: there is nothing to
+        // mask for that, so the rest is withheld.
         assert!(scan.is_blocked(), "{out}");
-        assert!(out.starts_with("That is *******"), "{out}");
+        assert!(out.starts_with("******* hell"), "{out}");
         assert_eq!(scan.flags().len(), 1);
         assert_eq!(scan.flags()[0].action, Action::Block);
     }
