@@ -66,8 +66,8 @@ LIMITS = dict(LIMITS_STRICT)
 # Past the threshold, the model flags alone; at it, it confirms a mild harassment word of the
 # lexicon in its window. Chosen with evaluate.py on the whole classifier (MOAT_MODEL_MARGIN
 # overrides it there): the largest F1 with under 1% of the long benign documents flagged. With
-# the MMD3 model and lexicon of this commit: margin 0.5 F1 0.549 at 0.58%, 0 F1 0.554 at
-# 0.87%, -0.5 F1 0.573 at 1.45%, -1 F1 0.599 at 2.0%.
+# the model and lexicon of this commit: margin 0.5 F1 0.545 at 0.6%, 0 F1 0.548 at 0.9%, -0.5
+# F1 0.567 at 1.2%.
 MARGIN = 0.0
 SEED = 20240611
 
@@ -92,11 +92,14 @@ mammogram lactation breastfeeding foreplay consent consensual lgbt lgbtq gay les
 bisexual transgender homosexual heterosexual
 black blacks white whites jew jews jewish muslim muslims islam christian christians asian
 asians hispanic latino arab arabs immigrant immigrants african mexican mexicans chinese
+women woman men man girl girls boy boys female male child children kid kids baby babies
+mother mothers father fathers wife husband son daughter
 kill kills killed killing killings murder murdered murders rape raped rapes rapist dead die
 died death war wars genocide holocaust lynching slavery slave slaves suck sucks sucked sucking suckle latch
 '''.split())
-# ... and identity and violence words: history, news and fiction name groups and killings
-# without abuse; the lexicon's phrases catch threats and slurs.
+# ... and identity, gender, family and violence words: history, news and fiction name groups,
+# women, children and killings without abuse (and a model that learned them would flag text
+# about women more than text about men's hobbies); the lexicon's phrases catch threats and slurs.
 
 
 # ---- FNV-1a 64, vectorised --------------------------------------------------------------------

@@ -278,6 +278,36 @@ mod tests {
     }
 
     #[test]
+    fn gender_and_family_words_weigh_alike() {
+        // They are left out of training: RealToxicityPrompts' labels would teach the model that
+        // a sentence about women is more toxic than one about men.
+        let model = Model::shipped();
+        let log_odds = |text: &str| {
+            let mut window = Window::default();
+            crate::words::words(text)
+                .iter()
+                .map(|w| {
+                    window.push(model, w);
+                    window.sum
+                })
+                .fold(f32::MIN, f32::max)
+        };
+        for (a, b) in [
+            (
+                "My wife said the women at work were brilliant.",
+                "My husband said the men at work were brilliant.",
+            ),
+            (
+                "The girl and her mother fixed the bike.",
+                "The boy and his father fixed the bike.",
+            ),
+        ] {
+            let (la, lb) = (log_odds(a), log_odds(b));
+            assert!((la - lb).abs() < 0.25, "{a}: {la} vs {b}: {lb}");
+        }
+    }
+
+    #[test]
     fn bad_files_are_refused() {
         assert!(Model::from_bytes(&b"nope"[..]).is_err());
         let mut bytes = SHIPPED.to_vec();
