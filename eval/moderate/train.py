@@ -8,8 +8,8 @@
         # the alternative: threshold held under 0.5% of every long benign text, the hand-written
         # answers included (a near-inert model: F1 0.05 on RTP val)
 
-The shipped model (bits 19, W 12, C 0.1, `--limits docs`: the threshold at 0.5% of the cargo
-docs and long requests; margin 0.5) leaves clinical, anatomical, identity and violence words out
+The shipped model (bits 20, W 12, C 0.1, `--limits docs`: the threshold at 0.5% of the cargo
+docs and long requests; margin -0.75) leaves clinical, anatomical, identity and violence words out
 of its training features (NEUTRAL below): RealToxicityPrompts calls a sentence that names a
 body part, a group or a killing toxic, and the model would learn to flag answers about anatomy,
 history or the news. Its job in the crate is abuse: alone past its margin, and as the
@@ -49,7 +49,9 @@ import data  # noqa: E402
 
 OUT = os.path.join(ROOT, "crates", "moat-moderate", "model", "toxicity.i8.bin")
 # chosen by --search (see the report at the end of a --search run)
-BITS, WINDOW, C_DEFAULT, CLASS_WEIGHT = 19, 12, 0.1, None
+# (bits 20 rather than --search's 18 or 19: fewer shared weights, 0.6% of long documents
+# flagged by the model alone against 0.9% at 19, for 512 KiB more)
+BITS, WINDOW, C_DEFAULT, CLASS_WEIGHT = 20, 12, 0.1, None
 LONG_WEIGHT = 3.0  # sample weight of the long benign windows
 ANSWER_WEIGHT = 10.0  # and of the hand-written benign answers' windows (few, but on-topic)
 # hard-negative mining (rounds of refitting with the benign windows scored over the boundary):
@@ -66,9 +68,9 @@ LIMITS = dict(LIMITS_STRICT)
 # Past the threshold, the model flags alone; at it, it confirms a mild harassment word of the
 # lexicon in its window. Chosen with evaluate.py on the whole classifier (MOAT_MODEL_MARGIN
 # overrides it there): the largest F1 with under 1% of the long benign documents flagged. With
-# the model and lexicon of this commit: margin 0.5 F1 0.545 at 0.6%, 0 F1 0.548 at 0.9%, -0.5
-# F1 0.567 at 1.2%.
-MARGIN = 0.0
+# the model and lexicon of this commit: margin 0 F1 0.548 at 0.6%, -0.5 F1 0.567 at 0.9%,
+# -0.75 F1 0.581 at 0.9%, -1 F1 0.591 at 1.2%.
+MARGIN = -0.75
 SEED = 20240611
 
 OFFSET, PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
