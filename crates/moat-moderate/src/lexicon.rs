@@ -457,7 +457,11 @@ mod tests {
         );
         assert_eq!(hit("id**t"), Some(Category::Harassment));
         assert_eq!(hit("id**ts"), None, "a word ends where it ends");
-        assert_eq!(hit("i**"), None, "as many letters as stars");
+        assert_eq!(
+            hit("i**"),
+            None,
+            "a star is one letter: too short for idiot"
+        );
         assert_eq!(hit("****"), None);
         assert_eq!(hit("x**2"), None);
         assert_eq!(hit("1d10t"), Some(Category::Harassment));
