@@ -390,10 +390,10 @@ pub fn rule_hits(screen: &str) -> RuleHits {
     let mut hits = RuleHits::default();
     // One pass of one lazy DFA over the text says which rules can match (ASCII word
     // boundaries keep it fast on any text; see `prefilter_pattern`).
-    let candidates = PREFILTER.matches(screen);
-    if !candidates.matched_any() {
+    if !PREFILTER.is_match(screen) {
         return hits;
     }
+    let candidates = PREFILTER.matches(screen);
     for (i, (rule, compiled)) in RULES.iter().zip(COMPILED.iter()).enumerate() {
         if !candidates.matched(i) {
             continue;
