@@ -391,17 +391,7 @@ impl<'a> Hashed<'a> {
         }
         let features: usize = slices.iter().map(|s| s.len()).sum();
         let buckets = slices.iter().flat_map(|s| s.iter()).map(|&b| b & mask);
-        let log_values = &*LOG_VALUES;
-        let (mut dot, mut norm) = (0.0, 0.0);
-        let mut add = |bucket: u32, count: u32| {
-            let value = match log_values.get(count as usize) {
-                Some(&value) => value,
-                None => 1.0 + f64::from(count).ln(),
-            };
-            dot += value * f64::from(weights[bucket as usize] as i8);
-            norm += value * value;
-        };
-        COUNTS.with(|tables| {
+        let (mut dot, norm) = COUNTS.with(|tables| {
             let tables = &mut *tables.borrow_mut();
             // 16-bit counts keep the table (512 KiB) and the weights in the second-level cache;
             // a span with more features than they can count uses 32 bits.
@@ -412,7 +402,7 @@ impl<'a> Hashed<'a> {
                     self.bits,
                     buckets,
                     features,
-                    &mut add,
+                    weights,
                 ),
                 Err(_) => tally(
                     &mut tables.large,
@@ -420,7 +410,7 @@ impl<'a> Hashed<'a> {
                     self.bits,
                     buckets,
                     features,
-                    &mut add,
+                    weights,
                 ),
             }
         });
@@ -432,17 +422,18 @@ impl<'a> Hashed<'a> {
 }
 
 /// Counts `buckets` (`features` of them, each under `2^bits`) in `counts`, a table with an
-/// entry per bucket (all zero between calls), then calls `add` with each bucket and its count
-/// in the order the buckets were first seen (the prototype's order, so sums round the same).
-/// No sorting, and only the entries touched are cleared.
+/// entry per bucket (all zero between calls), then sums each distinct bucket's value
+/// (`1 + ln(count)`) times its weight, and the squared values: `(dot, norm²)`. No sorting, and
+/// only the entries touched are cleared.
 fn tally<C>(
     counts: &mut Vec<C>,
     touched: &mut Vec<u32>,
     bits: u32,
     buckets: impl Iterator<Item = u32>,
     features: usize,
-    add: &mut impl FnMut(u32, u32),
-) where
+    weights: &[u8],
+) -> (f64, f64)
+where
     C: Copy + Default + PartialEq + Into<u32> + std::ops::Add<Output = C> + From<u8>,
 {
     if counts.len() != 1 << bits {
@@ -459,10 +450,36 @@ fn tally<C>(
         seen += usize::from(*count == C::default());
         *count = *count + C::from(1);
     }
-    for &bucket in &touched[..seen] {
-        let count = std::mem::take(&mut counts[bucket as usize]);
-        add(bucket, count.into());
+    // Four running sums of each, in registers, so an add need not wait for the one before
+    // (one sum through a closure's captured reference went through memory: a store and a
+    // reload on every bucket).
+    let log_values = &*LOG_VALUES;
+    let mut term = |bucket: u32| {
+        let count: u32 = std::mem::take(&mut counts[bucket as usize]).into();
+        let value = match log_values.get(count as usize) {
+            Some(&value) => value,
+            None => 1.0 + f64::from(count).ln(),
+        };
+        (value, f64::from(weights[bucket as usize] as i8))
+    };
+    let (mut dots, mut norms) = ([0.0f64; 4], [0.0f64; 4]);
+    let mut lanes = touched[..seen].chunks_exact(4);
+    for chunk in &mut lanes {
+        for (lane, &bucket) in chunk.iter().enumerate() {
+            let (value, weight) = term(bucket);
+            dots[lane] += value * weight;
+            norms[lane] += value * value;
+        }
     }
+    for &bucket in lanes.remainder() {
+        let (value, weight) = term(bucket);
+        dots[0] += value * weight;
+        norms[0] += value * value;
+    }
+    (
+        (dots[0] + dots[1]) + (dots[2] + dots[3]),
+        (norms[0] + norms[1]) + (norms[2] + norms[3]),
+    )
 }
 
 /// Where a character n-gram's key (`c` + the n-gram) starts.
