@@ -393,8 +393,13 @@ impl<'a> Hashed<'a> {
         let buckets = slices.iter().flat_map(|s| s.iter()).map(|&b| b & mask);
         let (mut dot, norm) = COUNTS.with(|tables| {
             let tables = &mut *tables.borrow_mut();
-            // 16-bit counts keep the table (512 KiB) and the weights in the second-level cache;
-            // a span with more features than they can count uses 32 bits.
+            // A short span counts in a small table of its own (in the first-level cache even
+            // when the request before it left none of this crate's tables cached); a longer one
+            // in a table with an entry per bucket, 16-bit counts keeping it (512 KiB) and the
+            // weights in the second-level cache, or 32-bit ones past what they can count.
+            if features <= SMALL_SPAN {
+                return tally_small(&mut tables.slots, &mut tables.touched, buckets, weights);
+            }
             match u16::try_from(features) {
                 Ok(_) => tally(
                     &mut tables.small,
@@ -450,35 +455,97 @@ where
         seen += usize::from(*count == C::default());
         *count = *count + C::from(1);
     }
-    // Four running sums of each, in registers, so an add need not wait for the one before
-    // (one sum through a closure's captured reference went through memory: a store and a
-    // reload on every bucket).
+    let counts = &mut *counts;
+    sums(
+        touched[..seen]
+            .iter()
+            .map(|&bucket| (bucket, std::mem::take(&mut counts[bucket as usize]).into())),
+        weights,
+    )
+}
+
+/// Each distinct bucket's value (`1 + ln(count)`) times its weight, summed, and the squared
+/// values summed: `(dot, norm²)`. Four running sums of each, in registers, so an add need not
+/// wait for the one before (one sum through a closure's captured reference went through
+/// memory: a store and a reload on every bucket).
+fn sums(mut counted: impl Iterator<Item = (u32, u32)>, weights: &[u8]) -> (f64, f64) {
     let log_values = &*LOG_VALUES;
-    let mut term = |bucket: u32| {
-        let count: u32 = std::mem::take(&mut counts[bucket as usize]).into();
+    let term = |(bucket, count): (u32, u32)| {
         let value = match log_values.get(count as usize) {
             Some(&value) => value,
             None => 1.0 + f64::from(count).ln(),
         };
-        (value, f64::from(weights[bucket as usize] as i8))
+        (
+            value * f64::from(weights[bucket as usize] as i8),
+            value * value,
+        )
     };
-    let (mut dots, mut norms) = ([0.0f64; 4], [0.0f64; 4]);
-    let mut lanes = touched[..seen].chunks_exact(4);
-    for chunk in &mut lanes {
-        for (lane, &bucket) in chunk.iter().enumerate() {
-            let (value, weight) = term(bucket);
-            dots[lane] += value * weight;
-            norms[lane] += value * value;
+    let (mut d0, mut d1, mut d2, mut d3) = (0.0, 0.0, 0.0, 0.0);
+    let (mut n0, mut n1, mut n2, mut n3) = (0.0, 0.0, 0.0, 0.0);
+    loop {
+        let Some((d, n)) = counted.next().map(term) else {
+            break;
+        };
+        (d0, n0) = (d0 + d, n0 + n);
+        let Some((d, n)) = counted.next().map(term) else {
+            break;
+        };
+        (d1, n1) = (d1 + d, n1 + n);
+        let Some((d, n)) = counted.next().map(term) else {
+            break;
+        };
+        (d2, n2) = (d2 + d, n2 + n);
+        let Some((d, n)) = counted.next().map(term) else {
+            break;
+        };
+        (d3, n3) = (d3 + d, n3 + n);
+    }
+    ((d0 + d1) + (d2 + d3), (n0 + n1) + (n2 + n3))
+}
+
+/// The most features a span counts in [`tally_small`]'s table.
+const SMALL_SPAN: usize = 1024;
+
+/// [`tally`] for a span of at most [`SMALL_SPAN`] features, in an open-addressing table of
+/// `2 * SMALL_SPAN` slots (16 KiB: each the bucket plus one above 32 bits, its count below; 0 is
+/// empty), cleared as it is read.
+fn tally_small(
+    slots: &mut Vec<u64>,
+    touched: &mut Vec<u32>,
+    buckets: impl Iterator<Item = u32>,
+    weights: &[u8],
+) -> (f64, f64) {
+    const MASK: usize = 2 * SMALL_SPAN - 1;
+    if slots.len() != MASK + 1 {
+        *slots = vec![0; MASK + 1];
+    }
+    touched.clear();
+    for bucket in buckets {
+        let key = u64::from(bucket) + 1;
+        // Fibonacci hashing: the top bits of the product.
+        let mut at = (u64::from(bucket).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            >> (64 - (MASK + 1).trailing_zeros())) as usize;
+        loop {
+            let slot = &mut slots[at];
+            if *slot == 0 {
+                *slot = key << 32 | 1;
+                touched.push(at as u32);
+                break;
+            }
+            if *slot >> 32 == key {
+                *slot += 1;
+                break;
+            }
+            at = (at + 1) & MASK;
         }
     }
-    for &bucket in lanes.remainder() {
-        let (value, weight) = term(bucket);
-        dots[0] += value * weight;
-        norms[0] += value * value;
-    }
-    (
-        (dots[0] + dots[1]) + (dots[2] + dots[3]),
-        (norms[0] + norms[1]) + (norms[2] + norms[3]),
+    let slots = &mut *slots;
+    sums(
+        touched.iter().map(|&at| {
+            let slot = std::mem::take(&mut slots[at as usize]);
+            ((slot >> 32) as u32 - 1, slot as u32)
+        }),
+        weights,
     )
 }
 
@@ -551,6 +618,7 @@ static LOG_VALUES: LazyLock<[f64; 256]> = LazyLock::new(|| {
 /// A thread's counting tables (see [`tally`]).
 #[derive(Default)]
 struct Tables {
+    slots: Vec<u64>,
     small: Vec<u16>,
     large: Vec<u32>,
     touched: Vec<u32>,
@@ -583,6 +651,52 @@ mod tests {
         bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
             (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
         })
+    }
+
+    #[test]
+    fn small_spans_count_as_the_table_per_bucket_does() {
+        let weights = &Model::shipped().weights;
+        let mut slots = Vec::new();
+        let mut counts: Vec<u16> = Vec::new();
+        let mut touched = Vec::new();
+        // Spans of every size up to the small table's limit, with repeats (counts above one)
+        // and buckets that share a slot's probe sequence.
+        let mut state = 7u64;
+        for len in [0, 1, 2, 3, 17, 255, 256, 700, SMALL_SPAN] {
+            let buckets: Vec<u32> = (0..len)
+                .map(|i| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    match i % 3 {
+                        0 => (state >> 46) as u32,         // anywhere in 2^18
+                        1 => (state >> 60) as u32,         // one of 16: repeated often
+                        _ => ((state >> 57) as u32) << 11, // same low bits
+                    }
+                })
+                .collect();
+            let small = tally_small(&mut slots, &mut touched, buckets.iter().copied(), weights);
+            let large = tally(
+                &mut counts,
+                &mut touched,
+                18,
+                buckets.iter().copied(),
+                buckets.len(),
+                weights,
+            );
+            assert!(
+                (small.0 - large.0).abs() < 1e-9,
+                "{len}: {small:?} {large:?}"
+            );
+            assert!(
+                (small.1 - large.1).abs() < 1e-9,
+                "{len}: {small:?} {large:?}"
+            );
+            assert!(
+                slots.iter().all(|&slot| slot == 0),
+                "the table is left empty"
+            );
+        }
     }
 
     #[test]
