@@ -391,6 +391,41 @@ fn bench_cold<S, B>(
 fn cold(c: &mut Criterion) {
     let body = body_of(160, false);
     let mut group = c.benchmark_group("stack_request_300b_cold");
+    let parse_only = tower::service_fn(|req: Request<Full<Bytes>>| async move {
+        match read_llm_request(req, DEFAULT_BODY_LIMIT).await {
+            Ok(LlmBody::Parsed { request, .. } | LlmBody::Unparsed(request)) => {
+                upstream(request, None).await
+            }
+            Err(_) => unreachable!("the benchmark's request parses"),
+        }
+    });
+    bench_cold(&mut group, "shared parse only", &body, parse_only);
+    let count_only = tower::service_fn(|req: Request<Full<Bytes>>| async move {
+        match read_llm_request(req, DEFAULT_BODY_LIMIT).await {
+            Ok(LlmBody::Parsed { request, llm }) => {
+                black_box(llm.input_tokens(true));
+                upstream(request, None).await
+            }
+            Ok(LlmBody::Unparsed(request)) => upstream(request, None).await,
+            Err(_) => unreachable!("the benchmark's request parses"),
+        }
+    });
+    bench_cold(
+        &mut group,
+        "shared parse and exact count",
+        &body,
+        count_only,
+    );
+    let requests_only = RateLimitLayer::new(
+        Rule::new("per-ip", ClientIp::default())
+            .limit(Limit::new(1 << 40, Duration::from_secs(1)).unwrap()),
+    );
+    bench_cold(
+        &mut group,
+        "ratelimit, a request rule only (no parse)",
+        &body,
+        requests_only.layer(upstream_for!(RequestBody<Full<Bytes>>, None)),
+    );
     layer_by_layer!(bench_cold, group, body);
     group.finish();
 }
