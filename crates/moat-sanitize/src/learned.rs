@@ -482,10 +482,7 @@ fn sums(mut counted: impl Iterator<Item = (u32, u32)>, weights: &[u8]) -> (f64, 
     };
     let (mut d0, mut d1, mut d2, mut d3) = (0.0, 0.0, 0.0, 0.0);
     let (mut n0, mut n1, mut n2, mut n3) = (0.0, 0.0, 0.0, 0.0);
-    loop {
-        let Some((d, n)) = counted.next().map(term) else {
-            break;
-        };
+    while let Some((d, n)) = counted.next().map(term) {
         (d0, n0) = (d0 + d, n0 + n);
         let Some((d, n)) = counted.next().map(term) else {
             break;
