@@ -161,6 +161,22 @@ macro_rules! upstream_for {
     }};
 }
 
+/// A service that reads and parses the request as the layers share it, then answers.
+fn parse_only() -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<http_body_util::Either<Full<Bytes>, Frames>>,
+    Error = Infallible,
+> {
+    tower::service_fn(|req: Request<Full<Bytes>>| async move {
+        match read_llm_request(req, DEFAULT_BODY_LIMIT).await {
+            Ok(LlmBody::Parsed { request, .. } | LlmBody::Unparsed(request)) => {
+                upstream(request, None).await
+            }
+            Err(_) => unreachable!("the benchmark's request parses"),
+        }
+    })
+}
+
 /// The bare service, each layer alone, the three layers of issue 10 and the six landed before
 /// the audit log and the cache, each timed by `$bench`.
 macro_rules! layer_by_layer {
@@ -234,49 +250,8 @@ fn requests(c: &mut Criterion) {
     let body = body_2kb(false);
     let mut group = c.benchmark_group("stack_request_2kb");
     group.throughput(Throughput::Bytes(body.len() as u64));
-    bench(
-        &mut group,
-        "bare service (baseline)",
-        &body,
-        upstream_for!(Full<Bytes>, None),
-    );
-    let parse_only = tower::service_fn(|req: Request<Full<Bytes>>| async move {
-        match read_llm_request(req, DEFAULT_BODY_LIMIT).await {
-            Ok(LlmBody::Parsed { request, .. } | LlmBody::Unparsed(request)) => {
-                upstream(request, None).await
-            }
-            Err(_) => unreachable!("the benchmark's request parses"),
-        }
-    });
-    bench(&mut group, "shared parse only", &body, parse_only);
-    let inner = upstream_for!(RequestBody<Full<Bytes>>, None);
-    bench(
-        &mut group,
-        "ratelimit alone",
-        &body,
-        ratelimit().layer(inner.clone()),
-    );
-    bench(
-        &mut group,
-        "quota alone",
-        &body,
-        quota().layer(inner.clone()),
-    );
-    bench(
-        &mut group,
-        "redact alone",
-        &body,
-        redact().layer(inner.clone()),
-    );
-    let stack = ServiceBuilder::new()
-        .layer(ratelimit())
-        .layer(quota())
-        .layer(redact())
-        .service(upstream_for!(
-            RequestBody<RequestBody<RequestBody<Full<Bytes>>>>,
-            None
-        ));
-    bench(&mut group, "ratelimit + quota + redact", &body, stack);
+    layer_by_layer!(bench, group, body);
+    bench(&mut group, "shared parse only", &body, parse_only());
     let whole = ServiceBuilder::new()
         .layer(ratelimit())
         .layer(quota())
@@ -291,23 +266,6 @@ fn requests(c: &mut Criterion) {
         "ratelimit + quota + redact + breaker",
         &body,
         whole,
-    );
-    let landed = ServiceBuilder::new()
-        .layer(ratelimit())
-        .layer(quota())
-        .layer(SanitizeLayer::default())
-        .layer(redact())
-        .layer(ModerateLayer::default())
-        .layer(breaker())
-        .service(upstream_for!(
-            RequestBody<RequestBody<RequestBody<RequestBody<RequestBody<Full<Bytes>>>>>>,
-            None
-        ));
-    bench(
-        &mut group,
-        "ratelimit + quota + sanitize + redact + moderate + breaker",
-        &body,
-        landed,
     );
     // Every layer, as `every-layer` in scripts/bench-gateway: the audit log (a chained file,
     // its writer thread's catching up timed too) and the cache (a miss: the request is not
@@ -391,15 +349,7 @@ fn bench_cold<S, B>(
 fn cold(c: &mut Criterion) {
     let body = body_of(160, false);
     let mut group = c.benchmark_group("stack_request_300b_cold");
-    let parse_only = tower::service_fn(|req: Request<Full<Bytes>>| async move {
-        match read_llm_request(req, DEFAULT_BODY_LIMIT).await {
-            Ok(LlmBody::Parsed { request, .. } | LlmBody::Unparsed(request)) => {
-                upstream(request, None).await
-            }
-            Err(_) => unreachable!("the benchmark's request parses"),
-        }
-    });
-    bench_cold(&mut group, "shared parse only", &body, parse_only);
+    bench_cold(&mut group, "shared parse only", &body, parse_only());
     let count_only = tower::service_fn(|req: Request<Full<Bytes>>| async move {
         match read_llm_request(req, DEFAULT_BODY_LIMIT).await {
             Ok(LlmBody::Parsed { request, llm }) => {
