@@ -216,6 +216,18 @@ fn is_separator(c: char) -> bool {
         || (0xff1a..=0xff20).contains(&code)
 }
 
+/// Whether an ASCII byte belongs to a token (a lower-case letter or a digit): one load rather
+/// than two range tests per byte.
+static WORD_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_lowercase() || (b as u8).is_ascii_digit();
+        b += 1;
+    }
+    table
+};
+
 fn tokens(screen: &str) -> Vec<&str> {
     if !screen.is_ascii() {
         return screen
@@ -228,7 +240,7 @@ fn tokens(screen: &str) -> Vec<&str> {
     let mut out = Vec::with_capacity(bytes.len() / 5);
     let mut start = None;
     for (at, &b) in bytes.iter().enumerate() {
-        let word = b.is_ascii_lowercase() || b.is_ascii_digit();
+        let word = WORD_BYTE[usize::from(b)];
         match (word, start) {
             (true, None) => start = Some(at),
             (false, Some(from)) => {
