@@ -161,17 +161,24 @@ macro_rules! upstream_for {
     }};
 }
 
-/// A service that reads and parses the request as the layers share it, then answers.
-fn parse_only() -> impl Service<
+/// A service that reads and parses the request as the layers share it (and counts its tokens
+/// exactly, with `count`), then answers.
+fn parse_only(
+    count: bool,
+) -> impl Service<
     Request<Full<Bytes>>,
     Response = Response<http_body_util::Either<Full<Bytes>, Frames>>,
     Error = Infallible,
 > {
-    tower::service_fn(|req: Request<Full<Bytes>>| async move {
+    tower::service_fn(move |req: Request<Full<Bytes>>| async move {
         match read_llm_request(req, DEFAULT_BODY_LIMIT).await {
-            Ok(LlmBody::Parsed { request, .. } | LlmBody::Unparsed(request)) => {
+            Ok(LlmBody::Parsed { request, llm }) => {
+                if count {
+                    black_box(llm.input_tokens(true));
+                }
                 upstream(request, None).await
             }
+            Ok(LlmBody::Unparsed(request)) => upstream(request, None).await,
             Err(_) => unreachable!("the benchmark's request parses"),
         }
     })
@@ -251,7 +258,7 @@ fn requests(c: &mut Criterion) {
     let mut group = c.benchmark_group("stack_request_2kb");
     group.throughput(Throughput::Bytes(body.len() as u64));
     layer_by_layer!(bench, group, body);
-    bench(&mut group, "shared parse only", &body, parse_only());
+    bench(&mut group, "shared parse only", &body, parse_only(false));
     let whole = ServiceBuilder::new()
         .layer(ratelimit())
         .layer(quota())
@@ -349,23 +356,9 @@ fn bench_cold<S, B>(
 fn cold(c: &mut Criterion) {
     let body = body_of(160, false);
     let mut group = c.benchmark_group("stack_request_300b_cold");
-    bench_cold(&mut group, "shared parse only", &body, parse_only());
-    let count_only = tower::service_fn(|req: Request<Full<Bytes>>| async move {
-        match read_llm_request(req, DEFAULT_BODY_LIMIT).await {
-            Ok(LlmBody::Parsed { request, llm }) => {
-                black_box(llm.input_tokens(true));
-                upstream(request, None).await
-            }
-            Ok(LlmBody::Unparsed(request)) => upstream(request, None).await,
-            Err(_) => unreachable!("the benchmark's request parses"),
-        }
-    });
-    bench_cold(
-        &mut group,
-        "shared parse and exact count",
-        &body,
-        count_only,
-    );
+    bench_cold(&mut group, "shared parse only", &body, parse_only(false));
+    let count = parse_only(true);
+    bench_cold(&mut group, "shared parse and exact count", &body, count);
     let requests_only = RateLimitLayer::new(
         Rule::new("per-ip", ClientIp::default())
             .limit(Limit::new(1 << 40, Duration::from_secs(1)).unwrap()),

@@ -473,7 +473,6 @@ where
         seen += usize::from(*count == C::default());
         *count = *count + C::from(1);
     }
-    let counts = &mut *counts;
     sums(
         touched[..seen]
             .iter()
@@ -560,7 +559,6 @@ fn tally_small(
             at = (at + 1) & mask;
         }
     }
-    let slots = &mut *slots;
     sums(
         touched.iter().map(|&at| {
             let slot = std::mem::take(&mut slots[at as usize]);

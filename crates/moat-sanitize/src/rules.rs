@@ -388,8 +388,10 @@ impl RuleHits {
 /// The rule families that fire on a screen text ([`screen_text`](crate::screen_text)).
 pub fn rule_hits(screen: &str) -> RuleHits {
     let mut hits = RuleHits::default();
-    // One pass of one lazy DFA over the text says which rules can match (ASCII word
-    // boundaries keep it fast on any text; see `prefilter_pattern`).
+    // One lazy DFA over the text (ASCII word boundaries keep it fast on any text; see
+    // `prefilter_pattern`): first whether any rule can match, a forward search that stops at
+    // the first (most text matches none), then which rules can, an overlapping search that
+    // runs to the end.
     if !PREFILTER.is_match(screen) {
         return hits;
     }
