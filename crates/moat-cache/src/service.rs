@@ -167,7 +167,7 @@ impl<S> Layer<S> for CacheLayer {
     fn layer(&self, inner: S) -> CacheService<S> {
         CacheService {
             inner,
-            layer: self.clone(),
+            layer: Arc::new(self.clone()),
         }
     }
 }
@@ -176,7 +176,8 @@ impl<S> Layer<S> for CacheLayer {
 #[derive(Debug, Clone)]
 pub struct CacheService<S> {
     inner: S,
-    layer: CacheLayer,
+    // Shared: a service is cloned for every request (and with every layer around it).
+    layer: Arc<CacheLayer>,
 }
 
 impl<S> CacheService<S> {
@@ -262,7 +263,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
+        let layer = Arc::clone(&self.layer);
         let future = async move {
             let protocol = Protocol::of(&req);
             let allowed = allowed(req.headers());

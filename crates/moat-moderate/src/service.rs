@@ -139,7 +139,7 @@ impl<S> Layer<S> for ModerateLayer {
     fn layer(&self, inner: S) -> Moderate<S> {
         Moderate {
             inner,
-            layer: self.clone(),
+            layer: Arc::new(self.clone()),
         }
     }
 }
@@ -148,7 +148,8 @@ impl<S> Layer<S> for ModerateLayer {
 #[derive(Debug, Clone)]
 pub struct Moderate<S> {
     inner: S,
-    layer: ModerateLayer,
+    // Shared: a service is cloned for every request (and with every layer around it).
+    layer: Arc<ModerateLayer>,
 }
 
 impl<S> Moderate<S> {
@@ -430,7 +431,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
+        let layer = Arc::clone(&self.layer);
         let admitted = layer.scope.as_ref().is_none_or(|s| s.matches_request(&req));
         let format = output_format(req.uri().path()).filter(|_| admitted);
         let by_model = layer

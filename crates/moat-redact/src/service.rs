@@ -130,7 +130,7 @@ impl<S> Layer<S> for RedactLayer {
     fn layer(&self, inner: S) -> Redact<S> {
         Redact {
             inner,
-            layer: self.clone(),
+            layer: Arc::new(self.clone()),
         }
     }
 }
@@ -139,7 +139,8 @@ impl<S> Layer<S> for RedactLayer {
 #[derive(Debug, Clone)]
 pub struct Redact<S> {
     inner: S,
-    layer: RedactLayer,
+    // Shared: a service is cloned for every request (and with every layer around it).
+    layer: Arc<RedactLayer>,
 }
 
 impl<S> Redact<S> {
@@ -186,7 +187,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
+        let layer = Arc::clone(&self.layer);
         let admitted = layer.scope.as_ref().is_none_or(|s| s.matches_request(&req));
         if !admitted {
             return ResponseFuture::new(async move {

@@ -1,5 +1,6 @@
 //! [`SanitizeLayer`]: every prompt screened before it is sent.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -218,7 +219,7 @@ impl<S> Layer<S> for SanitizeLayer {
     fn layer(&self, inner: S) -> Sanitize<S> {
         Sanitize {
             inner,
-            layer: self.clone(),
+            layer: Arc::new(self.clone()),
         }
     }
 }
@@ -227,7 +228,8 @@ impl<S> Layer<S> for SanitizeLayer {
 #[derive(Debug, Clone)]
 pub struct Sanitize<S> {
     inner: S,
-    layer: SanitizeLayer,
+    // Shared: a service is cloned for every request (and with every layer around it).
+    layer: Arc<SanitizeLayer>,
 }
 
 impl<S> Sanitize<S> {
@@ -273,7 +275,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
+        let layer = Arc::clone(&self.layer);
         let admitted = layer.scope.as_ref().is_none_or(|s| s.matches_request(&req));
         if !admitted {
             return ResponseFuture::new(async move {
