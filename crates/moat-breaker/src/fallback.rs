@@ -259,20 +259,32 @@ where
         Err(e) => return Ok(Rejection::from(e).into_response(protocol)),
     };
     let model = model_of(&parts.extensions, &buffered.data);
+    let serves =
+        |target: &Target<S>| model.is_none() || model_matches(&target.models, model.as_deref());
+    // The request's head is copied for each attempt while another could follow; the last
+    // possible attempt (usually the only one) takes it, so the common case copies nothing.
+    let last_target = this.targets.iter().rposition(serves);
+    let decisions = parts.extensions.get::<Decisions>().cloned();
+    let mut parts = Some(parts);
     let mut skipped: Option<(Arc<str>, Reason)> = None;
     let mut shortest_wait: Option<Duration> = None;
     let mut last: Option<Response<ResBody>> = None;
     let mut last_error = None;
-    let mut matched = false;
-    for target in this.targets.iter() {
-        if model.is_some() && !model_matches(&target.models, model.as_deref()) {
+    for (index, target) in this.targets.iter().enumerate() {
+        if !serves(target) {
             continue;
         }
-        matched = true;
         let mut attempt = 0;
         loop {
+            let final_attempt = Some(index) == last_target && attempt >= this.attempts;
+            let head = if final_attempt {
+                parts.take()
+            } else {
+                parts.clone()
+            };
+            let Some(head) = head else { break };
             let request = Request::from_parts(
-                parts.clone(),
+                head,
                 RequestBody::full(buffered.data.clone(), buffered.trailers.clone()),
             );
             let result = target.service.clone().oneshot(request).await;
@@ -294,7 +306,7 @@ where
                     response,
                     &target.name,
                     skipped.as_ref(),
-                    &parts.extensions,
+                    decisions.as_ref(),
                 ));
             };
             if let Some(after) = unavailable.retry_after {
@@ -315,7 +327,7 @@ where
             break;
         }
     }
-    if !matched {
+    if last_target.is_none() {
         let model = model.unwrap_or_default();
         return Ok(Rejection::new(
             StatusCode::NOT_FOUND,
@@ -327,9 +339,8 @@ where
         .with_layer("fallback")
         .into_response(protocol));
     }
-    if let Some((from, reason)) = &skipped {
-        Decisions::record(
-            &parts.extensions,
+    if let (Some((from, reason)), Some(decisions)) = (&skipped, &decisions) {
+        decisions.push(
             Decision::new(
                 "fallback",
                 Outcome::Rejected {
@@ -376,18 +387,19 @@ fn served<ResBody>(
     response: Response<ResBody>,
     name: &Arc<str>,
     skipped: Option<&(Arc<str>, Reason)>,
-    extensions: &http::Extensions,
+    decisions: Option<&Decisions>,
 ) -> Response<ResponseBody<ResBody>> {
     let mut response = response.map(ResponseBody::inner);
     if let Some((from, reason)) = skipped {
         crate::metrics::fallback(from);
         tracing::info!(target: "moat::breaker", from = %from, to = %name, reason = reason.as_str(), "request served by a fallback");
-        Decisions::record(
-            extensions,
-            Decision::new("fallback", Outcome::Allowed)
-                .with_rule(name.to_string())
-                .with_detail(format!("{from}: {}", reason.as_str())),
-        );
+        if let Some(decisions) = decisions {
+            decisions.push(
+                Decision::new("fallback", Outcome::Allowed)
+                    .with_rule(name.to_string())
+                    .with_detail(format!("{from}: {}", reason.as_str())),
+            );
+        }
         if let Ok(value) = HeaderValue::from_str(name) {
             response.headers_mut().insert(FALLBACK_HEADER, value);
         }

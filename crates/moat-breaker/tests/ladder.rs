@@ -331,3 +331,71 @@ async fn retries_stop_when_the_budget_is_spent() {
         "the budget allowed no retry"
     );
 }
+
+/// The last possible attempt takes the request's head instead of a copy: every attempt before
+/// it, on every target, must still see the whole head, and the fallback is still recorded.
+#[tokio::test]
+async fn every_attempt_sees_the_request_head_and_the_fallback_is_recorded() {
+    use moat_core::decision::Decisions;
+    #[derive(Clone)]
+    struct Marker;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let upstream = |name: &'static str, statuses: &'static [u16]| {
+        let seen = seen.clone();
+        let calls = Arc::new(AtomicUsize::new(0));
+        service_fn(move |req: Request<RequestBody<Full<Bytes>>>| {
+            seen.lock().unwrap().push((
+                name,
+                req.headers().get("x-trace").cloned(),
+                req.extensions().get::<Marker>().is_some(),
+            ));
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            let status = statuses[n.min(statuses.len() - 1)];
+            async move {
+                let mut response = Response::new(Full::new(Bytes::from(name)));
+                *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let ladder = Fallback::new()
+        .target(
+            "primary",
+            CircuitBreakerLayer::new(breaker("primary")).layer(upstream("primary", &[503])),
+        )
+        .target(
+            "backup",
+            CircuitBreakerLayer::new(breaker("backup")).layer(upstream("backup", &[503, 200])),
+        )
+        .with_retries(1, fast());
+    let decisions = Decisions::new();
+    let mut request = Request::new(Full::new(Bytes::from("{}")));
+    request
+        .headers_mut()
+        .insert("x-trace", HeaderValue::from_static("t-1"));
+    request.extensions_mut().insert(Marker);
+    request.extensions_mut().insert(decisions.clone());
+    let response = ladder.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-moat-fallback"], "backup");
+    let trace = Some(HeaderValue::from_static("t-1"));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            ("primary", trace.clone(), true),
+            ("primary", trace.clone(), true),
+            ("backup", trace.clone(), true),
+            ("backup", trace, true),
+        ]
+    );
+    // Each attempt's breaker records through the handle in the extensions, then the fallback.
+    let recorded: Vec<_> = decisions
+        .snapshot()
+        .into_iter()
+        .map(|d| (d.layer, d.rule.unwrap_or_default().into_owned()))
+        .collect();
+    let names = ["primary", "primary", "backup", "backup"];
+    let mut expected: Vec<_> = names.map(|n| ("breaker", n.to_owned())).into();
+    expected.push(("fallback", "backup".to_owned()));
+    assert_eq!(recorded, expected);
+}
