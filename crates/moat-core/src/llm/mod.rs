@@ -358,7 +358,43 @@ pub struct LlmRequest {
     segments: Vec<Segment>,
     embedded: Vec<Embedded>,
     unknowns: Vec<Unknown>,
+    fields: Fields,
     dirty: bool,
+}
+
+/// The top-level fields every layer asks for, read once per parse or edit: each read of the
+/// document is a hashed lookup, and a stack asks a dozen times per request.
+#[derive(Debug, Clone, Default)]
+struct Fields {
+    model: Option<Box<str>>,
+    stream: bool,
+    include_usage: bool,
+    max_output_tokens: Option<u64>,
+}
+
+impl Fields {
+    fn of(format: WireFormat, json: &Value) -> Self {
+        let field = |name: &str| json.get(name).and_then(count);
+        let max_output_tokens = match format {
+            WireFormat::ChatCompletions => {
+                field("max_completion_tokens").or_else(|| field("max_tokens"))
+            }
+            WireFormat::Responses => field("max_output_tokens"),
+            WireFormat::Embeddings => None,
+            _ => field("max_tokens")
+                .or_else(|| field("max_completion_tokens"))
+                .or_else(|| field("max_output_tokens")),
+        };
+        Self {
+            model: json.get("model").and_then(Value::as_str).map(Box::from),
+            stream: json.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            include_usage: json
+                .pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            max_output_tokens,
+        }
+    }
 }
 
 /// A JSON count (`max_tokens` and the like): an integer, or a non-negative number rounded up
@@ -386,6 +422,7 @@ impl LlmRequest {
             segments: Vec::new(),
             embedded: Vec::new(),
             unknowns: Vec::new(),
+            fields: Fields::default(),
             dirty: false,
         };
         request.index();
@@ -393,6 +430,7 @@ impl LlmRequest {
     }
 
     fn index(&mut self) {
+        self.fields = Fields::of(self.format, &self.json);
         let Value::Object(root) = &self.json else {
             return;
         };
@@ -437,23 +475,17 @@ impl LlmRequest {
 
     /// The `model` field.
     pub fn model(&self) -> Option<&str> {
-        self.json.get("model").and_then(Value::as_str)
+        self.fields.model.as_deref()
     }
 
     /// Whether the response will be streamed (`stream: true`).
     pub fn stream(&self) -> bool {
-        self.json
-            .get("stream")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
+        self.fields.stream
     }
 
     /// Whether `stream_options.include_usage` is on.
     pub fn include_usage(&self) -> bool {
-        self.json
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
+        self.fields.include_usage
     }
 
     /// Turns `stream_options.include_usage` on or off, keeping other stream options.
@@ -470,6 +502,7 @@ impl LlmRequest {
         if let Value::Object(options) = options {
             options.insert("include_usage".into(), Value::Bool(on));
         }
+        self.fields.include_usage = on;
         self.dirty = true;
     }
 
@@ -477,17 +510,7 @@ impl LlmRequest {
     /// `max_completion_tokens` or `max_tokens` (chat), `max_tokens` (completions, Anthropic),
     /// `max_output_tokens` (Responses). A number written as a float (`1e12`) counts, rounded up.
     pub fn max_output_tokens(&self) -> Option<u64> {
-        let field = |name: &str| self.json.get(name).and_then(count);
-        match self.format {
-            WireFormat::ChatCompletions => {
-                field("max_completion_tokens").or_else(|| field("max_tokens"))
-            }
-            WireFormat::Responses => field("max_output_tokens"),
-            WireFormat::Embeddings => None,
-            _ => field("max_tokens")
-                .or_else(|| field("max_completion_tokens"))
-                .or_else(|| field("max_output_tokens")),
-        }
+        self.fields.max_output_tokens
     }
 
     /// Sets the output token cap in this format's field (for chat, the field already present,
@@ -503,6 +526,9 @@ impl LlmRequest {
         };
         if let Value::Object(root) = &mut self.json {
             root.insert(name.into(), Value::from(tokens));
+            // The field read first for this format may be another one (`max_tokens` beside
+            // `max_completion_tokens` in a completions request).
+            self.fields.max_output_tokens = Fields::of(self.format, &self.json).max_output_tokens;
             self.dirty = true;
         }
     }
@@ -850,6 +876,44 @@ mod tests {
         assert_eq!(new.max_output_tokens(), Some(9));
         new.set_max_output_tokens(3);
         assert_eq!(new.json()["max_completion_tokens"], 3);
+    }
+
+    /// The top-level fields are read once per parse: every way of editing the document must
+    /// leave them saying what the document says.
+    #[test]
+    fn fields_read_once_follow_every_edit() {
+        let mut r = parse(
+            "/v1/completions",
+            &json!({"model": "a", "prompt": "p", "max_completion_tokens": 4, "max_tokens": 8}),
+        );
+        let fields = |r: &LlmRequest| {
+            (
+                r.model().map(str::to_owned),
+                r.stream(),
+                r.include_usage(),
+                r.max_output_tokens(),
+            )
+        };
+        assert_eq!(fields(&r), (Some("a".into()), false, false, Some(8)));
+        // Completions read `max_tokens` first, which is the field the setter writes.
+        r.set_max_output_tokens(2);
+        assert_eq!(r.max_output_tokens(), Some(2));
+        r.set_include_usage(true);
+        assert!(r.include_usage());
+        r.set_include_usage(false);
+        assert!(!r.include_usage());
+        r.edit_json(|json| {
+            json["model"] = json!("b");
+            json["stream"] = json!(true);
+            json["stream_options"] = json!({"include_usage": true});
+            json.as_object_mut().unwrap().remove("max_tokens");
+        });
+        assert_eq!(fields(&r), (Some("b".into()), true, true, Some(4)));
+        r.edit_json(|json| json["model"] = json!(7));
+        assert_eq!(r.model(), None);
+        // What the document says after all of it, parsed afresh.
+        let again = LlmRequest::parse(r.to_bytes(), "/v1/completions").unwrap();
+        assert_eq!(fields(&again), fields(&r));
     }
 
     #[test]
