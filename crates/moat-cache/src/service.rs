@@ -267,110 +267,118 @@ where
         let future = async move {
             let protocol = Protocol::of(&req);
             let allowed = allowed(req.headers());
-            let (mut req, llm) = match read_llm_request(req, layer.body_limit).await {
-                Ok(LlmBody::Parsed { request, llm }) => (request, llm),
-                Ok(LlmBody::Unparsed(request)) => {
-                    let response = inner.call(request).await?;
-                    return Ok(response.map(ResponseBody::passed));
-                }
-                Err(rejection) => {
-                    let response = rejection.with_layer("cache").into_response(protocol);
-                    return Ok(response.map(ResponseBody::plain));
-                }
-            };
-            let caller = layer.resolver.resolve(&mut req);
-            let path = req.uri().path().to_owned();
-            let plan = llm.with(|r| {
-                let cacheable = r.format() != WireFormat::Unknown
-                    && (layer.routes.iter().any(|route| route_matches(route, &path))
-                        || !layer.only_deterministic
-                        || deterministic(r));
-                let scope = layer.scope.of(&caller)?;
-                cacheable.then(|| {
-                    (
-                        CacheKey::of(r, &scope),
-                        r.stream(),
-                        r.include_usage(),
-                        r.format(),
-                    )
-                })
-            });
-            let Some((key, sse, include_usage, format)) =
-                plan.filter(|_| allowed.read || allowed.write)
-            else {
-                record(req.extensions(), "bypass");
-                let response = inner.call(req).await?;
-                return Ok(labelled(response.map(ResponseBody::passed), "bypass"));
-            };
-
-            // A reply in the store, or one a request in flight is making.
-            let mut leader = None;
-            if allowed.read {
-                if let Some(hit) = layer.lookup(&key, sse, include_usage).await {
-                    return Ok(layer.replay(&mut req, hit));
-                }
-                let waiting = {
-                    let mut in_flight = layer
-                        .in_flight
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    match in_flight.get(&key) {
-                        Some(rx) => Some(rx.clone()),
-                        None if allowed.write => {
-                            let (tx, rx) = watch::channel(false);
-                            in_flight.insert(key, rx);
-                            leader = Some(Leader {
-                                key,
-                                in_flight: layer.in_flight.clone(),
-                                done: tx,
-                            });
-                            None
-                        }
-                        None => None,
+            // Requests the cache does not answer leave the block and are passed on after it
+            // (bypassed: labelled so): awaited inside a `match` arm, the matched value would
+            // be held in the future.
+            let (passed, bypassed) = 'cached: {
+                let (mut req, llm) = match read_llm_request(req, layer.body_limit).await {
+                    Ok(LlmBody::Parsed { request, llm }) => (request, llm),
+                    Ok(LlmBody::Unparsed(request)) => break 'cached (request, false),
+                    Err(rejection) => {
+                        let response = rejection.with_layer("cache").into_response(protocol);
+                        return Ok(response.map(ResponseBody::plain));
                     }
                 };
-                if let Some(mut rx) = waiting {
-                    // The leader's reply, once it ended (stored or not), or the upstream after
-                    // the longest wait.
-                    let _ =
-                        tokio::time::timeout(layer.coalesce_wait, rx.wait_for(|done| *done)).await;
+                let caller = layer.resolver.resolve(&mut req);
+                let path = req.uri().path().to_owned();
+                let plan = llm.with(|r| {
+                    let cacheable = r.format() != WireFormat::Unknown
+                        && (layer.routes.iter().any(|route| route_matches(route, &path))
+                            || !layer.only_deterministic
+                            || deterministic(r));
+                    let scope = layer.scope.of(&caller)?;
+                    cacheable.then(|| {
+                        (
+                            CacheKey::of(r, &scope),
+                            r.stream(),
+                            r.include_usage(),
+                            r.format(),
+                        )
+                    })
+                });
+                let Some((key, sse, include_usage, format)) =
+                    plan.filter(|_| allowed.read || allowed.write)
+                else {
+                    record(req.extensions(), "bypass");
+                    break 'cached (req, true);
+                };
+
+                // A reply in the store, or one a request in flight is making.
+                let mut leader = None;
+                if allowed.read {
                     if let Some(hit) = layer.lookup(&key, sse, include_usage).await {
                         return Ok(layer.replay(&mut req, hit));
                     }
+                    let waiting = {
+                        let mut in_flight = layer
+                            .in_flight
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        match in_flight.get(&key) {
+                            Some(rx) => Some(rx.clone()),
+                            None if allowed.write => {
+                                let (tx, rx) = watch::channel(false);
+                                in_flight.insert(key, rx);
+                                leader = Some(Leader {
+                                    key,
+                                    in_flight: layer.in_flight.clone(),
+                                    done: tx,
+                                });
+                                None
+                            }
+                            None => None,
+                        }
+                    };
+                    if let Some(mut rx) = waiting {
+                        // The leader's reply, once it ended (stored or not), or the upstream after
+                        // the longest wait.
+                        let _ =
+                            tokio::time::timeout(layer.coalesce_wait, rx.wait_for(|done| *done))
+                                .await;
+                        if let Some(hit) = layer.lookup(&key, sse, include_usage).await {
+                            return Ok(layer.replay(&mut req, hit));
+                        }
+                    }
                 }
-            }
 
-            record(req.extensions(), "miss");
-            let hooks = allowed.write.then(|| {
-                let hooks = Hooks::of(req.extensions_mut());
-                hooks.attach(Capture {
-                    key,
-                    format,
-                    store: layer.store.clone(),
-                    #[cfg(feature = "redis")]
-                    redis: layer.redis.clone(),
-                    #[cfg(feature = "redis")]
-                    ttl: layer.ttl,
-                    clock: layer.clock.clone(),
-                    max: layer.max_entry_bytes,
-                    body: Vec::new(),
-                    sse: false,
-                    complete: false,
-                    spoiled: false,
-                    _leader: leader,
+                record(req.extensions(), "miss");
+                let hooks = allowed.write.then(|| {
+                    let hooks = Hooks::of(req.extensions_mut());
+                    hooks.attach(Capture {
+                        key,
+                        format,
+                        store: layer.store.clone(),
+                        #[cfg(feature = "redis")]
+                        redis: layer.redis.clone(),
+                        #[cfg(feature = "redis")]
+                        ttl: layer.ttl,
+                        clock: layer.clock.clone(),
+                        max: layer.max_entry_bytes,
+                        body: Vec::new(),
+                        sse: false,
+                        complete: false,
+                        spoiled: false,
+                        _leader: leader,
+                    });
+                    hooks
                 });
-                hooks
-            });
-            let response = match inner.call(req).await {
-                Ok(response) => labelled(response.map(CoreBody::inner), "miss"),
-                Err(e) => {
-                    hooks.inspect(Hooks::fail);
-                    return Err(e);
-                }
+                let response = match inner.call(req).await {
+                    Ok(response) => labelled(response.map(CoreBody::inner), "miss"),
+                    Err(e) => {
+                        hooks.inspect(Hooks::fail);
+                        return Err(e);
+                    }
+                };
+                return Ok(match hooks {
+                    Some(hooks) => hooks.view(response).map(ResponseBody::new),
+                    None => response.map(ResponseBody::plain),
+                });
             };
-            Ok(match hooks {
-                Some(hooks) => hooks.view(response).map(ResponseBody::new),
-                None => response.map(ResponseBody::plain),
+            let response = inner.call(passed).await?.map(ResponseBody::passed);
+            Ok(if bypassed {
+                labelled(response, "bypass")
+            } else {
+                response
             })
         };
         ResponseFuture::new(future)
@@ -398,21 +406,37 @@ impl CacheLayer {
         }
         #[cfg(feature = "redis")]
         if let Some(redis) = &self.redis {
-            match redis.get(key).await {
-                Ok(Some((mut entry, age))) if age < self.ttl => {
-                    entry.stored = now.saturating_sub(age);
-                    let body = entry.body_as(sse, include_usage);
-                    self.store.insert(*key, entry);
-                    return body.map(|body| Hit { body, sse, age });
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    metrics::counter!("moat_cache_store_errors_total").increment(1);
-                    tracing::warn!(target: "moat::cache", %error, "redis lookup failed: served by the upstream");
-                }
-            }
+            // Boxed: the Redis read's state would otherwise make every request's future
+            // (memory-only ones included) larger.
+            return Box::pin(self.lookup_in_redis(redis, key, sse, include_usage, now)).await;
         }
         None
+    }
+
+    /// [`lookup`](Self::lookup)'s second place: Redis, keeping what it finds in memory too.
+    #[cfg(feature = "redis")]
+    async fn lookup_in_redis(
+        &self,
+        redis: &crate::redis_store::RedisStore,
+        key: &CacheKey,
+        sse: bool,
+        include_usage: bool,
+        now: Duration,
+    ) -> Option<Hit> {
+        match redis.get(key).await {
+            Ok(Some((mut entry, age))) if age < self.ttl => {
+                entry.stored = now.saturating_sub(age);
+                let body = entry.body_as(sse, include_usage);
+                self.store.insert(*key, entry);
+                body.map(|body| Hit { body, sse, age })
+            }
+            Ok(_) => None,
+            Err(error) => {
+                metrics::counter!("moat_cache_store_errors_total").increment(1);
+                tracing::warn!(target: "moat::cache", %error, "redis lookup failed: served by the upstream");
+                None
+            }
+        }
     }
 
     /// The stored reply as this request's response, through the hooks of the layers outside

@@ -49,12 +49,16 @@
 //! # }
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, StatusCode};
 use http_body::Body;
+use pin_project_lite::pin_project;
 
 use crate::body::{buffer, RequestBody};
 use crate::llm::{LlmRequest, WireFormat};
@@ -185,82 +189,158 @@ fn unsupported(message: String) -> Rejection {
 /// [module docs](self).
 ///
 /// If an outer layer already did, returns its [`SharedLlmRequest`] and the body untouched.
-pub async fn read_llm_request<B>(
+///
+/// What can be decided from the head is decided at the call; the future then holds only the
+/// head and the body being read (an `async fn` would hold the request twice: a layer's future
+/// holds this one, and every layer's future is moved into a box per request).
+pub fn read_llm_request<B>(
     request: http::Request<B>,
     limit: usize,
-) -> Result<LlmBody<B>, Rejection>
+) -> impl Future<Output = Result<LlmBody<B>, Rejection>>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    match start(request) {
+        Start::Decided(result) => ReadLlmRequest::Decided {
+            result: Some(result),
+        },
+        Start::Read {
+            parts,
+            body,
+            route,
+            declared,
+        } => ReadLlmRequest::Reading {
+            future: read_body(parts, body, limit, route, declared),
+        },
+    }
+}
+
+/// What the head of a request says: the outcome, or that the body must be read.
+enum Start<B> {
+    Decided(Result<LlmBody<B>, Rejection>),
+    Read {
+        parts: http::request::Parts,
+        body: B,
+        route: Option<WireFormat>,
+        declared: Declared,
+    },
+}
+
+fn start<B: Body>(request: http::Request<B>) -> Start<B> {
     if let Some(llm) = request.extensions().get::<SharedLlmRequest>().cloned() {
         let request = request.map(RequestBody::original);
-        return Ok(LlmBody::Parsed { request, llm });
+        return Start::Decided(Ok(LlmBody::Parsed { request, llm }));
     }
     if request.body().is_end_stream() || request.extensions().get::<NotLlm>().is_some() {
-        return Ok(LlmBody::Unparsed(request.map(RequestBody::original)));
+        return Start::Decided(Ok(LlmBody::Unparsed(request.map(RequestBody::original))));
     }
     let route = WireFormat::for_path(request.uri().path());
     let declared = Declared::of(request.headers());
     let encoded = is_encoded(request.headers());
     if route.is_none() && (encoded || declared == Declared::Other) {
-        return Ok(LlmBody::Unparsed(request.map(RequestBody::original)));
+        return Start::Decided(Ok(LlmBody::Unparsed(request.map(RequestBody::original))));
     }
     if encoded {
-        return Err(unsupported(
+        return Start::Decided(Err(unsupported(
             "compressed request bodies are not accepted on this route: send the JSON without a content-encoding".into(),
-        ));
+        )));
     }
-    let (mut parts, body) = request.into_parts();
-    let buffered = buffer(body, limit).await?;
-    let untouched = |mut parts: http::request::Parts, data: Bytes, trailers| {
-        parts.extensions.insert(NotLlm);
-        Ok(LlmBody::Unparsed(http::Request::from_parts(
-            parts,
-            RequestBody::full(data, trailers),
-        )))
-    };
-    if buffered.data.is_empty() {
-        return untouched(parts, buffered.data, buffered.trailers);
+    let (parts, body) = request.into_parts();
+    Start::Read {
+        parts,
+        body,
+        route,
+        declared,
     }
-    match LlmRequest::parse(buffered.data.clone(), parts.uri.path()) {
-        Ok(llm) if route.is_none() && llm.format() == WireFormat::Unknown => {
-            untouched(parts, buffered.data, buffered.trailers)
+}
+
+/// Buffers and parses the body. A block, not an `async fn`: the arguments are used in place
+/// rather than copied into the future a second time.
+fn read_body<B>(
+    mut parts: http::request::Parts,
+    body: B,
+    limit: usize,
+    route: Option<WireFormat>,
+    declared: Declared,
+) -> impl Future<Output = Result<LlmBody<B>, Rejection>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    async move {
+        let buffered = buffer(body, limit).await?;
+        let untouched = |mut parts: http::request::Parts, data: Bytes, trailers| {
+            parts.extensions.insert(NotLlm);
+            Ok(LlmBody::Unparsed(http::Request::from_parts(
+                parts,
+                RequestBody::full(data, trailers),
+            )))
+        };
+        if buffered.data.is_empty() {
+            return untouched(parts, buffered.data, buffered.trailers);
         }
-        Ok(llm) => {
-            if let Some(model) = llm.model() {
-                crate::decision::Decisions::set_model(&parts.extensions, model);
+        match LlmRequest::parse(buffered.data.clone(), parts.uri.path()) {
+            Ok(llm) if route.is_none() && llm.format() == WireFormat::Unknown => {
+                untouched(parts, buffered.data, buffered.trailers)
             }
-            let llm = SharedLlmRequest::new(llm);
-            parts.extensions.insert(llm.clone());
-            parts.headers.remove(CONTENT_LENGTH);
-            if declared != Declared::Json {
-                // The provider must read the body as what was scanned.
-                parts
-                    .headers
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Ok(llm) => {
+                if let Some(model) = llm.model() {
+                    crate::decision::Decisions::set_model(&parts.extensions, model);
+                }
+                let llm = SharedLlmRequest::new(llm);
+                parts.extensions.insert(llm.clone());
+                parts.headers.remove(CONTENT_LENGTH);
+                if declared != Declared::Json {
+                    // The provider must read the body as what was scanned.
+                    parts
+                        .headers
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                }
+                let shared = llm.clone();
+                let body = RequestBody::deferred(move || shared.to_bytes(), buffered.trailers);
+                Ok(LlmBody::Parsed {
+                    request: http::Request::from_parts(parts, body),
+                    llm,
+                })
             }
-            let shared = llm.clone();
-            let body = RequestBody::deferred(move || shared.to_bytes(), buffered.trailers);
-            Ok(LlmBody::Parsed {
-                request: http::Request::from_parts(parts, body),
-                llm,
-            })
+            Err(err) => match (route, declared) {
+                (Some(_), Declared::Other) => {
+                    let ct = parts
+                        .headers
+                        .get(CONTENT_TYPE)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .unwrap_or_default();
+                    Err(unsupported(format!(
+                        "content-type {ct:?} is not JSON, and the body does not parse as JSON ({err}): send the request as JSON with content-type: application/json"
+                    )))
+                }
+                (Some(_), _) | (None, Declared::Json) => Err(err.into()),
+                (None, _) => untouched(parts, buffered.data, buffered.trailers),
+            },
         }
-        Err(err) => match (route, declared) {
-            (Some(_), Declared::Other) => {
-                let ct = parts
-                    .headers
-                    .get(CONTENT_TYPE)
-                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                    .unwrap_or_default();
-                Err(unsupported(format!(
-                    "content-type {ct:?} is not JSON, and the body does not parse as JSON ({err}): send the request as JSON with content-type: application/json"
-                )))
+    }
+}
+
+pin_project! {
+    /// The future of [`read_llm_request`].
+    #[project = ReadProj]
+    enum ReadLlmRequest<F, T> {
+        Decided { result: Option<T> },
+        Reading { #[pin] future: F },
+    }
+}
+
+impl<F: Future<Output = T>, T> Future for ReadLlmRequest<F, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match self.project() {
+            ReadProj::Decided { result } => {
+                Poll::Ready(result.take().expect("polled after completion"))
             }
-            (Some(_), _) | (None, Declared::Json) => Err(err.into()),
-            (None, _) => untouched(parts, buffered.data, buffered.trailers),
-        },
+            ReadProj::Reading { future } => future.poll(cx),
+        }
     }
 }
 

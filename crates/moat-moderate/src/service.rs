@@ -448,102 +448,109 @@ where
                 Ok(response.map(ResponseBody::plain))
             };
             let reads_body = layer.input || by_model.is_some() || layer.policies.needs_model();
-            let (mut req, policy) = if reads_body && format.is_some() {
-                match read_llm_request(req, layer.body_limit).await {
-                    Ok(LlmBody::Parsed { request, llm }) => {
-                        let model = llm.with(|r| r.model().map(str::to_owned));
-                        if by_model.is_some_and(|s| !s.matches_model(model.as_deref())) {
-                            return Ok(inner.call(request).await?.map(ResponseBody::passed));
+            // Requests this layer does not moderate leave the block and are passed on after
+            // it: awaited inside a `match` arm, the matched value would be held in the future.
+            let passed = 'moderated: {
+                let (mut req, policy) = 'read: {
+                    if !(reads_body && format.is_some()) {
+                        let policy = layer.policies.select(&req, None).clone();
+                        break 'read (req.map(RequestBody::original), policy);
+                    }
+                    let (request, llm) = match read_llm_request(req, layer.body_limit).await {
+                        Ok(LlmBody::Parsed { request, llm }) => (request, llm),
+                        Ok(LlmBody::Unparsed(request)) => {
+                            let policy = layer.policies.select(&request, None).clone();
+                            break 'read (request, policy);
                         }
-                        let policy = layer.policies.select(&request, model.as_deref()).clone();
-                        if layer.input {
-                            let refused =
-                                llm.with(|r| moderate_prompt(&policy, r, request.extensions()));
-                            if let Some(rejection) = refused {
+                        Err(rejection) => return refuse(rejection),
+                    };
+                    let model = llm.with(|r| r.model().map(str::to_owned));
+                    if by_model.is_some_and(|s| !s.matches_model(model.as_deref())) {
+                        break 'moderated request;
+                    }
+                    let policy = layer.policies.select(&request, model.as_deref()).clone();
+                    if layer.input {
+                        let refused =
+                            llm.with(|r| moderate_prompt(&policy, r, request.extensions()));
+                        if let Some(rejection) = refused {
+                            return refuse(rejection);
+                        }
+                        if let Some(external) = &layer.external {
+                            let texts: Vec<String> =
+                                llm.with(|r| r.texts().map(|(_, t)| t.to_owned()).collect());
+                            let verdict = external.check(&texts).await;
+                            if let Some(rejection) = external_prompt_verdict(
+                                external,
+                                &policy,
+                                verdict,
+                                request.extensions(),
+                            ) {
                                 return refuse(rejection);
                             }
-                            if let Some(external) = &layer.external {
-                                let texts: Vec<String> =
-                                    llm.with(|r| r.texts().map(|(_, t)| t.to_owned()).collect());
-                                let verdict = external.check(&texts).await;
-                                if let Some(rejection) = external_prompt_verdict(
-                                    external,
-                                    &policy,
-                                    verdict,
-                                    request.extensions(),
-                                ) {
-                                    return refuse(rejection);
-                                }
-                            }
                         }
-                        (request, policy)
                     }
-                    Ok(LlmBody::Unparsed(request)) => {
-                        let policy = layer.policies.select(&request, None).clone();
-                        (request, policy)
+                    (request, policy)
+                };
+                let Some(format) = format else {
+                    break 'moderated req;
+                };
+                let decisions = req.extensions().get::<Decisions>().cloned();
+                let capture: Option<SharedCapture> =
+                    layer.external.as_ref().map(|_| Arc::default());
+                let hooks = Hooks::of(req.extensions_mut());
+                hooks.attach(ReplyHook::new(
+                    policy.clone(),
+                    format,
+                    decisions.clone(),
+                    capture.clone(),
+                ));
+                let response = match inner.call(req).await {
+                    Ok(response) => hooks.view(response.map(CoreBody::inner)),
+                    Err(e) => {
+                        hooks.fail();
+                        return Err(e);
                     }
-                    Err(rejection) => return refuse(rejection),
+                };
+                let (Some(external), Some(capture)) = (&layer.external, capture) else {
+                    return Ok(response.map(ResponseBody::new));
+                };
+                if !response.status().is_success() {
+                    return Ok(response.map(ResponseBody::new));
                 }
-            } else {
-                let policy = layer.policies.select(&req, None).clone();
-                (req.map(RequestBody::original), policy)
-            };
-            let Some(format) = format else {
-                return Ok(inner.call(req).await?.map(ResponseBody::passed));
-            };
-            let decisions = req.extensions().get::<Decisions>().cloned();
-            let capture: Option<SharedCapture> = layer.external.as_ref().map(|_| Arc::default());
-            let hooks = Hooks::of(req.extensions_mut());
-            hooks.attach(ReplyHook::new(
-                policy.clone(),
-                format,
-                decisions.clone(),
-                capture.clone(),
-            ));
-            let response = match inner.call(req).await {
-                Ok(response) => hooks.view(response.map(CoreBody::inner)),
-                Err(e) => {
-                    hooks.fail();
-                    return Err(e);
+                match (BodyFormat::of(response.headers()), policy.stream_mode) {
+                    (BodyFormat::Json, _) | (BodyFormat::Sse, StreamMode::Buffered) => {}
+                    (BodyFormat::Sse, _) => {
+                        // Judged in windows as it flows; a flagged window ends it.
+                        let watch =
+                            Watch::new(policy, external.clone(), capture, format, decisions);
+                        return Ok(response.map(|body| ResponseBody::watched(body, watch)));
+                    }
+                    _ => return Ok(response.map(ResponseBody::new)),
                 }
-            };
-            let (Some(external), Some(capture)) = (&layer.external, capture) else {
-                return Ok(response.map(ResponseBody::new));
-            };
-            if !response.status().is_success() {
-                return Ok(response.map(ResponseBody::new));
-            }
-            match (BodyFormat::of(response.headers()), policy.stream_mode) {
-                (BodyFormat::Json, _) | (BodyFormat::Sse, StreamMode::Buffered) => {}
-                (BodyFormat::Sse, _) => {
-                    // Judged in windows as it flows; a flagged window ends it.
-                    let watch = Watch::new(policy, external.clone(), capture, format, decisions);
-                    return Ok(response.map(|body| ResponseBody::watched(body, watch)));
+                // Read whole (the hooks run as it is read), then asked about before it is sent.
+                let (mut parts, body) = response.into_parts();
+                let Some(mut bytes) = read_whole(body).await else {
+                    return refuse(Rejection::new(
+                        StatusCode::BAD_GATEWAY,
+                        "server_error",
+                        "The provider's reply could not be read whole for moderation.",
+                    ));
+                };
+                let captured = std::mem::take(&mut *lock(&capture));
+                if !captured.blocked && !captured.texts.is_empty() {
+                    let verdict = external.check(&captured.texts).await;
+                    if withhold_reply(external, &policy, verdict, decisions.as_ref()) {
+                        let sse = BodyFormat::of(&parts.headers) == BodyFormat::Sse;
+                        bytes = withheld(format, &policy.message, sse, &bytes, &captured);
+                    }
                 }
-                _ => return Ok(response.map(ResponseBody::new)),
-            }
-            // Read whole (the hooks run as it is read), then asked about before it is sent.
-            let (mut parts, body) = response.into_parts();
-            let Some(mut bytes) = read_whole(body).await else {
-                return refuse(Rejection::new(
-                    StatusCode::BAD_GATEWAY,
-                    "server_error",
-                    "The provider's reply could not be read whole for moderation.",
+                parts.headers.remove(http::header::CONTENT_LENGTH);
+                return Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::plain(CoreBody::full(bytes)),
                 ));
             };
-            let captured = std::mem::take(&mut *lock(&capture));
-            if !captured.blocked && !captured.texts.is_empty() {
-                let verdict = external.check(&captured.texts).await;
-                if withhold_reply(external, &policy, verdict, decisions.as_ref()) {
-                    let sse = BodyFormat::of(&parts.headers) == BodyFormat::Sse;
-                    bytes = withheld(format, &policy.message, sse, &bytes, &captured);
-                }
-            }
-            parts.headers.remove(http::header::CONTENT_LENGTH);
-            Ok(Response::from_parts(
-                parts,
-                ResponseBody::plain(CoreBody::full(bytes)),
-            ))
+            Ok(inner.call(passed).await?.map(ResponseBody::passed))
         };
         ResponseFuture::new(future)
     }

@@ -989,62 +989,65 @@ where
         let caller = quota.config.options.resolver.resolve(&mut req);
         ResponseFuture::new(async move {
             let protocol = Protocol::of(&req);
-            let (mut req, llm) = match read_llm_request(req, quota.config.options.body_limit).await
-            {
-                Ok(LlmBody::Parsed { request, llm }) => (request, llm),
-                Ok(LlmBody::Unparsed(request)) => {
-                    return Ok(inner.call(request).await?.map(ResponseBody::passed));
+            // Requests no budget applies to leave this block and are passed on after it: awaited
+            // inside a `match` arm, the matched value would be held in the future across it.
+            let passed = 'budgeted: {
+                let (mut req, llm) =
+                    match read_llm_request(req, quota.config.options.body_limit).await {
+                        Ok(LlmBody::Parsed { request, llm }) => (request, llm),
+                        Ok(LlmBody::Unparsed(request)) => break 'budgeted request,
+                        Err(rejection) => return Ok(rejected(rejection, protocol)),
+                    };
+                let plan = match quota.plan(&llm, &RequestHead::of(&req), &caller) {
+                    Ok(Some(plan)) => plan,
+                    Ok(None) => break 'budgeted req,
+                    Err(rejection) => return Ok(rejected(rejection, protocol)),
+                };
+                let tickets = match quota.admit(&plan, req.extensions()).await {
+                    Ok(tickets) => tickets,
+                    Err(rejection) => return Ok(rejected(rejection, protocol)),
+                };
+                // Make the response report (and stay within) what was reserved.
+                llm.with(|r| {
+                    if plan.strip {
+                        r.set_include_usage(true);
+                    }
+                    if plan.cap {
+                        r.set_max_output_tokens(plan.reserve);
+                    }
+                });
+                let headers = if quota.config.headers {
+                    quota_headers(&quota, &tickets)
+                } else {
+                    Vec::new()
+                };
+                let decisions = req.extensions().get::<Decisions>().cloned();
+                let hooks = Hooks::of(req.extensions_mut());
+                hooks.attach(Settlement {
+                    quota: quota.clone(),
+                    tickets,
+                    price: plan.price,
+                    input_estimate: plan.estimate,
+                    strip: plan.strip,
+                    charge_cache_hits: quota.config.charge_cache_hits,
+                    done: false,
+                    decisions,
+                });
+                let response = match inner.call(req).await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        hooks.fail();
+                        return Err(e);
+                    }
+                };
+                let mut response = response.map(CoreBody::inner);
+                for (name, value) in headers {
+                    // Replacing whatever the upstream said under these names.
+                    response.headers_mut().insert(name, value);
                 }
-                Err(rejection) => return Ok(rejected(rejection, protocol)),
+                return Ok(hooks.view(response).map(ResponseBody::new));
             };
-            let plan = match quota.plan(&llm, &RequestHead::of(&req), &caller) {
-                Ok(Some(plan)) => plan,
-                Ok(None) => return Ok(inner.call(req).await?.map(ResponseBody::passed)),
-                Err(rejection) => return Ok(rejected(rejection, protocol)),
-            };
-            let tickets = match quota.admit(&plan, req.extensions()).await {
-                Ok(tickets) => tickets,
-                Err(rejection) => return Ok(rejected(rejection, protocol)),
-            };
-            // Make the response report (and stay within) what was reserved.
-            llm.with(|r| {
-                if plan.strip {
-                    r.set_include_usage(true);
-                }
-                if plan.cap {
-                    r.set_max_output_tokens(plan.reserve);
-                }
-            });
-            let headers = if quota.config.headers {
-                quota_headers(&quota, &tickets)
-            } else {
-                Vec::new()
-            };
-            let decisions = req.extensions().get::<Decisions>().cloned();
-            let hooks = Hooks::of(req.extensions_mut());
-            hooks.attach(Settlement {
-                quota: quota.clone(),
-                tickets,
-                price: plan.price,
-                input_estimate: plan.estimate,
-                strip: plan.strip,
-                charge_cache_hits: quota.config.charge_cache_hits,
-                done: false,
-                decisions,
-            });
-            let response = match inner.call(req).await {
-                Ok(response) => response,
-                Err(e) => {
-                    hooks.fail();
-                    return Err(e);
-                }
-            };
-            let mut response = response.map(CoreBody::inner);
-            for (name, value) in headers {
-                // Replacing whatever the upstream said under these names.
-                response.headers_mut().insert(name, value);
-            }
-            Ok(hooks.view(response).map(ResponseBody::new))
+            Ok(inner.call(passed).await?.map(ResponseBody::passed))
         })
     }
 }

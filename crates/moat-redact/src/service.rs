@@ -205,22 +205,25 @@ where
                     .into_response::<ResBody>(protocol);
                 Ok(response.map(ResponseBody::plain))
             };
-            let (mut req, vault, policy) = match read_llm_request(req, layer.body_limit).await {
-                Ok(LlmBody::Parsed { request, llm }) => {
-                    let by_model = layer.scope.as_ref().filter(|s| !s.models().is_empty());
-                    let model = (by_model.is_some() || layer.policies.needs_model())
-                        .then(|| llm.with(|r| r.model().map(str::to_owned)))
-                        .flatten();
-                    if by_model.is_some_and(|s| !s.matches_model(model.as_deref())) {
-                        return Ok(inner.call(request).await?.map(ResponseBody::passed));
-                    }
-                    let policy = layer.policies.select(&request, model.as_deref()).clone();
-                    if let Err(rejection) = llm.with(|r| layer.unknown.check(r)) {
-                        return reject(rejection);
-                    }
-                    let vault = match &layer.sessions {
-                        Some(sessions) => {
-                            match sessions.vault_for(request.headers(), request.extensions()) {
+            // Requests of other models leave the block and are passed on after it: awaited
+            // inside a `match` arm, the matched value would be held in the future.
+            let passed = 'redacted: {
+                let (mut req, vault, policy) = match read_llm_request(req, layer.body_limit).await {
+                    Ok(LlmBody::Parsed { request, llm }) => {
+                        let by_model = layer.scope.as_ref().filter(|s| !s.models().is_empty());
+                        let model = (by_model.is_some() || layer.policies.needs_model())
+                            .then(|| llm.with(|r| r.model().map(str::to_owned)))
+                            .flatten();
+                        if by_model.is_some_and(|s| !s.matches_model(model.as_deref())) {
+                            break 'redacted request;
+                        }
+                        let policy = layer.policies.select(&request, model.as_deref()).clone();
+                        if let Err(rejection) = llm.with(|r| layer.unknown.check(r)) {
+                            return reject(rejection);
+                        }
+                        let vault = match &layer.sessions {
+                            Some(sessions) => {
+                                match sessions.vault_for(request.headers(), request.extensions()) {
                                 Ok(vault) => vault,
                                 Err(_) => {
                                     return reject(
@@ -231,53 +234,56 @@ where
                                     )
                                 }
                             }
-                        }
-                        None => SharedVault::default(),
-                    };
-                    let spans = llm.with(|r| layer.redact(&policy.redactor, r, &vault));
-                    if spans > 0 {
-                        let shadow = layer.mode == Mode::Shadow;
-                        let spans = u32::try_from(spans).unwrap_or(u32::MAX);
-                        tracing::debug!(target: "moat::redact", spans, shadow, "redacted");
-                        let decision = if shadow {
-                            Decision::new("redact", Outcome::Allowed)
-                                .with_detail(format!("shadow: {spans} values would be redacted"))
-                        } else {
-                            Decision::new("redact", Outcome::Rewritten { spans })
+                            }
+                            None => SharedVault::default(),
                         };
-                        Decisions::record(request.extensions(), decision);
+                        let spans = llm.with(|r| layer.redact(&policy.redactor, r, &vault));
+                        if spans > 0 {
+                            let shadow = layer.mode == Mode::Shadow;
+                            let spans = u32::try_from(spans).unwrap_or(u32::MAX);
+                            tracing::debug!(target: "moat::redact", spans, shadow, "redacted");
+                            let decision = if shadow {
+                                Decision::new("redact", Outcome::Allowed).with_detail(format!(
+                                    "shadow: {spans} values would be redacted"
+                                ))
+                            } else {
+                                Decision::new("redact", Outcome::Rewritten { spans })
+                            };
+                            Decisions::record(request.extensions(), decision);
+                        }
+                        (request, vault, policy)
                     }
-                    (request, vault, policy)
-                }
-                Ok(LlmBody::Unparsed(request)) => {
-                    let policy = layer.policies.select(&request, None).clone();
-                    (request, SharedVault::default(), policy)
-                }
-                Err(rejection) => return reject(rejection),
+                    Ok(LlmBody::Unparsed(request)) => {
+                        let policy = layer.policies.select(&request, None).clone();
+                        (request, SharedVault::default(), policy)
+                    }
+                    Err(rejection) => return reject(rejection),
+                };
+                let rewriter = Rewriter {
+                    scrub: (layer.reply_side && layer.mode == Mode::Enforce)
+                        .then(|| policy.scrub.clone()),
+                    redactor: policy.redactor.clone(),
+                    vault,
+                    restore: layer.restore,
+                };
+                let hooks = (!rewriter.is_noop()).then(|| {
+                    let hooks = Hooks::of(req.extensions_mut());
+                    hooks.attach(rewriter.hook());
+                    hooks
+                });
+                let response = match inner.call(req).await {
+                    Ok(response) => response.map(CoreBody::inner),
+                    Err(e) => {
+                        hooks.inspect(Hooks::fail);
+                        return Err(e);
+                    }
+                };
+                return Ok(match hooks {
+                    Some(hooks) => hooks.view(response).map(ResponseBody::new),
+                    None => response.map(ResponseBody::plain),
+                });
             };
-            let rewriter = Rewriter {
-                scrub: (layer.reply_side && layer.mode == Mode::Enforce)
-                    .then(|| policy.scrub.clone()),
-                redactor: policy.redactor.clone(),
-                vault,
-                restore: layer.restore,
-            };
-            let hooks = (!rewriter.is_noop()).then(|| {
-                let hooks = Hooks::of(req.extensions_mut());
-                hooks.attach(rewriter.hook());
-                hooks
-            });
-            let response = match inner.call(req).await {
-                Ok(response) => response.map(CoreBody::inner),
-                Err(e) => {
-                    hooks.inspect(Hooks::fail);
-                    return Err(e);
-                }
-            };
-            Ok(match hooks {
-                Some(hooks) => hooks.view(response).map(ResponseBody::new),
-                None => response.map(ResponseBody::plain),
-            })
+            Ok(inner.call(passed).await?.map(ResponseBody::passed))
         };
         ResponseFuture::new(future)
     }

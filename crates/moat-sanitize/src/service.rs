@@ -293,14 +293,19 @@ where
                     .into_response::<ResBody>(protocol);
                 Ok(response.map(ResponseBody::plain))
             };
-            let (mut req, score, canary, action) = match read_llm_request(req, layer.body_limit)
-                .await
-            {
-                Ok(LlmBody::Parsed { request, llm }) => {
+            // Requests this layer does not screen leave the block and are passed on after it:
+            // awaited inside a `match` arm, the matched value would be held in the future.
+            let passed = 'screened: {
+                let (mut req, score, canary, action) = {
+                    let (request, llm) = match read_llm_request(req, layer.body_limit).await {
+                        Ok(LlmBody::Parsed { request, llm }) => (request, llm),
+                        Ok(LlmBody::Unparsed(request)) => break 'screened request,
+                        Err(rejection) => return reject(rejection),
+                    };
                     let model = llm.with(|r| r.model().map(str::to_owned));
                     if let Some(scope) = &layer.scope {
                         if !scope.matches_model(model.as_deref()) {
-                            return Ok(inner.call(request).await?.map(ResponseBody::passed));
+                            break 'screened request;
                         }
                     }
                     let policy = layer.policies.select(&request, model.as_deref());
@@ -321,17 +326,17 @@ where
                             Err(why) => {
                                 let closed = external.on_error == OnError::Closed;
                                 metrics::counter!("moat_sanitize_classifier_errors_total", "on_error" => if closed { "closed" } else { "open" })
-                                    .increment(1);
+                                .increment(1);
                                 tracing::warn!(target: "moat::sanitize", closed, "{why}");
                                 if closed {
                                     return reject(
-                                        Rejection::new(
-                                            StatusCode::SERVICE_UNAVAILABLE,
-                                            "server_error",
-                                            "The prompt could not be screened right now; the request was not sent. Please try again shortly.",
-                                        )
-                                        .with_code("screening_unavailable"),
-                                    );
+                                    Rejection::new(
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        "server_error",
+                                        "The prompt could not be screened right now; the request was not sent. Please try again shortly.",
+                                    )
+                                    .with_code("screening_unavailable"),
+                                );
                                 }
                             }
                         }
@@ -352,39 +357,36 @@ where
                             })
                         });
                     (request, report.score, canary, action)
+                };
+                let annotation = (action == Action::Annotate)
+                    .then(|| HeaderValue::try_from(format!("{score:.2}")).ok())
+                    .flatten();
+                if let Some(value) = &annotation {
+                    req.headers_mut()
+                        .insert(PROMPT_SCORE.clone(), value.clone());
                 }
-                Ok(LlmBody::Unparsed(request)) => {
-                    return Ok(inner.call(request).await?.map(ResponseBody::passed))
+                let hooks = canary.map(|canary| {
+                    let decisions = req.extensions().get::<Decisions>().cloned();
+                    let hooks = Hooks::of(req.extensions_mut());
+                    hooks.attach(canary.hook(decisions));
+                    hooks
+                });
+                let mut response = match inner.call(req).await {
+                    Ok(response) => response.map(CoreBody::inner),
+                    Err(e) => {
+                        hooks.inspect(Hooks::fail);
+                        return Err(e);
+                    }
+                };
+                if let Some(value) = annotation {
+                    response.headers_mut().insert(PROMPT_SCORE.clone(), value);
                 }
-                Err(rejection) => return reject(rejection),
+                return Ok(match hooks {
+                    Some(hooks) => hooks.view(response).map(ResponseBody::new),
+                    None => response.map(ResponseBody::plain),
+                });
             };
-            let annotation = (action == Action::Annotate)
-                .then(|| HeaderValue::try_from(format!("{score:.2}")).ok())
-                .flatten();
-            if let Some(value) = &annotation {
-                req.headers_mut()
-                    .insert(PROMPT_SCORE.clone(), value.clone());
-            }
-            let hooks = canary.map(|canary| {
-                let decisions = req.extensions().get::<Decisions>().cloned();
-                let hooks = Hooks::of(req.extensions_mut());
-                hooks.attach(canary.hook(decisions));
-                hooks
-            });
-            let mut response = match inner.call(req).await {
-                Ok(response) => response.map(CoreBody::inner),
-                Err(e) => {
-                    hooks.inspect(Hooks::fail);
-                    return Err(e);
-                }
-            };
-            if let Some(value) = annotation {
-                response.headers_mut().insert(PROMPT_SCORE.clone(), value);
-            }
-            Ok(match hooks {
-                Some(hooks) => hooks.view(response).map(ResponseBody::new),
-                None => response.map(ResponseBody::plain),
-            })
+            Ok(inner.call(passed).await?.map(ResponseBody::passed))
         };
         ResponseFuture::new(future)
     }
