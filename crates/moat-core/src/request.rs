@@ -50,15 +50,12 @@
 //! ```
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, StatusCode};
 use http_body::Body;
-use pin_project_lite::pin_project;
 
 use crate::body::{buffer, RequestBody};
 use crate::llm::{LlmRequest, WireFormat};
@@ -189,10 +186,8 @@ fn unsupported(message: String) -> Rejection {
 /// [module docs](self).
 ///
 /// If an outer layer already did, returns its [`SharedLlmRequest`] and the body untouched.
-///
-/// What can be decided from the head is decided at the call; the future then holds only the
-/// head and the body being read (an `async fn` would hold the request twice: a layer's future
-/// holds this one, and every layer's future is moved into a box per request).
+// A block, not an `async fn`: an `async fn` copies its arguments into the future a second time,
+// and a layer's future holds this one (every layer's future is moved into a box per request).
 pub fn read_llm_request<B>(
     request: http::Request<B>,
     limit: usize,
@@ -201,74 +196,26 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    match start(request) {
-        Start::Decided(result) => ReadLlmRequest::Decided {
-            result: Some(result),
-        },
-        Start::Read {
-            parts,
-            body,
-            route,
-            declared,
-        } => ReadLlmRequest::Reading {
-            future: read_body(parts, body, limit, route, declared),
-        },
-    }
-}
-
-/// What the head of a request says: the outcome, or that the body must be read.
-enum Start<B> {
-    Decided(Result<LlmBody<B>, Rejection>),
-    Read {
-        parts: http::request::Parts,
-        body: B,
-        route: Option<WireFormat>,
-        declared: Declared,
-    },
-}
-
-fn start<B: Body>(request: http::Request<B>) -> Start<B> {
-    if let Some(llm) = request.extensions().get::<SharedLlmRequest>().cloned() {
-        let request = request.map(RequestBody::original);
-        return Start::Decided(Ok(LlmBody::Parsed { request, llm }));
-    }
-    if request.body().is_end_stream() || request.extensions().get::<NotLlm>().is_some() {
-        return Start::Decided(Ok(LlmBody::Unparsed(request.map(RequestBody::original))));
-    }
-    let route = WireFormat::for_path(request.uri().path());
-    let declared = Declared::of(request.headers());
-    let encoded = is_encoded(request.headers());
-    if route.is_none() && (encoded || declared == Declared::Other) {
-        return Start::Decided(Ok(LlmBody::Unparsed(request.map(RequestBody::original))));
-    }
-    if encoded {
-        return Start::Decided(Err(unsupported(
-            "compressed request bodies are not accepted on this route: send the JSON without a content-encoding".into(),
-        )));
-    }
-    let (parts, body) = request.into_parts();
-    Start::Read {
-        parts,
-        body,
-        route,
-        declared,
-    }
-}
-
-/// Buffers and parses the body. A block, not an `async fn`: the arguments are used in place
-/// rather than copied into the future a second time.
-fn read_body<B>(
-    mut parts: http::request::Parts,
-    body: B,
-    limit: usize,
-    route: Option<WireFormat>,
-    declared: Declared,
-) -> impl Future<Output = Result<LlmBody<B>, Rejection>>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
     async move {
+        if let Some(llm) = request.extensions().get::<SharedLlmRequest>().cloned() {
+            let request = request.map(RequestBody::original);
+            return Ok(LlmBody::Parsed { request, llm });
+        }
+        if request.body().is_end_stream() || request.extensions().get::<NotLlm>().is_some() {
+            return Ok(LlmBody::Unparsed(request.map(RequestBody::original)));
+        }
+        let route = WireFormat::for_path(request.uri().path());
+        let declared = Declared::of(request.headers());
+        let encoded = is_encoded(request.headers());
+        if route.is_none() && (encoded || declared == Declared::Other) {
+            return Ok(LlmBody::Unparsed(request.map(RequestBody::original)));
+        }
+        if encoded {
+            return Err(unsupported(
+                "compressed request bodies are not accepted on this route: send the JSON without a content-encoding".into(),
+            ));
+        }
+        let (mut parts, body) = request.into_parts();
         let buffered = buffer(body, limit).await?;
         let untouched = |mut parts: http::request::Parts, data: Bytes, trailers| {
             parts.extensions.insert(NotLlm);
@@ -318,28 +265,6 @@ where
                 (Some(_), _) | (None, Declared::Json) => Err(err.into()),
                 (None, _) => untouched(parts, buffered.data, buffered.trailers),
             },
-        }
-    }
-}
-
-pin_project! {
-    /// The future of [`read_llm_request`].
-    #[project = ReadProj]
-    enum ReadLlmRequest<F, T> {
-        Decided { result: Option<T> },
-        Reading { #[pin] future: F },
-    }
-}
-
-impl<F: Future<Output = T>, T> Future for ReadLlmRequest<F, T> {
-    type Output = T;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        match self.project() {
-            ReadProj::Decided { result } => {
-                Poll::Ready(result.take().expect("polled after completion"))
-            }
-            ReadProj::Reading { future } => future.poll(cx),
         }
     }
 }

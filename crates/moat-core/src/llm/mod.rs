@@ -373,27 +373,36 @@ struct Fields {
 }
 
 impl Fields {
+    /// One pass over the top-level members (a lookup per field would hash each name).
     fn of(format: WireFormat, json: &Value) -> Self {
-        let field = |name: &str| json.get(name).and_then(count);
-        let max_output_tokens = match format {
-            WireFormat::ChatCompletions => {
-                field("max_completion_tokens").or_else(|| field("max_tokens"))
-            }
-            WireFormat::Responses => field("max_output_tokens"),
-            WireFormat::Embeddings => None,
-            _ => field("max_tokens")
-                .or_else(|| field("max_completion_tokens"))
-                .or_else(|| field("max_output_tokens")),
+        let mut fields = Fields::default();
+        let Value::Object(root) = json else {
+            return fields;
         };
-        Self {
-            model: json.get("model").and_then(Value::as_str).map(Box::from),
-            stream: json.get("stream").and_then(Value::as_bool).unwrap_or(false),
-            include_usage: json
-                .pointer("/stream_options/include_usage")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            max_output_tokens,
+        let (mut max_tokens, mut max_completion_tokens, mut max_output_tokens) = (None, None, None);
+        for (name, value) in root {
+            match name.as_str() {
+                "model" => fields.model = value.as_str().map(Box::from),
+                "stream" => fields.stream = value.as_bool().unwrap_or(false),
+                "stream_options" => {
+                    fields.include_usage = value
+                        .get("include_usage")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
+                }
+                "max_tokens" => max_tokens = count(value),
+                "max_completion_tokens" => max_completion_tokens = count(value),
+                "max_output_tokens" => max_output_tokens = count(value),
+                _ => {}
+            }
         }
+        fields.max_output_tokens = match format {
+            WireFormat::ChatCompletions => max_completion_tokens.or(max_tokens),
+            WireFormat::Responses => max_output_tokens,
+            WireFormat::Embeddings => None,
+            _ => max_tokens.or(max_completion_tokens).or(max_output_tokens),
+        };
+        fields
     }
 }
 
