@@ -186,8 +186,11 @@ fn unsupported(message: String) -> Rejection {
 /// [module docs](self).
 ///
 /// If an outer layer already did, returns its [`SharedLlmRequest`] and the body untouched.
-// A block, not an `async fn`: an `async fn` copies its arguments into the future a second time,
-// and a layer's future holds this one (every layer's future is moved into a box per request).
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` stores its argument twice in its future (the request, 256 bytes), \
+              and every layer's future holding this one is boxed per request"
+)]
 pub fn read_llm_request<B>(
     request: http::Request<B>,
     limit: usize,
