@@ -535,9 +535,8 @@ impl LlmRequest {
         };
         if let Value::Object(root) = &mut self.json {
             root.insert(name.into(), Value::from(tokens));
-            // The field read first for this format may be another one (`max_tokens` beside
-            // `max_completion_tokens` in a completions request).
-            self.fields.max_output_tokens = Fields::of(self.format, &self.json).max_output_tokens;
+            // The field written is the one this format reads first.
+            self.fields.max_output_tokens = Some(tokens);
             self.dirty = true;
         }
     }
