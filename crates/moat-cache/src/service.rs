@@ -362,17 +362,8 @@ where
                     });
                     hooks
                 });
-                let response = match inner.call(req).await {
-                    Ok(response) => labelled(response.map(CoreBody::inner), "miss"),
-                    Err(e) => {
-                        hooks.inspect(Hooks::fail);
-                        return Err(e);
-                    }
-                };
-                return Ok(match hooks {
-                    Some(hooks) => hooks.view(response).map(ResponseBody::new),
-                    None => response.map(ResponseBody::plain),
-                });
+                let response = Hooks::serve(hooks, inner.call(req)).await?;
+                return Ok(labelled(response.map(ResponseBody::new), "miss"));
             };
             let response = inner.call(passed).await?.map(ResponseBody::passed);
             Ok(if bypassed {

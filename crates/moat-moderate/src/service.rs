@@ -504,13 +504,7 @@ where
                     decisions.clone(),
                     capture.clone(),
                 ));
-                let response = match inner.call(req).await {
-                    Ok(response) => hooks.view(response.map(CoreBody::inner)),
-                    Err(e) => {
-                        hooks.fail();
-                        return Err(e);
-                    }
-                };
+                let response = Hooks::serve(Some(hooks), inner.call(req)).await?;
                 let (Some(external), Some(capture)) = (&layer.external, capture) else {
                     return Ok(response.map(ResponseBody::new));
                 };

@@ -10,7 +10,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use jiff::tz::TimeZone;
-use moat_core::body::{RequestBody, ResponseBody as CoreBody};
+use moat_core::body::RequestBody;
 use moat_core::decision::{Decision, Decisions, Outcome};
 use moat_core::identity::{Caller, RequestHead};
 use moat_core::kit::LayerOptions;
@@ -1033,19 +1033,12 @@ where
                     done: false,
                     decisions,
                 });
-                let response = match inner.call(req).await {
-                    Ok(response) => response,
-                    Err(e) => {
-                        hooks.fail();
-                        return Err(e);
-                    }
-                };
-                let mut response = response.map(CoreBody::inner);
+                let mut response = Hooks::serve(Some(hooks), inner.call(req)).await?;
                 for (name, value) in headers {
                     // Replacing whatever the upstream said under these names.
                     response.headers_mut().insert(name, value);
                 }
-                return Ok(hooks.view(response).map(ResponseBody::new));
+                return Ok(response.map(ResponseBody::new));
             };
             Ok(inner.call(passed).await?.map(ResponseBody::passed))
         })

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
+use moat_core::body::{RequestBody, DEFAULT_BODY_LIMIT};
 use moat_core::decision::{Decision, Decisions, Mode, Outcome};
 use moat_core::kit::{Policies, Scope};
 use moat_core::llm::{LlmRequest, UnknownPolicy};
@@ -271,17 +271,8 @@ where
                     hooks.attach(rewriter.hook());
                     hooks
                 });
-                let response = match inner.call(req).await {
-                    Ok(response) => response.map(CoreBody::inner),
-                    Err(e) => {
-                        hooks.inspect(Hooks::fail);
-                        return Err(e);
-                    }
-                };
-                return Ok(match hooks {
-                    Some(hooks) => hooks.view(response).map(ResponseBody::new),
-                    None => response.map(ResponseBody::plain),
-                });
+                let response = Hooks::serve(hooks, inner.call(req)).await?;
+                return Ok(response.map(ResponseBody::new));
             };
             Ok(inner.call(passed).await?.map(ResponseBody::passed))
         };

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
-use moat_core::body::{RequestBody, ResponseBody as CoreBody, DEFAULT_BODY_LIMIT};
+use moat_core::body::{RequestBody, DEFAULT_BODY_LIMIT};
 use moat_core::decision::{Decision, Decisions, Outcome};
 use moat_core::identity::Fingerprinter;
 use moat_core::kit::{Policies, Scope};
@@ -371,20 +371,11 @@ where
                     hooks.attach(canary.hook(decisions));
                     hooks
                 });
-                let mut response = match inner.call(req).await {
-                    Ok(response) => response.map(CoreBody::inner),
-                    Err(e) => {
-                        hooks.inspect(Hooks::fail);
-                        return Err(e);
-                    }
-                };
+                let mut response = Hooks::serve(hooks, inner.call(req)).await?;
                 if let Some(value) = annotation {
                     response.headers_mut().insert(PROMPT_SCORE.clone(), value);
                 }
-                return Ok(match hooks {
-                    Some(hooks) => hooks.view(response).map(ResponseBody::new),
-                    None => response.map(ResponseBody::plain),
-                });
+                return Ok(response.map(ResponseBody::new));
             };
             Ok(inner.call(passed).await?.map(ResponseBody::passed))
         };

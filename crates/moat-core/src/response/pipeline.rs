@@ -1,6 +1,7 @@
 //! The hooks layers attach, and the one body that runs them.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
@@ -155,6 +156,30 @@ impl Hooks {
     /// [`BodyOutcome::Failed`].
     pub fn fail(&self) {
         self.lock().end_all(BodyOutcome::Failed);
+    }
+
+    /// Awaits the inner service's response (`call`) and puts it under the view of the hooks a
+    /// layer attached (`None`: it attached none, and the body passes through); if the service
+    /// fails, those hooks end as failed.
+    pub async fn serve<B: Body<Data = Bytes>, E>(
+        hooks: Option<Hooks>,
+        call: impl Future<Output = Result<http::Response<B>, E>>,
+    ) -> Result<http::Response<ViewBody<crate::body::ResponseBody<B>>>, E> {
+        match call.await {
+            Ok(response) => {
+                let response = response.map(crate::body::ResponseBody::inner);
+                Ok(match hooks {
+                    Some(hooks) => hooks.view(response),
+                    None => response.map(ViewBody::plain),
+                })
+            }
+            Err(e) => {
+                if let Some(hooks) = hooks {
+                    hooks.fail();
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Wraps a response's body in the view, if it is the first layer to see it (the hooks are
