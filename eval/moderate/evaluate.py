@@ -104,7 +104,9 @@ def report(samples, systems, moat_rows):
     P("|---|---:|---:|" + "---:|" * len(names))
     labelled = [("RealToxicityPrompts, val split", src == "rtp"),
                 ("DecodingTrust challenging toxicity prompts (never trained on)", src == "challenging"),
-                ("both", (src == "rtp") | (src == "challenging"))]
+                ("both", (src == "rtp") | (src == "challenging")),
+                ("LLM replies people scored for hate, violence, sexual content, self-harm "
+                 "(PyRIT scorer evals; harmful from 3 of 5; never trained on)", src == "pyrit_harm")]
     head = {}
     for title, m in labelled:
         cells = []

