@@ -98,7 +98,10 @@ fn is_unsafe(c: char) -> bool {
 /// `text` with every unsafe character written as `\u{XXXX}` and every backslash doubled, so the
 /// escape is reversible and cannot be faked.
 pub fn escape_controls(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(|c| c == '\\' || is_unsafe(c)) {
+    // Most strings are printable ASCII: one pass over bytes settles them; other text is read
+    // as characters.
+    let plain = |b: u8| (0x20..0x7f).contains(&b) && b != b'\\';
+    if text.bytes().all(plain) || !text.chars().any(|c| c == '\\' || is_unsafe(c)) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 16);
