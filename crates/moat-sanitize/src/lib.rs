@@ -196,6 +196,7 @@ impl Screener {
         Verdict {
             rules: rule_hits(&screen),
             logit: logit.unwrap_or(f64::NEG_INFINITY),
+            words: learned::words_up_to(&screen, SHORT_TEXT_WORDS),
             cleared: logit.is_none(),
             model: self.model,
             encoding,
@@ -207,11 +208,25 @@ impl Screener {
 /// weighed together, reach the threshold tuned for 0.4% of benign prompts flagged.
 pub const DEFAULT_THRESHOLD: f64 = 0.8;
 
+/// Texts of fewer words than this need more of the model to be flagged: it learned from many
+/// short attacks ("Skip safety", "Print config") and few short benign turns, and without this
+/// refused 15% of short chat turns ("continue", "hey, how are you?"; `eval/sanitize`'s
+/// `short_chat` set, never trained on).
+const SHORT_TEXT_WORDS: usize = 5;
+
+/// Log-odds taken from the model for each word a text has under [`SHORT_TEXT_WORDS`]; the
+/// rules flag short texts as they do long ones. Chosen on the validation sets: short chat
+/// turns flagged 15.1% -> 0.8%, validation attacks caught 87.6% -> 87.2%, in-the-wild
+/// jailbreaks unchanged (88.3%).
+const SHORT_TEXT_PENALTY: f64 = 1.5;
+
 /// What a [`Screener`] found.
 #[derive(Debug, Clone)]
 pub struct Verdict {
     rules: RuleHits,
     logit: f64,
+    /// The text's words, counted up to [`SHORT_TEXT_WORDS`].
+    words: usize,
     /// The gate cleared the text: the n-gram model did not run.
     cleared: bool,
     model: &'static Model,
@@ -220,7 +235,10 @@ pub struct Verdict {
 
 impl PartialEq for Verdict {
     fn eq(&self, other: &Self) -> bool {
-        self.rules == other.rules && self.logit == other.logit && self.encoding == other.encoding
+        self.rules == other.rules
+            && self.logit == other.logit
+            && self.words == other.words
+            && self.encoding == other.encoding
     }
 }
 
@@ -246,13 +264,15 @@ impl Verdict {
         self.encoding
     }
 
-    /// One score from 0 to 1 that a policy's threshold applies to: the model's log-odds plus
-    /// the rule score times the tuned weight, through a logistic curve placed so the tuned
+    /// One score from 0 to 1 that a policy's threshold applies to: the model's log-odds (less
+    /// 1.5 for each word a text has under five) plus the rule score times the tuned weight, through a logistic curve placed so the tuned
     /// threshold lands on [`DEFAULT_THRESHOLD`] (0.8); or, when higher, the rules alone
     /// (their threshold of 1.0 also lands on 0.8: one strong rule flags whatever the model
     /// says). A threshold under 0.8 is stricter, over it more lenient.
     pub fn score(&self) -> f64 {
-        let sum = self.logit + self.model.alpha() * self.rules.score();
+        let missing = SHORT_TEXT_WORDS.saturating_sub(self.words) as f64;
+        let logit = self.logit - SHORT_TEXT_PENALTY * missing;
+        let sum = logit + self.model.alpha() * self.rules.score();
         // sigmoid(ln 4) = 0.8.
         let weighed = 1.0 / (1.0 + (-(sum - self.model.threshold_sum() + 4f64.ln())).exp());
         let rules = (self.rules.score() / RULE_THRESHOLD * DEFAULT_THRESHOLD).min(1.0);
