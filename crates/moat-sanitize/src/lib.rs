@@ -215,9 +215,9 @@ pub const DEFAULT_THRESHOLD: f64 = 0.8;
 const SHORT_TEXT_WORDS: usize = 5;
 
 /// Log-odds taken from the model for each word a text has under [`SHORT_TEXT_WORDS`]; the
-/// rules flag short texts as they do long ones. Chosen on the validation sets: short chat
-/// turns flagged 15.1% -> 0.8%, validation attacks caught 87.6% -> 87.2%, in-the-wild
-/// jailbreaks unchanged (88.3%).
+/// rules flag short texts as they do long ones. Chosen on the validation sets with the weights
+/// of the run before (short chat turns flagged 15.1% -> 0.8%, validation attacks caught 87.6%
+/// -> 87.2%, in-the-wild unchanged); the shipped weights were tuned with it.
 const SHORT_TEXT_PENALTY: f64 = 1.5;
 
 /// What a [`Screener`] found.
