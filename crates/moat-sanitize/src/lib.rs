@@ -192,11 +192,11 @@ impl Screener {
         gate: Option<&Gate>,
     ) -> Verdict {
         let screen = screen_text(text);
-        let logit = self.model.logit_after(&screen, gate);
+        let (logit, words) = self.model.read(&screen, gate);
         Verdict {
             rules: rule_hits(&screen),
             logit: logit.unwrap_or(f64::NEG_INFINITY),
-            words: learned::words_up_to(&screen, SHORT_TEXT_WORDS),
+            words,
             cleared: logit.is_none(),
             model: self.model,
             encoding,
@@ -225,7 +225,7 @@ const SHORT_TEXT_PENALTY: f64 = 1.5;
 pub struct Verdict {
     rules: RuleHits,
     logit: f64,
-    /// The text's words, counted up to [`SHORT_TEXT_WORDS`].
+    /// The text's words (the model's tokens).
     words: usize,
     /// The gate cleared the text: the n-gram model did not run.
     cleared: bool,
@@ -265,10 +265,11 @@ impl Verdict {
     }
 
     /// One score from 0 to 1 that a policy's threshold applies to: the model's log-odds (less
-    /// 1.5 for each word a text has under five) plus the rule score times the tuned weight, through a logistic curve placed so the tuned
-    /// threshold lands on [`DEFAULT_THRESHOLD`] (0.8); or, when higher, the rules alone
-    /// (their threshold of 1.0 also lands on 0.8: one strong rule flags whatever the model
-    /// says). A threshold under 0.8 is stricter, over it more lenient.
+    /// 1.5 for each word a text has under five) plus the rule score times the tuned weight,
+    /// through a logistic curve placed so the tuned threshold lands on [`DEFAULT_THRESHOLD`]
+    /// (0.8); or, when higher, the rules alone (their threshold of 1.0 also lands on 0.8: one
+    /// strong rule flags whatever the model says). A threshold under 0.8 is stricter, over it
+    /// more lenient.
     pub fn score(&self) -> f64 {
         let missing = SHORT_TEXT_WORDS.saturating_sub(self.words) as f64;
         let logit = self.logit - SHORT_TEXT_PENALTY * missing;
